@@ -1,0 +1,41 @@
+import pytest
+
+from trl_banel import BaNELConfig
+
+
+@pytest.mark.parametrize("field, value", [
+    ("rejection_threshold", 0.0), ("rejection_threshold", -1.0), ("rejection_threshold", 1.5),
+    ("max_reward_evaluations", 0), ("evaluations_per_round", 0), ("num_candidates", 0), ("distill_every", -1),
+    ("distill_samples", 0), ("distill_steps", 0), ("failure_model", "lora"), ("temperature", 0.0),
+    ("failure_epochs", 0), ("reward_timeout", 0.0), ("max_completion_length", 0), ("num_rounds", 0),
+])
+def test_invalid_values_name_the_field(tmp_path, field, value):
+    with pytest.raises(ValueError, match=f"BaNELConfig.{field}="):
+        BaNELConfig(output_dir=str(tmp_path), **{field: value})
+
+
+def test_evaluations_per_round_above_budget(tmp_path):
+    with pytest.raises(ValueError, match="evaluations_per_round=100 .* at most max_reward_evaluations=10"):
+        BaNELConfig(output_dir=str(tmp_path), max_reward_evaluations=10, evaluations_per_round=100)
+
+
+def test_every_field_has_help_text():
+    from dataclasses import fields
+
+    missing = [f.name for f in fields(BaNELConfig) if not f.metadata.get("help")]
+    assert not missing, missing
+
+
+def test_cpu_friendly_settings(tmp_path):
+    c = BaNELConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False)
+    assert c.use_cpu and not c.bf16 and not c.gradient_checkpointing
+
+
+def test_untested_trl_is_refused(monkeypatch):
+    import importlib.metadata
+
+    import trl_banel
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.0.0")
+    with pytest.raises(ImportError, match="tested with trl>=1.16,<1.17 but trl 9.0.0"):
+        trl_banel._check_trl()

@@ -1,0 +1,213 @@
+"""BaNELTrainer end to end on tiny local models."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import SKEWED, make_tiny_model, string_log_prob
+from datasets import Dataset
+from peft import LoraConfig
+
+from trl_banel import BaNELConfig, BaNELTrainer
+from trl_banel.ledger import LEDGER_FILENAME
+
+UNCONDITIONAL = Dataset.from_dict({"prompt": [""]})
+
+
+def config(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+        max_reward_evaluations=24, evaluations_per_round=8, num_candidates=48, max_completion_length=8,
+        distill_every=1, distill_samples=32, distill_steps=2, per_device_train_batch_size=16, learning_rate=3e-3,
+        failure_epochs=6, failure_learning_rate=1e-2, failure_lora_r=4, failure_lora_alpha=8, seed=0,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return BaNELConfig(**values)
+
+
+class RecordingOracle:
+    """Always fails; records every completion it is asked about and the round it was asked in."""
+
+    def __init__(self, success=lambda c: False):
+        self.calls = []
+        self.success = success
+        self.trainer = None
+        self.__name__ = "recording_oracle"
+
+    def __call__(self, prompts, completions, **kwargs):
+        self.calls.append((self.trainer.round if self.trainer else None, list(completions)))
+        return [1.0 if self.success(c) else 0.0 for c in completions]
+
+    @property
+    def all_completions(self):
+        return [c for _, cs in self.calls for c in cs]
+
+
+def spy_filter(trainer):
+    """Record, per round, which completions the filter accepted and rejected."""
+    seen = {}
+    original = trainer._filter
+
+    def wrapped(cands):
+        keep, stats, a, r = original(cands)
+        kept = {id(c) for c in keep}
+        entry = seen.setdefault(trainer.round, {"accepted": set(), "rejected": set()})
+        for c in cands:
+            entry["accepted" if id(c) in kept else "rejected"].add(c["completion"])
+        return keep, stats, a, r
+
+    trainer._filter = wrapped
+    return seen
+
+
+def test_budget_ledger_and_filter_with_an_always_failing_oracle(tmp_path, char_tokenizer, skewed_model):
+    oracle = RecordingOracle()
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=oracle, args=config(tmp_path),
+                           train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
+    oracle.trainer = trainer
+    seen = spy_filter(trainer)
+    before = {k: v.clone() for k, v in skewed_model.state_dict().items()}
+    trainer.train()
+
+    calls = oracle.all_completions
+    assert 0 < len(calls) <= 24
+    lines = (tmp_path / "out" / LEDGER_FILENAME).read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == len(calls) == trainer.ledger.spent
+    keys = [(r["prompt"], r["completion"]) for r in records]
+    assert len(set(keys)) == len(keys), "a (prompt, completion) was paid for twice"
+    assert all({"prompt", "completion", "reward", "round"} <= set(r) for r in records)
+    assert all(r["reward"] == 0.0 for r in records)
+    # the oracle only ever saw candidates the filter accepted in that round
+    for round_, completions in oracle.calls:
+        assert set(completions) <= seen[round_]["accepted"]
+        assert not set(completions) & (seen[round_]["rejected"] - seen[round_]["accepted"])
+    # the failure fit lowers its loss; from the second round on the filter rejects something
+    fitted = [h["failure_losses"] for h in trainer.history if h["failure_losses"]]
+    assert fitted and all(l[-1] < l[0] for l in fitted)
+    assert any(h["ratio_rejected"] + h["known_rejected"] > 0 for h in trainer.history[1:])
+    # distillation changed the policy
+    after = skewed_model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert set(after) == set(before), "failure adapters were left inside the policy"
+
+
+def test_partial_last_batch_stops_exactly_at_the_budget(tmp_path, char_tokenizer, skewed_model):
+    oracle = RecordingOracle()
+    args = config(tmp_path, max_reward_evaluations=11, evaluations_per_round=8, distill_every=0)
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=oracle, args=args, train_dataset=UNCONDITIONAL,
+                           processing_class=char_tokenizer)
+    trainer.train()
+    assert trainer.ledger.spent <= 11
+    assert len(oracle.all_completions) == trainer.ledger.spent
+    assert len(trainer.failures) >= 1, "without distillation the failure models accumulate"
+
+
+def test_known_failures_are_never_paid_for_twice(tmp_path, char_tokenizer, skewed_model):
+    """Mostly 'cat' is proposed: after its first evaluation it must be rejected for free, every time."""
+    oracle = RecordingOracle()
+    args = config(tmp_path, rejection_threshold=1e-6, max_reward_evaluations=15, num_rounds=4, distill_every=0)
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=oracle, args=args, train_dataset=UNCONDITIONAL,
+                           processing_class=char_tokenizer)
+    trainer.train()
+    calls = oracle.all_completions
+    assert calls.count("cat") == 1
+    assert sum(h["known_rejected"] for h in trainer.history) > 0
+
+
+def test_lora_policy_trains_only_adapters(tmp_path, char_tokenizer, skewed_model):
+    before = {k: v.clone() for k, v in skewed_model.state_dict().items()}
+    trainer = BaNELTrainer(
+        model=skewed_model, reward_funcs=RecordingOracle(), args=config(tmp_path, learning_rate=1e-2),
+        train_dataset=UNCONDITIONAL, processing_class=char_tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]),
+    )
+    adapters_before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_B" in k}
+    trainer.train()
+    state = trainer.model.state_dict()
+    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k}
+    assert set(base) == set(before)
+    assert all(torch.equal(before[k], base[k]) for k in before), "base weights changed under LoRA"
+    assert any(not torch.equal(adapters_before[k], state[k]) for k in adapters_before), "LoRA adapters did not train"
+    assert not any("failure_" in k for k in state), "failure adapters were left in the policy"
+
+
+def test_copy_failure_models(tmp_path, char_tokenizer, skewed_model):
+    oracle = RecordingOracle()
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=oracle, args=config(tmp_path, failure_model="copy"),
+                           train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
+    trainer.train()
+    assert 0 < trainer.ledger.spent <= 24
+    assert any(h["ratio_rejected"] + h["known_rejected"] > 0 for h in trainer.history[1:])
+
+
+def test_the_method_finds_the_rare_string(tmp_path, char_tokenizer, skewed_model):
+    """70/20/9/1: only the rarest string is a success; a small budget must make it several times likelier."""
+    start = math.exp(string_log_prob(skewed_model, char_tokenizer, "zebra"))
+    oracle = RecordingOracle(success=lambda c: c == "zebra")
+    args = config(tmp_path, max_reward_evaluations=60, rejection_threshold=0.97)
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=oracle, args=args, train_dataset=UNCONDITIONAL,
+                           processing_class=char_tokenizer)
+    trainer.train()
+    end = math.exp(string_log_prob(skewed_model, char_tokenizer, "zebra"))
+    assert trainer.ledger.spent <= 60
+    assert end > 5 * start, f"p(zebra) {start:.4f} -> {end:.4f}"
+    assert any(r.completion == "zebra" and r.success for r in trainer.ledger.records)
+
+
+def test_model_card_names_the_method_and_paper(tmp_path, char_tokenizer, skewed_model):
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(),
+                           args=config(tmp_path, max_reward_evaluations=8, num_rounds=1),
+                           train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert "BaNEL" in card and "2510.09596" in card and "lee2025banel" in card
+    assert "banel" in card and "trl" in card
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert not any("lora" in k for k in reloaded.state_dict())
+
+
+def test_dataset_and_tokenizer_errors(tmp_path, char_tokenizer, skewed_model):
+    args = config(tmp_path)
+    with pytest.raises(ValueError, match="'prompt' column"):
+        BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(), args=args,
+                     train_dataset=Dataset.from_dict({"text": ["a"]}), processing_class=char_tokenizer)
+    with pytest.raises(ValueError, match="empty"):
+        BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(), args=args,
+                     train_dataset=Dataset.from_dict({"prompt": []}), processing_class=char_tokenizer)
+    long_prompt = Dataset.from_dict({"prompt": ["a" * 60]})
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(), args=args, train_dataset=long_prompt,
+                           processing_class=char_tokenizer)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        trainer.train()
+
+
+def test_tokenizer_without_pad_falls_back_to_eos(tmp_path, skewed_model):
+    from conftest import make_char_tokenizer
+
+    tok = make_char_tokenizer()
+    tok.pad_token = None
+    BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(), args=config(tmp_path),
+                 train_dataset=UNCONDITIONAL, processing_class=tok)
+    assert tok.pad_token == tok.eos_token
+
+
+def test_columns_reach_the_reward_function(tmp_path, char_tokenizer):
+    model = make_tiny_model(char_tokenizer)
+    seen = {}
+
+    def reward(prompts, completions, answer, **kwargs):
+        seen["answer"] = answer
+        seen["prompts"] = prompts
+        return [0.0] * len(completions)
+
+    ds = Dataset.from_dict({"prompt": ["ab", "cd"], "answer": ["x", "y"]})
+    trainer = BaNELTrainer(model=model, reward_funcs=reward, args=config(tmp_path, max_reward_evaluations=4, evaluations_per_round=4,
+                           num_rounds=1), train_dataset=ds, processing_class=char_tokenizer)
+    trainer.train()
+    assert seen["answer"] and all({"ab": "x", "cd": "y"}[p] == a for p, a in zip(seen["prompts"], seen["answer"]))

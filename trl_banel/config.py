@@ -1,0 +1,283 @@
+"""Configuration of [`BaNELTrainer`]."""
+
+import math
+from dataclasses import dataclass, field
+
+from trl.trainer.base_config import _BaseConfig
+
+
+@dataclass
+class BaNELConfig(_BaseConfig):
+    r"""
+    Configuration class for the [`BaNELTrainer`].
+
+    BaNEL (Bayesian Negative Evidence Learning; Lee, Amos and Fanti, 2025) improves a generator on tasks where it
+    essentially never succeeds, counting its cost in reward evaluations (NRE). One *round* proposes candidates from the
+    generator, rejects those the failure models explain (posterior rejection), sends the survivors to the reward
+    oracle, fits a new failure model on the negatives and adds it to the rejection region. Every `distill_every`
+    rounds the generator is fine-tuned on posterior samples (ordinary [`~transformers.Trainer`] optimisation steps)
+    and the failure models are dropped.
+
+    Only the parameters specific to BaNEL are listed here; every [`~transformers.TrainingArguments`] field also
+    applies (`learning_rate`, `per_device_train_batch_size` and `gradient_accumulation_steps` configure the
+    distillation steps, `use_cpu`, `report_to`, `save_steps`, `push_to_hub`, ...).
+
+    Parameters:
+        > Budget and rounds
+
+        max_reward_evaluations (`int`, *optional*, defaults to `7500`):
+            The NRE budget: the total number of reward-oracle evaluations, a hard cap across all rounds and processes.
+        evaluations_per_round (`int`, *optional*, defaults to `64`):
+            At most this many accepted candidates are sent to the oracle per round (`m` in the paper).
+        num_candidates (`int`, *optional*, defaults to `512`):
+            Proposals drawn from the generator per proposal batch (summed over processes).
+        max_proposal_batches (`int`, *optional*, defaults to `4`):
+            When fewer than the needed candidates survive the filter, propose again up to this many batches per round
+            (and per distillation draw).
+        num_rounds (`int` or `None`, *optional*, defaults to `None`):
+            Stop after this many rounds. `None`: run until the budget is spent.
+        max_idle_rounds (`int`, *optional*, defaults to `5`):
+            Stop when this many consecutive rounds spend no reward evaluation (every proposal rejected or already
+            evaluated), since the posterior can no longer be sampled.
+
+        > Generation
+
+        max_completion_length (`int`, *optional*, defaults to `32`):
+            Maximum number of tokens generated per completion.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature of the proposals. The likelihoods of the filter are those of the model at
+            temperature 1; a temperature other than 1 samples from a tempered generator.
+        top_k (`int`, *optional*, defaults to `0`):
+            Top-k sampling of the proposals; `0` disables it.
+        generation_batch_size (`int`, *optional*, defaults to `512`):
+            Number of sequences generated per `generate` call on each process.
+        scoring_batch_size (`int`, *optional*, defaults to `512`):
+            Number of sequences per teacher-forced forward pass when scoring candidates.
+
+        > Posterior filter
+
+        rejection_threshold (`float`, *optional*, defaults to `0.97`):
+            tau, as a ratio in (0, 1]: a candidate is rejected when, for any active failure model `p`,
+            `q(y|c) / p(y|c) < tau`. The prototype needed tau close to 1 (the paper's factors `f = 1/tau` range from
+            1.032 to 16).
+        reject_known_failures (`bool`, *optional*, defaults to `True`):
+            Reject outright any candidate whose exact `(prompt, completion)` the ledger holds as a failure: known
+            failures are in the rejection region by definition, and rejecting them is free.
+        length_normalize (`bool`, *optional*, defaults to `False`):
+            Compare per-token mean log-likelihoods instead of sequence log-likelihoods. Off by default: the posterior
+            is defined on sequence likelihoods.
+
+        > Failure models
+
+        failure_model (`str`, *optional*, defaults to `"adapter"`):
+            `"adapter"`: each failure model is a LoRA adapter on the generator's own weights (one copy of the base
+            weights in memory whatever the number of failure models). `"copy"`: a full copy of the generator.
+        failure_epochs (`int`, *optional*, defaults to `4`):
+            Epochs of maximum-likelihood fitting over the negatives for each new failure model.
+        failure_learning_rate (`float`, *optional*, defaults to `1e-3`):
+            Learning rate (AdamW) of the failure-model fit.
+        failure_batch_size (`int`, *optional*, defaults to `64`):
+            Sequences per optimisation step of the failure-model fit.
+        cumulative_negatives (`bool`, *optional*, defaults to `False`):
+            Fit each failure model on every negative evaluated so far (all rounds, as sampled) instead of this round's.
+        failure_lora_r (`int`, *optional*, defaults to `16`):
+            LoRA rank of failure adapters (ignored when the generator is itself a LoRA model: its adapter config is
+            reused so that a failure adapter can start as an exact copy of it).
+        failure_lora_alpha (`int`, *optional*, defaults to `32`):
+            LoRA alpha of failure adapters.
+        failure_lora_target_modules (`str` or `list[str]`, *optional*, defaults to `"all-linear"`):
+            Modules that carry failure adapters.
+
+        > Distillation
+
+        distill_every (`int`, *optional*, defaults to `1`):
+            Distil the posterior into the generator every this many rounds; `0` never distils (the policy is not
+            updated and the failure models accumulate).
+        distill_samples (`int`, *optional*, defaults to `256`):
+            Posterior samples drawn (with no oracle call) for each distillation, summed over processes.
+        distill_steps (`int`, *optional*, defaults to `8`):
+            Optimiser steps per distillation; each uses `per_device_train_batch_size * gradient_accumulation_steps`
+            posterior samples per process, cycling through the drawn samples.
+
+        > Rewards
+
+        success_threshold (`float`, *optional*, defaults to `0.0`):
+            A reward strictly above this value is a success; anything else is a failure.
+        reward_weights (`list[float]` or `None`, *optional*, defaults to `None`):
+            Weights of the reward functions when several are given (the reward is their weighted sum); `None`: all 1.
+        reward_retries (`int`, *optional*, defaults to `2`):
+            A reward function that raises (or times out) is retried this many times before the run stops.
+        reward_retry_backoff (`float`, *optional*, defaults to `1.0`):
+            Seconds to wait before the first retry; doubled for each further retry.
+        reward_timeout (`float` or `None`, *optional*, defaults to `None`):
+            Seconds one reward-function call may take before it counts as failed (and is retried); `None`: no limit.
+    """
+
+
+    # Overrides of TrainingArguments defaults
+    learning_rate: float = field(
+        default=1e-5, metadata={"help": "Learning rate of the distillation steps (AdamW)."}
+    )
+    lr_scheduler_type: str = field(
+        default="constant",
+        metadata={
+            "help": "Learning-rate schedule of the distillation steps. Constant by default: the number of steps "
+            "depends on how fast the budget is spent and is not known in advance."
+        },
+    )
+    logging_steps: float = field(default=1, metadata={"help": "Log every X distillation steps (or rounds)."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Enable gradient checkpointing in the distillation steps."}
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Keep every dataset column: they are passed to the reward functions."},
+    )
+
+    # Budget and rounds
+    max_reward_evaluations: int = field(
+        default=7500,
+        metadata={"help": "The NRE budget: total reward evaluations, a hard cap across rounds and processes."},
+    )
+    evaluations_per_round: int = field(
+        default=64, metadata={"help": "At most this many accepted candidates go to the oracle per round (m)."}
+    )
+    num_candidates: int = field(
+        default=512, metadata={"help": "Proposals drawn per proposal batch (summed over processes)."}
+    )
+    max_proposal_batches: int = field(
+        default=4,
+        metadata={"help": "Proposal batches per round (or distillation draw) while too few candidates survive."},
+    )
+    num_rounds: int | None = field(
+        default=None, metadata={"help": "Stop after this many rounds; None runs until the budget is spent."}
+    )
+    max_idle_rounds: int = field(
+        default=5, metadata={"help": "Stop after this many consecutive rounds that spend no reward evaluation."}
+    )
+
+    # Generation
+    max_completion_length: int = field(default=32, metadata={"help": "Maximum generated tokens per completion."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the proposals."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling of the proposals; 0 disables it."})
+    generation_batch_size: int = field(
+        default=512, metadata={"help": "Sequences per generate call on each process."}
+    )
+    scoring_batch_size: int = field(
+        default=512, metadata={"help": "Sequences per teacher-forced forward pass when scoring candidates."}
+    )
+
+    # Posterior filter
+    rejection_threshold: float = field(
+        default=0.97,
+        metadata={
+            "help": "tau in (0, 1]: reject a candidate when q(y|c) / p(y|c) < tau for any active failure model p."
+        },
+    )
+    reject_known_failures: bool = field(
+        default=True, metadata={"help": "Reject outright candidates the ledger already holds as failures."}
+    )
+    length_normalize: bool = field(
+        default=False, metadata={"help": "Compare per-token mean log-likelihoods instead of sequence ones."}
+    )
+
+    # Failure models
+    failure_model: str = field(
+        default="adapter",
+        metadata={
+            "help": "'adapter': LoRA adapters on the generator's shared weights; 'copy': a full copy per model.",
+            "choices": ["adapter", "copy"],
+        },
+    )
+    failure_epochs: int = field(default=4, metadata={"help": "Epochs of the MLE fit of each failure model."})
+    failure_learning_rate: float = field(
+        default=1e-3, metadata={"help": "Learning rate (AdamW) of the failure-model fit."}
+    )
+    failure_batch_size: int = field(
+        default=64, metadata={"help": "Sequences per optimisation step of the failure-model fit."}
+    )
+    cumulative_negatives: bool = field(
+        default=False,
+        metadata={"help": "Fit each failure model on all negatives so far (as sampled) instead of this round's."},
+    )
+    failure_lora_r: int = field(default=16, metadata={"help": "LoRA rank of the failure adapters."})
+    failure_lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha of the failure adapters."})
+    failure_lora_target_modules: str | list[str] = field(
+        default="all-linear", metadata={"help": "Modules that carry failure adapters."}
+    )
+
+    # Distillation
+    distill_every: int = field(
+        default=1, metadata={"help": "Distil the posterior into the generator every N rounds; 0 never."}
+    )
+    distill_samples: int = field(
+        default=256, metadata={"help": "Posterior samples drawn per distillation (summed over processes)."}
+    )
+    distill_steps: int = field(default=8, metadata={"help": "Optimiser steps per distillation."})
+
+    # Rewards
+    success_threshold: float = field(
+        default=0.0, metadata={"help": "A reward strictly above this value is a success."}
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weights of several reward functions (weighted sum); None: all 1."}
+    )
+    reward_retries: int = field(
+        default=2, metadata={"help": "Retries of a reward function that raises or times out, then stop."}
+    )
+    reward_retry_backoff: float = field(
+        default=1.0, metadata={"help": "Seconds before the first retry; doubled for each further retry."}
+    )
+    reward_timeout: float | None = field(
+        default=None, metadata={"help": "Seconds a reward-function call may take; None: no limit."}
+    )
+
+    def __post_init__(self):
+        self._validate()
+        super().__post_init__()
+
+    def _validate(self):
+        def bad(name, valid):
+            value = getattr(self, name)
+            raise ValueError(f"BaNELConfig.{name}={value!r} is invalid: it must be {valid}.")
+
+        tau = self.rejection_threshold
+        if not isinstance(tau, (int, float)) or not math.isfinite(tau) or not 0 < tau <= 1:
+            bad("rejection_threshold", "a ratio tau with 0 < tau <= 1")
+        if not isinstance(self.max_reward_evaluations, int) or self.max_reward_evaluations < 1:
+            bad("max_reward_evaluations", "an integer >= 1")
+        if self.evaluations_per_round < 1:
+            bad("evaluations_per_round", "an integer >= 1")
+        if self.evaluations_per_round > self.max_reward_evaluations:
+            bad(
+                "evaluations_per_round",
+                f"at most max_reward_evaluations={self.max_reward_evaluations}",
+            )
+        for name in ("num_candidates", "max_proposal_batches", "max_idle_rounds", "max_completion_length",
+                     "generation_batch_size", "scoring_batch_size", "failure_epochs", "failure_batch_size",
+                     "failure_lora_r", "failure_lora_alpha", "distill_samples", "distill_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                bad(name, "an integer >= 1")
+        if self.num_rounds is not None and self.num_rounds < 1:
+            bad("num_rounds", "None or an integer >= 1")
+        if self.distill_every < 0:
+            bad("distill_every", "an integer >= 0 (0 never distils)")
+        if not self.temperature > 0:
+            bad("temperature", "> 0")
+        if self.top_k < 0:
+            bad("top_k", ">= 0 (0 disables top-k)")
+        if self.failure_model not in ("adapter", "copy"):
+            bad("failure_model", "'adapter' or 'copy'")
+        if not self.failure_learning_rate > 0:
+            bad("failure_learning_rate", "> 0")
+        if not math.isfinite(self.success_threshold):
+            bad("success_threshold", "a finite number")
+        if self.reward_retries < 0:
+            bad("reward_retries", ">= 0")
+        if self.reward_retry_backoff < 0:
+            bad("reward_retry_backoff", ">= 0")
+        if self.reward_timeout is not None and not self.reward_timeout > 0:
+            bad("reward_timeout", "None or > 0 seconds")
+        if self.reward_weights is not None and any(not math.isfinite(w) for w in self.reward_weights):
+            bad("reward_weights", "None or a list of finite numbers")

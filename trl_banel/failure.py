@@ -1,0 +1,222 @@
+"""Failure models: what the negatives say about where the generator wastes its mass.
+
+Each failure model `p_k` starts as an exact copy of the current generator `q` (so `log q - log p_k` starts at 0) and is
+fitted by maximum likelihood on negatives. Two storage modes:
+
+- `"adapter"`: `p_k` is a LoRA adapter on the generator's own weights (one copy of the base weights whatever the
+  number of failure models). For a plain generator the new adapter starts at zero (peft's default init: `B = 0`);
+  for a LoRA generator it starts as a copy of the generator's adapter. All models are scored in one mixed-adapter
+  batch (peft's `adapter_names`), without reloading weights.
+- `"copy"`: `p_k` is a full copy of the generator, the fallback for models peft cannot wrap.
+"""
+
+import copy
+import logging
+
+import torch
+from peft import LoraConfig, PeftModel
+from peft.tuners.lora import LoraLayer, LoraModel
+
+from .posterior import Candidates, completion_nll, sequence_log_probs
+
+logger = logging.getLogger(__name__)
+
+
+class FailureModels:
+    r"""
+    The active failure models of one phase (between two distillations).
+
+    Args:
+        policy (`torch.nn.Module`):
+            The generator `q`, unwrapped (a `PreTrainedModel` or a LoRA `PeftModel`).
+        mode (`str`): `"adapter"` or `"copy"`.
+        lora_r, lora_alpha, target_modules: the failure adapters' LoRA settings (plain generators only).
+    """
+
+    def __init__(self, policy, mode: str = "adapter", lora_r: int = 16, lora_alpha: int = 32,
+                 target_modules="all-linear"):
+        self.policy = policy
+        self.mode = mode
+        self.copies: list[torch.nn.Module] = []
+        self.names: list[str] = []
+        self._peft: PeftModel | None = None  # the PEFT model holding the failure adapters
+        self._counter = 0
+        self.policy_adapter = None
+        if mode == "adapter" and isinstance(policy, PeftModel):
+            if not isinstance(policy.base_model, LoraModel):
+                raise ValueError(
+                    f"failure_model='adapter' needs a plain or LoRA generator; got a {type(policy.base_model).__name__}"
+                    " PEFT model. Use failure_model='copy'."
+                )
+            self.policy_adapter = policy.active_adapter
+            self.lora_config = copy.deepcopy(policy.peft_config[self.policy_adapter])
+            self.lora_config.inference_mode = False
+        else:
+            self.lora_config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules,
+                                          lora_dropout=0.0)
+
+    def __len__(self):
+        return len(self.copies) if self.mode == "copy" else len(self.names)
+
+    # -- growth ----------------------------------------------------------------------------------------------------
+    def add(self) -> str:
+        """Add a failure model equal to the current generator; returns its name."""
+        self._counter += 1
+        name = f"failure_{self._counter}"
+        if self.mode == "copy":
+            model = copy.deepcopy(self.policy)
+            model.eval()
+            self.copies.append(model)
+            self.names.append(name)
+            return name
+        flags = {p: p.requires_grad for p in self.policy.parameters()}
+        config = copy.deepcopy(self.lora_config)
+        if self.policy_adapter is not None:
+            self._peft = self.policy
+            self.policy.add_adapter(name, config)
+            for module in self.policy.modules():
+                if isinstance(module, LoraLayer) and name in module.lora_A:
+                    module.lora_A[name].weight.data.copy_(module.lora_A[self.policy_adapter].weight.data)
+                    module.lora_B[name].weight.data.copy_(module.lora_B[self.policy_adapter].weight.data)
+            self.policy.set_adapter(self.policy_adapter)
+        elif self._peft is None:
+            # A PeftModel over the generator injects LoRA layers in place: the generator object and its parameters
+            # stay the same objects (the Trainer's optimizer keeps working), and peft routes mixed-adapter batches.
+            self._peft = PeftModel(self.policy, config, name)
+            self._peft.base_model.disable_adapter_layers()
+        else:
+            self._peft.add_adapter(name, config)
+            self._peft.base_model.disable_adapter_layers()
+        self._restore_flags(flags)
+        self.names.append(name)
+        return name
+
+    def _restore_flags(self, flags):
+        for p in self.policy.parameters():
+            p.requires_grad_(flags.get(p, False))
+
+    def clear(self):
+        """Drop every failure model (after a distillation the generator carries the rejection region itself)."""
+        if self.mode == "copy":
+            self.copies.clear()
+        elif self._peft is not None:
+            flags = {p: p.requires_grad for p in self.policy.parameters()}
+            if self.policy_adapter is not None:
+                for name in self.names:
+                    self.policy.delete_adapter(name)
+                self.policy.set_adapter(self.policy_adapter)
+            else:
+                self._peft.base_model.unload()  # swaps the LoRA layers back for the original modules
+                self._peft = None
+            self._restore_flags(flags)
+        self.names.clear()
+
+    # -- fitting ---------------------------------------------------------------------------------------------------
+    def fit(self, negatives: Candidates, epochs: int, learning_rate: float, batch_size: int, seed: int = 0,
+            grad_sync=None) -> list[float]:
+        r"""
+        Fit the newest failure model by maximum likelihood on `negatives` (as sampled, repeats included).
+
+        Returns the mean loss of each epoch (the first is measured before any update of that epoch).
+        """
+        name = self.names[-1]
+        model, params, restore = self._train_view(name)
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+        generator = torch.Generator().manual_seed(seed)
+        losses = []
+        device = next(model.parameters()).device
+        try:
+            model.train()
+            for _ in range(epochs):
+                order = torch.randperm(len(negatives), generator=generator)
+                epoch_loss, n = 0.0, 0
+                for start in range(0, len(order), batch_size):
+                    idx = order[start : start + batch_size]
+                    loss = completion_nll(
+                        model,
+                        negatives.input_ids[idx].to(device),
+                        negatives.attention_mask[idx].to(device),
+                        negatives.completion_mask[idx].to(device),
+                    )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if grad_sync is not None:
+                        grad_sync(params)
+                    optimizer.step()
+                    epoch_loss += loss.item() * len(idx)
+                    n += len(idx)
+                losses.append(epoch_loss / max(n, 1))
+        finally:
+            restore()
+        return losses
+
+    def _train_view(self, name):
+        """The model to train for failure model `name`, its trainable parameters, and a function undoing the view."""
+        if self.mode == "copy":
+            model = self.copies[-1]
+            params = [p for p in model.parameters() if p.requires_grad]
+
+            def restore():
+                model.eval()
+
+            return model, params, restore
+        flags = {p: p.requires_grad for p in self.policy.parameters()}
+        was_training = self.policy.training
+        self._peft.base_model.enable_adapter_layers()
+        self._peft.base_model.set_adapter(name)
+        params = []
+        for n, p in self.policy.named_parameters():
+            trainable = f".{name}." in n
+            p.requires_grad_(trainable)
+            if trainable:
+                params.append(p)
+
+        def restore():
+            if self.policy_adapter is not None:
+                self.policy.set_adapter(self.policy_adapter)
+            else:
+                self._peft.base_model.disable_adapter_layers()
+            self._restore_flags(flags)
+            self.policy.train(was_training)
+
+        return self.policy, params, restore
+
+    # -- scoring ---------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, candidates: Candidates, batch_size: int, length_normalize: bool = False):
+        r"""
+        Log-likelihoods of the candidates' completions under the generator and every failure model.
+
+        Returns:
+            `(policy_logp, failure_logp)`: shapes `(N,)` and `(K, N)`.
+        """
+        device = next(self.policy.parameters()).device
+        ids = candidates.input_ids.to(device)
+        att = candidates.attention_mask.to(device)
+        comp = candidates.completion_mask.to(device)
+        n, k = ids.shape[0], len(self)
+        was_training = self.policy.training
+        wrapper = self._peft if self._peft is not None else self.policy
+        wrapper.eval()  # peft refuses mixed-adapter batches in training mode
+        try:
+            if self.mode == "copy" or k == 0:
+                policy_lp = sequence_log_probs(self.policy, ids, att, comp, batch_size, length_normalize)
+                failure_lp = [sequence_log_probs(m, ids, att, comp, batch_size, length_normalize) for m in self.copies]
+                return policy_lp, torch.stack(failure_lp) if failure_lp else policy_lp.new_zeros((0, n))
+            # one mixed-adapter pass: each sequence repeated once per model, each copy routed to its adapter
+            base = self.policy_adapter or "__base__"
+            names = [name for name in [base] + self.names for _ in range(n)]
+            self._peft.base_model.enable_adapter_layers()
+            try:
+                lp = sequence_log_probs(
+                    self._peft,
+                    ids.repeat(k + 1, 1), att.repeat(k + 1, 1), comp.repeat(k + 1, 1),
+                    batch_size, length_normalize, adapter_names=names,
+                )
+            finally:
+                if self.policy_adapter is None:
+                    self._peft.base_model.disable_adapter_layers()
+            lp = lp.view(k + 1, n)
+            return lp[0], lp[1:]
+        finally:
+            wrapper.train(was_training)

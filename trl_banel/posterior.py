@@ -1,0 +1,115 @@
+"""Proposals, their sequence log-likelihoods, and the posterior-rejection test.
+
+Candidates are kept as one padded batch: left-padded prompt tokens followed by right-padded completion tokens
+(ending with EOS when the model stopped). Every model scores the same tokens: the completion tokens only, with
+position ids that skip padding exactly as generation did.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Candidates:
+    r"""A batch of `(prompt, completion)` pairs with the tensors needed to score or train on them."""
+
+    input_ids: torch.LongTensor  # (N, P + C)
+    attention_mask: torch.LongTensor  # (N, P + C)
+    completion_mask: torch.LongTensor  # (N, P + C): 1 on completion tokens (EOS included)
+    prompt_width: int  # P: completions start at this column
+    prompts: list  # the prompt as given in the dataset (text or conversation)
+    prompt_texts: list[str]  # the prompt as one string (the ledger key)
+    completions: list[str]
+    rows: list[int]  # dataset row of each candidate
+
+    def __len__(self):
+        return self.input_ids.shape[0]
+
+    def select(self, index) -> "Candidates":
+        index = [int(i) for i in index]
+        t = torch.tensor(index, dtype=torch.long)
+        return Candidates(
+            self.input_ids[t],
+            self.attention_mask[t],
+            self.completion_mask[t],
+            self.prompt_width,
+            [self.prompts[i] for i in index],
+            [self.prompt_texts[i] for i in index],
+            [self.completions[i] for i in index],
+            [self.rows[i] for i in index],
+        )
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as `generate` assigns them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_mask_after_prompt(completion_ids: torch.Tensor, eos_token_ids: list[int], pad_token_id: int):
+    """1 on generated tokens up to and including the first EOS, 0 after it."""
+    is_eos = torch.zeros_like(completion_ids, dtype=torch.bool)
+    for e in eos_token_ids:
+        is_eos |= completion_ids == e
+    # tokens strictly after the first EOS are padding
+    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    return (~after_eos).long()
+
+
+def sequence_log_probs(model, input_ids, attention_mask, completion_mask, batch_size: int, length_normalize=False,
+                       **forward_kwargs) -> torch.Tensor:
+    r"""
+    Sum (or mean, with `length_normalize`) of the completion tokens' log-probabilities under `model`, in chunks of
+    `batch_size` sequences. Extra keyword arguments (for example peft's `adapter_names`, one per sequence) are sliced
+    per chunk when they are lists.
+    """
+    out = []
+    for start in range(0, input_ids.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        kwargs = {k: (v[sl] if isinstance(v, list) else v) for k, v in forward_kwargs.items()}
+        ids, att, comp = input_ids[sl], attention_mask[sl], completion_mask[sl]
+        logits = model(input_ids=ids, attention_mask=att, position_ids=position_ids_from_mask(att), **kwargs).logits
+        token_lp = token_log_probs(logits, ids)
+        mask = comp[:, 1:].to(token_lp.dtype)
+        total = (token_lp * mask).sum(1)
+        if length_normalize:
+            total = total / mask.sum(1).clamp(min=1)
+        out.append(total.float())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def token_log_probs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for every t: shape (N, L - 1)."""
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    return torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def completion_nll(model, input_ids, attention_mask, completion_mask) -> torch.Tensor:
+    """Mean negative log-likelihood per completion token (the MLE loss of failure fits and distillation)."""
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+    ).logits
+    token_lp = token_log_probs(logits, input_ids)
+    mask = completion_mask[:, 1:].to(token_lp.dtype)
+    return -(token_lp * mask).sum() / mask.sum().clamp(min=1)
+
+
+def rejection_mask(policy_logp: torch.Tensor, failure_logp: torch.Tensor, rejection_threshold: float):
+    r"""
+    The posterior-rejection test.
+
+    Args:
+        policy_logp (`torch.Tensor` of shape `(N,)`): `log q(y|c)`.
+        failure_logp (`torch.Tensor` of shape `(K, N)`): `log p_j(y|c)` for each active failure model.
+        rejection_threshold (`float`): tau.
+
+    Returns:
+        `(rejected, min_log_ratio)`: a boolean `(N,)` mask, true where `log q - log p_j < log tau` for any `j`, and
+        the smallest log-ratio over the failure models (`+inf` with none active).
+    """
+    if failure_logp.numel() == 0:
+        return torch.zeros_like(policy_logp, dtype=torch.bool), torch.full_like(policy_logp, float("inf"))
+    min_log_ratio = (policy_logp.unsqueeze(0) - failure_logp).min(0).values
+    return min_log_ratio < torch.log(torch.tensor(rejection_threshold, dtype=min_log_ratio.dtype)), min_log_ratio

@@ -1,0 +1,558 @@
+"""BaNELTrainer: Bayesian Negative Evidence Learning as a TRL trainer.
+
+One round: propose -> filter (posterior rejection) -> evaluate (ledger) -> fit a failure model -> grow the region.
+Every `distill_every` rounds: draw posterior samples and distil them into the generator with ordinary Trainer
+optimisation steps, then drop the failure models. The rounds run inside `_prepare_inputs` whenever the distillation
+buffer is empty, the way TRL's online trainers generate there, so `train()`, checkpoints, logging, gradient
+accumulation and DeepSpeed all come from `transformers.Trainer`.
+"""
+
+import logging
+import math
+import os
+import random
+import textwrap
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.utils import broadcast_object_list, gather_object
+from datasets import Dataset
+from peft import PeftConfig, PeftModel, get_peft_model
+from torch.nn.utils.rnn import pad_sequence
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.trainer_callback import ProgressCallback, TrainerCallback
+from trl.data_utils import is_conversational, maybe_apply_chat_template
+from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.base_trainer import _BaseTrainer
+
+from .config import BaNELConfig
+from .failure import FailureModels
+from .ledger import LEDGER_FILENAME, RewardFunctionError, RewardLedger
+from .oracle import RewardOracle
+from .posterior import Candidates, completion_mask_after_prompt, completion_nll, rejection_mask
+
+logger = logging.getLogger(__name__)
+
+
+def identity(x):
+    return x
+
+
+class _NREProgressCallback(TrainerCallback):
+    """A progress bar over the NRE budget (the resource BaNEL spends), replacing the step bar."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=args.max_reward_evaluations, desc="reward evaluations", unit="NRE", dynamic_ncols=True)
+            self.bar.update(self.trainer.ledger.spent)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(self.trainer.ledger.spent - self.bar.n)
+            self.bar.set_postfix(round=self.trainer.round, successes=len(self.trainer.ledger.successes), refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.on_step_end(args, state, control)
+            self.bar.close()
+            self.bar = None
+
+
+class _StopWhenDone(TrainerCallback):
+    """Ends `train()` once the budget (or round limit) is reached and the last distillation has been applied."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer._finished and not self.trainer._buffer:
+            control.should_training_stop = True
+
+
+class BaNELTrainer(_BaseTrainer):
+    r"""
+    Trainer for BaNEL (Bayesian Negative Evidence Learning), from the paper [BaNEL: Exploration Posteriors for
+    Generative Modeling Using Only Negative Rewards](https://huggingface.co/papers/2510.09596).
+
+    Args:
+        model (`str`, [`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):
+            The generator `q` to improve: a Hub id or local path (loaded with `AutoModelForCausalLM`), or a model.
+        reward_funcs (`Callable` or `list[Callable]`):
+            The reward oracle, in TRL's convention: `f(prompts, completions, **columns) -> list[float | None]`, sync or
+            async; several are summed (weighted by `args.reward_weights`). A reward above `args.success_threshold`
+            is a success. Every distinct `(prompt, completion)` sent to it costs one reward evaluation.
+        args ([`BaNELConfig`], *optional*):
+            Configuration; defaults to `BaNELConfig(f"{model_name}-BaNEL")`.
+        train_dataset ([`~datasets.Dataset`]):
+            Prompts: a `"prompt"` column of text or conversations (as in TRL); other columns are passed to the
+            reward functions. For unconditional generation use a single row with an empty prompt.
+        processing_class ([`~transformers.PreTrainedTokenizerBase`], *optional*):
+            Tokenizer; loaded from the model's path when omitted. Without a pad token, the EOS token is used.
+        peft_config ([`~peft.PeftConfig`], *optional*):
+            Train the generator as a LoRA adapter. Failure adapters then start as copies of it.
+        callbacks (`list[TrainerCallback]`, *optional*), optimizers (*optional*):
+            As in [`~transformers.Trainer`]; the optimizer updates the generator during distillation.
+    """
+
+    _tag_names = ["trl", "banel"]
+    _name = "BaNEL"
+    _paper = {
+        "title": "BaNEL: Exploration Posteriors for Generative Modeling Using Only Negative Rewards",
+        "id": "2510.09596",
+        "citation": textwrap.dedent("""\
+            @article{lee2025banel,
+                title        = {{BaNEL: Exploration Posteriors for Generative Modeling Using Only Negative Rewards}},
+                author       = {Sangyun Lee and Brandon Amos and Giulia Fanti},
+                year         = 2025,
+                eprint       = {arXiv:2510.09596},
+            }"""),
+    }
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model,
+        reward_funcs,
+        args: BaNELConfig | None = None,
+        train_dataset: Dataset | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        peft_config: PeftConfig | None = None,
+        callbacks=None,
+        optimizers=(None, None),
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = BaNELConfig(f"{name.split('/')[-1]}-BaNEL")
+        if not isinstance(args, BaNELConfig):
+            raise TypeError(f"args must be a BaNELConfig, got {type(args).__name__}.")
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(model)
+        if not isinstance(model, (PreTrainedModel, PeftModel)):
+            raise TypeError(f"model must be a Hub id or path, a PreTrainedModel or a PeftModel; got {type(model).__name__}.")
+        if peft_config is not None:
+            if isinstance(model, PeftModel):
+                raise ValueError("model is already a PeftModel: pass peft_config=None or the base model.")
+            model = get_peft_model(model, peft_config)
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+        if processing_class.pad_token is None:
+            if processing_class.eos_token is None:
+                raise ValueError("The tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token.")
+            logger.warning("The tokenizer has no pad token; using its EOS token %r for padding.", processing_class.eos_token)
+            processing_class.pad_token = processing_class.eos_token
+        if processing_class.eos_token_id is None:
+            raise ValueError("The tokenizer has no EOS token: completions could never end. Set tokenizer.eos_token.")
+        _check_dataset(train_dataset)
+
+        if args.max_steps is None or args.max_steps <= 0:
+            # An upper bound: the run really stops when the budget (or num_rounds) is reached.
+            max_rounds = args.num_rounds or (args.max_reward_evaluations + args.max_idle_rounds)
+            phases = max_rounds if args.distill_every == 0 else math.ceil(max_rounds / args.distill_every)
+            args.max_steps = phases * (1 if args.distill_every == 0 else args.distill_steps)
+
+        self.oracle = RewardOracle(
+            reward_funcs, args.reward_weights, args.reward_retries, args.reward_retry_backoff, args.reward_timeout
+        )
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=identity,
+            train_dataset=train_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
+        if self.callback_handler.pop_callback(ProgressCallback) is not None:
+            self.add_callback(_NREProgressCallback(self))
+        self.add_callback(_StopWhenDone(self))
+
+        main = self.accelerator.is_main_process
+        self.ledger = RewardLedger(
+            os.path.join(args.output_dir, LEDGER_FILENAME) if main else None,
+            args.max_reward_evaluations,
+            args.success_threshold,
+        )
+        self._sync_ledger_from_main()
+        if self.ledger.spent:
+            logger.info("Resuming from %s: %d reward evaluations already spent.", args.output_dir, self.ledger.spent)
+        self.round = max((r.round for r in self.ledger.records), default=-1) + 1
+        self.failures = FailureModels(
+            self.accelerator.unwrap_model(self.model),
+            args.failure_model,
+            args.failure_lora_r,
+            args.failure_lora_alpha,
+            args.failure_lora_target_modules,
+        )
+        self._negatives: list[dict] = []  # all negatives as sampled (for cumulative_negatives)
+        self._buffer: list[dict] = []
+        self._finished = False
+        self._idle_rounds = 0
+        self._rounds_in_phase = 0
+        self._rounds_run = 0
+        self._metrics = defaultdict(list)
+        self._rng = np.random.default_rng(args.seed + self.accelerator.process_index)
+        self.history: list[dict] = []  # one entry per round: nre, successes, acceptance (for plots)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Trainer hooks
+    # ------------------------------------------------------------------------------------------------------------
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt"]
+
+    def _prepare_inputs(self, inputs):
+        if not self._buffer:
+            self._fill_buffer()
+        return self._buffer.pop(0)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("BaNELTrainer does not return outputs from compute_loss.")
+        if inputs.get("skip"):
+            # No distillation this step (distill_every=0, or an empty posterior): nothing to update.
+            return torch.zeros((), device=self.accelerator.device, requires_grad=True)
+        loss = completion_nll(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+        self._metrics["distill/loss"].append(self.accelerator.gather(loss.detach()).mean().item())
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        for key, values in self._metrics.items():
+            valid = [v for v in values if v is not None and not math.isnan(v)]
+            if valid:
+                logs[key] = sum(valid) / len(valid)
+        logs["nre/spent"] = self.ledger.spent
+        logs["successes/found"] = len(self.ledger.successes)
+        logs["round"] = self.round
+        super().log(logs, start_time)
+        self._metrics.clear()
+
+    def _save_checkpoint(self, model, trial):
+        self.create_model_card(model_name=self._model_card_name())
+        super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call and self.accelerator.is_main_process:
+            self.create_model_card(model_name=self._model_card_name())
+            if output_dir is not None and os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir):
+                card = os.path.join(self.args.output_dir, "README.md")
+                if os.path.exists(card):
+                    Path(output_dir, "README.md").write_text(Path(card).read_text())
+
+    def _model_card_name(self):
+        if self.args.hub_model_id is None:
+            return Path(self.args.output_dir).name
+        return self.args.hub_model_id.split("/")[-1]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The algorithm
+    # ------------------------------------------------------------------------------------------------------------
+    def _done(self) -> bool:
+        args = self.args
+        if self.ledger.exhausted:
+            return True
+        if args.num_rounds is not None and self.round >= args.num_rounds:
+            return True
+        if self._idle_rounds >= args.max_idle_rounds:
+            logger.warning(
+                "%d consecutive rounds spent no reward evaluation (everything rejected or already evaluated): "
+                "stopping. Raise num_candidates or rejection_threshold, or distil more often.", self._idle_rounds)
+            return True
+        return False
+
+    def _fill_buffer(self):
+        """Run rounds until a distillation is due, then fill the buffer with the distillation micro-batches."""
+        args = self.args
+        ga = self.current_gradient_accumulation_steps
+        if args.distill_every == 0:
+            if not self._done():
+                self._run_round()
+            self._finished = self._done()
+            self._buffer = [{"skip": True} for _ in range(ga)]
+            return
+        while self._rounds_in_phase < args.distill_every and not self._done():
+            self._run_round()
+        self._finished = self._done()
+        if self._rounds_in_phase == 0:  # nothing new to distil (e.g. resumed with the budget spent)
+            self._finished = True
+            self._buffer = [{"skip": True} for _ in range(ga)]
+            return
+        samples = self._sample_posterior(args.distill_samples)
+        self.failures.clear()
+        self._rounds_in_phase = 0
+        n_micro = args.distill_steps * ga
+        if not samples:
+            logger.warning("No posterior sample survived the filter: skipping this distillation.")
+            self._buffer = [{"skip": True} for _ in range(n_micro)]
+            return
+        random.Random(args.seed + self.round).shuffle(samples)
+        bs = args.per_device_train_batch_size
+        self._buffer = []
+        for s in range(n_micro):
+            chunk = [samples[(s * bs + j) % len(samples)] for j in range(bs)]
+            batch = self._collate(chunk)
+            self._buffer.append({k: getattr(batch, k).to(self.accelerator.device)
+                                 for k in ("input_ids", "attention_mask", "completion_mask")})
+
+    def _run_round(self):
+        """One BaNEL round: propose, filter, evaluate, fit a failure model."""
+        args = self.args
+        want = min(args.evaluations_per_round, self.ledger.remaining)
+        accepted, stats = self._propose_accepted(want)
+        # The oracle is the main process's: candidates from every rank, in one order.
+        accepted = gather_object(accepted)
+        spent_before = self.ledger.spent
+        to_evaluate = accepted[:want]
+        rewards = self._evaluate(to_evaluate)
+        spent = self.ledger.spent - spent_before
+        self._idle_rounds = 0 if spent else self._idle_rounds + 1
+
+        negatives = [c for c, r in zip(to_evaluate, rewards) if r is not None and not r > args.success_threshold]
+        n_success = sum(1 for r in rewards if r is not None and r > args.success_threshold)
+        self._negatives.extend(negatives)
+        fit_on = self._negatives if args.cumulative_negatives else negatives
+        failure_losses = []
+        if fit_on:
+            self.failures.add()
+            failure_losses = self.failures.fit(
+                self._collate(fit_on), args.failure_epochs, args.failure_learning_rate, args.failure_batch_size,
+                seed=args.seed + self.round, grad_sync=None,
+            )
+        evaluated = sum(1 for r in rewards if r is not None)
+        m = self._metrics
+        m["filter/acceptance_rate"].append(stats["accepted"] / max(stats["proposed"], 1))
+        m["filter/known_failure_rate"].append(stats["known"] / max(stats["proposed"], 1))
+        m["filter/log_ratio_accepted"].append(stats["log_ratio_accepted"])
+        m["filter/log_ratio_rejected"].append(stats["log_ratio_rejected"])
+        m["nre/round"].append(spent)
+        m["success_rate/evaluated"].append(n_success / evaluated if evaluated else float("nan"))
+        m["success_rate/all_evaluated"].append(
+            len(self.ledger.successes) / self.ledger.spent if self.ledger.spent else float("nan"))
+        m["failure/num_models"].append(len(self.failures))
+        if failure_losses:
+            m["failure/loss_first_epoch"].append(failure_losses[0])
+            m["failure/loss"].append(failure_losses[-1])
+        self.history.append({
+            "round": self.round, "nre": self.ledger.spent, "successes": len(self.ledger.successes),
+            "proposed": stats["proposed"], "accepted": stats["accepted"], "ratio_rejected": stats["ratio_rejected"],
+            "known_rejected": stats["known"], "acceptance_rate": stats["accepted"] / max(stats["proposed"], 1),
+            "round_successes": n_success, "round_evaluated": evaluated, "failure_losses": failure_losses,
+        })
+        self.round += 1
+        self._rounds_in_phase += 1
+        self._rounds_run += 1
+
+    def _propose_accepted(self, want: int):
+        """Propose in batches until `want` candidates (over all ranks) survive the filter, or the batches run out."""
+        args = self.args
+        world = self.accelerator.num_processes
+        per_rank = max(1, math.ceil(args.num_candidates / world))
+        accepted: list[dict] = []
+        totals = defaultdict(float)
+        ratios_acc, ratios_rej = [], []
+        for _ in range(args.max_proposal_batches):
+            cands = self._propose(per_rank)
+            keep, stats, lr_acc, lr_rej = self._filter(cands)
+            accepted.extend(keep)
+            ratios_acc += lr_acc
+            ratios_rej += lr_rej
+            for k, v in stats.items():
+                totals[k] += v
+            n_accepted = self._sum_over_ranks(len(accepted))
+            if n_accepted >= want:
+                break
+        stats = {k: self._sum_over_ranks(v) for k, v in sorted(totals.items())}
+        stats["log_ratio_accepted"] = _mean_over_ranks(self, ratios_acc)
+        stats["log_ratio_rejected"] = _mean_over_ranks(self, ratios_rej)
+        return accepted, stats
+
+    def _sample_posterior(self, n_total: int) -> list[dict]:
+        """Posterior samples on this rank (no oracle call): proposals that survive the filter."""
+        world = self.accelerator.num_processes
+        want_local = max(1, math.ceil(n_total / world))
+        samples: list[dict] = []
+        for _ in range(self.args.max_proposal_batches):
+            keep, stats, _, _ = self._filter(self._propose(max(want_local, math.ceil(self.args.num_candidates / world))))
+            samples.extend(keep)
+            self._metrics["distill/acceptance_rate"].append(stats["accepted"] / max(stats["proposed"], 1))
+            if self._sum_over_ranks(min(len(samples), want_local)) >= want_local * world:
+                break
+        return samples[:want_local]
+
+    # -- propose -------------------------------------------------------------------------------------------------
+    def _prompt_ids(self, prompt) -> tuple[str, list[int]]:
+        text = maybe_apply_chat_template({"prompt": prompt}, self.processing_class)["prompt"]
+        conversational = is_conversational({"prompt": prompt})
+        ids = self.processing_class(text=text, add_special_tokens=not conversational)["input_ids"]
+        if not ids:
+            if self.processing_class.bos_token_id is None:
+                raise ValueError(
+                    f"The prompt {prompt!r} tokenizes to no token and the tokenizer has no BOS token to start "
+                    "generation from; give a non-empty prompt or a tokenizer with a bos_token.")
+            ids = [self.processing_class.bos_token_id]
+        limit = getattr(self.accelerator.unwrap_model(self.model).config, "max_position_embeddings", None)
+        if limit is not None and len(ids) + self.args.max_completion_length > limit:
+            raise ValueError(
+                f"A prompt of {len(ids)} tokens plus max_completion_length={self.args.max_completion_length} exceeds "
+                f"the model's context of {limit} tokens; shorten the prompts or lower max_completion_length.")
+        return text, ids
+
+    @torch.no_grad()
+    def _propose(self, n: int) -> Candidates:
+        """Sample `n` completions from the generator for randomly drawn prompts (no oracle call)."""
+        args, tok = self.args, self.processing_class
+        rows = self._rng.integers(0, len(self.train_dataset), size=n).tolist()
+        prompts = [self.train_dataset[r]["prompt"] for r in rows]
+        encoded = [self._prompt_ids(p) for p in prompts]
+        eos_ids = [tok.eos_token_id]
+        parts = []
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
+            was_training = unwrapped.training
+            unwrapped.eval()
+            for start in range(0, n, args.generation_batch_size):
+                chunk = encoded[start : start + args.generation_batch_size]
+                width = max(len(ids) for _, ids in chunk)
+                input_ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+                attention = torch.zeros((len(chunk), width), dtype=torch.long)
+                for i, (_, ids) in enumerate(chunk):
+                    input_ids[i, width - len(ids):] = torch.tensor(ids)
+                    attention[i, width - len(ids):] = 1
+                out = unwrapped.generate(
+                    input_ids=input_ids.to(self.accelerator.device),
+                    attention_mask=attention.to(self.accelerator.device),
+                    do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=1.0,
+                    max_new_tokens=args.max_completion_length, min_new_tokens=0,
+                    pad_token_id=tok.pad_token_id, eos_token_id=eos_ids,
+                ).cpu()
+                completion = out[:, width:]
+                comp_mask = completion_mask_after_prompt(completion, eos_ids, tok.pad_token_id)
+                for i in range(len(chunk)):
+                    parts.append({"prompt_ids": chunk[i][1], "completion_ids": completion[i][comp_mask[i].bool()].tolist()})
+            unwrapped.train(was_training)
+        texts = tok.batch_decode([p["completion_ids"] for p in parts], skip_special_tokens=True)
+        for part, row, prompt, (ptext, _), text in zip(parts, rows, prompts, encoded, texts):
+            part.update(row=row, prompt=prompt, prompt_text=ptext, completion=text)
+        return parts
+
+    # -- filter --------------------------------------------------------------------------------------------------
+    def _filter(self, cands: list[dict]):
+        """Posterior rejection: drop candidates any failure model explains, and known failures."""
+        args = self.args
+        n = len(cands)
+        rejected = torch.zeros(n, dtype=torch.bool)
+        min_ratio = torch.full((n,), float("inf"))
+        if len(self.failures) and n:
+            policy_lp, failure_lp = self.failures.score(self._collate(cands), args.scoring_batch_size,
+                                                        args.length_normalize)
+            rejected, min_ratio = rejection_mask(policy_lp.cpu(), failure_lp.cpu(), args.rejection_threshold)
+        known = torch.tensor([args.reject_known_failures and self.ledger.is_known_failure(c["prompt_text"], c["completion"])
+                              for c in cands], dtype=torch.bool)
+        reject = rejected | known
+        keep = [c for c, r in zip(cands, reject.tolist()) if not r]
+        finite = torch.isfinite(min_ratio)
+        lr_acc = min_ratio[~reject & finite].tolist()
+        lr_rej = min_ratio[reject & finite].tolist()
+        stats = {"proposed": n, "accepted": len(keep), "known": int(known.sum()), "ratio_rejected": int(rejected.sum())}
+        return keep, stats, lr_acc, lr_rej
+
+    # -- evaluate ------------------------------------------------------------------------------------------------
+    def _evaluate(self, cands: list[dict]) -> list[float | None]:
+        """Rewards through the ledger (main process), shared with every rank."""
+        payload = [None]
+        if self.accelerator.is_main_process:
+            try:
+                before = len(self.ledger.records)
+                rewards = self.ledger.evaluate(
+                    [c["prompt_text"] for c in cands], [c["completion"] for c in cands],
+                    lambda idx: self._call_oracle([cands[i] for i in idx]), self.round,
+                )
+                payload = [("ok", rewards, self.ledger.records[before:])]
+            except Exception as e:
+                payload = [("error", f"{type(e).__name__}: {e}", e)]
+        payload = broadcast_object_list(payload, from_process=0) if self.accelerator.num_processes > 1 else payload
+        status, *rest = payload[0]
+        if status == "error":
+            if self.accelerator.is_main_process and isinstance(rest[1], Exception):
+                raise rest[1]
+            raise RewardFunctionError(f"the reward oracle failed on the main process: {rest[0]}")
+        rewards, new_records = rest
+        if not self.accelerator.is_main_process:
+            for r in new_records:
+                self.ledger._add(r)
+        return rewards
+
+    def _call_oracle(self, cands: list[dict]) -> list[float | None]:
+        prompts = [c["prompt"] for c in cands]
+        if cands and is_conversational({"prompt": prompts[0]}):
+            completions = [[{"role": "assistant", "content": c["completion"]}] for c in cands]
+        else:
+            completions = [c["completion"] for c in cands]
+        columns = {}
+        for key in self.train_dataset.column_names:
+            if key != "prompt":
+                columns[key] = [self.train_dataset[c["row"]][key] for c in cands]
+        columns["completion_ids"] = [c["completion_ids"] for c in cands]
+        columns["trainer_state"] = self.state
+        return self.oracle(prompts, completions, columns)
+
+    def _sync_ledger_from_main(self):
+        if self.accelerator.num_processes > 1:
+            records = broadcast_object_list([self.ledger.records if self.accelerator.is_main_process else None])[0]
+            if not self.accelerator.is_main_process:
+                for r in records:
+                    self.ledger._add(r)
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+    def _collate(self, cands: list[dict]) -> Candidates:
+        """Left-padded prompts followed by right-padded completions, as one batch."""
+        pad = self.processing_class.pad_token_id
+        p_width = max(len(c["prompt_ids"]) for c in cands)
+        c_width = max(max(len(c["completion_ids"]) for c in cands), 1)
+        n = len(cands)
+        ids = torch.full((n, p_width + c_width), pad, dtype=torch.long)
+        att = torch.zeros_like(ids)
+        comp = torch.zeros_like(ids)
+        for i, c in enumerate(cands):
+            p, y = c["prompt_ids"], c["completion_ids"]
+            ids[i, p_width - len(p) : p_width] = torch.tensor(p)
+            att[i, p_width - len(p) : p_width + len(y)] = 1
+            if y:
+                ids[i, p_width : p_width + len(y)] = torch.tensor(y)
+                comp[i, p_width : p_width + len(y)] = 1
+        return Candidates(ids, att, comp, p_width, [c["prompt"] for c in cands], [c["prompt_text"] for c in cands],
+                          [c["completion"] for c in cands], [c["row"] for c in cands])
+
+    def _sum_over_ranks(self, value: float) -> float:
+        if self.accelerator.num_processes == 1:
+            return value
+        t = torch.tensor(float(value), device=self.accelerator.device)
+        return self.accelerator.reduce(t, reduction="sum").item()
+
+
+def _mean_over_ranks(trainer, values: list[float]) -> float:
+    total = trainer._sum_over_ranks(sum(values))
+    count = trainer._sum_over_ranks(len(values))
+    return total / count if count else float("nan")
+
+
+def _check_dataset(dataset):
+    if dataset is None:
+        raise ValueError("train_dataset is required: a datasets.Dataset with a 'prompt' column.")
+    if not isinstance(dataset, Dataset):
+        raise TypeError(f"train_dataset must be a datasets.Dataset, got {type(dataset).__name__}.")
+    if "prompt" not in dataset.column_names:
+        raise ValueError(
+            f"train_dataset has no 'prompt' column (columns: {dataset.column_names}); BaNEL needs prompts, "
+            "for unconditional generation a single row with an empty prompt.")
+    if len(dataset) == 0:
+        raise ValueError("train_dataset is empty; give at least one prompt.")
