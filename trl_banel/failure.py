@@ -111,6 +111,36 @@ class FailureModels:
             self._restore_flags(flags)
         self.names.clear()
 
+    # -- checkpointing ---------------------------------------------------------------------------------------------
+    def policy_state_dict(self) -> dict:
+        """The generator's own state dict, without the failure adapters injected into it."""
+        state = self.policy.state_dict()
+        if self.mode == "copy" or self._peft is None or self.policy_adapter is not None:
+            return state
+        return {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+
+    def state_dict(self) -> list[dict]:
+        """The failure models' own weights (adapters, or full copies), to rebuild them on resume."""
+        if self.mode == "copy":
+            return [{k: v.cpu() for k, v in m.state_dict().items()} for m in self.copies]
+        state = self.policy.state_dict()
+        return [{k: v.cpu() for k, v in state.items() if f".{name}." in k} for name in self.names]
+
+    def load_state_dict(self, states: list[dict]):
+        """Rebuild failure models saved by `state_dict` on top of the current generator."""
+        self.clear()
+        for state in states:
+            name = self.add()
+            if self.mode == "copy":
+                self.copies[-1].load_state_dict(state)
+            else:
+                saved_name = next(iter(state)).split(".lora_")[1].split(".")[1] if state else name
+                own = {k.replace(f".{saved_name}.", f".{name}."): v for k, v in state.items()}
+                missing = self.policy.load_state_dict(own, strict=False)
+                if missing.unexpected_keys:
+                    raise RuntimeError(f"failure adapter {saved_name} does not fit the generator: "
+                                       f"{missing.unexpected_keys[:3]}")
+
     # -- fitting ---------------------------------------------------------------------------------------------------
     def fit(self, negatives: Candidates, epochs: int, learning_rate: float, batch_size: int, seed: int = 0,
             grad_sync=None) -> list[float]:

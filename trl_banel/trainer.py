@@ -23,6 +23,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl.data_utils import is_conversational, maybe_apply_chat_template
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.base_trainer import _BaseTrainer
@@ -31,9 +32,13 @@ from .config import BaNELConfig
 from .failure import FailureModels
 from .ledger import LEDGER_FILENAME, RewardFunctionError, RewardLedger
 from .oracle import RewardOracle
+from .stats import SuccessEstimate
 from .posterior import Candidates, completion_mask_after_prompt, completion_nll, rejection_mask
 
 logger = logging.getLogger(__name__)
+
+
+BANEL_STATE_NAME = "banel_state.pt"
 
 
 def identity(x):
@@ -194,6 +199,7 @@ class BaNELTrainer(_BaseTrainer):
             args.failure_lora_target_modules,
         )
         self._negatives: list[dict] = []  # all negatives as sampled (for cumulative_negatives)
+        self._pending_state = None
         self._buffer: list[dict] = []
         self._finished = False
         self._idle_rounds = 0
@@ -211,6 +217,8 @@ class BaNELTrainer(_BaseTrainer):
             self._signature_columns = ["prompt"]
 
     def _prepare_inputs(self, inputs):
+        if self._pending_state is not None:
+            self._restore_pending_state()
         if not self._buffer:
             self._fill_buffer()
         return self._buffer.pop(0)
@@ -239,6 +247,61 @@ class BaNELTrainer(_BaseTrainer):
     def _save_checkpoint(self, model, trial):
         self.create_model_card(model_name=self._model_card_name())
         super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            torch.save(self._banel_state(), os.path.join(folder, BANEL_STATE_NAME))
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        # Failure adapters live inside the generator between distillations: save the generator without them.
+        if len(self.failures) and self.args.failure_model == "adapter":
+            if self.failures.policy_adapter is not None:
+                output_dir = output_dir or self.args.output_dir
+                os.makedirs(output_dir, exist_ok=True)
+                self.model.save_pretrained(output_dir, selected_adapters=[self.failures.policy_adapter])
+                self.processing_class.save_pretrained(output_dir)
+                return
+            state_dict = self.failures.policy_state_dict()
+        super()._save(output_dir, state_dict)
+
+    def _banel_state(self) -> dict:
+        """What a resumed run needs beyond the model, the optimizer and the ledger."""
+        return {
+            "round": self.round, "history": self.history, "rounds_in_phase": self._rounds_in_phase,
+            "idle_rounds": self._idle_rounds, "negatives": self._negatives, "rng": self._rng.bit_generator.state,
+            "failure_models": self.failures.state_dict(), "buffer": self._buffer, "finished": self._finished,
+        }
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No checkpoint found in output_dir={self.args.output_dir} to resume from.")
+        if resume_from_checkpoint:
+            path = os.path.join(resume_from_checkpoint, BANEL_STATE_NAME)
+            if os.path.exists(path):
+                # restored on the first step, once the Trainer has loaded the generator's weights
+                self._pending_state = torch.load(path, weights_only=False)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+
+    def _restore_pending_state(self):
+        state, self._pending_state = self._pending_state, None
+        # The ledger is the truth for what was paid; the checkpoint may predate later rounds.
+        self.round = max(state["round"], self.round)
+        if state["round"] == self.round:
+            self.history = state["history"]
+            self._rounds_in_phase = state["rounds_in_phase"]
+            self._idle_rounds = state["idle_rounds"]
+            self._rng.bit_generator.state = state["rng"]
+            self._buffer = state["buffer"]
+            self._finished = state["finished"]
+            if state["failure_models"]:
+                self.failures.load_state_dict(state["failure_models"])
+        self._negatives = state["negatives"]
+        known = {(c["prompt_text"], c["completion"]) for c in self._negatives}
+        for r in self.ledger.records:  # negatives evaluated after the checkpoint, re-tokenised from the ledger
+            if not r.success and (r.prompt, r.completion) not in known:
+                self._negatives.append(self._record_to_candidate(r))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
@@ -389,6 +452,54 @@ class BaNELTrainer(_BaseTrainer):
                 break
         return samples[:want_local]
 
+    # -- estimate ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def estimate_success_rate(self, num_samples: int, reward_funcs=None, confidence: float = 0.95,
+                              posterior: bool = True) -> SuccessEstimate:
+        r"""
+        Estimate the success rate of the current sampler with a Clopper-Pearson interval.
+
+        With `posterior=True` the sampler is BaNEL's posterior: the generator's proposals filtered by the active
+        failure models and the known failures, normalised over the accepted ones (the acceptance rate is reported
+        beside the estimate). The reward calls made here are NOT charged to the training budget and do not enter the
+        training ledger; each distinct `(prompt, completion)` is scored once and counted in `oracle_calls`.
+
+        Args:
+            num_samples (`int`): samples to score (summed over processes).
+            reward_funcs (*optional*): the oracle to score with; the trainer's by default.
+        """
+        oracle = self.oracle if reward_funcs is None else RewardOracle(reward_funcs, retries=self.args.reward_retries,
+                                                                       backoff=self.args.reward_retry_backoff)
+        world = self.accelerator.num_processes
+        want = math.ceil(num_samples / world)
+        samples, proposed = [], 0
+        while len(samples) < want:
+            batch = self._propose(min(self.args.generation_batch_size * 4, max(want - len(samples), 1)))
+            proposed += len(batch)
+            if posterior:
+                batch = self._filter(batch)[0]
+            samples.extend(batch)
+            if proposed >= 50 * want and len(samples) < want:
+                logger.warning("The posterior accepts almost nothing: estimating on %d samples.", len(samples))
+                break
+        samples = samples[:want]
+        cache: dict[tuple[str, str], float | None] = {}
+        todo = {}
+        for c in samples:
+            todo.setdefault((c["prompt_text"], c["completion"]), c)
+        keys = list(todo)
+        for start in range(0, len(keys), 4096):
+            chunk = [todo[k] for k in keys[start : start + 4096]]
+            rewards = self._call_oracle(chunk) if reward_funcs is None else oracle(
+                [c["prompt"] for c in chunk], [c["completion"] for c in chunk], {})
+            cache.update(zip(keys[start : start + 4096], rewards))
+        scored = [cache[(c["prompt_text"], c["completion"])] for c in samples]
+        successes = sum(1 for r in scored if r is not None and r > self.args.success_threshold)
+        n = sum(1 for r in scored if r is not None)
+        total = [self._sum_over_ranks(x) for x in (successes, n, len(samples), proposed, len(keys))]
+        return SuccessEstimate.from_counts(int(total[0]), int(total[1]), confidence,
+                                           acceptance_rate=total[2] / max(total[3], 1), oracle_calls=int(total[4]))
+
     # -- propose -------------------------------------------------------------------------------------------------
     def _prompt_ids(self, prompt) -> tuple[str, list[int]]:
         text = maybe_apply_chat_template({"prompt": prompt}, self.processing_class)["prompt"]
@@ -513,6 +624,17 @@ class BaNELTrainer(_BaseTrainer):
                     self.ledger._add(r)
 
     # -- helpers -------------------------------------------------------------------------------------------------
+    def _record_to_candidate(self, record) -> dict:
+        """A ledger record as a candidate (prompt re-tokenised; completion tokenised from its text)."""
+        prompt_ids = self._prompt_ids_from_text(record.prompt)
+        completion_ids = self.processing_class(text=record.completion, add_special_tokens=False)["input_ids"]
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids + [self.processing_class.eos_token_id],
+                "row": 0, "prompt": record.prompt, "prompt_text": record.prompt, "completion": record.completion}
+
+    def _prompt_ids_from_text(self, text: str) -> list[int]:
+        ids = self.processing_class(text=text, add_special_tokens=True)["input_ids"]
+        return ids or [self.processing_class.bos_token_id]
+
     def _collate(self, cands: list[dict]) -> Candidates:
         """Left-padded prompts followed by right-padded completions, as one batch."""
         pad = self.processing_class.pad_token_id

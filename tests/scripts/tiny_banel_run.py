@@ -1,0 +1,64 @@
+"""A tiny BaNEL training for subprocess tests (crash/resume, multi-process).
+
+The oracle counts every evaluation it returns in `COUNT_FILE` (one line per completion, with the process id), so a
+test can compare what was paid for across processes with what the ledger holds. `KILL_AT_CALL=N` makes the oracle
+SIGKILL its own process at the start of its N-th call: a crash in the middle of a round, after earlier evaluations
+reached the disk.
+"""
+
+import os
+import signal
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from conftest import SKEWED, SKEWED_WEIGHTS, make_char_tokenizer, make_tiny_model, pretrain_on_strings  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
+
+from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
+
+OUT = sys.argv[1]
+COUNT_FILE = os.environ["COUNT_FILE"]
+KILL_AT_CALL = int(os.environ.get("KILL_AT_CALL", "0"))
+calls = 0
+
+
+def oracle(prompts, completions, **kwargs):
+    global calls
+    calls += 1
+    if calls == KILL_AT_CALL:
+        os.kill(os.getpid(), signal.SIGKILL)
+    with open(COUNT_FILE, "a") as f:
+        for c in completions:
+            f.write(f"{os.getpid()}\t{c}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return [0.0] * len(completions)
+
+
+def main():
+    tok = make_char_tokenizer()
+    model = make_tiny_model(tok)
+    pretrain_on_strings(model, tok, SKEWED, SKEWED_WEIGHTS, steps=60, lr=1e-2)
+    args = BaNELConfig(
+        output_dir=OUT, use_cpu=True, bf16=False, report_to="none", disable_tqdm=True, seed=0,
+        max_reward_evaluations=int(os.environ.get("BUDGET", "30")), evaluations_per_round=4, num_candidates=32,
+        max_completion_length=8, distill_every=int(os.environ.get("DISTILL_EVERY", "1")), distill_samples=16,
+        distill_steps=2, per_device_train_batch_size=8, learning_rate=3e-3, failure_epochs=2,
+        failure_learning_rate=1e-2, failure_lora_r=4, failure_lora_alpha=8,
+        save_strategy="steps", save_steps=1, max_idle_rounds=3,
+        failure_model=os.environ.get("FAILURE_MODEL", "adapter"),
+    )
+    trainer = BaNELTrainer(model=model, reward_funcs=oracle, args=args, train_dataset=Dataset.from_dict({"prompt": [""]}),
+                           processing_class=tok)
+    resume = get_last_checkpoint(OUT) if os.path.isdir(OUT) else None
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(os.path.join(OUT, "final"))
+    if trainer.accelerator.is_main_process:
+        with open(os.path.join(OUT, "done.txt"), "w") as f:
+            f.write(f"{trainer.accelerator.num_processes} {trainer.ledger.spent} {trainer.round} {len(trainer.failures)}\n")
+
+
+if __name__ == "__main__":
+    main()

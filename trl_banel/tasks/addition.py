@@ -1,0 +1,277 @@
+"""The addition attack: BaNEL's adversarial-attack experiment (arXiv 2510.09596), made CPU-small.
+
+A tiny *target* transformer has learned digit addition. An *attacker* language model writes queries
+``a+b=``; the *oracle* pays 1.0 when a query is well formed and the target's greedy answer is wrong.
+The pretrained attacker samples from the target's own training distribution, where the target is
+accurate, so successes are rare (about 4e-4 in the paper): a sparse, binary reward.
+
+Text format (one token per character, vocabulary ``<pad> <bos> <eos> 0-9 + =``):
+
+- attacker: prompt ``""`` (encodes to ``[<bos>]``), completion ``"12+345="`` then ``<eos>``;
+- target: ``<bos>12+345=753<eos>``. The answer digits are written **reversed** (least significant
+  first: 12+345=357 is written ``753``), the order in which carries are computed, which makes
+  addition far easier to learn for a small model.
+
+Training operands have 1 to ``max_operand_digits`` digits (digit count uniform, then value uniform)
+and never a leading zero. Nothing was planted in the target: its blind spots (leading zeros, long
+carry chains) are whatever training left. ``recipes/pretrain_addition.py`` regenerates both models.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+
+MODELS_DIR = Path(__file__).resolve().parent / "addition_models"
+TARGET_DIR = MODELS_DIR / "target"
+ATTACKER_DIR = MODELS_DIR / "attacker"
+DEFAULT_MAX_OPERAND_DIGITS = 3
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>"]
+CHARACTERS = list("0123456789+=")
+_QUERY_RE = re.compile(r"([0-9]+)\+([0-9]+)=")  # ASCII digits only: str.isdigit accepts "²"
+LONG_CARRY_CHAIN = 3  # a run of this many consecutive carries counts as a "long carry chain"
+
+
+# ----------------------------------------------------------------------------------------- text
+def build_tokenizer():
+    """Builds the character-level tokenizer (``PreTrainedTokenizerFast``) locally, without a hub.
+
+    Encoding prepends ``<bos>`` (so ``""`` encodes to ``[bos_id]``, the attacker's prompt) and never
+    appends ``<eos>``; ``decode(ids, skip_special_tokens=True)`` gives the text back exactly.
+    Characters outside the vocabulary raise on encoding: there is no ``<unk>``.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one char each
+    backend.decoder = decoders.Fuse()  # join tokens without the spaces a WordLevel decode inserts
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+        padding_side="right", clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+def answer_text(a: int, b: int) -> str:
+    """The target's answer to ``a+b=``: the digits of the sum, least significant first."""
+    return str(a + b)[::-1]
+
+
+def sample_operands(rng: np.random.Generator, n: int, max_digits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Draws ``n`` operand pairs from the training distribution (digit count uniform, no leading zero)."""
+
+    def draw():
+        digits = rng.integers(1, max_digits + 1, size=n)
+        low = np.where(digits == 1, 0, 10 ** (digits - 1))  # one-digit operands include 0
+        return rng.integers(low, 10**digits)
+
+    return draw(), draw()
+
+
+def parse_query(query: str, max_operand_digits: int) -> Optional[tuple[str, str]]:
+    """Returns the two operand strings of a well-formed query, or None.
+
+    Well formed: ``digits+digits=``, each operand 1..max_operand_digits digits. Leading zeros are
+    allowed: they are within what the target can read, and they are one of its blind spots.
+    """
+    match = _QUERY_RE.fullmatch(query) if isinstance(query, str) else None
+    if match is None or max(len(match[1]), len(match[2])) > max_operand_digits:
+        return None
+    return match[1], match[2]
+
+
+def longest_carry_chain(a: str, b: str) -> int:
+    """Length of the longest run of consecutive column carries when adding ``a`` and ``b``."""
+    carry, run, best = 0, 0, 0
+    for i in range(max(len(a), len(b))):
+        da = int(a[-1 - i]) if i < len(a) else 0
+        db = int(b[-1 - i]) if i < len(b) else 0
+        carry = (da + db + carry) // 10
+        run = run + 1 if carry else 0
+        best = max(best, run)
+    return best
+
+
+def classify_query(query: str, max_operand_digits: int = DEFAULT_MAX_OPERAND_DIGITS) -> str:
+    """Groups a query by the kind of weakness it probes, checked in this order.
+
+    Returns ``"malformed"`` (not a well-formed query, see :func:`parse_query`), ``"leading zeros"``
+    (an operand of 2+ digits starts with 0), ``"carry chain"`` (the addition has a run of at least
+    ``LONG_CARRY_CHAIN`` = 3 consecutive carries) or ``"other"``.
+    """
+    operands = parse_query(query, max_operand_digits)
+    if operands is None:
+        return "malformed"
+    if any(len(x) > 1 and x[0] == "0" for x in operands):
+        return "leading zeros"
+    if longest_carry_chain(*operands) >= LONG_CARRY_CHAIN:
+        return "carry chain"
+    return "other"
+
+
+# --------------------------------------------------------------------------------------- oracle
+class AdditionOracle:
+    """TRL-style reward function: 1.0 for a well-formed query the target answers wrongly, else 0.0.
+
+    Args:
+        target_model: the causal LM that learned ``<bos>a+b=<reversed sum><eos>``.
+        tokenizer: the character tokenizer of :func:`build_tokenizer`.
+        max_operand_digits: longest operand accepted as well formed (defaults to the value the
+            target was trained with, stored in its config, else ``DEFAULT_MAX_OPERAND_DIGITS``).
+        batch_size: queries per forward pass.
+
+    Call it as ``oracle(prompts, completions, **kwargs) -> list[float]``; ``completions`` are query
+    strings such as ``"12+345="`` (``prompts`` is ignored). Malformed completions score 0.0.
+    """
+
+    def __init__(self, target_model, tokenizer, max_operand_digits: Optional[int] = None, batch_size: int = 1024):
+        self.model = target_model.eval()
+        self.tokenizer = tokenizer
+        self.max_operand_digits = max_operand_digits or getattr(
+            target_model.config, "addition_max_operand_digits", DEFAULT_MAX_OPERAND_DIGITS
+        )
+        self.batch_size = batch_size
+        self.__name__ = "addition_oracle"  # TRL names reward columns after the function's __name__
+
+    def __call__(self, prompts=None, completions: Sequence[str] = (), **kwargs) -> list[float]:
+        rewards = [0.0] * len(completions)
+        wellformed = []
+        for i, completion in enumerate(completions):
+            operands = parse_query(completion, self.max_operand_digits)
+            if operands is not None:
+                wellformed.append((i, completion, answer_text(int(operands[0]), int(operands[1]))))
+        for start in range(0, len(wellformed), self.batch_size):
+            chunk = wellformed[start : start + self.batch_size]
+            correct = self.answers_correctly([q for _, q, _ in chunk], [a for _, _, a in chunk])
+            for (i, _, _), ok in zip(chunk, correct):
+                rewards[i] = 0.0 if ok else 1.0
+        return rewards
+
+    @torch.inference_mode()
+    def answers_correctly(self, queries: Sequence[str], answers: Sequence[str]) -> list[bool]:
+        """Whether the target's greedy answer to each query is ``answer`` followed by ``<eos>``.
+
+        Greedy decoding emits the right answer exactly when, fed ``query + answer + <eos>`` (teacher
+        forcing), the argmax at every answer position, the ``<eos>`` one included, is the next token;
+        so one padded forward pass replaces a whole ``generate`` loop.
+        """
+        tok = self.tokenizer
+        seqs = [s + [tok.eos_token_id] for s in tok([q + a for q, a in zip(queries, answers)]).input_ids]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        check = torch.zeros_like(ids, dtype=torch.bool)  # positions whose next token is answer/eos
+        for row, (seq, q) in enumerate(zip(seqs, queries)):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+            check[row, len(seq) - 2 - len(answers[row]) : len(seq) - 1] = True
+        device = self.model.device
+        # Right padding: causal attention keeps the real tokens' logits independent of the pads.
+        logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        hits = (logits[:, :-1].argmax(-1).cpu() == ids[:, 1:]) | ~check[:, :-1]
+        return hits.all(dim=1).tolist()
+
+
+# ------------------------------------------------------------------------------ sampling, loading
+@torch.inference_mode()
+def sample_queries(model, tokenizer, n: int, batch_size: int = 4096, temperature: float = 1.0,
+                   seed: int = 0, max_new_tokens: Optional[int] = None) -> list[str]:
+    """Samples ``n`` unconditional completions (prompt ``""`` = ``[<bos>]``), decoded without specials.
+
+    A hand-written KV-cached loop: every row starts from the same one-token prompt, so no padding
+    is needed, and a seeded ``torch.Generator`` makes the draw reproducible.
+    """
+    model.eval()
+    digits = getattr(model.config, "addition_max_operand_digits", DEFAULT_MAX_OPERAND_DIGITS)
+    max_new_tokens = max_new_tokens or 2 * digits + 4  # a longest query, its eos, one spare
+    generator = torch.Generator().manual_seed(seed)
+    eos, out = tokenizer.eos_token_id, []
+    for start in range(0, n, batch_size):
+        rows = min(batch_size, n - start)
+        tokens = torch.full((rows, 1), tokenizer.bos_token_id, dtype=torch.long)
+        done = torch.zeros(rows, dtype=torch.bool)
+        past, step_input = None, tokens
+        for _ in range(max_new_tokens):
+            result = model(input_ids=step_input.to(model.device), past_key_values=past, use_cache=True)
+            past = result.past_key_values
+            probs = torch.softmax(result.logits[:, -1].float().cpu() / temperature, dim=-1)
+            step_input = torch.multinomial(probs, 1, generator=generator)
+            step_input[done] = tokenizer.pad_token_id  # finished rows emit padding
+            tokens = torch.cat([tokens, step_input], dim=1)
+            done |= step_input[:, 0] == eos
+            if done.all():
+                break
+        out.extend(tokenizer.batch_decode(tokens, skip_special_tokens=True))
+    return out
+
+
+class SuccessEstimate(NamedTuple):
+    """Attack success count out of ``n`` samples, plus how many queries left the training distribution."""
+
+    successes: int
+    n: int
+    leading_zero: int
+    malformed: int
+
+    @property
+    def rate(self) -> float:
+        return self.successes / self.n
+
+    @property
+    def off_distribution(self) -> int:
+        return self.leading_zero + self.malformed
+
+    def interval(self, confidence: float = 0.95) -> tuple[float, float]:
+        """Clopper-Pearson (exact) interval for the success rate."""
+        from scipy.stats import binomtest
+
+        ci = binomtest(self.successes, self.n).proportion_ci(confidence, method="exact")
+        return ci.low, ci.high
+
+
+def estimate_success_rate(attacker, tokenizer, oracle: AdditionOracle, n: int = 100_000,
+                          batch_size: int = 4096, temperature: float = 1.0, seed: int = 0) -> SuccessEstimate:
+    """Samples ``n`` queries from ``attacker`` and scores them with ``oracle``."""
+    queries = sample_queries(attacker, tokenizer, n, batch_size=batch_size, temperature=temperature, seed=seed)
+    rewards = oracle(None, queries)
+    kinds = [classify_query(q, oracle.max_operand_digits) for q in queries]
+    return SuccessEstimate(int(sum(rewards)), n, kinds.count("leading zeros"), kinds.count("malformed"))
+
+
+def _load_model(path: Path, device: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+
+
+def load_tokenizer(path: Path = TARGET_DIR):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_target(device: str = "cpu", path: Path = TARGET_DIR):
+    """The shipped target model (no training: it is read from the package folder)."""
+    return _load_model(path, device)
+
+
+def load_attacker(device: str = "cpu", path: Path = ATTACKER_DIR):
+    """The shipped pretrained attacker, the starting policy of an attack run."""
+    return _load_model(path, device)
+
+
+def load_addition_task(device: str = "cpu", models_dir: Path = MODELS_DIR):
+    """Returns ``(attacker_model, tokenizer, oracle)`` for the shipped addition task."""
+    models_dir = Path(models_dir)
+    tokenizer = load_tokenizer(models_dir / "attacker")
+    oracle = AdditionOracle(load_target(device, models_dir / "target"), tokenizer)
+    return load_attacker(device, models_dir / "attacker"), tokenizer, oracle
