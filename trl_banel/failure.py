@@ -34,9 +34,13 @@ class FailureModels:
     """
 
     def __init__(self, policy, mode: str = "adapter", lora_r: int = 16, lora_alpha: int = 32,
-                 target_modules="all-linear"):
+                 target_modules="all-linear", copy_policy=None, prepare_copy=None):
         self.policy = policy
         self.mode = mode
+        # how to copy the generator (a plain deepcopy unless its weights are sharded), and how to store a fitted copy
+        # (for example sharded with DeepSpeed); the trainer supplies both under ZeRO-3
+        self.copy_policy = copy_policy or copy.deepcopy
+        self.prepare_copy = prepare_copy
         self.copies: list[torch.nn.Module] = []
         self.names: list[str] = []
         self._peft: PeftModel | None = None  # the PEFT model holding the failure adapters
@@ -64,7 +68,7 @@ class FailureModels:
         self._counter += 1
         name = f"failure_{self._counter}"
         if self.mode == "copy":
-            model = copy.deepcopy(self.policy)
+            model = self.copy_policy(self.policy)
             model.eval()
             self.copies.append(model)
             self.names.append(name)
@@ -143,11 +147,15 @@ class FailureModels:
 
     # -- fitting ---------------------------------------------------------------------------------------------------
     def fit(self, negatives: Candidates, epochs: int, learning_rate: float, batch_size: int, seed: int = 0,
-            grad_sync=None) -> list[float]:
+            rank: int = 0, world_size: int = 1) -> list[float]:
         r"""
         Fit the newest failure model by maximum likelihood on `negatives` (as sampled, repeats included).
 
-        Returns the mean loss of each epoch (the first is measured before any update of that epoch).
+        Data-parallel over `world_size` processes: every process holds the same negatives and the same shuffled
+        order, takes its share of each batch, and the failure model's gradients are summed across processes, so
+        every process ends with the same failure model as a single process would.
+
+        Returns the mean loss of each epoch (each batch's loss is measured before its update).
         """
         name = self.names[-1]
         model, params, restore = self._train_view(name)
@@ -162,22 +170,34 @@ class FailureModels:
                 epoch_loss, n = 0.0, 0
                 for start in range(0, len(order), batch_size):
                     idx = order[start : start + batch_size]
-                    loss = completion_nll(
-                        model,
-                        negatives.input_ids[idx].to(device),
-                        negatives.attention_mask[idx].to(device),
-                        negatives.completion_mask[idx].to(device),
-                    )
+                    # tokens of the whole batch: each process divides its share by the global count
+                    batch_tokens = negatives.completion_mask[idx][:, 1:].sum().clamp(min=1)
+                    mine = idx[rank::world_size]
+                    weight = 1.0
+                    if len(mine) == 0:  # every process must run the same forwards (ZeRO-3 gathers in them)
+                        mine, weight = idx[:1], 0.0
+                    ids = negatives.input_ids[mine].to(device)
+                    att = negatives.attention_mask[mine].to(device)
+                    comp = negatives.completion_mask[mine].to(device)
+                    nll_sum = completion_nll(model, ids, att, comp, reduction="sum")
+                    loss = weight * nll_sum / batch_tokens.to(device)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    if grad_sync is not None:
-                        grad_sync(params)
+                    batch_loss = loss.detach()
+                    if world_size > 1:
+                        for p in params:
+                            if p.grad is None:
+                                p.grad = torch.zeros_like(p)
+                            torch.distributed.all_reduce(p.grad)
+                        torch.distributed.all_reduce(batch_loss)
                     optimizer.step()
-                    epoch_loss += loss.item() * len(idx)
+                    epoch_loss += batch_loss.item() * len(idx)
                     n += len(idx)
                 losses.append(epoch_loss / max(n, 1))
         finally:
             restore()
+        if self.mode == "copy" and self.prepare_copy is not None:
+            self.copies[-1] = self.prepare_copy(self.copies[-1])
         return losses
 
     def _train_view(self, name):

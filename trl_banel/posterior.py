@@ -86,14 +86,16 @@ def token_log_probs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tens
     return torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def completion_nll(model, input_ids, attention_mask, completion_mask) -> torch.Tensor:
-    """Mean negative log-likelihood per completion token (the MLE loss of failure fits and distillation)."""
+def completion_nll(model, input_ids, attention_mask, completion_mask, reduction: str = "mean") -> torch.Tensor:
+    """Negative log-likelihood of the completion tokens, per token (`"mean"`) or summed (`"sum"`): the MLE loss of
+    failure fits and distillation."""
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
     ).logits
     token_lp = token_log_probs(logits, input_ids)
     mask = completion_mask[:, 1:].to(token_lp.dtype)
-    return -(token_lp * mask).sum() / mask.sum().clamp(min=1)
+    total = -(token_lp * mask).sum()
+    return total if reduction == "sum" else total / mask.sum().clamp(min=1)
 
 
 def rejection_mask(policy_logp: torch.Tensor, failure_logp: torch.Tensor, rejection_threshold: float):

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl.data_utils import is_conversational, maybe_apply_chat_template
-from trl.models.utils import unwrap_model_for_generation
+from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.base_trainer import _BaseTrainer
 
 from .config import BaNELConfig
@@ -197,6 +197,8 @@ class BaNELTrainer(_BaseTrainer):
             args.failure_lora_r,
             args.failure_lora_alpha,
             args.failure_lora_target_modules,
+            copy_policy=self._gathered_copy if self._zero3() else None,
+            prepare_copy=(lambda m: prepare_deepspeed(m, self.accelerator)) if self._zero3() else None,
         )
         self._negatives: list[dict] = []  # all negatives as sampled (for cumulative_negatives)
         self._pending_state = None
@@ -389,7 +391,8 @@ class BaNELTrainer(_BaseTrainer):
             self.failures.add()
             failure_losses = self.failures.fit(
                 self._collate(fit_on), args.failure_epochs, args.failure_learning_rate, args.failure_batch_size,
-                seed=args.seed + self.round, grad_sync=None,
+                seed=args.seed + self.round, rank=self.accelerator.process_index,
+                world_size=self.accelerator.num_processes,
             )
         evaluated = sum(1 for r in rewards if r is not None)
         m = self._metrics
@@ -527,7 +530,13 @@ class BaNELTrainer(_BaseTrainer):
         encoded = [self._prompt_ids(p) for p in prompts]
         eos_ids = [tok.eos_token_id]
         parts = []
-        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
+        # Under ZeRO-3, TRL's helper gathers the full weights for generation, which needs every parameter to be
+        # DeepSpeed's; failure adapters injected after the engine was built are not, so while any is present the
+        # model generates with per-module gathering instead, the processes kept in step by `synced_gpus`.
+        zero3 = self._zero3()
+        gather = not (zero3 and len(self.failures) and self.args.failure_model == "adapter")
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                         gather_deepspeed3_params=gather) as unwrapped:
             was_training = unwrapped.training
             unwrapped.eval()
             for start in range(0, n, args.generation_batch_size):
@@ -543,7 +552,7 @@ class BaNELTrainer(_BaseTrainer):
                     attention_mask=attention.to(self.accelerator.device),
                     do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=1.0,
                     max_new_tokens=args.max_completion_length, min_new_tokens=0,
-                    pad_token_id=tok.pad_token_id, eos_token_id=eos_ids,
+                    pad_token_id=tok.pad_token_id, eos_token_id=eos_ids, synced_gpus=zero3 and not gather,
                 ).cpu()
                 completion = out[:, width:]
                 comp_mask = completion_mask_after_prompt(completion, eos_ids, tok.pad_token_id)
@@ -653,6 +662,23 @@ class BaNELTrainer(_BaseTrainer):
                 comp[i, p_width : p_width + len(y)] = 1
         return Candidates(ids, att, comp, p_width, [c["prompt"] for c in cands], [c["prompt_text"] for c in cands],
                           [c["completion"] for c in cands], [c["row"] for c in cands])
+
+    def _gathered_copy(self, policy):
+        """A full, unsharded copy of a ZeRO-3 generator (a deepcopy would copy the empty shards)."""
+        import deepspeed
+
+        if isinstance(policy, PeftModel):
+            raise ValueError("failure_model='copy' with a LoRA generator under ZeRO-3 is not supported; use "
+                             "failure_model='adapter' (the default), which needs no copy at all.")
+        with deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None):
+            state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+        model = type(policy)(policy.config)
+        model.load_state_dict(state)
+        return model.to(self.accelerator.device)
+
+    def _zero3(self) -> bool:
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return bool(self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
 
     def _sum_over_ranks(self, value: float) -> float:
         if self.accelerator.num_processes == 1:

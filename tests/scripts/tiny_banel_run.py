@@ -47,7 +47,7 @@ def main():
         max_completion_length=8, distill_every=int(os.environ.get("DISTILL_EVERY", "1")), distill_samples=16,
         distill_steps=2, per_device_train_batch_size=8, learning_rate=3e-3, failure_epochs=2,
         failure_learning_rate=1e-2, failure_lora_r=4, failure_lora_alpha=8,
-        save_strategy="steps", save_steps=1, max_idle_rounds=3,
+        save_strategy=os.environ.get("SAVE_STRATEGY", "steps"), save_steps=1, max_idle_rounds=3,
         failure_model=os.environ.get("FAILURE_MODEL", "adapter"),
     )
     trainer = BaNELTrainer(model=model, reward_funcs=oracle, args=args, train_dataset=Dataset.from_dict({"prompt": [""]}),
@@ -56,6 +56,10 @@ def main():
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(os.path.join(OUT, "final"))
     if trainer.accelerator.is_main_process:
+        import json
+
+        with open(os.path.join(OUT, "log_history.json"), "w") as f:
+            json.dump(trainer.state.log_history, f)
         with open(os.path.join(OUT, "done.txt"), "w") as f:
             f.write(f"{trainer.accelerator.num_processes} {trainer.ledger.spent} {trainer.round} {len(trainer.failures)}\n")
 

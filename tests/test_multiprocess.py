@@ -1,0 +1,49 @@
+"""BaNEL on 2 CPU processes: plain DDP (gloo), DeepSpeed ZeRO-2 and ZeRO-3, launched as a user would."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "scripts" / "tiny_banel_run.py"
+CONFIGS = ROOT / "recipes" / "accelerate_configs"
+BUDGET = 16
+PORTS = {("ddp", "adapter"): 29531, ("zero2", "adapter"): 29532, ("zero3", "adapter"): 29533, ("zero3", "copy"): 29534}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setup, failure_model", [
+    ("ddp", "adapter"), ("zero2", "adapter"), ("zero3", "adapter"), ("zero3", "copy")])
+def test_two_processes(tmp_path, setup, failure_model):
+    if setup != "ddp" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
+    out, count = tmp_path / "run", tmp_path / "oracle_calls.tsv"
+    env = {**os.environ, "COUNT_FILE": str(count), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "BUDGET": str(BUDGET), "SAVE_STRATEGY": "no", "DS_ACCELERATOR": "cpu",
+           "FAILURE_MODEL": failure_model}
+    env.pop("ACCELERATE_USE_CPU", None)  # it would silently drop DeepSpeed
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"{setup}_cpu.yaml"),
+           "--main_process_port", str(PORTS[setup, failure_model]), str(SCRIPT), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    world, spent, rounds, _ = (out / "done.txt").read_text().split()
+    assert int(world) == 2, "the two ranks ran as two separate single-process runs"
+    records = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
+    keys = [(r["prompt"], r["completion"]) for r in records]
+    assert len(keys) == len(set(keys)), "the ledger holds a duplicate"
+    paid = count.read_text().splitlines()
+    assert len(paid) == len(records) == int(spent) <= BUDGET
+    assert int(rounds) >= 2
+    losses = [h["loss"] for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+    assert losses and all(math.isfinite(float(v)) for v in losses)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert all(p.isfinite().all() for p in model.parameters())
