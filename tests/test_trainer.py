@@ -211,3 +211,15 @@ def test_columns_reach_the_reward_function(tmp_path, char_tokenizer):
                            num_rounds=1), train_dataset=ds, processing_class=char_tokenizer)
     trainer.train()
     assert seen["answer"] and all({"ab": "x", "cd": "y"}[p] == a for p, a in zip(seen["prompts"], seen["answer"]))
+
+
+def test_success_estimate_matches_the_exact_probability_and_costs_no_budget(tmp_path, char_tokenizer, skewed_model):
+    exact = math.exp(string_log_prob(skewed_model, char_tokenizer, "bird"))
+    oracle = RecordingOracle(success=lambda c: c == "bird")
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=oracle, args=config(tmp_path),
+                           train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
+    est = trainer.estimate_success_rate(3000)
+    assert est.samples == 3000 and est.acceptance_rate == 1.0
+    assert est.low <= exact <= est.high, (est, exact)
+    assert est.oracle_calls == len(set(oracle.all_completions)) < 3000  # each distinct query scored once
+    assert trainer.ledger.spent == 0 and not (tmp_path / "out" / LEDGER_FILENAME).exists()
