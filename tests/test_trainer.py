@@ -103,6 +103,8 @@ def test_partial_last_batch_stops_exactly_at_the_budget(tmp_path, char_tokenizer
     assert trainer.ledger.spent <= 11
     assert len(oracle.all_completions) == trainer.ledger.spent
     assert len(trainer.failures) >= 1, "without distillation the failure models accumulate"
+    stale = [n for n, p in trainer.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert not stale, f"failure fits left gradients behind: {stale[:3]}"
 
 
 def test_known_failures_are_never_paid_for_twice(tmp_path, char_tokenizer, skewed_model):

@@ -171,7 +171,7 @@ class FailureModels:
                 for start in range(0, len(order), batch_size):
                     idx = order[start : start + batch_size]
                     # tokens of the whole batch: each process divides its share by the global count
-                    batch_tokens = negatives.completion_mask[idx][:, 1:].sum().clamp(min=1)
+                    batch_tokens = negatives.completion_mask[idx].sum().clamp(min=1)
                     mine = idx[rank::world_size]
                     weight = 1.0
                     if len(mine) == 0:  # every process must run the same forwards (ZeRO-3 gathers in them)
@@ -195,6 +195,7 @@ class FailureModels:
                     n += len(idx)
                 losses.append(epoch_loss / max(n, 1))
         finally:
+            optimizer.zero_grad(set_to_none=True)  # no stale gradients (nor their memory) left behind
             restore()
         if self.mode == "copy" and self.prepare_copy is not None:
             self.copies[-1] = self.prepare_copy(self.copies[-1])

@@ -57,6 +57,24 @@ def completion_mask_after_prompt(completion_ids: torch.Tensor, eos_token_ids: li
     return (~after_eos).long()
 
 
+def completion_token_log_probs(model, input_ids, attention_mask, completion_mask, **forward_kwargs):
+    r"""
+    Log-probabilities of the completion tokens: `(token_log_probs, mask)`, both of shape `(N, C)`.
+
+    Completions start at the same column for every row (prompts are left-padded), so only the last `C + 1` positions'
+    logits are computed (`logits_to_keep`), in fp32: the prompt's logits over a large vocabulary are never made.
+    """
+    start = int(completion_mask.any(0).long().argmax()) if completion_mask.any() else input_ids.shape[1] - 1
+    keep = input_ids.shape[1] - start + 1
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=keep, **forward_kwargs,
+    ).logits[:, -keep:-1].float()
+    targets = input_ids[:, start:]
+    token_lp = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return token_lp, completion_mask[:, start:].to(token_lp.dtype)
+
+
 def sequence_log_probs(model, input_ids, attention_mask, completion_mask, batch_size: int, length_normalize=False,
                        **forward_kwargs) -> torch.Tensor:
     r"""
@@ -68,32 +86,19 @@ def sequence_log_probs(model, input_ids, attention_mask, completion_mask, batch_
     for start in range(0, input_ids.shape[0], batch_size):
         sl = slice(start, start + batch_size)
         kwargs = {k: (v[sl] if isinstance(v, list) else v) for k, v in forward_kwargs.items()}
-        ids, att, comp = input_ids[sl], attention_mask[sl], completion_mask[sl]
-        logits = model(input_ids=ids, attention_mask=att, position_ids=position_ids_from_mask(att), **kwargs).logits
-        token_lp = token_log_probs(logits, ids)
-        mask = comp[:, 1:].to(token_lp.dtype)
+        token_lp, mask = completion_token_log_probs(
+            model, input_ids[sl], attention_mask[sl], completion_mask[sl], **kwargs)
         total = (token_lp * mask).sum(1)
         if length_normalize:
             total = total / mask.sum(1).clamp(min=1)
-        out.append(total.float())
+        out.append(total)
     return torch.cat(out) if out else torch.zeros(0)
-
-
-def token_log_probs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for every t: shape (N, L - 1)."""
-    logits = logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    return torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def completion_nll(model, input_ids, attention_mask, completion_mask, reduction: str = "mean") -> torch.Tensor:
     """Negative log-likelihood of the completion tokens, per token (`"mean"`) or summed (`"sum"`): the MLE loss of
     failure fits and distillation."""
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
-    ).logits
-    token_lp = token_log_probs(logits, input_ids)
-    mask = completion_mask[:, 1:].to(token_lp.dtype)
+    token_lp, mask = completion_token_log_probs(model, input_ids, attention_mask, completion_mask)
     total = -(token_lp * mask).sum()
     return total if reduction == "sum" else total / mask.sum().clamp(min=1)
 
