@@ -164,6 +164,8 @@ class AdditionOracle:
         forcing), the argmax at every answer position, the ``<eos>`` one included, is the next token;
         so one padded forward pass replaces a whole ``generate`` loop.
         """
+        if not queries:
+            return []
         tok = self.tokenizer
         seqs = [s + [tok.eos_token_id] for s in tok([q + a for q, a in zip(queries, answers)]).input_ids]
         width = max(len(s) for s in seqs)
