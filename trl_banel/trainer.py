@@ -202,6 +202,7 @@ class BaNELTrainer(_BaseTrainer):
         )
         self._negatives: list[dict] = []  # all negatives as sampled (for cumulative_negatives)
         self._pending_state = None
+        self._prompt_cache: dict[int, tuple] = {}
         self._buffer: list[dict] = []
         self._finished = False
         self._idle_rounds = 0
@@ -504,6 +505,14 @@ class BaNELTrainer(_BaseTrainer):
                                            acceptance_rate=total[2] / max(total[3], 1), oracle_calls=int(total[4]))
 
     # -- propose -------------------------------------------------------------------------------------------------
+    def _encoded_prompt(self, row: int) -> tuple:
+        """`(prompt, prompt_text, prompt_ids)` of a dataset row, computed once per row."""
+        cached = self._prompt_cache.get(row)
+        if cached is None:
+            prompt = self.train_dataset[row]["prompt"]
+            cached = self._prompt_cache[row] = (prompt, *self._prompt_ids(prompt))
+        return cached
+
     def _prompt_ids(self, prompt) -> tuple[str, list[int]]:
         text = maybe_apply_chat_template({"prompt": prompt}, self.processing_class)["prompt"]
         conversational = is_conversational({"prompt": prompt})
@@ -526,8 +535,9 @@ class BaNELTrainer(_BaseTrainer):
         """Sample `n` completions from the generator for randomly drawn prompts (no oracle call)."""
         args, tok = self.args, self.processing_class
         rows = self._rng.integers(0, len(self.train_dataset), size=n).tolist()
-        prompts = [self.train_dataset[r]["prompt"] for r in rows]
-        encoded = [self._prompt_ids(p) for p in prompts]
+        cached = [self._encoded_prompt(r) for r in rows]
+        prompts = [c[0] for c in cached]
+        encoded = [(c[1], c[2]) for c in cached]
         eos_ids = [tok.eos_token_id]
         parts = []
         # Under ZeRO-3, TRL's helper gathers the full weights for generation, which needs every parameter to be
