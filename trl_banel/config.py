@@ -27,7 +27,7 @@ class BaNELConfig(_BaseConfig):
 
         max_reward_evaluations (`int`, *optional*, defaults to `7500`):
             The NRE budget: the total number of reward-oracle evaluations, a hard cap across all rounds and processes.
-        evaluations_per_round (`int`, *optional*, defaults to `64`):
+        evaluations_per_round (`int`, *optional*, defaults to `50`):
             At most this many accepted candidates are sent to the oracle per round (`m` in the paper).
         num_candidates (`int`, *optional*, defaults to `512`):
             Proposals drawn from the generator per proposal batch (summed over processes).
@@ -37,8 +37,9 @@ class BaNELConfig(_BaseConfig):
         num_rounds (`int` or `None`, *optional*, defaults to `None`):
             Stop after this many rounds. `None`: run until the budget is spent.
         max_idle_rounds (`int`, *optional*, defaults to `5`):
-            Stop when this many consecutive rounds spend no reward evaluation (every proposal rejected or already
-            evaluated), since the posterior can no longer be sampled.
+            Stop when this many consecutive rounds each spend fewer than 5% of `evaluations_per_round` new
+            evaluations (every proposal rejected or already evaluated): the sampler has converged onto known
+            completions, or the posterior can no longer be sampled.
 
         > Generation
 
@@ -72,9 +73,11 @@ class BaNELConfig(_BaseConfig):
         failure_model (`str`, *optional*, defaults to `"adapter"`):
             `"adapter"`: each failure model is a LoRA adapter on the generator's own weights (one copy of the base
             weights in memory whatever the number of failure models). `"copy"`: a full copy of the generator.
-        failure_epochs (`int`, *optional*, defaults to `4`):
-            Epochs of maximum-likelihood fitting over the negatives for each new failure model.
-        failure_learning_rate (`float`, *optional*, defaults to `1e-3`):
+        failure_epochs (`int`, *optional*, defaults to `20`):
+            Epochs of maximum-likelihood fitting over the negatives for each new failure model. Many epochs over the
+            same negatives are how BaNEL spends compute instead of oracle calls: on the addition attack 4 epochs
+            (at 1e-3) barely moved the filter, 20 (at 3e-3) found the target's blind spot within 2,000 evaluations.
+        failure_learning_rate (`float`, *optional*, defaults to `3e-3`):
             Learning rate (AdamW) of the failure-model fit.
         failure_batch_size (`int`, *optional*, defaults to `64`):
             Sequences per optimisation step of the failure-model fit.
@@ -93,7 +96,7 @@ class BaNELConfig(_BaseConfig):
         distill_every (`int`, *optional*, defaults to `1`):
             Distil the posterior into the generator every this many rounds; `0` never distils (the policy is not
             updated and the failure models accumulate).
-        distill_samples (`int`, *optional*, defaults to `256`):
+        distill_samples (`int`, *optional*, defaults to `512`):
             Posterior samples drawn (with no oracle call) for each distillation, summed over processes.
         distill_steps (`int`, *optional*, defaults to `8`):
             Optimiser steps per distillation; each uses `per_device_train_batch_size * gradient_accumulation_steps`
@@ -140,7 +143,7 @@ class BaNELConfig(_BaseConfig):
         metadata={"help": "The NRE budget: total reward evaluations, a hard cap across rounds and processes."},
     )
     evaluations_per_round: int = field(
-        default=64, metadata={"help": "At most this many accepted candidates go to the oracle per round (m)."}
+        default=50, metadata={"help": "At most this many accepted candidates go to the oracle per round (m)."}
     )
     num_candidates: int = field(
         default=512, metadata={"help": "Proposals drawn per proposal batch (summed over processes)."}
@@ -153,7 +156,8 @@ class BaNELConfig(_BaseConfig):
         default=None, metadata={"help": "Stop after this many rounds; None runs until the budget is spent."}
     )
     max_idle_rounds: int = field(
-        default=5, metadata={"help": "Stop after this many consecutive rounds that spend no reward evaluation."}
+        default=5,
+        metadata={"help": "Stop after this many consecutive rounds that each spend < 5% of evaluations_per_round."},
     )
 
     # Generation
@@ -189,9 +193,9 @@ class BaNELConfig(_BaseConfig):
             "choices": ["adapter", "copy"],
         },
     )
-    failure_epochs: int = field(default=4, metadata={"help": "Epochs of the MLE fit of each failure model."})
+    failure_epochs: int = field(default=20, metadata={"help": "Epochs of the MLE fit of each failure model."})
     failure_learning_rate: float = field(
-        default=1e-3, metadata={"help": "Learning rate (AdamW) of the failure-model fit."}
+        default=3e-3, metadata={"help": "Learning rate (AdamW) of the failure-model fit."}
     )
     failure_batch_size: int = field(
         default=64, metadata={"help": "Sequences per optimisation step of the failure-model fit."}
@@ -211,7 +215,7 @@ class BaNELConfig(_BaseConfig):
         default=1, metadata={"help": "Distil the posterior into the generator every N rounds; 0 never."}
     )
     distill_samples: int = field(
-        default=256, metadata={"help": "Posterior samples drawn per distillation (summed over processes)."}
+        default=512, metadata={"help": "Posterior samples drawn per distillation (summed over processes)."}
     )
     distill_steps: int = field(default=8, metadata={"help": "Optimiser steps per distillation."})
 

@@ -64,6 +64,10 @@ class _NREProgressCallback(TrainerCallback):
             self.bar.update(self.trainer.ledger.spent - self.bar.n)
             self.bar.set_postfix(round=self.trainer.round, successes=len(self.trainer.ledger.successes), refresh=False)
 
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs:  # as transformers' progress bar does: logs go to the console too
+            self.bar.write(str({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in logs.items()}))
+
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
             self.on_step_end(args, state, control)
@@ -331,8 +335,9 @@ class BaNELTrainer(_BaseTrainer):
             return True
         if self._idle_rounds >= args.max_idle_rounds:
             logger.warning(
-                "%d consecutive rounds spent no reward evaluation (everything rejected or already evaluated): "
-                "stopping. Raise num_candidates or rejection_threshold, or distil more often.", self._idle_rounds)
+                "%d consecutive rounds spent (almost) no new reward evaluation (everything rejected or already "
+                "evaluated): stopping. The sampler has converged or can no longer be sampled; see "
+                "trainer.ledger.successes.", self._idle_rounds)
             return True
         return False
 
@@ -381,7 +386,10 @@ class BaNELTrainer(_BaseTrainer):
         to_evaluate = accepted[:want]
         rewards = self._evaluate(to_evaluate)
         spent = self.ledger.spent - spent_before
-        self._idle_rounds = 0 if spent else self._idle_rounds + 1
+        # A round that buys almost nothing new (everything rejected, or the sampler only repeats what was already
+        # evaluated) is idle: a converged or collapsed sampler would otherwise run on for thousands of rounds.
+        idle = spent < max(1, math.ceil(0.05 * args.evaluations_per_round))
+        self._idle_rounds = self._idle_rounds + 1 if idle else 0
 
         negatives = [c for c, r in zip(to_evaluate, rewards) if r is not None and not r > args.success_threshold]
         n_success = sum(1 for r in rewards if r is not None and r > args.success_threshold)

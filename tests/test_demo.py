@@ -1,0 +1,33 @@
+"""The embedded demo, end to end, as the README's first command runs it (with --quick)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "trl_banel" / "tasks" / "addition_models"
+
+
+@pytest.mark.skipif(not (MODELS / "attacker").exists(), reason="the addition models are not shipped in this checkout")
+def test_quick_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "addition_attack.py"), "--quick", "--output_dir", str(out)],
+        capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                                                           **{k: v for k, v in __import__("os").environ.items()}},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for row in ("pretrained success rate", "BaNEL success rate", "improvement", "reward evaluations (training)",
+                "final acceptance rate"):
+        assert row in proc.stdout
+    result = json.loads((out / "result.json").read_text())
+    assert result["nre"] <= result["budget"] == 100
+    lines = (out / "evaluations.jsonl").read_text().splitlines()
+    assert len(lines) == result["nre"]
+    banel = result["banel"]
+    assert banel["low"] <= banel["rate"] <= banel["high"] and banel["samples"] == 5000
+    assert (out / "success_rate.png").stat().st_size > 1000
+    assert len(result["curve"]) >= 2 and result["curve"][0]["nre"] == 0
