@@ -225,3 +225,26 @@ def test_success_estimate_matches_the_exact_probability_and_costs_no_budget(tmp_
     assert est.low <= exact <= est.high, (est, exact)
     assert est.oracle_calls == len(set(oracle.all_completions)) < 3000  # each distinct query scored once
     assert trainer.ledger.spent == 0 and not (tmp_path / "out" / LEDGER_FILENAME).exists()
+
+
+def test_a_failing_oracle_stops_the_run_after_saving_everything(tmp_path, char_tokenizer, skewed_model):
+    from trl_banel import RewardFunctionError
+
+    calls = []
+
+    def flaky_oracle(prompts, completions, **kwargs):
+        calls.append(len(completions))
+        if len(calls) >= 3:
+            raise ConnectionError("assay machine offline")
+        return [0.0] * len(completions)
+
+    args = config(tmp_path, save_strategy="steps", save_steps=1000, reward_retries=1, reward_retry_backoff=0.01)
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=flaky_oracle, args=args, train_dataset=UNCONDITIONAL,
+                           processing_class=char_tokenizer)
+    with pytest.raises(RewardFunctionError, match="'flaky_oracle' failed 2 time"):
+        trainer.train()
+    lines = (tmp_path / "out" / LEDGER_FILENAME).read_text().splitlines()
+    assert len(lines) == sum(calls[:2]), "evaluations made before the failure were lost"
+    assert all(json.loads(line)["reward"] == 0.0 for line in lines)
+    checkpoints = list((tmp_path / "out").glob("checkpoint-*"))
+    assert checkpoints and (checkpoints[0] / "banel_state.pt").exists()

@@ -384,7 +384,15 @@ class BaNELTrainer(_BaseTrainer):
         accepted = gather_object(accepted)
         spent_before = self.ledger.spent
         to_evaluate = accepted[:want]
-        rewards = self._evaluate(to_evaluate)
+        try:
+            rewards = self._evaluate(to_evaluate)
+        except RewardFunctionError:
+            # Every evaluation made so far is already durable in the ledger; save the rest of the state too, so
+            # that the run resumes (train(resume_from_checkpoint=True)) once the oracle is fixed.
+            if self.args.save_strategy != "no":
+                logger.error("The reward oracle failed: saving a checkpoint before stopping.")
+                self._save_checkpoint(self.model, trial=None)
+            raise
         spent = self.ledger.spent - spent_before
         # A round that buys almost nothing new (everything rejected, or the sampler only repeats what was already
         # evaluated) is idle: a converged or collapsed sampler would otherwise run on for thousands of rounds.
