@@ -43,7 +43,7 @@ class DemoArguments:
 TASK_DEFAULTS = dict(
     output_dir="runs/addition_attack", use_cpu=True, bf16=False, report_to="none", save_strategy="no",
     max_reward_evaluations=7500, evaluations_per_round=50, num_candidates=512, max_completion_length=12,
-    rejection_threshold=0.97, failure_epochs=20, failure_learning_rate=3e-3, failure_batch_size=64,
+    rejection_threshold=0.97, failure_epochs=20, failure_learning_rate=3e-3, failure_batch_size=16,
     distill_every=1, distill_samples=512, distill_steps=8, per_device_train_batch_size=64, learning_rate=1e-3,
     logging_steps=10, seed=0,
 )
