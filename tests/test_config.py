@@ -39,3 +39,11 @@ def test_untested_trl_is_refused(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.0.0")
     with pytest.raises(ImportError, match="tested with trl>=1.16,<1.17 but trl 9.0.0"):
         trl_banel._check_trl()
+
+
+def test_help_renders_for_every_field():
+    """argparse %-formats help strings: a bare '%' in one breaks every script's --help."""
+    from trl import TrlParser
+
+    text = TrlParser((BaNELConfig,)).format_help()
+    assert "--rejection_threshold" in text and "--max_idle_rounds" in text

@@ -159,7 +159,7 @@ class BaNELConfig(_BaseConfig):
     )
     max_idle_rounds: int = field(
         default=5,
-        metadata={"help": "Stop after this many consecutive rounds that each spend < 5% of evaluations_per_round."},
+        metadata={"help": "Stop after this many consecutive rounds that each spend < 5%% of evaluations_per_round."},
     )
 
     # Generation
