@@ -140,10 +140,10 @@ class FailureModels:
             else:
                 saved_name = next(iter(state)).split(".lora_")[1].split(".")[1] if state else name
                 own = {k.replace(f".{saved_name}.", f".{name}."): v for k, v in state.items()}
-                missing = self.policy.load_state_dict(own, strict=False)
-                if missing.unexpected_keys:
+                result = self.policy.load_state_dict(own, strict=False)
+                if result.unexpected_keys:
                     raise RuntimeError(f"failure adapter {saved_name} does not fit the generator: "
-                                       f"{missing.unexpected_keys[:3]}")
+                                       f"{result.unexpected_keys[:3]}")
 
     # -- fitting ---------------------------------------------------------------------------------------------------
     def fit(self, negatives: Candidates, epochs: int, learning_rate: float, batch_size: int, seed: int = 0,

@@ -20,7 +20,6 @@ import torch
 from accelerate.utils import broadcast_object_list, gather_object
 from datasets import Dataset
 from peft import PeftConfig, PeftModel, get_peft_model
-from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
@@ -488,8 +487,8 @@ class BaNELTrainer(_BaseTrainer):
             num_samples (`int`): samples to score (summed over processes).
             reward_funcs (*optional*): the oracle to score with; the trainer's by default.
         """
-        oracle = self.oracle if reward_funcs is None else RewardOracle(reward_funcs, retries=self.args.reward_retries,
-                                                                       backoff=self.args.reward_retry_backoff)
+        other = None if reward_funcs is None else RewardOracle(reward_funcs, retries=self.args.reward_retries,
+                                                               backoff=self.args.reward_retry_backoff)
         world = self.accelerator.num_processes
         want = math.ceil(num_samples / world)
         samples, proposed = [], 0
@@ -510,7 +509,7 @@ class BaNELTrainer(_BaseTrainer):
         keys = list(todo)
         for start in range(0, len(keys), 4096):
             chunk = [todo[k] for k in keys[start : start + 4096]]
-            rewards = self._call_oracle(chunk) if reward_funcs is None else oracle(
+            rewards = self._call_oracle(chunk) if other is None else other(
                 [c["prompt"] for c in chunk], [c["completion"] for c in chunk], {})
             cache.update(zip(keys[start : start + 4096], rewards))
         scored = [cache[(c["prompt_text"], c["completion"])] for c in samples]
@@ -547,7 +546,7 @@ class BaNELTrainer(_BaseTrainer):
         return text, ids
 
     @torch.no_grad()
-    def _propose(self, n: int) -> Candidates:
+    def _propose(self, n: int) -> list[dict]:
         """Sample `n` completions from the generator for randomly drawn prompts (no oracle call)."""
         args, tok = self.args, self.processing_class
         rows = self._rng.integers(0, len(self.train_dataset), size=n).tolist()
@@ -661,14 +660,10 @@ class BaNELTrainer(_BaseTrainer):
     # -- helpers -------------------------------------------------------------------------------------------------
     def _record_to_candidate(self, record) -> dict:
         """A ledger record as a candidate (prompt re-tokenised; completion tokenised from its text)."""
-        prompt_ids = self._prompt_ids_from_text(record.prompt)
+        prompt_ids = self._prompt_ids(record.prompt)[1]  # the ledger holds the prompt as text, template applied
         completion_ids = self.processing_class(text=record.completion, add_special_tokens=False)["input_ids"]
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids + [self.processing_class.eos_token_id],
                 "row": 0, "prompt": record.prompt, "prompt_text": record.prompt, "completion": record.completion}
-
-    def _prompt_ids_from_text(self, text: str) -> list[int]:
-        ids = self.processing_class(text=text, add_special_tokens=True)["input_ids"]
-        return ids or [self.processing_class.bos_token_id]
 
     def _collate(self, cands: list[dict]) -> Candidates:
         """Left-padded prompts followed by right-padded completions, as one batch."""
