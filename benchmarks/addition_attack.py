@@ -84,7 +84,8 @@ SWEEP_GRID = {
     "nsr": [{"learning_rate": lr} for lr in (1e-4, 3e-4, 1e-3)],
     "grpo_rnd": [{"learning_rate": lr, "bonus_weight": w} for lr in (1e-4, 3e-4, 1e-3) for w in (0.1, 1.0)],
     "grpo_counts": [{"learning_rate": lr, "bonus_weight": w} for lr in (1e-4, 3e-4, 1e-3) for w in (0.1, 1.0)],
-    "banel": [{"rejection_threshold": t} for t in (0.9, 0.97, 0.99)],  # the same tuning effort as one baseline knob
+    # the same tuning effort as the bonus baselines: two knobs, six runs (tau and the distillation learning rate)
+    "banel": [{"rejection_threshold": t, "learning_rate": lr} for t in (0.9, 0.97, 0.99) for lr in (3e-4, 1e-3)],
 }
 QUICK = dict(seeds=[0], budget=200, eval_samples=2000, curve_every=50, curve_samples=300, sweep_budget=100,
              sweep_eval_samples=500)
@@ -353,7 +354,14 @@ def main(args: Args):
         for method in [m for m in METHODS if m in args.methods]:
             path = os.path.join(folder, f"{method}_seed{seed}.json")
             if os.path.exists(path):
-                continue
+                stale = {k: v for k, v in knobs.get(method, {}).items()
+                         if json.loads(Path(path).read_text())["settings"].get(k) != v}
+                if not stale:
+                    continue
+                # a run made before the sweep chose other settings is set aside (kept, not reported) and redone
+                os.makedirs(os.path.join(folder, "stale"), exist_ok=True)
+                os.replace(path, os.path.join(folder, "stale", os.path.basename(path)))
+                print(f"[run] {method} seed {seed}: re-running with the swept {stale}", flush=True)
             print(f"[run] {method} seed {seed}", flush=True)
             r = run_one(method, seed, args, knobs.get(method, {}), args.budget, args.eval_samples,
                         os.path.join(args.out, "work", f"{method}_seed{seed}"))

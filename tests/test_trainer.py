@@ -92,6 +92,11 @@ def test_budget_ledger_and_filter_with_an_always_failing_oracle(tmp_path, char_t
     after = skewed_model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert set(after) == set(before), "failure adapters were left inside the policy"
+    # the run's wall time is accounted for by phase, and the logs carry it
+    assert set(trainer.phase_seconds) == {"propose", "filter", "oracle", "failure_fit", "distill"}
+    assert all(v > 0 for v in trainer.phase_seconds.values())
+    logged = [h for h in trainer.state.log_history if "time/propose" in h]
+    assert logged and sum(h["time/failure_fit"] for h in logged) == pytest.approx(trainer.phase_seconds["failure_fit"])
 
 
 def test_partial_last_batch_stops_exactly_at_the_budget(tmp_path, char_tokenizer, skewed_model):

@@ -5,16 +5,21 @@ fitted by maximum likelihood on negatives. Two storage modes:
 
 - `"adapter"`: `p_k` is a LoRA adapter on the generator's own weights (one copy of the base weights whatever the
   number of failure models). For a plain generator the new adapter starts at zero (peft's default init: `B = 0`);
-  for a LoRA generator it starts as a copy of the generator's adapter. All models are scored in one mixed-adapter
-  batch (peft's `adapter_names`), without reloading weights.
+  for a LoRA generator it starts as a copy of the generator's adapter. Scoring runs one forward per model, each LoRA
+  layer using `W + s * B @ A` built on the fly (one layer at a time, freed after), so a failure model's forward costs
+  what the bare model's does; where that does not apply (ZeRO-3 sharded weights, DoRA or other LoRA variants,
+  transposed weights) all models are scored in one mixed-adapter batch (peft's `adapter_names`).
 - `"copy"`: `p_k` is a full copy of the generator, the fallback for models peft cannot wrap.
 """
 
+import contextlib
 import copy
 import logging
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel
+from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer, LoraModel
 
 from .posterior import Candidates, completion_nll, sequence_log_probs
@@ -254,6 +259,13 @@ class FailureModels:
                 policy_lp = sequence_log_probs(self.policy, ids, att, comp, batch_size, length_normalize)
                 failure_lp = [sequence_log_probs(m, ids, att, comp, batch_size, length_normalize) for m in self.copies]
                 return policy_lp, torch.stack(failure_lp) if failure_lp else policy_lp.new_zeros((0, n))
+            if self._mergeable():
+                # one forward per model over the same tokens, each at the bare model's cost
+                lps = []
+                for name in [self.policy_adapter] + self.names:
+                    with self._merged(name):
+                        lps.append(sequence_log_probs(self._peft, ids, att, comp, batch_size, length_normalize))
+                return lps[0], torch.stack(lps[1:])
             # one mixed-adapter pass: each sequence repeated once per model, each copy routed to its adapter
             base = self.policy_adapter or "__base__"
             names = [name for name in [base] + self.names for _ in range(n)]
@@ -271,3 +283,43 @@ class FailureModels:
             return lp[0], lp[1:]
         finally:
             wrapper.train(was_training)
+
+    def _lora_layers(self):
+        return [m for m in self.policy.modules() if isinstance(m, LoraLayer)]
+
+    def _mergeable(self) -> bool:
+        """Whether every LoRA layer is a plain linear LoRA whose merged weight can be built on the fly."""
+        for m in self._lora_layers():
+            base = m.get_base_layer()
+            if (not isinstance(m, LoraLinear) or m.fan_in_fan_out or any(m.lora_variant.values())
+                    or any(getattr(m, "lora_bias", {}).values()) or hasattr(base.weight, "ds_id")
+                    or not isinstance(base, torch.nn.Linear) or base.weight.dtype != torch.float32):
+                # DoRA & co, transposed or biased LoRA, ZeRO-3 sharded weights, and half-precision weights (a small
+                # B @ A added to a bf16 W would be rounded away): peft's own forward
+                return False
+        return True
+
+    @contextlib.contextmanager
+    def _merged(self, name: str | None):
+        """
+        Inside, the model computes failure model (or LoRA generator) `name`: each LoRA layer holding it runs one linear
+        with `W + scale * B @ A`, built per call and freed after (no weight is modified, no copy is kept). `None` is
+        the plain generator: adapter layers stay disabled.
+        """
+        patched = []
+        for m in self._lora_layers() if name is not None else []:
+            if name not in m.lora_A:
+                continue
+            base = m.get_base_layer()
+            lora_a, lora_b, scale = m.lora_A[name].weight, m.lora_B[name].weight, m.scaling[name]
+
+            def forward(x, *args, _base=base, _a=lora_a, _b=lora_b, _s=scale, **kwargs):
+                return F.linear(x, torch.addmm(_base.weight, _b.to(x.dtype), _a.to(x.dtype), alpha=_s), _base.bias)
+
+            m.forward = forward  # an instance attribute shadows the class's forward until deleted
+            patched.append(m)
+        try:
+            yield
+        finally:
+            for m in patched:
+                del m.forward

@@ -7,11 +7,13 @@ buffer is empty, the way TRL's online trainers generate there, so `train()`, che
 accumulation and DeepSpeed all come from `transformers.Trainer`.
 """
 
+import contextlib
 import logging
 import math
 import os
 import random
 import textwrap
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -212,6 +214,11 @@ class BaNELTrainer(_BaseTrainer):
         self._rounds_in_phase = 0
         self._rounds_run = 0
         self._metrics = defaultdict(list)
+        # wall seconds per phase of the method (propose, filter, oracle, failure_fit, distill), for the whole run;
+        # the logs carry the seconds since the previous log as `time/<phase>`
+        self.phase_seconds: dict[str, float] = defaultdict(float)
+        self._logged_seconds: dict[str, float] = {}
+        self._phase: str | None = None
         self._rng = np.random.default_rng(args.seed + self.accelerator.process_index)
         self.history: list[dict] = []  # one entry per round: nre, successes, acceptance (for plots)
 
@@ -228,6 +235,27 @@ class BaNELTrainer(_BaseTrainer):
         if not self._buffer:
             self._fill_buffer()
         return self._buffer.pop(0)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # a step = (a round when the buffer is empty, timed by phase inside) + one distillation micro-batch
+        start, before = time.perf_counter(), sum(self.phase_seconds.values())
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        inside = sum(self.phase_seconds.values()) - before
+        self.phase_seconds["distill"] += time.perf_counter() - start - inside
+        return loss
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str):
+        """Add the enclosed wall time to `phase` (time in a nested phase counts for the outer one)."""
+        if self._phase is not None:
+            yield
+            return
+        self._phase, start = phase, time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[phase] += time.perf_counter() - start
+            self._phase = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
@@ -247,6 +275,9 @@ class BaNELTrainer(_BaseTrainer):
         logs["nre/spent"] = self.ledger.spent
         logs["successes/found"] = len(self.ledger.successes)
         logs["round"] = self.round
+        for phase, total in self.phase_seconds.items():
+            logs[f"time/{phase}"] = total - self._logged_seconds.get(phase, 0.0)
+        self._logged_seconds = dict(self.phase_seconds)
         super().log(logs, start_time)
         self._metrics.clear()
 
@@ -357,7 +388,8 @@ class BaNELTrainer(_BaseTrainer):
             self._finished = True
             self._buffer = [{"skip": True} for _ in range(ga)]
             return
-        samples = self._sample_posterior(args.distill_samples)
+        with self._timed("distill"):
+            samples = self._sample_posterior(args.distill_samples)
         self.failures.clear()
         self._rounds_in_phase = 0
         n_micro = args.distill_steps * ga
@@ -384,7 +416,8 @@ class BaNELTrainer(_BaseTrainer):
         spent_before = self.ledger.spent
         to_evaluate = accepted[:want]
         try:
-            rewards = self._evaluate(to_evaluate)
+            with self._timed("oracle"):
+                rewards = self._evaluate(to_evaluate)
         except RewardFunctionError:
             # Every evaluation made so far is already durable in the ledger; save the rest of the state too, so
             # that the run resumes (train(resume_from_checkpoint=True)) once the oracle is fixed.
@@ -404,12 +437,13 @@ class BaNELTrainer(_BaseTrainer):
         fit_on = self._negatives if args.cumulative_negatives else negatives
         failure_losses = []
         if fit_on:
-            self.failures.add()
-            failure_losses = self.failures.fit(
-                self._collate(fit_on), args.failure_epochs, args.failure_learning_rate, args.failure_batch_size,
-                seed=args.seed + self.round, rank=self.accelerator.process_index,
-                world_size=self.accelerator.num_processes,
-            )
+            with self._timed("failure_fit"):
+                self.failures.add()
+                failure_losses = self.failures.fit(
+                    self._collate(fit_on), args.failure_epochs, args.failure_learning_rate, args.failure_batch_size,
+                    seed=args.seed + self.round, rank=self.accelerator.process_index,
+                    world_size=self.accelerator.num_processes,
+                )
         evaluated = sum(1 for r in rewards if r is not None)
         m = self._metrics
         m["filter/acceptance_rate"].append(stats["accepted"] / max(stats["proposed"], 1))
@@ -443,8 +477,10 @@ class BaNELTrainer(_BaseTrainer):
         totals = defaultdict(float)
         ratios_acc, ratios_rej = [], []
         for _ in range(args.max_proposal_batches):
-            cands = self._propose(per_rank)
-            keep, stats, lr_acc, lr_rej = self._filter(cands)
+            with self._timed("propose"):
+                cands = self._propose(per_rank)
+            with self._timed("filter"):
+                keep, stats, lr_acc, lr_rej = self._filter(cands)
             accepted.extend(keep)
             ratios_acc += lr_acc
             ratios_rej += lr_rej
