@@ -214,11 +214,11 @@ class BaNELTrainer(_BaseTrainer):
         self._rounds_in_phase = 0
         self._rounds_run = 0
         self._metrics = defaultdict(list)
-        # wall seconds per phase of the method (propose, filter, oracle, failure_fit, distill), for the whole run;
-        # the logs carry the seconds since the previous log as `time/<phase>`
+        # wall seconds per phase of the method for the whole run: propose and filter (in rounds and when drawing the
+        # distillation samples), oracle, failure_fit, distill (the optimisation steps); logged as `time/<phase>`
+        # (seconds since the previous log)
         self.phase_seconds: dict[str, float] = defaultdict(float)
         self._logged_seconds: dict[str, float] = {}
-        self._phase: str | None = None
         self._rng = np.random.default_rng(args.seed + self.accelerator.process_index)
         self.history: list[dict] = []  # one entry per round: nre, successes, acceptance (for plots)
 
@@ -246,16 +246,12 @@ class BaNELTrainer(_BaseTrainer):
 
     @contextlib.contextmanager
     def _timed(self, phase: str):
-        """Add the enclosed wall time to `phase` (time in a nested phase counts for the outer one)."""
-        if self._phase is not None:
-            yield
-            return
-        self._phase, start = phase, time.perf_counter()
+        """Add the enclosed wall time to `phase`."""
+        start = time.perf_counter()
         try:
             yield
         finally:
             self.phase_seconds[phase] += time.perf_counter() - start
-            self._phase = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
@@ -388,8 +384,7 @@ class BaNELTrainer(_BaseTrainer):
             self._finished = True
             self._buffer = [{"skip": True} for _ in range(ga)]
             return
-        with self._timed("distill"):
-            samples = self._sample_posterior(args.distill_samples)
+        samples = self._sample_posterior(args.distill_samples)
         self.failures.clear()
         self._rounds_in_phase = 0
         n_micro = args.distill_steps * ga
@@ -500,7 +495,10 @@ class BaNELTrainer(_BaseTrainer):
         want_local = max(1, math.ceil(n_total / world))
         samples: list[dict] = []
         for _ in range(self.args.max_proposal_batches):
-            keep, stats, _, _ = self._filter(self._propose(max(want_local, math.ceil(self.args.num_candidates / world))))
+            with self._timed("propose"):
+                cands = self._propose(max(want_local, math.ceil(self.args.num_candidates / world)))
+            with self._timed("filter"):
+                keep, stats, _, _ = self._filter(cands)
             samples.extend(keep)
             self._metrics["distill/acceptance_rate"].append(stats["accepted"] / max(stats["proposed"], 1))
             if self._sum_over_ranks(min(len(samples), want_local)) >= want_local * world:

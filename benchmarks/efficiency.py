@@ -1,0 +1,453 @@
+"""Where BaNEL's compute goes: filter throughput, memory, a round by phase, and wall time against TRL's GRPOTrainer.
+
+    python benchmarks/efficiency.py             # both models, all four measurements
+    python benchmarks/efficiency.py --quick     # a smoke test (small sizes, fewer repeats)
+
+Two models: the addition task's attacker (133k parameters, the benchmark's generator) and a randomly initialised
+Llama built from a config (~34M parameters, vocabulary 8,192), so that the figures mean something on a CPU.
+
+1. Filter throughput. The filter scores every candidate under the generator and K failure adapters and applies the
+   rejection test. Against the limit, one bare forward pass per model over the same tokens:
+   `filter_ratio = (K + 1) x bare_seconds / filter_seconds` (1.0 = at the limit). The bare pass is the plain model
+   (no adapter layers injected) called on the same padded batch with the same chunk size, positions and
+   `logits_to_keep`, under `torch.inference_mode`, and nothing else (no log-softmax). Timings are medians of
+   `repeats` interleaved repetitions. peft's mixed-adapter batch (the fallback path) is timed beside it.
+2. Memory. Each configuration runs in a fresh subprocess: peak resident memory (VmHWM, reset after the imports and
+   the candidates' sampling) of what a round holds: the generator with one AdamW step on the candidates (its own
+   training state, as in a distillation step), then alone / with K failure adapters (the newest fitted for one epoch,
+   as in a round) / with K full copies (`failure_model="copy"`), scoring the candidates under every model. Ratios
+   are against the generator alone.
+3. Round breakdown. Wall seconds per round by phase, from `BaNELTrainer.phase_seconds` over the run of part 4:
+   propose and filter (both for the round's candidates and for the distillation's posterior samples), oracle, failure
+   fit, distil (the optimisation steps); "other" is the rest of the wall time (collation, Trainer bookkeeping).
+4. Against TRL. Wall time for BaNEL (the demo's settings) and for TRL's `GRPOTrainer` (the addition benchmark's
+   settings) to spend `nre` reward evaluations on the same model, oracle and generation length; both through the
+   same ledger class, both single-process, one thread.
+
+Writes benchmarks/results/efficiency.{json,md,png}.
+"""
+
+import copy
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
+from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, set_seed  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
+from trl_banel.baselines import BudgetedReward, StopOnBudgetCallback  # noqa: E402
+from trl_banel.failure import FailureModels  # noqa: E402
+from trl_banel.ledger import LEDGER_FILENAME  # noqa: E402
+from trl_banel.posterior import (Candidates, completion_mask_after_prompt, completion_nll,  # noqa: E402
+                                 position_ids_from_mask, rejection_mask)
+from trl_banel.tasks.addition import load_addition_task  # noqa: E402
+
+PHASES = ["propose", "filter", "oracle", "failure_fit", "distill"]
+
+
+@dataclass
+class Args:
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4], metadata={"help": "Numbers of active failure models."})
+    models: list[str] = field(default_factory=lambda: ["addition", "random_llama"],
+                              metadata={"help": "Which models to measure: addition, random_llama."})
+    repeats: int = field(default=7, metadata={"help": "Interleaved repetitions of each timing (median reported)."})
+    addition_candidates: int = field(default=512, metadata={"help": "Candidates scored per filter call (addition)."})
+    llama_candidates: int = field(default=64, metadata={"help": "Candidates scored per filter call (random Llama)."})
+    llama_prompt_length: int = field(default=8, metadata={"help": "Prompt tokens of the random Llama's candidates."})
+    llama_completion_length: int = field(default=24, metadata={"help": "Completion tokens (random Llama)."})
+    nre: int = field(default=1000, metadata={"help": "Reward evaluations BaNEL and GRPO each spend (addition)."})
+    llama_nre: int = field(default=64, metadata={"help": "Reward evaluations each spends on the random Llama."})
+    threads: int = field(default=1, metadata={"help": "torch threads."})
+    out: str = field(default=str(ROOT / "benchmarks" / "results"), metadata={"help": "Results folder."})
+    quick: bool = field(default=False, metadata={"help": "Smoke test: small sizes, 2 repeats, small NRE."})
+    probe: str | None = field(default=None, metadata={"help": "Internal: one memory measurement MODEL:MODE:K."})
+
+
+QUICK = dict(repeats=2, addition_candidates=64, llama_candidates=8, llama_completion_length=8, nre=100, llama_nre=16,
+             ks=[1, 2])
+LLAMA = dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+             num_key_value_heads=8, max_position_embeddings=256)
+LLAMA_QUICK = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=2, max_position_embeddings=64)
+
+
+def load_module(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------------------------ the models
+def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Words t0 .. t{V-5}, whitespace-separated; encoding prepends <bos>."""
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
+    vocab.update({f"t{i}": i + 4 for i in range(vocab_size - 4)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def rare_word_oracle(prompts, completions, **kwargs):
+    """A sparse synthetic reward for the random Llama: success when the completion contains word t7."""
+    return [1.0 if "t7" in c.split() else 0.0 for c in completions]
+
+
+def build(name: str, args: Args):
+    """`(generator, tokenizer, oracle, dataset, prompt_length, completion_length, n_candidates)` for a model name."""
+    if name == "addition":
+        attacker, tok, oracle = load_addition_task()
+        return attacker, tok, oracle, Dataset.from_dict({"prompt": [""]}), None, 12, args.addition_candidates
+    if name == "random_llama":
+        config = LLAMA_QUICK if args.quick else LLAMA
+        tok = word_tokenizer(config["vocab_size"])
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**config, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+        g = torch.Generator().manual_seed(0)
+        prompts = [" ".join(f"t{int(i)}" for i in torch.randint(0, config["vocab_size"] - 4, (args.llama_prompt_length - 1,), generator=g))
+                   for _ in range(32)]
+        return (model, tok, rare_word_oracle, Dataset.from_dict({"prompt": prompts}), args.llama_prompt_length,
+                args.llama_completion_length, args.llama_candidates)
+    raise ValueError(f"unknown model {name!r}; choose addition or random_llama")
+
+
+@torch.no_grad()
+def sample_candidates(model, tok, dataset, n: int, completion_length: int, seed: int = 0) -> Candidates:
+    """`n` completions sampled from the model (the tokens the filter scores), left-padded prompts."""
+    torch.manual_seed(seed)
+    prompts = [dataset[i % len(dataset)]["prompt"] for i in range(n)]
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    out = model.generate(**enc, do_sample=True, max_new_tokens=completion_length, min_new_tokens=0,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    width = enc["input_ids"].shape[1]
+    comp = completion_mask_after_prompt(out[:, width:], [tok.eos_token_id], tok.pad_token_id)
+    ids = out.clone()
+    ids[:, width:][comp == 0] = tok.pad_token_id
+    attention = torch.cat([enc["attention_mask"], comp], 1)
+    completion_mask = torch.cat([torch.zeros_like(enc["attention_mask"]), comp], 1)
+    return Candidates(ids, attention, completion_mask, width, prompts, prompts, [""] * n, list(range(n)))
+
+
+# ------------------------------------------------------------------------------------------------------ 1. filter
+def bare_forward(model, cands: Candidates, batch_size: int):
+    """The limit: one plain forward over the candidates' tokens (completion logits only), nothing else."""
+    keep = cands.input_ids.shape[1] - cands.prompt_width + 1
+    with torch.inference_mode():
+        for s in range(0, len(cands), batch_size):
+            att = cands.attention_mask[s : s + batch_size]
+            model(input_ids=cands.input_ids[s : s + batch_size], attention_mask=att,
+                  position_ids=position_ids_from_mask(att), logits_to_keep=keep)
+
+
+def perturb_adapters(policy, name: str, seed: int):
+    """A nonzero LoRA delta, as after a fit (timing does not depend on the values, correctness checks do)."""
+    g = torch.Generator().manual_seed(seed)
+    for n, p in policy.named_parameters():
+        if f".{name}." in n and "lora_B" in n:
+            p.data.copy_(0.01 * torch.randn(p.shape, generator=g))
+
+
+def time_once(fn, timings: list):
+    start = time.perf_counter()
+    fn()
+    timings.append(time.perf_counter() - start)
+
+
+def measure_filter(model, cands: Candidates, ks: list[int], repeats: int, batch_size: int = 512, tau: float = 0.97):
+    bare_model = copy.deepcopy(model).eval()  # no adapter layers ever injected into this one
+    policy = copy.deepcopy(model).eval()
+    fm = FailureModels(policy)
+    rows = {}
+    for k in ks:
+        while len(fm) < k:
+            perturb_adapters(policy, fm.add(), seed=len(fm))
+
+        def fast():
+            return rejection_mask(*fm.score(cands, batch_size), tau)
+
+        def mixed():
+            fm._mergeable = lambda: False  # force peft's mixed-adapter batch
+            try:
+                return rejection_mask(*fm.score(cands, batch_size), tau)
+            finally:
+                del fm._mergeable
+
+        assert fm._mergeable(), "the benchmark should time the merged-weight path"
+        fast(), mixed(), bare_forward(bare_model, cands, batch_size)  # warm-up
+        t = {"bare": [], "filter": [], "peft_mixed": []}
+        for _ in range(repeats):
+            time_once(lambda: bare_forward(bare_model, cands, batch_size), t["bare"])
+            time_once(fast, t["filter"])
+            time_once(mixed, t["peft_mixed"])
+        med = {key: statistics.median(v) for key, v in t.items()}
+        rows[k] = {
+            "bare_seconds": med["bare"], "filter_seconds": med["filter"], "peft_mixed_seconds": med["peft_mixed"],
+            "filter_candidates_per_second": len(cands) / med["filter"],
+            "bare_candidates_per_second": len(cands) / med["bare"],
+            "filter_ratio": (k + 1) * med["bare"] / med["filter"],
+            "peft_mixed_ratio": (k + 1) * med["bare"] / med["peft_mixed"],
+        }
+        print(f"  filter K={k}: bare {med['bare'] * 1e3:.1f} ms, filter {med['filter'] * 1e3:.1f} ms "
+              f"(ratio {rows[k]['filter_ratio']:.2f}), peft mixed batch {med['peft_mixed'] * 1e3:.1f} ms "
+              f"(ratio {rows[k]['peft_mixed_ratio']:.2f})", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ 2. memory
+def _rss_kib(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def memory_probe(spec: str, args: Args) -> dict:
+    """In a fresh process: peak RSS of generator + scoring, with `mode` in policy / adapter / copy and K models."""
+    name, mode, k = spec.split(":")
+    k = int(k)
+    model, tok, _, dataset, _, length, n = build(name, args)
+    cands = sample_candidates(model, tok, dataset, n, length)
+    state = {key: v.clone() for key, v in model.state_dict().items()}
+    config = model.config
+    del model
+    import gc
+
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: count only what follows
+    base = _rss_kib("VmRSS")
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(state)
+    del state
+    # the generator's own training state (every trainer holds it): one AdamW step, as in a distillation step
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    model.train()
+    completion_nll(model, cands.input_ids[:16], cands.attention_mask[:16], cands.completion_mask[:16]).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    if mode == "policy":
+        fm = FailureModels(model)
+    else:
+        fm = FailureModels(model, mode=mode)
+        for j in range(k):
+            fm.add()
+        # the newest model is fitted, as in a round (its optimizer state lives during the fit)
+        fm.fit(cands, epochs=1, learning_rate=1e-3, batch_size=16)
+    fm.score(cands, 512)
+    return {"peak_kib": _rss_kib("VmHWM") - base}
+
+
+def measure_memory(name: str, ks: list[int], args: Args) -> dict:
+    def probe(mode, k):
+        cmd = [sys.executable, __file__, "--probe", f"{name}:{mode}:{k}", "--threads", str(args.threads)]
+        if args.quick:
+            cmd.append("--quick")
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])["peak_kib"]
+
+    policy = probe("policy", 0)
+    rows = {"policy_mib": policy / 1024}
+    for k in ks:
+        adapter, full = probe("adapter", k), probe("copy", k)
+        rows[k] = {"adapter_mib": adapter / 1024, "copy_mib": full / 1024,
+                   "memory_ratio_adapter": adapter / policy, "memory_ratio_copy": full / policy}
+        print(f"  memory K={k}: policy {policy / 1024:.1f} MiB, adapters {adapter / 1024:.1f} MiB "
+              f"(x{adapter / policy:.2f}), copies {full / 1024:.1f} MiB (x{full / policy:.2f})", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ 3 + 4. runs
+def banel_settings(name: str, args: Args, nre: int, workdir: str) -> dict:
+    demo = load_module(ROOT / "recipes" / "addition_attack.py", "_addition_demo")
+    settings = {**demo.TASK_DEFAULTS, "max_reward_evaluations": nre, "output_dir": workdir, "logging_steps": 10_000,
+                "disable_tqdm": True}
+    if name == "random_llama":  # smaller rounds: each candidate costs ~250x the addition model's
+        settings.update(evaluations_per_round=16, num_candidates=64, distill_samples=64, distill_steps=2,
+                        per_device_train_batch_size=16, max_completion_length=args.llama_completion_length,
+                        learning_rate=1e-4)
+    if args.quick:
+        settings.update(evaluations_per_round=min(settings["evaluations_per_round"], 25), failure_epochs=4)
+    return settings
+
+
+def run_banel(name: str, args: Args, nre: int, workdir: str) -> dict:
+    model, tok, oracle, dataset, _, _, _ = build(name, args)
+    settings = banel_settings(name, args, nre, workdir)
+    set_seed(0)
+    trainer = BaNELTrainer(model=model, reward_funcs=oracle, args=BaNELConfig(**settings), processing_class=tok,
+                           train_dataset=dataset)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    rounds = max(trainer.round, 1)
+    phases = {p: trainer.phase_seconds.get(p, 0.0) / rounds for p in PHASES}
+    other = seconds / rounds - sum(phases.values())
+    print(f"  BaNEL: {trainer.ledger.spent} NRE in {seconds:.1f} s, {trainer.round} rounds; per round "
+          + ", ".join(f"{p} {v:.2f} s" for p, v in phases.items()) + f", other {other:.2f} s", flush=True)
+    keep = ("evaluations_per_round", "num_candidates", "max_completion_length", "failure_epochs", "failure_batch_size",
+            "distill_samples", "distill_steps", "per_device_train_batch_size")
+    return {"seconds": seconds, "nre": trainer.ledger.spent, "rounds": trainer.round,
+            "round_breakdown": {**phases, "other": other, "total": seconds / rounds},
+            "settings": {k: settings[k] for k in keep}}
+
+
+def run_grpo(name: str, args: Args, nre: int, workdir: str) -> dict:
+    model, tok, oracle, dataset, _, length, _ = build(name, args)
+    bench = load_module(ROOT / "benchmarks" / "addition_attack.py", "_addition_bench")
+    settings = {**bench.GRPO_COMMON, "learning_rate": 3e-4, "max_completion_length": length, "seed": 0,
+                "max_steps": 10_000}
+    if name == "random_llama":
+        settings.update(per_device_train_batch_size=16, num_generations=8, learning_rate=1e-4)
+    budgeted = BudgetedReward(oracle, nre, os.path.join(workdir, LEDGER_FILENAME))
+    set_seed(0)
+    trainer = GRPOTrainer(model=model, reward_funcs=budgeted,
+                          args=GRPOConfig(output_dir=workdir, **settings), processing_class=tok,
+                          train_dataset=Dataset.from_dict({"prompt": [dataset[i % len(dataset)]["prompt"]
+                                                                      for i in range(4096)]}),
+                          callbacks=[StopOnBudgetCallback(budgeted)])
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    print(f"  GRPO: {budgeted.ledger.spent} NRE in {seconds:.1f} s, {trainer.state.global_step} steps", flush=True)
+    return {"seconds": seconds, "nre": budgeted.ledger.spent, "steps": trainer.state.global_step,
+            "settings": {k: settings[k] for k in ("per_device_train_batch_size", "num_generations",
+                                                  "max_completion_length", "num_iterations", "learning_rate")}}
+
+
+# ------------------------------------------------------------------------------------------------------ outputs
+def write_outputs(result: dict, out: str):
+    os.makedirs(out, exist_ok=True)
+    Path(out, "efficiency.json").write_text(json.dumps(result, indent=1))
+    lines = ["# Efficiency (`python benchmarks/efficiency.py`)", "",
+             f"{result['machine']['cpus']} CPU cores, {result['machine']['threads']} torch thread, "
+             f"torch {result['machine']['torch']}; {result['minutes']:.1f} min.", "",
+             "## Filter throughput: ratio = (K + 1) x bare forward / filter (1.0 = one bare forward per model)", "",
+             "| model | K | bare forward (cand/s) | filter (cand/s) | filter_ratio | peft mixed-batch ratio |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, m in result["models"].items():
+        for k, r in m["filter"].items():
+            lines.append(f"| {name} | {k} | {r['bare_candidates_per_second']:.0f} | "
+                         f"{r['filter_candidates_per_second']:.0f} | {r['filter_ratio']:.2f} | "
+                         f"{r['peft_mixed_ratio']:.2f} |")
+    lines += ["", "## Peak memory against the generator alone (scoring the candidates)", "",
+              "| model | K | generator alone (MiB) | K adapters (MiB) | memory_ratio_adapter | K copies (MiB) | "
+              "memory_ratio_copy |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, m in result["models"].items():
+        mem = m["memory"]
+        for k in [k for k in mem if k != "policy_mib"]:
+            r = mem[k]
+            lines.append(f"| {name} | {k} | {mem['policy_mib']:.1f} | {r['adapter_mib']:.1f} | "
+                         f"{r['memory_ratio_adapter']:.2f} | {r['copy_mib']:.1f} | {r['memory_ratio_copy']:.2f} |")
+    lines += ["", "## One round, wall seconds by phase (mean over the BaNEL run below)", "",
+              "| model | " + " | ".join(PHASES) + " | other | total |", "|" + " --- |" * (len(PHASES) + 3)]
+    for name, m in result["models"].items():
+        b = m["banel"]["round_breakdown"]
+        lines.append(f"| {name} | " + " | ".join(f"{b[p]:.2f}" for p in PHASES + ["other", "total"]) + " |")
+    lines += ["", "## Wall time to spend the same reward evaluations", "",
+              "| model | NRE | BaNEL (s) | GRPO (s) | banel_vs_grpo_wall_ratio |", "| --- | --- | --- | --- | --- |"]
+    for name, m in result["models"].items():
+        lines.append(f"| {name} | {m['banel']['nre']} / {m['grpo']['nre']} | {m['banel']['seconds']:.1f} | "
+                     f"{m['grpo']['seconds']:.1f} | {m['banel_vs_grpo_wall_ratio']:.2f} |")
+    Path(out, "efficiency.md").write_text("\n".join(lines) + "\n")
+    plot(result, os.path.join(out, "efficiency.png"))
+    print("\n".join(lines))
+
+
+def plot(result: dict, path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["models"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in names:
+        f = result["models"][name]["filter"]
+        ks = [int(k) for k in f]
+        axes[0].plot(ks, [f[k]["filter_ratio"] for k in f], "o-", label=f"{name}: merged LoRA (ours)")
+        axes[0].plot(ks, [f[k]["peft_mixed_ratio"] for k in f], "x--", label=f"{name}: peft mixed batch")
+    axes[0].axhline(0.8, color="gray", lw=0.8, ls=":", label="target 0.8")
+    axes[0].set(xlabel="active failure models K", ylabel="(K+1) x bare forward / filter", ylim=(0, 1.2),
+                title="Filter throughput against its limit")
+    axes[0].legend(fontsize=7)
+    bottom = [0.0] * len(names)
+    for phase in PHASES + ["other"]:
+        values = [result["models"][n]["banel"]["round_breakdown"][phase] / result["models"][n]["banel"]["round_breakdown"]["total"]
+                  for n in names]
+        axes[1].bar(names, values, bottom=bottom, label=phase)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    axes[1].set(ylabel="share of a round's wall time", title="Where a round's time goes")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args: Args) -> dict:
+    torch.set_num_threads(args.threads)
+    if args.probe:
+        print(json.dumps(memory_probe(args.probe, args)))
+        return {}
+    start = time.time()
+    result = {"machine": {"cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+                          "python": platform.python_version()},
+              "settings": {k: v for k, v in asdict(args).items() if k not in ("out", "probe")}, "models": {}}
+    workroot = os.path.join(args.out, "work", "efficiency")
+    for name in args.models:
+        print(f"[{name}]", flush=True)
+        model, tok, _, dataset, _, length, n = build(name, args)
+        cands = sample_candidates(model, tok, dataset, n, length)
+        m = {"parameters": sum(p.numel() for p in model.parameters()), "candidates": len(cands),
+             "tokens_per_candidate": cands.input_ids.shape[1]}
+        m["filter"] = measure_filter(model, cands, args.ks, args.repeats)
+        m["memory"] = measure_memory(name, args.ks, args)
+        nre = args.nre if name == "addition" else args.llama_nre
+        m["banel"] = run_banel(name, args, nre, os.path.join(workroot, f"{name}_banel"))
+        m["grpo"] = run_grpo(name, args, nre, os.path.join(workroot, f"{name}_grpo"))
+        m["banel_vs_grpo_wall_ratio"] = m["banel"]["seconds"] / m["grpo"]["seconds"]
+        result["models"][name] = m
+    models_ = result["models"]
+    result.update({
+        "filter_ratio": {n: {k: r["filter_ratio"] for k, r in m["filter"].items()} for n, m in models_.items()},
+        "memory_ratio_adapter": {n: {k: m["memory"][k]["memory_ratio_adapter"] for k in args.ks}
+                                 for n, m in models_.items()},
+        "memory_ratio_copy": {n: {k: m["memory"][k]["memory_ratio_copy"] for k in args.ks} for n, m in models_.items()},
+        "round_breakdown": {n: m["banel"]["round_breakdown"] for n, m in models_.items()},
+        "banel_vs_grpo_wall_ratio": {n: m["banel_vs_grpo_wall_ratio"] for n, m in models_.items()},
+        "minutes": (time.time() - start) / 60,
+    })
+    write_outputs(json.loads(json.dumps(result)), args.out)  # json round trip: K keys become strings, as on disk
+    return result
+
+
+def parse(argv=None) -> Args:
+    argv = sys.argv[1:] if argv is None else argv
+    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(argv)
+    if args.quick:
+        explicit = {a.lstrip("-").split("=")[0] for a in argv if a.startswith("--")}
+        for k, v in QUICK.items():
+            if k not in explicit:
+                setattr(args, k, v)
+    return args
+
+
+if __name__ == "__main__":
+    main(parse())

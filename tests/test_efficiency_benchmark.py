@@ -1,0 +1,36 @@
+"""benchmarks/efficiency.py end to end at toy sizes: every figure the issue asks for is produced and consistent."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_efficiency_benchmark_quick(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "efficiency.py"), "--quick", "--ks", "1", "--nre", "50", "--repeats", "1",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "efficiency.json").read_text())
+    for key in ("filter_ratio", "memory_ratio_adapter", "memory_ratio_copy", "round_breakdown",
+                "banel_vs_grpo_wall_ratio"):
+        assert set(result[key]) == {"addition", "random_llama"}, key
+    for name, m in result["models"].items():
+        assert 0 < result["filter_ratio"][name]["1"] < 5
+        # a full copy of the generator costs more memory than a LoRA adapter on it
+        assert m["memory"]["1"]["copy_mib"] > m["memory"]["policy_mib"] > 0
+        # both trainers spent exactly the same reward evaluations
+        assert m["banel"]["nre"] == m["grpo"]["nre"] == (50 if name == "addition" else 16)
+        b = m["banel"]["round_breakdown"]
+        assert all(b[p] > 0 for p in ("propose", "filter", "failure_fit", "distill"))
+        assert b["total"] == pytest.approx(sum(v for k, v in b.items() if k != "total"))
+    md = (tmp_path / "efficiency.md").read_text()
+    assert "filter_ratio" in md and "banel_vs_grpo_wall_ratio" in md
+    assert (tmp_path / "efficiency.png").stat().st_size > 0
