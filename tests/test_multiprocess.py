@@ -33,8 +33,9 @@ def test_two_processes(tmp_path, setup, failure_model):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
-    world, spent, rounds, _ = (out / "done.txt").read_text().split()
+    world, spent, rounds, _, estimate_n = (out / "done.txt").read_text().split()
     assert int(world) == 2, "the two ranks ran as two separate single-process runs"
+    assert int(estimate_n) == 12  # the success estimate finished on both ranks with the samples asked for
     records = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
     keys = [(r["prompt"], r["completion"]) for r in records]
     assert len(keys) == len(set(keys)), "the ledger holds a duplicate"

@@ -38,7 +38,7 @@ def test_sigkill_mid_round_then_resume(tmp_path, distill_every):
     paid = count.read_text().splitlines()
     assert len({line.split("\t")[0] for line in paid}) == 2, "both processes should have called the oracle"
     assert len(paid) == len(records) <= 30
-    world, spent, rounds, n_failure_models = (out / "done.txt").read_text().split()
+    world, spent, rounds, n_failure_models, _ = (out / "done.txt").read_text().split()
     assert int(spent) == len(records)
     if distill_every == 0:  # failure models accumulate: the resumed run rebuilt them from the checkpoint
         assert int(n_failure_models) == len({r["round"] for r in records})

@@ -526,13 +526,15 @@ class BaNELTrainer(_BaseTrainer):
         world = self.accelerator.num_processes
         want = math.ceil(num_samples / world)
         samples, proposed = [], 0
-        while len(samples) < want:
+        # the loop's exits are decided on counts summed over processes, so every process runs the same number of
+        # generate/forward calls (ZeRO-3 gathers weights inside them and would hang otherwise)
+        while self._sum_over_ranks(min(len(samples), want)) < want * world:
             batch = self._propose(min(self.args.generation_batch_size * 4, max(want - len(samples), 1)))
             proposed += len(batch)
             if posterior:
                 batch = self._filter(batch)[0]
             samples.extend(batch)
-            if proposed >= 50 * want and len(samples) < want:
+            if self._sum_over_ranks(proposed) >= 50 * want * world:
                 logger.warning("The posterior accepts almost nothing: estimating on %d samples.", len(samples))
                 break
         samples = samples[:want]

@@ -54,6 +54,10 @@ def main():
                            processing_class=tok)
     resume = get_last_checkpoint(OUT) if os.path.isdir(OUT) else None
     trainer.train(resume_from_checkpoint=resume)
+    # every rank takes part in the estimate (the generate/forward calls must line up under ZeRO-3); its oracle is
+    # a separate function: the estimate never touches the training oracle nor the ledger
+    estimate = trainer.estimate_success_rate(12, reward_funcs=lambda prompts, completions, **kw: [
+        1.0 if c == "zebra" else 0.0 for c in completions])
     trainer.save_model(os.path.join(OUT, "final"))
     if trainer.accelerator.is_main_process:
         import json
@@ -61,7 +65,8 @@ def main():
         with open(os.path.join(OUT, "log_history.json"), "w") as f:
             json.dump(trainer.state.log_history, f)
         with open(os.path.join(OUT, "done.txt"), "w") as f:
-            f.write(f"{trainer.accelerator.num_processes} {trainer.ledger.spent} {trainer.round} {len(trainer.failures)}\n")
+            f.write(f"{trainer.accelerator.num_processes} {trainer.ledger.spent} {trainer.round} {len(trainer.failures)} "
+                    f"{estimate.samples}\n")
 
 
 if __name__ == "__main__":
