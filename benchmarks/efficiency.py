@@ -6,8 +6,9 @@
 Two models: the addition task's attacker (133k parameters, the benchmark's generator) and a randomly initialised
 Llama built from a config (~34M parameters, vocabulary 8,192), so that the figures mean something on a CPU.
 
-1. Filter throughput. The filter scores every candidate under the generator and K failure adapters and applies the
-   rejection test. Against the limit, one bare forward pass per model over the same tokens:
+1. Filter throughput. The trainer's filter (`BaNELTrainer._filter`: collation, scores under the generator and K
+   failure adapters, the rejection test, the known-failure lookup) on candidates the trainer proposed. Against the
+   limit, one bare forward pass per model over the same tokens:
    `filter_ratio = (K + 1) x bare_seconds / filter_seconds` (1.0 = at the limit). The bare pass is the plain model
    (no adapter layers injected) called on the same padded batch with the same chunk size, positions and
    `logits_to_keep`, under `torch.inference_mode`, and nothing else (no log-softmax). Timings are medians of
@@ -55,7 +56,7 @@ from trl_banel.baselines import BudgetedReward, StopOnBudgetCallback  # noqa: E4
 from trl_banel.failure import FailureModels  # noqa: E402
 from trl_banel.ledger import LEDGER_FILENAME  # noqa: E402
 from trl_banel.posterior import (Candidates, completion_mask_after_prompt, completion_nll,  # noqa: E402
-                                 position_ids_from_mask, rejection_mask)
+                                 position_ids_from_mask)
 from trl_banel.tasks.addition import load_addition_task  # noqa: E402
 
 PHASES = ["propose", "filter", "oracle", "failure_fit", "distill"]
@@ -171,22 +172,29 @@ def time_once(fn, timings: list):
     timings.append(time.perf_counter() - start)
 
 
-def measure_filter(model, cands: Candidates, ks: list[int], repeats: int, batch_size: int = 512, tau: float = 0.97):
+def measure_filter(name: str, args: Args, n: int, repeats: int, workdir: str, tau: float = 0.97):
+    """The trainer's own filter (collation, scoring under every model, rejection test, known-failure lookup) on
+    candidates its own `_propose` drew, against the bare forward over the same tokens."""
+    model, tok, oracle, dataset, _, length, _ = build(name, args)
     bare_model = copy.deepcopy(model).eval()  # no adapter layers ever injected into this one
-    policy = copy.deepcopy(model).eval()
-    fm = FailureModels(policy)
+    config = BaNELConfig(output_dir=workdir, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+                         max_completion_length=length, rejection_threshold=tau, seed=0, disable_tqdm=True)
+    trainer = BaNELTrainer(model=model, reward_funcs=oracle, args=config, processing_class=tok, train_dataset=dataset)
+    cand_dicts = trainer._propose(n)
+    cands = trainer._collate(cand_dicts)
+    batch_size, fm = config.scoring_batch_size, trainer.failures
     rows = {}
-    for k in ks:
+    for k in args.ks:
         while len(fm) < k:
-            perturb_adapters(policy, fm.add(), seed=len(fm))
+            perturb_adapters(fm.policy, fm.add(), seed=len(fm))
 
         def fast():
-            return rejection_mask(*fm.score(cands, batch_size), tau)
+            return trainer._filter(cand_dicts)
 
         def mixed():
             fm._mergeable = lambda: False  # force peft's mixed-adapter batch
             try:
-                return rejection_mask(*fm.score(cands, batch_size), tau)
+                return trainer._filter(cand_dicts)
             finally:
                 del fm._mergeable
 
@@ -204,11 +212,12 @@ def measure_filter(model, cands: Candidates, ks: list[int], repeats: int, batch_
             "bare_candidates_per_second": len(cands) / med["bare"],
             "filter_ratio": (k + 1) * med["bare"] / med["filter"],
             "peft_mixed_ratio": (k + 1) * med["bare"] / med["peft_mixed"],
+            "accepted": len(fast()[0]),
         }
         print(f"  filter K={k}: bare {med['bare'] * 1e3:.1f} ms, filter {med['filter'] * 1e3:.1f} ms "
               f"(ratio {rows[k]['filter_ratio']:.2f}), peft mixed batch {med['peft_mixed'] * 1e3:.1f} ms "
-              f"(ratio {rows[k]['peft_mixed_ratio']:.2f})", flush=True)
-    return rows
+              f"(ratio {rows[k]['peft_mixed_ratio']:.2f}), {rows[k]['accepted']}/{len(cands)} accepted", flush=True)
+    return rows, cands
 
 
 # ------------------------------------------------------------------------------------------------------ 2. memory
@@ -413,11 +422,10 @@ def main(args: Args) -> dict:
     workroot = os.path.join(args.out, "work", "efficiency")
     for name in args.models:
         print(f"[{name}]", flush=True)
-        model, tok, _, dataset, _, length, n = build(name, args)
-        cands = sample_candidates(model, tok, dataset, n, length)
-        m = {"parameters": sum(p.numel() for p in model.parameters()), "candidates": len(cands),
-             "tokens_per_candidate": cands.input_ids.shape[1]}
-        m["filter"] = measure_filter(model, cands, args.ks, args.repeats)
+        n = args.addition_candidates if name == "addition" else args.llama_candidates
+        filter_rows, cands = measure_filter(name, args, n, args.repeats, os.path.join(workroot, f"{name}_filter"))
+        m = {"parameters": sum(p.numel() for p in build(name, args)[0].parameters()), "candidates": len(cands),
+             "tokens_per_candidate": cands.input_ids.shape[1], "filter": filter_rows}
         m["memory"] = measure_memory(name, args.ks, args)
         nre = args.nre if name == "addition" else args.llama_nre
         m["banel"] = run_banel(name, args, nre, os.path.join(workroot, f"{name}_banel"))
