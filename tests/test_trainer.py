@@ -253,3 +253,20 @@ def test_a_failing_oracle_stops_the_run_after_saving_everything(tmp_path, char_t
     assert all(json.loads(line)["reward"] == 0.0 for line in lines)
     checkpoints = list((tmp_path / "out").glob("checkpoint-*"))
     assert checkpoints and (checkpoints[0] / "banel_state.pt").exists()
+
+
+def test_collate_left_pads_prompts_and_right_pads_completions(tmp_path, char_tokenizer, skewed_model):
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(), args=config(tmp_path),
+                           train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
+    cands = [{"prompt_ids": [1, 5], "completion_ids": [7, 8, 2], "prompt": "a", "prompt_text": "a", "completion": "x",
+              "row": 0},
+             {"prompt_ids": [1], "completion_ids": [], "prompt": "", "prompt_text": "", "completion": "", "row": 1}]
+    batch = trainer._collate(cands)
+    pad = char_tokenizer.pad_token_id
+    assert batch.prompt_width == 2
+    assert batch.input_ids.tolist() == [[1, 5, 7, 8, 2], [pad, 1, pad, pad, pad]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [0, 1, 0, 0, 0]]
+    assert batch.completion_mask.tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 0, 0]]
+    assert batch.rows == [0, 1] and batch.completions == ["x", ""]
+    empty = trainer._collate([cands[1]])  # no completion at all: one masked column is kept
+    assert empty.input_ids.tolist() == [[1, pad]] and empty.completion_mask.tolist() == [[0, 0]]

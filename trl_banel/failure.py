@@ -50,6 +50,7 @@ class FailureModels:
         self.names: list[str] = []
         self._peft: PeftModel | None = None  # the PEFT model holding the failure adapters
         self._counter = 0
+        self._layers: list | None = None  # the LoRA layers, found once per set of adapters
         self.policy_adapter = None
         if mode == "adapter" and isinstance(policy, PeftModel):
             if not isinstance(policy.base_model, LoraModel):
@@ -71,6 +72,7 @@ class FailureModels:
     def add(self) -> str:
         """Add a failure model equal to the current generator; returns its name."""
         self._counter += 1
+        self._layers = None
         name = f"failure_{self._counter}"
         if self.mode == "copy":
             model = self.copy_policy(self.policy)
@@ -106,6 +108,7 @@ class FailureModels:
 
     def clear(self):
         """Drop every failure model (after a distillation the generator carries the rejection region itself)."""
+        self._layers = None
         if self.mode == "copy":
             self.copies.clear()
         elif self._peft is not None:
@@ -284,8 +287,10 @@ class FailureModels:
         finally:
             wrapper.train(was_training)
 
-    def _lora_layers(self):
-        return [m for m in self.policy.modules() if isinstance(m, LoraLayer)]
+    def _lora_layers(self) -> list:
+        if self._layers is None:
+            self._layers = [m for m in self.policy.modules() if isinstance(m, LoraLayer)]
+        return self._layers
 
     def _mergeable(self) -> bool:
         """Whether every LoRA layer is a plain linear LoRA whose merged weight can be built on the fly."""

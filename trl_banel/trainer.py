@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
+from torch.nn.utils.rnn import pad_sequence
 from datasets import Dataset
 from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -704,20 +705,19 @@ class BaNELTrainer(_BaseTrainer):
     def _collate(self, cands: list[dict]) -> Candidates:
         """Left-padded prompts followed by right-padded completions, as one batch."""
         pad = self.processing_class.pad_token_id
-        p_width = max(len(c["prompt_ids"]) for c in cands)
-        c_width = max(max(len(c["completion_ids"]) for c in cands), 1)
-        n = len(cands)
-        ids = torch.full((n, p_width + c_width), pad, dtype=torch.long)
-        att = torch.zeros_like(ids)
-        comp = torch.zeros_like(ids)
-        for i, c in enumerate(cands):
-            p, y = c["prompt_ids"], c["completion_ids"]
-            ids[i, p_width - len(p) : p_width] = torch.tensor(p)
-            att[i, p_width - len(p) : p_width + len(y)] = 1
-            if y:
-                ids[i, p_width : p_width + len(y)] = torch.tensor(y)
-                comp[i, p_width : p_width + len(y)] = 1
-        return Candidates(ids, att, comp, p_width, [c["prompt"] for c in cands], [c["prompt_text"] for c in cands],
+        prompts = [torch.tensor(c["prompt_ids"], dtype=torch.long) for c in cands]
+        completions = [torch.tensor(c["completion_ids"], dtype=torch.long) for c in cands]
+        p_len = torch.tensor([len(p) for p in prompts])
+        c_len = torch.tensor([len(y) for y in completions])
+        p_ids = pad_sequence(prompts, batch_first=True, padding_value=pad, padding_side="left")
+        c_ids = pad_sequence(completions, batch_first=True, padding_value=pad)
+        if c_ids.shape[1] == 0:  # every completion empty: keep one (masked) column
+            c_ids = torch.full((len(cands), 1), pad, dtype=torch.long)
+        p_mask = (torch.arange(p_ids.shape[1]) >= p_ids.shape[1] - p_len[:, None]).long()
+        c_mask = (torch.arange(c_ids.shape[1]) < c_len[:, None]).long()
+        return Candidates(torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1),
+                          torch.cat([torch.zeros_like(p_mask), c_mask], 1), p_ids.shape[1],
+                          [c["prompt"] for c in cands], [c["prompt_text"] for c in cands],
                           [c["completion"] for c in cands], [c["row"] for c in cands])
 
     def _gathered_copy(self, policy):
