@@ -34,6 +34,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -178,7 +179,7 @@ def measure_filter(name: str, args: Args, n: int, repeats: int, workdir: str, ta
     candidates its own `_propose` drew, against the bare forward over the same tokens."""
     model, tok, oracle, dataset, _, length, _ = build(name, args)
     bare_model = copy.deepcopy(model).eval()  # no adapter layers ever injected into this one
-    config = BaNELConfig(output_dir=workdir, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+    config = BaNELConfig(output_dir=fresh(workdir), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
                          max_completion_length=length, rejection_threshold=tau, seed=0, disable_tqdm=True)
     trainer = BaNELTrainer(model=model, reward_funcs=oracle, args=config, processing_class=tok, train_dataset=dataset)
     cand_dicts = trainer._propose(n)
@@ -300,7 +301,15 @@ def banel_settings(name: str, args: Args, nre: int, workdir: str) -> dict:
     return settings
 
 
+def fresh(workdir: str) -> str:
+    """An empty work folder: a ledger left by an earlier run would be resumed (and nothing re-spent)."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    os.makedirs(workdir)
+    return workdir
+
+
 def run_banel(name: str, args: Args, nre: int, workdir: str) -> dict:
+    fresh(workdir)
     model, tok, oracle, dataset, _, _, _ = build(name, args)
     settings = banel_settings(name, args, nre, workdir)
     set_seed(0)
@@ -328,7 +337,7 @@ def run_grpo(name: str, args: Args, nre: int, workdir: str) -> dict:
                 "max_steps": 10_000}
     if name == "random_llama":
         settings.update(per_device_train_batch_size=16, num_generations=8, learning_rate=1e-4)
-    budgeted = BudgetedReward(oracle, nre, os.path.join(workdir, LEDGER_FILENAME))
+    budgeted = BudgetedReward(oracle, nre, os.path.join(fresh(workdir), LEDGER_FILENAME))
     set_seed(0)
     trainer = GRPOTrainer(model=model, reward_funcs=budgeted,
                           args=GRPOConfig(output_dir=workdir, **settings), processing_class=tok,

@@ -16,6 +16,11 @@ def test_efficiency_benchmark_quick(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "efficiency.py"), "--quick", "--ks", "1", "--nre", "50", "--repeats", "1",
            "--out", str(tmp_path)]
+    # a ledger left in a work folder by an earlier run must not be resumed (it would re-spend nothing): the folders
+    # are emptied first, else these corrupt ledgers would stop the run
+    for run in ("addition_banel", "addition_grpo"):
+        (tmp_path / "work" / "efficiency" / run).mkdir(parents=True)
+        (tmp_path / "work" / "efficiency" / run / "evaluations.jsonl").write_text("not json\nnot json\n")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "efficiency.json").read_text())
@@ -28,6 +33,7 @@ def test_efficiency_benchmark_quick(tmp_path):
         assert m["memory"]["1"]["copy_mib"] > m["memory"]["policy_mib"] > 0
         # both trainers spent exactly the same reward evaluations
         assert m["banel"]["nre"] == m["grpo"]["nre"] == (50 if name == "addition" else 16)
+        assert m["banel"]["rounds"] >= (2 if name == "addition" else 1) and m["grpo"]["steps"] >= 1
         b = m["banel"]["round_breakdown"]
         assert all(b[p] > 0 for p in ("propose", "filter", "failure_fit", "distill"))
         assert b["total"] == pytest.approx(sum(v for k, v in b.items() if k != "total"))
