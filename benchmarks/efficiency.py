@@ -69,7 +69,9 @@ class Args:
     ks: list[int] = field(default_factory=lambda: [1, 2, 4], metadata={"help": "Numbers of active failure models."})
     models: list[str] = field(default_factory=lambda: ["addition", "random_llama"],
                               metadata={"help": "Which models to measure: addition, random_llama."})
-    repeats: int = field(default=7, metadata={"help": "Interleaved repetitions of each timing (median reported)."})
+    repeats: int = field(default=7, metadata={"help": "Minimum interleaved repetitions of each filter timing."})
+    min_seconds: float = field(default=20.0, metadata={
+        "help": "Keep repeating a filter timing (up to 200 times) until this many seconds have passed."})
     addition_candidates: int = field(default=512, metadata={"help": "Candidates scored per filter call (addition)."})
     llama_candidates: int = field(default=64, metadata={"help": "Candidates scored per filter call (random Llama)."})
     llama_prompt_length: int = field(default=8, metadata={"help": "Prompt tokens of the random Llama's candidates."})
@@ -82,7 +84,7 @@ class Args:
     probe: str | None = field(default=None, metadata={"help": "Internal: one memory measurement MODEL:MODE:K."})
 
 
-QUICK = dict(repeats=2, addition_candidates=64, llama_candidates=8, llama_completion_length=8, nre=100, llama_nre=16,
+QUICK = dict(repeats=2, min_seconds=0.0, addition_candidates=64, llama_candidates=8, llama_completion_length=8, nre=100, llama_nre=16,
              ks=[1, 2])
 LLAMA = dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=8, max_position_embeddings=256)
@@ -203,7 +205,10 @@ def measure_filter(name: str, args: Args, n: int, repeats: int, workdir: str, ta
         assert fm._mergeable(), "the benchmark should time the merged-weight path"
         fast(), mixed(), bare_forward(bare_model, cands, batch_size)  # warm-up
         t = {"bare": [], "filter": [], "peft_mixed": []}
-        for _ in range(repeats):
+        start = time.perf_counter()
+        # at least `repeats` rounds, and more while they are cheap (small models: a shared machine's load comes in
+        # bursts, and the fastest of many short timings is the one it did not interrupt)
+        while len(t["bare"]) < repeats or (time.perf_counter() - start < args.min_seconds and len(t["bare"]) < 200):
             time_once(lambda: bare_forward(bare_model, cands, batch_size), t["bare"])
             time_once(fast, t["filter"])
             time_once(mixed, t["peft_mixed"])
@@ -216,7 +221,7 @@ def measure_filter(name: str, args: Args, n: int, repeats: int, workdir: str, ta
             "filter_ratio": (k + 1) * med["bare"] / med["filter"],
             "peft_mixed_ratio": (k + 1) * med["bare"] / med["peft_mixed"],
             "filter_ratio_of_medians": (k + 1) * statistics.median(t["bare"]) / statistics.median(t["filter"]),
-            "accepted": len(fast()[0]),
+            "accepted": len(fast()[0]), "repetitions": len(t["bare"]),
         }
         print(f"  filter K={k}: bare {med['bare'] * 1e3:.1f} ms, filter {med['filter'] * 1e3:.1f} ms "
               f"(ratio {rows[k]['filter_ratio']:.2f}), peft mixed batch {med['peft_mixed'] * 1e3:.1f} ms "
