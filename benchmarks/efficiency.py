@@ -14,11 +14,12 @@ Llama built from a config (~34M parameters, vocabulary 8,192), so that the figur
    `logits_to_keep`, under `torch.inference_mode`, and nothing else (no log-softmax). Timings are the fastest of
    `repeats` interleaved repetitions (timeit's rule on a shared machine; the ratio of medians is kept beside it).
    peft's mixed-adapter batch (the fallback path) is timed beside it.
-2. Memory. Each configuration runs in a fresh subprocess: peak resident memory (VmHWM, reset after the imports and
-   the candidates' sampling) of what a round holds: the generator with one AdamW step on the candidates (its own
-   training state, as in a distillation step), then alone / with K failure adapters (the newest fitted for one epoch,
-   as in a round) / with K full copies (`failure_model="copy"`), scoring the candidates under every model. Ratios
-   are against the generator alone.
+2. Memory. Each configuration runs in a fresh subprocess (glibc's mmap threshold fixed, so freed blocks leave the
+   resident set): peak resident memory (VmHWM, reset after the imports and loading the candidates) of what a round
+   holds: the generator with two AdamW steps on the candidates (its own training, as in distillation: the optimizer
+   state, then a steady-state step), then alone / with K failure adapters (the newest fitted for one epoch, as in a
+   round) / with K full copies (`failure_model="copy"`), scoring the candidates under every model. Ratios are
+   against the generator alone.
 3. Round breakdown. Wall seconds per round by phase, from `BaNELTrainer.phase_seconds` over the run of part 4:
    propose and filter (both for the round's candidates and for the distillation's posterior samples), oracle, failure
    fit, distil (the optimisation steps); "other" is the rest of the wall time (collation, Trainer bookkeeping).
@@ -57,8 +58,7 @@ from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
 from trl_banel.baselines import BudgetedReward, StopOnBudgetCallback  # noqa: E402
 from trl_banel.failure import FailureModels  # noqa: E402
 from trl_banel.ledger import LEDGER_FILENAME  # noqa: E402
-from trl_banel.posterior import (Candidates, completion_mask_after_prompt, completion_nll,  # noqa: E402
-                                 position_ids_from_mask)
+from trl_banel.posterior import Candidates, completion_nll, position_ids_from_mask  # noqa: E402
 from trl_banel.tasks.addition import load_addition_task  # noqa: E402
 
 PHASES = ["propose", "filter", "oracle", "failure_fit", "distill"]
@@ -132,23 +132,6 @@ def build(name: str, args: Args):
         return (model, tok, rare_word_oracle, Dataset.from_dict({"prompt": prompts}), args.llama_prompt_length,
                 args.llama_completion_length, args.llama_candidates)
     raise ValueError(f"unknown model {name!r}; choose addition or random_llama")
-
-
-@torch.no_grad()
-def sample_candidates(model, tok, dataset, n: int, completion_length: int, seed: int = 0) -> Candidates:
-    """`n` completions sampled from the model (the tokens the filter scores), left-padded prompts."""
-    torch.manual_seed(seed)
-    prompts = [dataset[i % len(dataset)]["prompt"] for i in range(n)]
-    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
-    out = model.generate(**enc, do_sample=True, max_new_tokens=completion_length, min_new_tokens=0,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    width = enc["input_ids"].shape[1]
-    comp = completion_mask_after_prompt(out[:, width:], [tok.eos_token_id], tok.pad_token_id)
-    ids = out.clone()
-    ids[:, width:][comp == 0] = tok.pad_token_id
-    attention = torch.cat([enc["attention_mask"], comp], 1)
-    completion_mask = torch.cat([torch.zeros_like(enc["attention_mask"]), comp], 1)
-    return Candidates(ids, attention, completion_mask, width, prompts, prompts, [""] * n, list(range(n)))
 
 
 # ------------------------------------------------------------------------------------------------------ 1. filter
@@ -238,28 +221,23 @@ def _rss_kib(field_name: str) -> int:
 
 
 def memory_probe(spec: str, args: Args) -> dict:
-    """In a fresh process: peak RSS of generator + scoring, with `mode` in policy / adapter / copy and K models."""
-    name, mode, k = spec.split(":")
+    """In a fresh process: peak RSS of what a round holds, with `mode` in policy / adapter / copy and K models."""
+    name, mode, k, cands_path = spec.split(":", 3)
     k = int(k)
-    model, tok, _, dataset, _, length, n = build(name, args)
-    cands = sample_candidates(model, tok, dataset, n, length)
-    state = {key: v.clone() for key, v in model.state_dict().items()}
-    config = model.config
-    del model
-    import gc
-
-    gc.collect()
+    c = torch.load(cands_path)
+    cands = Candidates(c["input_ids"], c["attention_mask"], c["completion_mask"], c["prompt_width"], [], [], [], [])
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: count only what follows
     base = _rss_kib("VmRSS")
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(state)
-    del state
-    # the generator's own training state (every trainer holds it): one AdamW step, as in a distillation step
+    model = build(name, args)[0]
+    # the generator's own training (every trainer holds it): two AdamW steps as in distillation (the first creates
+    # the optimizer state, the second is the steady state: activations and gradients on top of it)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     model.train()
-    completion_nll(model, cands.input_ids[:16], cands.attention_mask[:16], cands.completion_mask[:16]).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    for start in (0, 16):
+        batch = slice(start, start + 16)
+        completion_nll(model, cands.input_ids[batch], cands.attention_mask[batch], cands.completion_mask[batch]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     model.eval()
     if mode == "policy":
         fm = FailureModels(model)
@@ -273,12 +251,19 @@ def memory_probe(spec: str, args: Args) -> dict:
     return {"peak_kib": _rss_kib("VmHWM") - base}
 
 
-def measure_memory(name: str, ks: list[int], args: Args) -> dict:
+def measure_memory(name: str, ks: list[int], args: Args, cands: Candidates, workdir: str) -> dict:
+    path = os.path.join(fresh(workdir), "candidates.pt")
+    torch.save({"input_ids": cands.input_ids, "attention_mask": cands.attention_mask,
+                "completion_mask": cands.completion_mask, "prompt_width": cands.prompt_width}, path)
+    # glibc would keep freed blocks in its heap (RSS then counts memory no longer in use, and a later allocation
+    # reuses it unseen): a fixed mmap threshold returns every large block to the system when freed
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+
     def probe(mode, k):
-        cmd = [sys.executable, __file__, "--probe", f"{name}:{mode}:{k}", "--threads", str(args.threads)]
+        cmd = [sys.executable, __file__, "--probe", f"{name}:{mode}:{k}:{path}", "--threads", str(args.threads)]
         if args.quick:
             cmd.append("--quick")
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
         return json.loads(out.strip().splitlines()[-1])["peak_kib"]
 
     policy = probe("policy", 0)
@@ -443,7 +428,7 @@ def main(args: Args) -> dict:
         filter_rows, cands = measure_filter(name, args, n, args.repeats, os.path.join(workroot, f"{name}_filter"))
         m = {"parameters": sum(p.numel() for p in build(name, args)[0].parameters()), "candidates": len(cands),
              "tokens_per_candidate": cands.input_ids.shape[1], "filter": filter_rows}
-        m["memory"] = measure_memory(name, args.ks, args)
+        m["memory"] = measure_memory(name, args.ks, args, cands, os.path.join(workroot, f"{name}_memory"))
         nre = args.nre if name == "addition" else args.llama_nre
         m["banel"] = run_banel(name, args, nre, os.path.join(workroot, f"{name}_banel"))
         m["grpo"] = run_grpo(name, args, nre, os.path.join(workroot, f"{name}_grpo"))
