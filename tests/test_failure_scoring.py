@@ -33,6 +33,17 @@ def failure_models(policy, k, perturb=True):
     return fm
 
 
+def generator(tokenizer, lora: bool, seed: int):
+    """A tiny generator, plain or with its own (nonzero) LoRA adapter on q_proj and v_proj."""
+    policy = make_tiny_model(tokenizer, seed=seed)
+    if lora:
+        policy = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)
+    return policy
+
+
 def peft_reference(fm, cands):
     """The same scores through peft's own mixed-adapter forward."""
     fm._mergeable = lambda: False
@@ -44,12 +55,7 @@ def peft_reference(fm, cands):
 
 @pytest.mark.parametrize("lora_policy", [False, True])
 def test_merged_scoring_equals_peft_forward(char_tokenizer, lora_policy):
-    policy = make_tiny_model(char_tokenizer, seed=1)
-    if lora_policy:
-        policy = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-        for n, p in policy.named_parameters():
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.1)
+    policy = generator(char_tokenizer, lora_policy, seed=1)
     fm = failure_models(policy, k=3)
     cands = candidates(char_tokenizer)
     assert fm._mergeable()
@@ -70,12 +76,7 @@ def test_merged_scoring_equals_peft_forward(char_tokenizer, lora_policy):
 
 @pytest.mark.parametrize("lora_policy", [False, True])
 def test_a_new_failure_model_starts_at_log_ratio_exactly_zero(char_tokenizer, lora_policy):
-    policy = make_tiny_model(char_tokenizer, seed=2)
-    if lora_policy:
-        policy = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-        for n, p in policy.named_parameters():
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.1)
+    policy = generator(char_tokenizer, lora_policy, seed=2)
     fm = failure_models(policy, k=2, perturb=False)
     policy_lp, failure_lp = fm.score(candidates(char_tokenizer), batch_size=8)
     assert torch.equal(failure_lp[0], policy_lp) and torch.equal(failure_lp[1], policy_lp)
