@@ -234,7 +234,7 @@ def memory_probe(spec: str, args: Args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     model.train()
     for start in (0, 16):
-        batch = slice(start, start + 16)
+        batch = torch.arange(start, start + 16) % len(cands)  # (wraps around when there are fewer candidates)
         completion_nll(model, cands.input_ids[batch], cands.attention_mask[batch], cands.completion_mask[batch]).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
