@@ -209,7 +209,7 @@ def measure_filter(name: str, args: Args, n: int, repeats: int, workdir: str, ta
         print(f"  filter K={k}: bare {med['bare'] * 1e3:.1f} ms, filter {med['filter'] * 1e3:.1f} ms "
               f"(ratio {rows[k]['filter_ratio']:.2f}), peft mixed batch {med['peft_mixed'] * 1e3:.1f} ms "
               f"(ratio {rows[k]['peft_mixed_ratio']:.2f}), {rows[k]['accepted']}/{len(cands)} accepted", flush=True)
-    return rows, cands
+    return rows, cands, sum(p.numel() for p in bare_model.parameters())
 
 
 # ------------------------------------------------------------------------------------------------------ 2. memory
@@ -279,8 +279,8 @@ def measure_memory(name: str, ks: list[int], args: Args, cands: Candidates, work
 
 # ------------------------------------------------------------------------------------------------------ 3 + 4. runs
 def banel_settings(name: str, args: Args, nre: int, workdir: str) -> dict:
-    demo = load_module(ROOT / "recipes" / "addition_attack.py", "_addition_demo")
-    settings = {**demo.TASK_DEFAULTS, "max_reward_evaluations": nre, "output_dir": workdir, "logging_steps": 10_000,
+    bench = load_module(ROOT / "benchmarks" / "addition_attack.py", "_addition_bench")
+    settings = {**bench.banel_defaults(), "max_reward_evaluations": nre, "output_dir": workdir, "logging_steps": 10_000,
                 "disable_tqdm": True}
     if name == "random_llama":  # smaller rounds: each candidate costs ~250x the addition model's
         settings.update(evaluations_per_round=16, num_candidates=64, distill_samples=64, distill_steps=2,
@@ -425,8 +425,9 @@ def main(args: Args) -> dict:
     for name in args.models:
         print(f"[{name}]", flush=True)
         n = args.addition_candidates if name == "addition" else args.llama_candidates
-        filter_rows, cands = measure_filter(name, args, n, args.repeats, os.path.join(workroot, f"{name}_filter"))
-        m = {"parameters": sum(p.numel() for p in build(name, args)[0].parameters()), "candidates": len(cands),
+        filter_rows, cands, parameters = measure_filter(name, args, n, args.repeats,
+                                                        os.path.join(workroot, f"{name}_filter"))
+        m = {"parameters": parameters, "candidates": len(cands),
              "tokens_per_candidate": cands.input_ids.shape[1], "filter": filter_rows}
         m["memory"] = measure_memory(name, args.ks, args, cands, os.path.join(workroot, f"{name}_memory"))
         nre = args.nre if name == "addition" else args.llama_nre

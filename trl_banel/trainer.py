@@ -473,10 +473,7 @@ class BaNELTrainer(_BaseTrainer):
         totals = defaultdict(float)
         ratios_acc, ratios_rej = [], []
         for _ in range(args.max_proposal_batches):
-            with self._timed("propose"):
-                cands = self._propose(per_rank)
-            with self._timed("filter"):
-                keep, stats, lr_acc, lr_rej = self._filter(cands)
+            keep, stats, lr_acc, lr_rej = self._propose_filtered(per_rank)
             accepted.extend(keep)
             ratios_acc += lr_acc
             ratios_rej += lr_rej
@@ -490,16 +487,20 @@ class BaNELTrainer(_BaseTrainer):
         stats["log_ratio_rejected"] = _mean_over_ranks(self, ratios_rej)
         return accepted, stats
 
+    def _propose_filtered(self, n: int):
+        """Propose `n` candidates and filter them (each step timed): `_filter`'s result."""
+        with self._timed("propose"):
+            cands = self._propose(n)
+        with self._timed("filter"):
+            return self._filter(cands)
+
     def _sample_posterior(self, n_total: int) -> list[dict]:
         """Posterior samples on this rank (no oracle call): proposals that survive the filter."""
         world = self.accelerator.num_processes
         want_local = max(1, math.ceil(n_total / world))
         samples: list[dict] = []
         for _ in range(self.args.max_proposal_batches):
-            with self._timed("propose"):
-                cands = self._propose(max(want_local, math.ceil(self.args.num_candidates / world)))
-            with self._timed("filter"):
-                keep, stats, _, _ = self._filter(cands)
+            keep, stats, _, _ = self._propose_filtered(max(want_local, math.ceil(self.args.num_candidates / world)))
             samples.extend(keep)
             self._metrics["distill/acceptance_rate"].append(stats["accepted"] / max(stats["proposed"], 1))
             if self._sum_over_ranks(min(len(samples), want_local)) >= want_local * world:
