@@ -246,7 +246,7 @@ def memory_probe(spec: str, args: Args) -> dict:
         for j in range(k):
             fm.add()
         # the newest model is fitted, as in a round (its optimizer state lives during the fit)
-        fm.fit(cands, epochs=1, learning_rate=1e-3, batch_size=16)
+        fm.fit(cands, max_epochs=1, learning_rate=1e-3, batch_size=16)
     fm.score(cands, 512)
     return {"peak_kib": _rss_kib("VmHWM") - base}
 
@@ -311,12 +311,17 @@ def run_banel(name: str, args: Args, nre: int, workdir: str) -> dict:
     rounds = max(trainer.round, 1)
     phases = {p: trainer.phase_seconds.get(p, 0.0) / rounds for p in PHASES}
     other = seconds / rounds - sum(phases.values())
+    # what the fit's time bought: its optimiser steps and the margin they reached on the round's negatives
+    fits = [h for h in trainer.history if "failure/fit_steps" in h]
+    fit = {"fit_steps": statistics.fmean(h["failure/fit_steps"] for h in fits) if fits else 0.0,
+           "fit_log_ratio": statistics.fmean(h["failure/fit_log_ratio"] for h in fits) if fits else 0.0}
     print(f"  BaNEL: {trainer.ledger.spent} NRE in {seconds:.1f} s, {trainer.round} rounds; per round "
-          + ", ".join(f"{p} {v:.2f} s" for p, v in phases.items()) + f", other {other:.2f} s", flush=True)
+          + ", ".join(f"{p} {v:.2f} s" for p, v in phases.items()) + f", other {other:.2f} s; failure fit "
+          f"{fit['fit_steps']:.0f} steps for a mean log-ratio of {fit['fit_log_ratio']:.3f} nats", flush=True)
     keep = ("evaluations_per_round", "num_candidates", "max_completion_length", "failure_epochs", "failure_batch_size",
             "distill_samples", "distill_steps", "per_device_train_batch_size")
     return {"seconds": seconds, "nre": trainer.ledger.spent, "rounds": trainer.round,
-            "round_breakdown": {**phases, "other": other, "total": seconds / rounds},
+            "round_breakdown": {**phases, "other": other, "total": seconds / rounds}, "failure_fit": fit,
             "settings": {k: settings[k] for k in keep}}
 
 

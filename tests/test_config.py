@@ -8,6 +8,9 @@ from trl_banel import BaNELConfig
     ("max_reward_evaluations", 0), ("evaluations_per_round", 0), ("num_candidates", 0), ("distill_every", -1),
     ("distill_samples", 0), ("distill_steps", 0), ("failure_model", "lora"), ("temperature", 0.0),
     ("failure_epochs", 0), ("reward_timeout", 0.0), ("max_completion_length", 0), ("num_rounds", 0),
+    ("failure_margin", -1.0), ("failure_margin", float("nan")), ("failure_max_grad_norm", -1.0),
+    ("failure_warmup_steps", -1), ("failure_heldout_fraction", 1.0), ("failure_heldout_fraction", -0.1),
+    ("max_failure_models", 0), ("distill_kl_coef", -0.1),
 ])
 def test_invalid_values_name_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=f"BaNELConfig.{field}="):

@@ -14,19 +14,23 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "tiny_banel_run.py"
 CONFIGS = ROOT / "recipes" / "accelerate_configs"
 BUDGET = 16
-PORTS = {("ddp", "adapter"): 29531, ("zero2", "adapter"): 29532, ("zero3", "adapter"): 29533, ("zero3", "copy"): 29534}
+PORTS = {("ddp", "adapter"): 29531, ("zero2", "adapter"): 29532, ("zero3", "adapter"): 29533, ("zero3", "copy"): 29534,
+         ("zero3", "copy-kept"): 29535}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setup, failure_model", [
-    ("ddp", "adapter"), ("zero2", "adapter"), ("zero3", "adapter"), ("zero3", "copy")])
+    ("ddp", "adapter"), ("zero2", "adapter"), ("zero3", "adapter"), ("zero3", "copy"), ("zero3", "copy-kept")])
 def test_two_processes(tmp_path, setup, failure_model):
+    """("copy-kept": failure models stay active across distillations and are fitted to a margin.)"""
     if setup != "ddp" and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
     out, count = tmp_path / "run", tmp_path / "oracle_calls.tsv"
     env = {**os.environ, "COUNT_FILE": str(count), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "BUDGET": str(BUDGET), "SAVE_STRATEGY": "no", "DS_ACCELERATOR": "cpu",
-           "FAILURE_MODEL": failure_model}
+           "FAILURE_MODEL": failure_model.split("-")[0],
+           "KEEP_FAILURE_MODELS": "1" if failure_model.endswith("kept") else "0",
+           "FAILURE_MARGIN": "0.5" if failure_model.endswith("kept") else "0"}
     env.pop("ACCELERATE_USE_CPU", None)  # it would silently drop DeepSpeed
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"{setup}_cpu.yaml"),
            "--main_process_port", str(PORTS[setup, failure_model]), str(SCRIPT), str(out)]

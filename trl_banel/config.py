@@ -73,16 +73,33 @@ class BaNELConfig(_BaseConfig):
         failure_model (`str`, *optional*, defaults to `"adapter"`):
             `"adapter"`: each failure model is a LoRA adapter on the generator's own weights (one copy of the base
             weights in memory whatever the number of failure models). `"copy"`: a full copy of the generator.
+        failure_margin (`float`, *optional*, defaults to `0.0`):
+            When above 0, fit each failure model until the mean over its negatives of `log p_fail - log q` reaches
+            this many nats, capped at half of `KL(empirical || q)` (the most any model reaches on these negatives),
+            or until `failure_epochs` run out; `0` fits every epoch. A fit to a margin of 1 with
+            `failure_epochs=300`, `failure_learning_rate=1e-3`, full batches, clipping and warm-up reaches it in
+            about 30 steps on the rare-letters task, where the fixed default fit reaches about 0.8 nats.
         failure_epochs (`int`, *optional*, defaults to `20`):
-            Epochs of maximum-likelihood fitting over the negatives for each new failure model. Many epochs over the
-            same negatives are how BaNEL spends compute instead of oracle calls: on the addition attack 4 epochs
-            (at 1e-3) barely moved the filter; 20 (at 3e-3) can find the target's blind spot.
+            Epochs (at most, with `failure_margin`) of maximum-likelihood fitting over the negatives per failure
+            model. Many epochs over the same negatives are how BaNEL spends compute instead of oracle calls.
         failure_learning_rate (`float`, *optional*, defaults to `3e-3`):
             Learning rate (AdamW) of the failure-model fit.
         failure_batch_size (`int`, *optional*, defaults to `16`):
-            Sequences per optimisation step of the failure-model fit. Small batches give the fit more steps per
-            epoch: on the addition attack, batches of 64 (one step per epoch over 50 negatives) left the filter too
-            weak to move the generator on seed 1, batches of 16 found the blind spot within 1,000 evaluations.
+            Sequences per optimisation step of the failure-model fit.
+        failure_max_grad_norm (`float`, *optional*, defaults to `0.0`):
+            Gradient clipping of the failure-model fit (`0` disables it).
+        failure_warmup_steps (`int`, *optional*, defaults to `0`):
+            Linear learning-rate warm-up steps of each failure-model fit.
+        failure_heldout_fraction (`float`, *optional*, defaults to `0.1`):
+            Share of each round's negatives kept out of that round's fit to measure how far the fit generalises
+            (logged as `failure/heldout_rejected_rate`); they join the next round's fit.
+        max_failure_models (`int`, *optional*, defaults to `3`):
+            With `keep_failure_models`, the rejection region is the union of the regions of at most this many most
+            recent failure models (otherwise every model of the phase is active until the next distillation).
+        keep_failure_models (`bool`, *optional*, defaults to `False`):
+            Keep the most recent failure models active after a distillation, so that the ratio test filters the
+            proposals the oracle sees and not only the distillation draw. `False`: drop them all after each
+            distillation (the distilled generator is assumed to carry the region).
         cumulative_negatives (`bool`, *optional*, defaults to `False`):
             Fit each failure model on every negative evaluated so far (all rounds, as sampled) instead of this round's.
         failure_lora_r (`int`, *optional*, defaults to `16`):
@@ -103,6 +120,19 @@ class BaNELConfig(_BaseConfig):
         distill_steps (`int`, *optional*, defaults to `8`):
             Optimiser steps per distillation; each uses `per_device_train_batch_size * gradient_accumulation_steps`
             posterior samples per process, cycling through the drawn samples.
+        distill_objective (`str`, *optional*, defaults to `"posterior"`):
+            `"posterior"`: maximum likelihood on posterior samples (the paper's distillation). `"baselined"`: every
+            proposal of the draw, weighted `1/Z - 1` when accepted and `-1` when rejected (`Z`: the acceptance rate).
+            Both have the gradient of `-KL(posterior || generator)` in expectation, but maximum likelihood on the
+            generator's own samples is also a random walk (finite samples, even where the filter rejects nothing),
+            while the baselined weights are all 0 where nothing is rejected: the generator moves only where the
+            failure models act.
+        distill_kl_coef (`float`, *optional*, defaults to `0.0`):
+            Weight of a per-token `KL(generator || pretrained)` term in the distillation loss, on the posterior
+            samples' positions (TRL's `beta`): it keeps the generator on the pretrained model's support and rewards its
+            entropy, so that repeated distillation on finite samples neither drifts onto outputs the pretrained model
+            never makes nor collapses. Needs a frozen copy of the pretrained generator (none for a LoRA generator: its
+            adapter is disabled instead).
 
         > Rewards
 
@@ -195,12 +225,37 @@ class BaNELConfig(_BaseConfig):
             "choices": ["adapter", "copy"],
         },
     )
-    failure_epochs: int = field(default=20, metadata={"help": "Epochs of the MLE fit of each failure model."})
+    failure_margin: float = field(
+        default=0.0,
+        metadata={"help": "Fit each failure model until mean(log p_fail - log q) over its negatives reaches this "
+                          "(nats), or failure_epochs run out; 0 fits every epoch."},
+    )
+    failure_epochs: int = field(
+        default=20, metadata={"help": "Epochs (at most, with failure_margin) of the MLE fit of each failure model."}
+    )
     failure_learning_rate: float = field(
         default=3e-3, metadata={"help": "Learning rate (AdamW) of the failure-model fit."}
     )
     failure_batch_size: int = field(
         default=16, metadata={"help": "Sequences per optimisation step of the failure-model fit."}
+    )
+    failure_max_grad_norm: float = field(
+        default=0.0, metadata={"help": "Gradient clipping of the failure-model fit; 0 disables it."}
+    )
+    failure_warmup_steps: int = field(
+        default=0, metadata={"help": "Linear learning-rate warm-up steps of each failure-model fit."}
+    )
+    failure_heldout_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Share of a round's negatives kept out of its fit to measure generalisation; they join "
+                          "the next fit."},
+    )
+    max_failure_models: int = field(
+        default=3, metadata={"help": "With keep_failure_models: the region is the union of at most this many recent models."}
+    )
+    keep_failure_models: bool = field(
+        default=False,
+        metadata={"help": "Keep the recent failure models active after a distillation (False: drop them all)."},
     )
     cumulative_negatives: bool = field(
         default=False,
@@ -220,6 +275,16 @@ class BaNELConfig(_BaseConfig):
         default=512, metadata={"help": "Posterior samples drawn per distillation (summed over processes)."}
     )
     distill_steps: int = field(default=8, metadata={"help": "Optimiser steps per distillation."})
+    distill_objective: str = field(
+        default="posterior",
+        metadata={"help": "'posterior': MLE on posterior samples; 'baselined': every proposal weighted "
+                          "1/Z - 1 if accepted, -1 if rejected (same expected gradient, no drift where nothing is "
+                          "rejected).", "choices": ["posterior", "baselined"]},
+    )
+    distill_kl_coef: float = field(
+        default=0.0,
+        metadata={"help": "Weight of KL(generator || pretrained) per token in the distillation loss; 0 disables it."},
+    )
 
     # Rewards
     success_threshold: float = field(
@@ -261,7 +326,8 @@ class BaNELConfig(_BaseConfig):
             )
         for name in ("num_candidates", "max_proposal_batches", "max_idle_rounds", "max_completion_length",
                      "generation_batch_size", "scoring_batch_size", "failure_epochs", "failure_batch_size",
-                     "failure_lora_r", "failure_lora_alpha", "distill_samples", "distill_steps"):
+                     "failure_lora_r", "failure_lora_alpha", "distill_samples", "distill_steps",
+                     "max_failure_models"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 bad(name, "an integer >= 1")
@@ -273,10 +339,20 @@ class BaNELConfig(_BaseConfig):
             bad("temperature", "> 0")
         if self.top_k < 0:
             bad("top_k", ">= 0 (0 disables top-k)")
+        if self.distill_objective not in ("posterior", "baselined"):
+            bad("distill_objective", "'posterior' or 'baselined'")
         if self.failure_model not in ("adapter", "copy"):
             bad("failure_model", "'adapter' or 'copy'")
         if not self.failure_learning_rate > 0:
             bad("failure_learning_rate", "> 0")
+        for name in ("failure_margin", "failure_max_grad_norm", "distill_kl_coef"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                bad(name, "a finite number >= 0")
+        if not isinstance(self.failure_warmup_steps, int) or self.failure_warmup_steps < 0:
+            bad("failure_warmup_steps", "an integer >= 0")
+        if not 0 <= self.failure_heldout_fraction < 1:
+            bad("failure_heldout_fraction", "a share with 0 <= share < 1")
         if not math.isfinite(self.success_threshold):
             bad("success_threshold", "a finite number")
         if self.reward_retries < 0:

@@ -15,6 +15,9 @@ fitted by maximum likelihood on negatives. Two storage modes:
 import contextlib
 import copy
 import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,19 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from .posterior import Candidates, completion_nll, sequence_log_probs
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    """What a failure-model fit did: the mean loss of each epoch (each batch measured before its update), the
+    optimiser steps taken, the mean `log p_fail - log q` over the fitted negatives at the last epoch, the target it
+    aimed at, and whether it reached it."""
+
+    losses: list[float]
+    steps: int
+    log_ratio: float
+    target: float
+    reached: bool
 
 
 class FailureModels:
@@ -102,6 +118,24 @@ class FailureModels:
         self.names.append(name)
         return name
 
+    def drop_oldest(self):
+        """Drop the oldest failure model (the rejection region keeps the most recent ones)."""
+        if len(self) <= 1:
+            self.clear()
+            return
+        self._layers = None
+        name = self.names.pop(0)
+        if self.mode == "copy":
+            self.copies.pop(0)
+            return
+        flags = {p: p.requires_grad for p in self.policy.parameters()}
+        self._peft.delete_adapter(name)
+        if self.policy_adapter is not None:
+            self.policy.set_adapter(self.policy_adapter)
+        else:
+            self._peft.base_model.disable_adapter_layers()
+        self._restore_flags(flags)
+
     def _restore_flags(self, flags):
         for p in self.policy.parameters():
             p.requires_grad_(flags.get(p, False))
@@ -154,28 +188,41 @@ class FailureModels:
                                        f"{result.unexpected_keys[:3]}")
 
     # -- fitting ---------------------------------------------------------------------------------------------------
-    def fit(self, negatives: Candidates, epochs: int, learning_rate: float, batch_size: int, seed: int = 0,
-            rank: int = 0, world_size: int = 1) -> list[float]:
+    def fit(self, negatives: Candidates, max_epochs: int, learning_rate: float, batch_size: int,
+            margin: float = 0.0, max_grad_norm: float | None = 1.0, warmup_steps: int = 0, seed: int = 0,
+            rank: int = 0, world_size: int = 1) -> "FitResult":
         r"""
-        Fit the newest failure model by maximum likelihood on `negatives` (as sampled, repeats included).
+        Fit the newest failure model by maximum likelihood on `negatives` (as sampled, repeats included), until the
+        mean over the negatives of `log p_fail - log q` reaches its target or `max_epochs` epochs have run.
+
+        The target is `margin` nats, capped at half the most any model could reach on these negatives: their
+        empirical distribution `p_emp` scores `KL(p_emp || q)` (per prompt), which is small where the generator is
+        already sharp (a few completions repeated) and large where every negative is new.
+
+        The negatives are samples of `q` itself, so the likelihood gradient on them is finite-sample noise: the
+        model has to learn these particular failures, which takes many small stable steps (AdamW with gradient
+        clipping and a linear warm-up). The margin is checked once per epoch from the epoch's summed likelihood (one
+        step stale with full batches); 0 fits every epoch.
 
         Data-parallel over `world_size` processes: every process holds the same negatives and the same shuffled
         order, takes its share of each batch, and the failure model's gradients are summed across processes, so
         every process ends with the same failure model as a single process would.
-
-        Returns the mean loss of each epoch (each batch's loss is measured before its update).
         """
         name = self.names[-1]
+        n_seq = len(negatives)
         model, params, restore = self._train_view(name)
         optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
         generator = torch.Generator().manual_seed(seed)
         losses = []
         device = next(model.parameters()).device
+        first_nll = None  # summed NLL of the negatives in the first epoch: log q (the model starts as q)
+        log_ratio, steps = 0.0, 0
+        target = min(margin, 0.5 * self._achievable_log_ratio(model, negatives, device)) if margin > 0 else 0.0
         try:
             model.train()
-            for _ in range(epochs):
-                order = torch.randperm(len(negatives), generator=generator)
-                epoch_loss, n = 0.0, 0
+            for _ in range(max_epochs):
+                order = torch.randperm(n_seq, generator=generator)
+                epoch_loss, epoch_nll, n = 0.0, 0.0, 0
                 for start in range(0, len(order), batch_size):
                     idx = order[start : start + batch_size]
                     # tokens of the whole batch: each process divides its share by the global count
@@ -187,27 +234,54 @@ class FailureModels:
                     ids = negatives.input_ids[mine].to(device)
                     att = negatives.attention_mask[mine].to(device)
                     comp = negatives.completion_mask[mine].to(device)
-                    nll_sum = completion_nll(model, ids, att, comp, reduction="sum")
-                    loss = weight * nll_sum / batch_tokens.to(device)
+                    nll_sum = weight * completion_nll(model, ids, att, comp, reduction="sum")
+                    loss = nll_sum / batch_tokens.to(device)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    batch_loss = loss.detach()
+                    sums = torch.stack([loss.detach(), nll_sum.detach()])
                     if world_size > 1:
                         for p in params:
                             if p.grad is None:
                                 p.grad = torch.zeros_like(p)
                             torch.distributed.all_reduce(p.grad)
-                        torch.distributed.all_reduce(batch_loss)
+                        torch.distributed.all_reduce(sums)
+                    if max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                    for group in optimizer.param_groups:
+                        group["lr"] = learning_rate * min(1.0, (steps + 1) / (warmup_steps + 1))
                     optimizer.step()
-                    epoch_loss += batch_loss.item() * len(idx)
+                    steps += 1
+                    epoch_loss += sums[0].item() * len(idx)
+                    epoch_nll += sums[1].item()
                     n += len(idx)
                 losses.append(epoch_loss / max(n, 1))
+                if first_nll is None:
+                    first_nll = epoch_nll
+                log_ratio = (first_nll - epoch_nll) / max(n_seq, 1)
+                if margin > 0 and log_ratio >= target:
+                    break
         finally:
             optimizer.zero_grad(set_to_none=True)  # no stale gradients (nor their memory) left behind
             restore()
         if self.mode == "copy" and self.prepare_copy is not None:
             self.copies[-1] = self.prepare_copy(self.copies[-1])
-        return losses
+        return FitResult(losses, steps, log_ratio, target, margin <= 0 or log_ratio >= target)
+
+    @torch.no_grad()
+    def _achievable_log_ratio(self, model, negatives: Candidates, device) -> float:
+        """`KL(p_emp || q)` over the negatives: the mean log-ratio of their empirical distribution (per prompt)."""
+        was_training = model.training
+        model.eval()
+        try:
+            log_q = sequence_log_probs(model, negatives.input_ids.to(device), negatives.attention_mask.to(device),
+                                       negatives.completion_mask.to(device), batch_size=512).cpu()
+        finally:
+            model.train(was_training)
+        pairs = Counter(zip(negatives.prompt_texts, negatives.completions))
+        prompts = Counter(negatives.prompt_texts)
+        log_emp = torch.tensor([math.log(pairs[(c, y)] / prompts[c])
+                                for c, y in zip(negatives.prompt_texts, negatives.completions)])
+        return max(0.0, (log_emp - log_q).mean().item())
 
     def _train_view(self, name):
         """The model to train for failure model `name`, its trainable parameters, and a function undoing the view."""
@@ -241,7 +315,7 @@ class FailureModels:
         return self.policy, params, restore
 
     # -- scoring ---------------------------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: ZeRO-3 gathers parameters inside, which must stay usable for training
     def score(self, candidates: Candidates, batch_size: int, length_normalize: bool = False):
         r"""
         Log-likelihoods of the candidates' completions under the generator and every failure model.

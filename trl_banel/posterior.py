@@ -57,9 +57,10 @@ def completion_mask_after_prompt(completion_ids: torch.Tensor, eos_token_ids: li
     return (~after_eos).long()
 
 
-def completion_token_log_probs(model, input_ids, attention_mask, completion_mask, **forward_kwargs):
+def completion_log_softmax(model, input_ids, attention_mask, completion_mask, **forward_kwargs):
     r"""
-    Log-probabilities of the completion tokens: `(token_log_probs, mask)`, both of shape `(N, C)`.
+    Log-softmax over the vocabulary at every completion position: `(log_probs, targets, mask)` of shapes
+    `(N, C, V)`, `(N, C)` and `(N, C)`.
 
     Completions start at the same column for every row (prompts are left-padded), so only the last `C + 1` positions'
     logits are computed (`logits_to_keep`), in fp32: the prompt's logits over a large vocabulary are never made.
@@ -70,9 +71,14 @@ def completion_token_log_probs(model, input_ids, attention_mask, completion_mask
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
         logits_to_keep=keep, **forward_kwargs,
     ).logits[:, -keep:-1].float()
-    targets = input_ids[:, start:]
-    token_lp = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return token_lp, completion_mask[:, start:].to(token_lp.dtype)
+    return logits.log_softmax(-1), input_ids[:, start:], completion_mask[:, start:].to(logits.dtype)
+
+
+def completion_token_log_probs(model, input_ids, attention_mask, completion_mask, **forward_kwargs):
+    r"""Log-probabilities of the completion tokens: `(token_log_probs, mask)`, both of shape `(N, C)`."""
+    log_probs, targets, mask = completion_log_softmax(model, input_ids, attention_mask, completion_mask,
+                                                      **forward_kwargs)
+    return torch.gather(log_probs, 2, targets.unsqueeze(-1)).squeeze(-1), mask
 
 
 def sequence_log_probs(model, input_ids, attention_mask, completion_mask, batch_size: int, length_normalize=False,
@@ -101,6 +107,14 @@ def completion_nll(model, input_ids, attention_mask, completion_mask, reduction:
     token_lp, mask = completion_token_log_probs(model, input_ids, attention_mask, completion_mask)
     total = -(token_lp * mask).sum()
     return total if reduction == "sum" else total / mask.sum().clamp(min=1)
+
+
+def token_kl(log_probs: torch.Tensor, reference_log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    r"""Mean over masked positions of `KL(model || reference)` between next-token distributions (shapes `(N, C, V)`,
+    `(N, C, V)`, `(N, C)`). It grows wherever the model puts mass the reference does not (off its support), and it
+    rewards the model's entropy (`KL = -H(model) - E_model[log reference]`)."""
+    kl = (log_probs.exp() * (log_probs - reference_log_probs)).sum(-1)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
 def rejection_mask(policy_logp: torch.Tensor, failure_logp: torch.Tensor, rejection_threshold: float):

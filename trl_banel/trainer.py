@@ -8,6 +8,7 @@ accumulation and DeepSpeed all come from `transformers.Trainer`.
 """
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -35,7 +36,8 @@ from .failure import FailureModels
 from .ledger import LEDGER_FILENAME, RewardFunctionError, RewardLedger
 from .oracle import RewardOracle
 from .stats import SuccessEstimate
-from .posterior import Candidates, completion_mask_after_prompt, completion_nll, rejection_mask
+from .posterior import (Candidates, completion_log_softmax, completion_mask_after_prompt, rejection_mask,
+                        sequence_log_probs, token_kl)
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +86,8 @@ class _StopWhenDone(TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
+        if not self.trainer._buffer:  # the last step of a distillation has been applied
+            self.trainer._measure_distillation()
         if self.trainer._finished and not self.trainer._buffer:
             control.should_training_stop = True
 
@@ -206,7 +210,19 @@ class BaNELTrainer(_BaseTrainer):
             copy_policy=self._gathered_copy if self._zero3() else None,
             prepare_copy=(lambda m: prepare_deepspeed(m, self.accelerator)) if self._zero3() else None,
         )
+        if self._zero3() and args.keep_failure_models and args.failure_model == "adapter":
+            # adapters injected after DeepSpeed built its engine are not DeepSpeed's: its ZeRO-3 hooks fail on them in
+            # the distillation steps, so they cannot stay in the generator across a distillation
+            raise ValueError("keep_failure_models=True with failure_model='adapter' is not supported under DeepSpeed "
+                             "ZeRO-3; use failure_model='copy', ZeRO-2, or keep_failure_models=False.")
+        self._reference = None  # the pretrained generator, for distill_kl_coef (a LoRA generator needs no copy)
+        if args.distill_kl_coef > 0 and not isinstance(self.accelerator.unwrap_model(self.model), PeftModel):
+            policy = self.accelerator.unwrap_model(self.model)
+            self._reference = (prepare_deepspeed(self._gathered_copy(policy), self.accelerator) if self._zero3()
+                               else copy.deepcopy(policy).eval().requires_grad_(False))
+        self._probe = None  # (samples, their log q before) of the last distillation, to measure what it absorbed
         self._negatives: list[dict] = []  # all negatives as sampled (for cumulative_negatives)
+        self._held_out: list[dict] = []  # last round's held-out negatives: a diagnostic, then part of the next fit
         self._pending_state = None
         self._prompt_cache: dict[int, tuple] = {}
         self._buffer: list[dict] = []
@@ -260,9 +276,29 @@ class BaNELTrainer(_BaseTrainer):
         if inputs.get("skip"):
             # No distillation this step (distill_every=0, or an empty posterior): nothing to update.
             return torch.zeros((), device=self.accelerator.device, requires_grad=True)
-        loss = completion_nll(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+        ids, att, comp = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+        log_probs, targets, mask = completion_log_softmax(model, ids, att, comp)
+        token_lp = torch.gather(log_probs, 2, targets.unsqueeze(-1)).squeeze(-1)
+        weight = inputs.get("weight")  # the baselined objective's per-sequence weights
+        weighted = token_lp * mask if weight is None else token_lp * mask * weight.unsqueeze(1)
+        loss = -weighted.sum() / mask.sum().clamp(min=1)
         self._metrics["distill/loss"].append(self.accelerator.gather(loss.detach()).mean().item())
+        if self.args.distill_kl_coef > 0:
+            with torch.no_grad(), self._reference_model() as reference:
+                reference_log_probs = completion_log_softmax(reference, ids, att, comp)[0]
+            kl = token_kl(log_probs, reference_log_probs, mask)
+            self._metrics["distill/kl_to_pretrained"].append(self.accelerator.gather(kl.detach()).mean().item())
+            loss = loss + self.args.distill_kl_coef * kl
         return loss
+
+    @contextlib.contextmanager
+    def _reference_model(self):
+        """The pretrained generator: a LoRA generator with its adapter disabled, else the frozen copy made at start."""
+        if self._reference is None:
+            with self.accelerator.unwrap_model(self.model).disable_adapter():
+                yield self.model
+        else:
+            yield self._reference
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         for key, values in self._metrics.items():
@@ -303,6 +339,7 @@ class BaNELTrainer(_BaseTrainer):
             "round": self.round, "history": self.history, "rounds_in_phase": self._rounds_in_phase,
             "idle_rounds": self._idle_rounds, "negatives": self._negatives, "rng": self._rng.bit_generator.state,
             "failure_models": self.failures.state_dict(), "buffer": self._buffer, "finished": self._finished,
+            "held_out": self._held_out,
         }
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
@@ -315,8 +352,11 @@ class BaNELTrainer(_BaseTrainer):
             if os.path.exists(path):
                 # restored on the first step, once the Trainer has loaded the generator's weights
                 self._pending_state = torch.load(path, weights_only=False)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                               ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        # the generator goes back to the user as given: no failure adapter left inside it
+        self.failures.clear()
+        return output
 
     def _restore_pending_state(self):
         state, self._pending_state = self._pending_state, None
@@ -329,6 +369,7 @@ class BaNELTrainer(_BaseTrainer):
             self._rng.bit_generator.state = state["rng"]
             self._buffer = state["buffer"]
             self._finished = state["finished"]
+            self._held_out = state.get("held_out", [])
             if state["failure_models"]:
                 self.failures.load_state_dict(state["failure_models"])
         self._negatives = state["negatives"]
@@ -385,8 +426,12 @@ class BaNELTrainer(_BaseTrainer):
             self._finished = True
             self._buffer = [{"skip": True} for _ in range(ga)]
             return
-        samples = self._sample_posterior(args.distill_samples)
-        self.failures.clear()
+        if args.distill_objective == "baselined":
+            samples = self._weighted_proposals(args.distill_samples)
+        else:
+            samples = self._sample_posterior(args.distill_samples)
+        if not args.keep_failure_models:
+            self.failures.clear()
         self._rounds_in_phase = 0
         n_micro = args.distill_steps * ga
         if not samples:
@@ -394,6 +439,8 @@ class BaNELTrainer(_BaseTrainer):
             self._buffer = [{"skip": True} for _ in range(n_micro)]
             return
         random.Random(args.seed + self.round).shuffle(samples)
+        probe = self._collate([c for c in samples if c.get("weight", 1.0) > 0][:64] or samples[:1])
+        self._probe = (probe, self._generator_log_probs(probe))
         bs = args.per_device_train_batch_size
         self._buffer = []
         for s in range(n_micro):
@@ -401,6 +448,43 @@ class BaNELTrainer(_BaseTrainer):
             batch = self._collate(chunk)
             self._buffer.append({k: getattr(batch, k).to(self.accelerator.device)
                                  for k in ("input_ids", "attention_mask", "completion_mask")})
+            if args.distill_objective == "baselined":
+                self._buffer[-1]["weight"] = torch.tensor([c["weight"] for c in chunk], device=self.accelerator.device)
+
+    @torch.no_grad()
+    def _generator_log_probs(self, cands: Candidates) -> torch.Tensor:
+        policy = self.failures.policy  # failure adapters, if any, are disabled outside their fit
+        was_training = policy.training
+        policy.eval()
+        try:
+            return sequence_log_probs(policy, cands.input_ids.to(self.accelerator.device),
+                                      cands.attention_mask.to(self.accelerator.device),
+                                      cands.completion_mask.to(self.accelerator.device),
+                                      self.args.scoring_batch_size).cpu()
+        finally:
+            policy.train(was_training)
+
+    def _measure_distillation(self):
+        """After a distillation's last step: how much log-likelihood its posterior samples gained (mean per sample).
+
+        A generator that does not move cannot absorb the posterior: after the first three distillations, warn with the
+        setting to change when they moved it by almost nothing."""
+        if self._probe is None:
+            return
+        probe, before = self._probe
+        self._probe = None
+        gain = (self._generator_log_probs(probe) - before).mean().item()
+        gain = _mean_over_ranks(self, [gain])
+        self._metrics["distill/log_prob_gain"].append(gain)
+        if self.history:
+            self.history[-1]["distill/log_prob_gain"] = gain
+        gains = [h["distill/log_prob_gain"] for h in self.history if "distill/log_prob_gain" in h]
+        if len(gains) == 3 and max(gains) < 0.01:
+            logger.warning(
+                "The first 3 distillations raised the log-likelihood of their posterior samples by at most %.2g nats "
+                "(%d steps each at learning_rate=%g): the generator barely moves, so it cannot absorb what the "
+                "failure models learn. Raise learning_rate (a small model may need 1e-4 to 1e-3) or distill_steps.",
+                max(gains), self.args.distill_steps, self.args.learning_rate)
 
     def _run_round(self):
         """One BaNEL round: propose, filter, evaluate, fit a failure model."""
@@ -430,39 +514,87 @@ class BaNELTrainer(_BaseTrainer):
         negatives = [c for c, r in zip(to_evaluate, rewards) if r is not None and not r > args.success_threshold]
         n_success = sum(1 for r in rewards if r is not None and r > args.success_threshold)
         self._negatives.extend(negatives)
-        fit_on = self._negatives if args.cumulative_negatives else negatives
-        failure_losses = []
-        if fit_on:
-            with self._timed("failure_fit"):
-                self.failures.add()
-                failure_losses = self.failures.fit(
-                    self._collate(fit_on), args.failure_epochs, args.failure_learning_rate, args.failure_batch_size,
-                    seed=args.seed + self.round, rank=self.accelerator.process_index,
-                    world_size=self.accelerator.num_processes,
-                )
+        fit = self._fit_failure_model(negatives)
         evaluated = sum(1 for r in rewards if r is not None)
+        proposed = max(stats["proposed"], 1)
+        fresh = max(stats["proposed"] - stats["known"], 1)
+        record = {
+            "round": self.round, "nre": self.ledger.spent, "successes": len(self.ledger.successes),
+            "proposed": stats["proposed"], "accepted": stats["accepted"], "ratio_rejected": stats["ratio_rejected"],
+            "known_rejected": stats["known"], "acceptance_rate": stats["accepted"] / proposed,
+            "round_successes": n_success, "round_evaluated": evaluated,
+            # the mechanism, step by step: what the filter rejected and why, what the generator proposes
+            "filter/ratio_rejected_rate": stats["ratio_rejected_fresh"] / fresh,
+            "generator/entropy": stats["nll"] / max(stats["tokens"], 1),
+            "generator/distinct": stats["distinct"] / proposed,
+            **fit,
+            "failure/num_models": len(self.failures),
+        }
         m = self._metrics
-        m["filter/acceptance_rate"].append(stats["accepted"] / max(stats["proposed"], 1))
-        m["filter/known_failure_rate"].append(stats["known"] / max(stats["proposed"], 1))
+        m["filter/acceptance_rate"].append(record["acceptance_rate"])
+        m["filter/known_failure_rate"].append(stats["known"] / proposed)
         m["filter/log_ratio_accepted"].append(stats["log_ratio_accepted"])
         m["filter/log_ratio_rejected"].append(stats["log_ratio_rejected"])
         m["nre/round"].append(spent)
         m["success_rate/evaluated"].append(n_success / evaluated if evaluated else float("nan"))
         m["success_rate/all_evaluated"].append(
             len(self.ledger.successes) / self.ledger.spent if self.ledger.spent else float("nan"))
-        m["failure/num_models"].append(len(self.failures))
-        if failure_losses:
-            m["failure/loss_first_epoch"].append(failure_losses[0])
-            m["failure/loss"].append(failure_losses[-1])
-        self.history.append({
-            "round": self.round, "nre": self.ledger.spent, "successes": len(self.ledger.successes),
-            "proposed": stats["proposed"], "accepted": stats["accepted"], "ratio_rejected": stats["ratio_rejected"],
-            "known_rejected": stats["known"], "acceptance_rate": stats["accepted"] / max(stats["proposed"], 1),
-            "round_successes": n_success, "round_evaluated": evaluated, "failure_losses": failure_losses,
-        })
+        for key, value in record.items():
+            if "/" in key and isinstance(value, (int, float)):
+                m[key].append(value)
+        self.history.append(record)
         self.round += 1
         self._rounds_in_phase += 1
         self._rounds_run += 1
+
+    def _fit_failure_model(self, negatives: list[dict]) -> dict:
+        """Fit a new failure model on the round's negatives (a share held out), grow the region, and measure the fit.
+
+        Returns the fit's metrics: its losses, steps, the margin reached on its own negatives
+        (`failure/fit_log_ratio`) and the ratio-test rejection rate of the new model on held-out negatives.
+        """
+        args = self.args
+        # the held-out share is drawn the same way on every process (the negatives are identical everywhere)
+        order = list(range(len(negatives)))
+        random.Random(args.seed + self.round).shuffle(order)
+        n_held = int(args.failure_heldout_fraction * len(negatives))
+        held_out = [negatives[i] for i in order[:n_held]]
+        fresh = [negatives[i] for i in order[n_held:]]
+        if args.cumulative_negatives:  # every negative so far but this round's held-out share
+            held = {id(c) for c in held_out}
+            fit_on = [c for c in self._negatives if id(c) not in held]
+        else:
+            fit_on = self._held_out + fresh
+        self._held_out = held_out
+        if not fit_on:
+            return {}
+        with self._timed("failure_fit"):
+            self.failures.add()
+            result = self.failures.fit(
+                self._collate(fit_on), args.failure_epochs, args.failure_learning_rate, args.failure_batch_size,
+                margin=args.failure_margin, max_grad_norm=args.failure_max_grad_norm,
+                warmup_steps=args.failure_warmup_steps, seed=args.seed + self.round,
+                rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
+            )
+            while args.keep_failure_models and len(self.failures) > args.max_failure_models:
+                self.failures.drop_oldest()
+            # exact margin after the fit, and generalisation: the new model alone against q
+            scored = self._collate(fit_on + held_out)
+            policy_lp, failure_lp = self.failures.score(scored, args.scoring_batch_size, args.length_normalize)
+            log_ratio = (failure_lp[-1] - policy_lp).cpu()
+            rejected = rejection_mask(policy_lp.cpu(), failure_lp[-1:].cpu(), args.rejection_threshold)[0]
+        out = {
+            "failure_losses": result.losses,
+            "failure/loss_first_epoch": result.losses[0], "failure/loss": result.losses[-1],
+            "failure/fit_steps": result.steps,
+            "failure/fit_log_ratio": log_ratio[: len(fit_on)].mean().item(),
+            "failure/fit_rejected_rate": rejected[: len(fit_on)].float().mean().item(),
+            "failure/fit_target": result.target,
+            "failure/margin_reached": float(result.reached),
+        }
+        if held_out:
+            out["failure/heldout_rejected_rate"] = rejected[len(fit_on):].float().mean().item()
+        return out
 
     def _propose_accepted(self, want: int):
         """Propose in batches until `want` candidates (over all ranks) survive the filter, or the batches run out."""
@@ -493,6 +625,34 @@ class BaNELTrainer(_BaseTrainer):
             cands = self._propose(n)
         with self._timed("filter"):
             return self._filter(cands)
+
+    def _weighted_proposals(self, n_total: int) -> list[dict]:
+        r"""
+        Proposals weighted for the baselined distillation: `1/Z - 1` if accepted, `-1` if rejected, where `Z` is the
+        acceptance rate. Their weighted log-likelihood has the gradient of `-KL(posterior || q)` (since
+        `E_q[grad log q] = 0`), like the posterior samples' own, without their drift: where the filter rejects
+        nothing every weight is 0 and the generator does not move, so it moves only where the failure models act.
+        """
+        world = self.accelerator.num_processes
+        cands = []
+        for _ in range(self.args.max_proposal_batches):
+            batch = self._propose(max(1, math.ceil(n_total / world)))
+            keep, stats, _, _ = self._filter(batch)
+            accepted = self._sum_over_ranks(stats["accepted"])
+            proposed = self._sum_over_ranks(stats["proposed"])
+            kept = {id(c) for c in keep}
+            for c in batch:
+                c["accepted"] = id(c) in kept
+            cands.extend(batch)
+            if accepted:  # a posterior sample to move towards (if none, propose again)
+                break
+        self._metrics["distill/acceptance_rate"].append(accepted / max(proposed, 1))
+        if not accepted or accepted == proposed:
+            return []  # no sample of the posterior, or a posterior equal to the generator: nothing to distil
+        z = accepted / proposed
+        for c in cands:
+            c["weight"] = 1.0 / z - 1.0 if c.pop("accepted") else -1.0
+        return cands
 
     def _sample_posterior(self, n_total: int) -> list[dict]:
         """Posterior samples on this rank (no oracle call): proposals that survive the filter."""
@@ -634,18 +794,28 @@ class BaNELTrainer(_BaseTrainer):
         n = len(cands)
         rejected = torch.zeros(n, dtype=torch.bool)
         min_ratio = torch.full((n,), float("inf"))
-        if len(self.failures) and n:
-            policy_lp, failure_lp = self.failures.score(self._collate(cands), args.scoring_batch_size,
-                                                        args.length_normalize)
+        nll, tokens = 0.0, 0
+        if n:
+            batch = self._collate(cands)
+            policy_lp, failure_lp = self.failures.score(batch, args.scoring_batch_size)
+            nll, tokens = -policy_lp.sum().item(), int(batch.completion_mask.sum())  # the generator's entropy
+            if args.length_normalize:
+                lengths = batch.completion_mask.sum(1).clamp(min=1).to(policy_lp.device)
+                policy_lp, failure_lp = policy_lp / lengths, failure_lp / lengths
             rejected, min_ratio = rejection_mask(policy_lp.cpu(), failure_lp.cpu(), args.rejection_threshold)
         known = torch.tensor([args.reject_known_failures and self.ledger.is_known_failure(c["prompt_text"], c["completion"])
                               for c in cands], dtype=torch.bool)
+        # a known success is certainly outside the failure region, whatever the failure models generalise to
+        rejected &= ~torch.tensor([self.ledger.is_known_success(c["prompt_text"], c["completion"]) for c in cands],
+                                  dtype=torch.bool)
         reject = rejected | known
         keep = [c for c, r in zip(cands, reject.tolist()) if not r]
         finite = torch.isfinite(min_ratio)
         lr_acc = min_ratio[~reject & finite].tolist()
         lr_rej = min_ratio[reject & finite].tolist()
-        stats = {"proposed": n, "accepted": len(keep), "known": int(known.sum()), "ratio_rejected": int(rejected.sum())}
+        stats = {"proposed": n, "accepted": len(keep), "known": int(known.sum()), "ratio_rejected": int(rejected.sum()),
+                 "ratio_rejected_fresh": int((rejected & ~known).sum()), "nll": nll, "tokens": tokens,
+                 "distinct": len({(c["prompt_text"], c["completion"]) for c in cands})}
         return keep, stats, lr_acc, lr_rej
 
     # -- evaluate ------------------------------------------------------------------------------------------------

@@ -49,6 +49,9 @@ def main():
         failure_learning_rate=1e-2, failure_lora_r=4, failure_lora_alpha=8,
         save_strategy=os.environ.get("SAVE_STRATEGY", "steps"), save_steps=1, max_idle_rounds=3,
         failure_model=os.environ.get("FAILURE_MODEL", "adapter"),
+        # regions kept across distillations: failure models are dropped one by one, not all at once
+        keep_failure_models=os.environ.get("KEEP_FAILURE_MODELS") == "1", max_failure_models=2,
+        failure_margin=float(os.environ.get("FAILURE_MARGIN", "0")),
     )
     trainer = BaNELTrainer(model=model, reward_funcs=oracle, args=args, train_dataset=Dataset.from_dict({"prompt": [""]}),
                            processing_class=tok)
@@ -65,7 +68,9 @@ def main():
         with open(os.path.join(OUT, "log_history.json"), "w") as f:
             json.dump(trainer.state.log_history, f)
         with open(os.path.join(OUT, "done.txt"), "w") as f:
-            f.write(f"{trainer.accelerator.num_processes} {trainer.ledger.spent} {trainer.round} {len(trainer.failures)} "
+            # failure models active in the last round (train() hands the generator back without them)
+            models = trainer.history[-1]["failure/num_models"] if trainer.history else 0
+            f.write(f"{trainer.accelerator.num_processes} {trainer.ledger.spent} {trainer.round} {models} "
                     f"{estimate.samples}\n")
 
 

@@ -37,8 +37,9 @@ LONG_CARRY_CHAIN = 3  # a run of this many consecutive carries counts as a "long
 
 
 # ----------------------------------------------------------------------------------------- text
-def build_tokenizer():
-    """Builds the character-level tokenizer (``PreTrainedTokenizerFast``) locally, without a hub.
+def build_tokenizer(characters: Sequence[str] = CHARACTERS):
+    """Builds a character-level tokenizer (``PreTrainedTokenizerFast``) locally, without a hub: the specials
+    ``<pad> <bos> <eos>`` then one token per character of ``characters`` (this task's by default).
 
     Encoding prepends ``<bos>`` (so ``""`` encodes to ``[bos_id]``, the attacker's prompt) and never
     appends ``<eos>``; ``decode(ids, skip_special_tokens=True)`` gives the text back exactly.
@@ -47,7 +48,7 @@ def build_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(characters))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one char each
     backend.decoder = decoders.Fuse()  # join tokens without the spaces a WordLevel decode inserts

@@ -1,0 +1,202 @@
+"""What each part of BaNEL's round contributes: the final configuration, then each part switched off, over seeds.
+
+    python benchmarks/ablation.py                                   # letters task, every configuration, seeds 0-4
+    python benchmarks/ablation.py --configs final --seeds 0 1 2 3 4 5 6 7 8 9
+    python benchmarks/ablation.py --quick --out /tmp/ablation       # a smoke test (seconds)
+
+The task is the rare-letters task (trl_banel/tasks/letters.py): a pretrained success probability of 1.4e-5, known
+*exactly* for any generator, so every figure here is exact (no sampling noise, no oracle calls to estimate it).
+
+Configurations (each a set of BaNELConfig overrides on top of `TASK_SETTINGS`):
+- defaults: the package's defaults (a fixed 20-epoch fit, failure models dropped at every distillation);
+- strong_fit: a fit to a margin of 1 nat (full batches of 64 at 1e-3, clipping, warm-up, at most 300 epochs);
+- keep_regions: the 3 most recent failure models stay active across distillations (the ratio test filters the
+  proposals the oracle sees);
+- strong_keep: both; strong_keep_cumulative: both, each fit on every negative so far;
+- no_known: exact known-failure rejection off (the failure models alone must carry the method);
+- no_filter: no ratio test and no known-failure rejection (self-distillation only);
+- kl: a KL(generator || pretrained) term of weight 0.1 in the distillation;
+- baselined: the baselined distillation objective (every proposal weighted 1/Z - 1 or -1).
+
+Each run is cached in OUT/runs/{config}_seed{seed}.json (restartable, splittable between processes); the summary
+(ablation.json, .md, .png) is rebuilt from every cached run at the end.
+"""
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import HfArgumentParser, TrainerCallback, set_seed  # noqa: E402
+
+from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
+from trl_banel.tasks.letters import exact_success_probability, load_letters_task  # noqa: E402
+
+# The task's settings: every configuration starts from these (the rest are the package defaults).
+TASK_SETTINGS = dict(
+    use_cpu=True, bf16=False, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=10_000,
+    max_reward_evaluations=2000, evaluations_per_round=50, num_candidates=512, max_completion_length=9,
+    per_device_train_batch_size=64, learning_rate=1e-3,
+)
+STRONG_FIT = dict(failure_margin=1.0, failure_epochs=300, failure_learning_rate=1e-3, failure_batch_size=64,
+                  failure_max_grad_norm=1.0, failure_warmup_steps=10)
+CONFIGS = {
+    "defaults": {},
+    "strong_fit": STRONG_FIT,
+    "keep_regions": dict(keep_failure_models=True),
+    "strong_keep": dict(**STRONG_FIT, keep_failure_models=True),
+    "strong_keep_cumulative": dict(**STRONG_FIT, keep_failure_models=True, cumulative_negatives=True),
+    "no_known": dict(reject_known_failures=False),
+    "no_filter": dict(reject_known_failures=False, rejection_threshold=1e-30),
+    "kl": dict(distill_kl_coef=0.1),
+    "baselined": dict(distill_objective="baselined"),
+}
+
+
+@dataclass
+class Args:
+    configs: list[str] = field(default_factory=lambda: list(CONFIGS), metadata={"help": "Configurations to run."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "Seeds to run."})
+    budget: int = field(default=2000, metadata={"help": "Training reward evaluations (NRE) per run."})
+    out: str = field(default=str(ROOT / "benchmarks" / "results" / "ablation"), metadata={"help": "Results folder."})
+    quick: bool = field(default=False, metadata={"help": "Smoke test: budget 100, two configurations, seed 0."})
+    threads: int = field(default=1, metadata={"help": "torch threads (tiny models run fastest on one)."})
+
+
+class ExactCurve(TrainerCallback):
+    """The generator's exact success probability after every distillation (free: no oracle call)."""
+
+    def __init__(self, trainer, min_a):
+        self.trainer, self.min_a, self.points = trainer, min_a, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.trainer._buffer:  # a distillation has just been applied
+            # failure adapters, when present, are disabled outside their fit: the model computes the generator
+            model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+            p = exact_success_probability(model, self.trainer.processing_class, self.min_a)
+            self.points.append({"nre": self.trainer.ledger.spent, "round": self.trainer.round, "p": p})
+
+
+def run_one(config: str, seed: int, args: Args, workdir: Path) -> dict:
+    torch.set_num_threads(args.threads)
+    set_seed(seed)
+    model, tokenizer, oracle = load_letters_task()
+    prior = exact_success_probability(model, tokenizer, oracle.min_a)
+    settings = {**TASK_SETTINGS, "max_reward_evaluations": args.budget, **CONFIGS[config]}
+    cfg = BaNELConfig(output_dir=str(workdir), seed=seed, num_rounds=4 * args.budget // 50, **settings)
+    trainer = BaNELTrainer(model, oracle, args=cfg, processing_class=tokenizer,
+                           train_dataset=Dataset.from_dict({"prompt": [""]}))
+    curve = ExactCurve(trainer, oracle.min_a)
+    trainer.add_callback(curve)
+    start = time.time()
+    trainer.train()
+    wall = time.time() - start
+    final = exact_success_probability(trainer.accelerator.unwrap_model(trainer.model), tokenizer, oracle.min_a)
+    best = max([final] + [p["p"] for p in curve.points])
+    keys = ["failure/fit_log_ratio", "failure/fit_steps", "failure/heldout_rejected_rate", "failure/margin_reached",
+            "filter/ratio_rejected_rate", "generator/entropy", "generator/distinct", "acceptance_rate"]
+    means = {k: float(np.nanmean([h[k] for h in trainer.history if k in h])) for k in keys
+             if any(k in h for h in trainer.history)}
+    rounds = max(len(trainer.history), 1)
+    return {
+        "config": config, "seed": seed, "prior": prior, "final": final, "best": best,
+        "improvement": final / prior, "best_improvement": best / prior, "successes_found": len(trainer.ledger.successes),
+        "nre": trainer.ledger.spent, "rounds": len(trainer.history), "wall_seconds": wall,
+        "seconds_per_round": {k: v / rounds for k, v in trainer.phase_seconds.items()},
+        "means": means, "curve": curve.points, "settings": {**settings, **CONFIGS[config]},
+        "history": [{k: v for k, v in h.items() if k != "failure_losses"} for h in trainer.history],
+    }
+
+
+def summarize(out: Path) -> dict:
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+    summary = {}
+    for config in CONFIGS:
+        rs = sorted((r for r in runs if r["config"] == config), key=lambda r: r["seed"])
+        if not rs:
+            continue
+        imp = np.array([r["improvement"] for r in rs])
+        summary[config] = {
+            "seeds": [r["seed"] for r in rs], "final_improvement": imp.tolist(),
+            "best_improvement": [r["best_improvement"] for r in rs],
+            "median_improvement": float(np.median(imp)), "seeds_10x": int((imp >= 10).sum()),
+            "seeds_100x": int((imp >= 100).sum()), "seeds_below_1x": int((imp < 1).sum()),
+            "final_over_half_best": int(sum(r["final"] >= 0.5 * r["best"] for r in rs)),
+            "successes_found_median": float(np.median([r["successes_found"] for r in rs])),
+            "wall_seconds_median": float(np.median([r["wall_seconds"] for r in rs])),
+            "seconds_per_round": {k: float(np.mean([r["seconds_per_round"].get(k, 0) for r in rs]))
+                                  for k in rs[0]["seconds_per_round"]},
+            "means": {k: float(np.nanmean([r["means"].get(k, np.nan) for r in rs])) for k in rs[0]["means"]},
+            "settings": rs[0]["settings"],
+        }
+    (out / "ablation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = ["| config | seeds | median improvement | >= 10x | >= 100x | < 1x | final >= best/2 | fit log-ratio | "
+             "fit steps | ratio-rejected | held-out rejected | entropy | s/round |", "|" + "---|" * 13]
+    for config, s in summary.items():
+        m = s["means"]
+        lines.append(
+            f"| {config} | {len(s['seeds'])} | {s['median_improvement']:.3g}x | {s['seeds_10x']} | {s['seeds_100x']} "
+            f"| {s['seeds_below_1x']} | {s['final_over_half_best']} | {m.get('failure/fit_log_ratio', float('nan')):.2f} "
+            f"| {m.get('failure/fit_steps', float('nan')):.0f} | {m.get('filter/ratio_rejected_rate', float('nan')):.3f} "
+            f"| {m.get('failure/heldout_rejected_rate', float('nan')):.3f} | {m.get('generator/entropy', float('nan')):.3f} "
+            f"| {sum(s['seconds_per_round'].values()):.2f} |")
+    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    _plot(runs, out / "ablation.png")
+    return summary
+
+
+def _plot(runs, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = dict(zip(CONFIGS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for r in runs:
+        xs = [0] + [p["nre"] for p in r["curve"]]
+        ys = [r["prior"]] + [p["p"] for p in r["curve"]]
+        ax.plot(xs, ys, color=colors[r["config"]], alpha=0.6, label=r["config"])
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys())
+    ax.set(yscale="log", xlabel="reward evaluations (NRE)", ylabel="exact success probability of the generator",
+           title="Rare letters: BaNEL ablations, one line per seed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args: Args):
+    if args.quick:
+        args.budget, args.configs, args.seeds = 100, ["defaults", "strong_keep"], [0]
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    for config in args.configs:
+        for seed in args.seeds:
+            path = out / "runs" / f"{config}_seed{seed}.json"
+            if path.exists():
+                continue
+            workdir = out / "work" / f"{config}_seed{seed}"
+            if workdir.exists():
+                import shutil
+
+                shutil.rmtree(workdir)  # a leftover ledger would be resumed
+            result = run_one(config, seed, args, workdir)
+            path.write_text(json.dumps(result, indent=1) + "\n")
+            print(f"{config} seed {seed}: {result['improvement']:.3g}x (best {result['best_improvement']:.3g}x), "
+                  f"{result['successes_found']} successes, {result['wall_seconds']:.0f} s", flush=True)
+    return summarize(out)
+
+
+if __name__ == "__main__":
+    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])

@@ -1,0 +1,55 @@
+"""Regenerates the rare-letters task's generator and measures its exact success probability.
+
+    python recipes/pretrain_letters.py                      # writes trl_banel/tasks/letters_model (about 2 minutes)
+    python recipes/pretrain_letters.py --steps 50 --out /tmp/letters   # a seconds-long smoke run
+
+The generator learns 8-letter strings from a random bigram chain in which ``a`` is rare; the success rule
+(at least ``min_a`` ``a``s) is then set to the smallest count whose exact prior is at most 2e-5, and both are
+stored in the model's config and in benchmarks/results/letters_calibration.json.
+"""
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+
+import torch  # noqa: E402
+from transformers import HfArgumentParser  # noqa: E402
+
+from trl_banel.tasks.letters import MAX_PRIOR, MODEL_DIR, choose_min_a, pretrain_generator  # noqa: E402
+
+
+@dataclass
+class Args:
+    seed: int = 0
+    steps: int = 1500  # AdamW steps of 256 strings, cosine-decayed learning rate
+    concentration: float = 1.0  # Dirichlet concentration of the chain's rows (below 1: a peaked generator)
+    rare_weight: float = 0.2  # the rare letter's transition probabilities are scaled by this
+    out: str = str(MODEL_DIR)
+    results: str = "benchmarks/results/letters_calibration.json"
+
+
+def main(args: Args) -> dict:
+    torch.set_num_threads(1)
+    model, tokenizer, losses = pretrain_generator(seed=args.seed, steps=args.steps, concentration=args.concentration,
+                                                rare_weight=args.rare_weight)
+    min_a, prior = choose_min_a(model, tokenizer, MAX_PRIOR)
+    model.config.letters_min_a = min_a
+    model.config.letters_prior = prior
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    result = {"min_a": min_a, "exact_prior": prior, "max_prior": MAX_PRIOR, "final_loss": sum(losses[-50:]) / 50,
+              "settings": asdict(args)}
+    if args.results:
+        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.results).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"min_a={min_a}: exact success probability of the pretrained generator {prior:.3g} (at most {MAX_PRIOR})")
+    return result
+
+
+if __name__ == "__main__":
+    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])

@@ -1,0 +1,183 @@
+"""The mechanism, step by step: the rejection test, a failure fit that reaches its margin, a region that filters
+what the oracle sees, and the metrics that show each step did its job."""
+
+import logging
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_model, string_log_prob
+from datasets import Dataset
+from test_trainer import RecordingOracle, config, spy_filter
+
+from trl_banel import BaNELConfig, BaNELTrainer
+from trl_banel.failure import FailureModels
+from trl_banel.posterior import rejection_mask
+
+UNCONDITIONAL = Dataset.from_dict({"prompt": [""]})
+
+
+# ------------------------------------------------------------------------------------------------ rejection test
+def test_rejection_mask_rejects_exactly_where_a_failure_model_explains_the_candidate():
+    policy = torch.tensor([-2.0, -2.0, -2.0, -2.0])
+    failure = torch.tensor([[-2.0, -1.0, -3.0, -2.0 + 0.02],   # equal, far above, below, slightly above (< log 1/tau)
+                            [-2.0, -3.0, -3.0, -1.9]])         # a second model rejects only the last
+    rejected, min_ratio = rejection_mask(policy, failure, 0.97)
+    assert rejected.tolist() == [False, True, False, True]
+    assert min_ratio.tolist() == pytest.approx([0.0, -1.0, 1.0, -0.1])
+    # tau = 1: any failure model above q rejects; a log-ratio of exactly 0 does not
+    assert rejection_mask(policy, failure, 1.0)[0].tolist() == [False, True, False, True]
+    assert rejection_mask(policy, failure[:1], 1.0)[0].tolist() == [False, True, False, True]
+    # no active model: nothing rejected, ratios infinite
+    none, ratio = rejection_mask(policy, torch.zeros((0, 4)), 0.97)
+    assert not none.any() and torch.isinf(ratio).all()
+
+
+# ------------------------------------------------------------------------------------------------ failure fit
+def _negatives(trainer, n=40):
+    return trainer._collate(trainer._propose(n))
+
+
+@pytest.mark.parametrize("mode", ["adapter", "copy"])
+def test_the_failure_fit_reaches_its_margin_on_its_own_negatives(tmp_path, char_tokenizer, mode):
+    # an untrained model spreads its mass: every negative is new, so the margin is reachable
+    trainer = BaNELTrainer(model=make_tiny_model(char_tokenizer, seed=1), reward_funcs=RecordingOracle(),
+                           args=config(tmp_path, failure_model=mode), train_dataset=UNCONDITIONAL,
+                           processing_class=char_tokenizer)
+    negatives = _negatives(trainer)
+    models = trainer.failures
+    models.add()
+    policy_before, failure_before = models.score(negatives, 64)
+    assert torch.allclose(failure_before[-1], policy_before, atol=1e-4), "a new failure model must start as q"
+    result = models.fit(negatives, max_epochs=300, learning_rate=1e-3, batch_size=64, margin=1.0, warmup_steps=10)
+    assert result.target == 1.0 and result.reached and 0 < result.steps < 300
+    policy_lp, failure_lp = models.score(negatives, 64)
+    assert torch.allclose(policy_lp, policy_before, atol=1e-4), "fitting a failure model changed the generator"
+    assert (failure_lp[-1] - policy_lp).mean().item() >= 0.9  # the stop rule's value is one step stale
+    rejected = rejection_mask(policy_lp, failure_lp, 0.97)[0]
+    assert rejected.float().mean() > 0.5, "the fitted model should explain most of its own negatives"
+
+
+def test_the_margin_is_capped_by_what_the_negatives_allow(tmp_path, char_tokenizer, skewed_model):
+    """Negatives of a sharp generator (mostly 'cat', p = 0.7) can gain at most KL(empirical || q) nats."""
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(), args=config(tmp_path),
+                           train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
+    negatives = _negatives(trainer)
+    trainer.failures.add()
+    result = trainer.failures.fit(negatives, max_epochs=300, learning_rate=1e-2, batch_size=64, margin=1.0)
+    assert 0 <= result.target < 0.2 and result.reached and result.steps < 300
+
+
+def test_a_margin_of_zero_fits_every_epoch(tmp_path, char_tokenizer, skewed_model):
+    models = FailureModels(skewed_model, "copy")
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(), args=config(tmp_path),
+                           train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
+    negatives = _negatives(trainer, 16)
+    models.add()
+    result = models.fit(negatives, max_epochs=7, learning_rate=1e-3, batch_size=8, margin=0.0)
+    assert result.steps == 14 and len(result.losses) == 7
+
+
+def test_drop_oldest_keeps_the_most_recent_adapters(tmp_path, char_tokenizer, skewed_model):
+    models = FailureModels(skewed_model, "adapter", lora_r=2, lora_alpha=4)
+    names = [models.add() for _ in range(3)]
+    models.drop_oldest()
+    assert models.names == names[1:] and len(models) == 2
+    models.drop_oldest()
+    models.drop_oldest()
+    assert len(models) == 0
+    assert not any("lora_" in k for k in skewed_model.state_dict()), "adapters left inside the generator"
+
+
+# ------------------------------------------------------------------------------------------------ the round
+def _run(tmp_path, tokenizer, model, oracle, **overrides):
+    trainer = BaNELTrainer(model=model, reward_funcs=oracle, args=config(tmp_path, **overrides),
+                           train_dataset=UNCONDITIONAL, processing_class=tokenizer)
+    oracle.trainer = trainer
+    trainer.train()
+    return trainer
+
+
+MECHANISM_METRICS = ["failure/fit_log_ratio", "failure/fit_steps", "failure/heldout_rejected_rate",
+                     "filter/ratio_rejected_rate", "generator/entropy", "generator/distinct"]
+
+
+def test_each_step_of_the_round_logs_what_it_did(tmp_path, char_tokenizer, skewed_model):
+    trainer = _run(tmp_path, char_tokenizer, skewed_model, RecordingOracle(), max_reward_evaluations=40,
+                   evaluations_per_round=10, num_candidates=64, reject_known_failures=False, failure_heldout_fraction=0.2,
+                   failure_margin=1.0, failure_epochs=300, failure_learning_rate=1e-3, failure_batch_size=64,
+                   failure_max_grad_norm=1.0, failure_warmup_steps=10, keep_failure_models=True)
+    full = [h for h in trainer.history if h["round_evaluated"] >= 5]  # rounds with a negative to hold out
+    assert len(full) >= 3
+    for key in MECHANISM_METRICS:
+        assert all(key in h and math.isfinite(h[key]) for h in full), key
+        assert any(key in log for log in trainer.state.log_history), f"{key} never reached the logs"
+    assert all(h["failure/fit_log_ratio"] >= 0.9 * h["failure/fit_target"] for h in full)
+    assert sum(h["failure/margin_reached"] for h in full) >= 0.9 * len(full)
+    assert all(0 < h["generator/distinct"] <= 1 and h["generator/entropy"] > 0 for h in trainer.history)
+    # with regions kept across distillations the ratio test filters the proposals of every later round
+    assert all(h["filter/ratio_rejected_rate"] > 0 for h in trainer.history[1:])
+    assert any("distill/log_prob_gain" in h for h in trainer.history)
+    assert not any("lora_" in k for k in skewed_model.state_dict()), "failure adapters left inside the generator"
+
+
+def test_dropping_regions_at_distillation_leaves_the_oracle_unfiltered(tmp_path, char_tokenizer, skewed_model):
+    trainer = _run(tmp_path, char_tokenizer, skewed_model, RecordingOracle(), max_reward_evaluations=30,
+                   evaluations_per_round=10, num_candidates=64, keep_failure_models=False)
+    assert all(h["ratio_rejected"] == 0 for h in trainer.history)
+
+
+def test_without_known_failure_rejection_the_ratio_test_alone_filters_the_oracle(tmp_path, char_tokenizer,
+                                                                                 skewed_model):
+    """Known-failure rejection off, regions kept: the ratio test alone keeps candidates from the oracle.
+
+    (It does not lift the rare string on this toy: 3 strings hold 99% of the mass, so the fitted failure model
+    cannot exceed the empirical distribution of its negatives, and exact rejection is what carries the toy; see
+    benchmarks/results/ablation for the failure model alone on a sparse task.)"""
+    oracle = RecordingOracle(success=lambda c: c == "zebra")
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=oracle, train_dataset=UNCONDITIONAL,
+                           processing_class=char_tokenizer,
+                           args=config(tmp_path, reject_known_failures=False, keep_failure_models=True,
+                                       max_reward_evaluations=32, evaluations_per_round=8, num_candidates=64))
+    oracle.trainer = trainer
+    seen = spy_filter(trainer)
+    trainer.train()
+    assert sum(h["known_rejected"] for h in trainer.history) == 0
+    assert all(h["ratio_rejected"] > 0 for h in trainer.history[1:])
+    for round_, completions in oracle.calls:
+        assert set(completions) <= seen[round_]["accepted"]
+
+
+def test_a_known_success_is_never_rejected(tmp_path, char_tokenizer, skewed_model):
+    """The ledger knows it is not a failure: no failure model may reject it, however far it generalises."""
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(success=lambda c: c == "cat"),
+                           args=config(tmp_path, rejection_threshold=1.0), train_dataset=UNCONDITIONAL,
+                           processing_class=char_tokenizer)
+    cands = trainer._propose(64)
+    cat = [c for c in cands if c["completion"] == "cat"]
+    assert cat, "the skewed model proposes 'cat' 70% of the time"
+    trainer._evaluate(cat[:1] + [c for c in cands if c["completion"] == "dog"][:1])
+    trainer.failures.add()
+    trainer.failures.fit(trainer._collate(cat * 3), 30, 1e-2, 64)  # a failure model that explains 'cat' well
+    policy_lp, failure_lp = trainer.failures.score(trainer._collate(cat[:1]), 8)
+    assert (failure_lp[-1] - policy_lp).item() > 0, "the fit should raise 'cat' above q"
+    keep, stats, _, _ = trainer._filter(cat)
+    assert len(keep) == len(cat) and stats["ratio_rejected"] == 0
+    assert stats["known"] == 0 and trainer.ledger.is_known_success("", "cat")
+
+
+def test_distillation_kl_keeps_a_frozen_pretrained_reference(tmp_path, char_tokenizer, skewed_model):
+    pretrained = {k: v.clone() for k, v in skewed_model.state_dict().items()}
+    trainer = _run(tmp_path, char_tokenizer, skewed_model, RecordingOracle(), max_reward_evaluations=16,
+                   distill_kl_coef=0.5)
+    kls = [log["distill/kl_to_pretrained"] for log in trainer.state.log_history if "distill/kl_to_pretrained" in log]
+    assert kls and all(math.isfinite(k) and k >= 0 for k in kls) and max(kls) > 0
+    reference = trainer._reference.state_dict()
+    assert all(torch.equal(reference[k], pretrained[k]) for k in pretrained), "the reference moved"
+
+
+def test_a_learning_rate_too_small_to_move_the_generator_is_reported(tmp_path, char_tokenizer, skewed_model, caplog):
+    with caplog.at_level(logging.WARNING, logger="trl_banel.trainer"):
+        _run(tmp_path, char_tokenizer, skewed_model, RecordingOracle(), max_reward_evaluations=32,
+             evaluations_per_round=8, learning_rate=1e-9)
+    assert "Raise learning_rate" in caplog.text
