@@ -29,6 +29,7 @@ class Args:
     steps: int = 1500  # AdamW steps of 256 strings, cosine-decayed learning rate
     concentration: float = 1.0  # Dirichlet concentration of the chain's rows (below 1: a peaked generator)
     rare_weight: float = 0.2  # the rare letter's transition probabilities are scaled by this
+    max_prior: float = MAX_PRIOR  # the success rule is the smallest a-count whose exact prior is at most this
     out: str = str(MODEL_DIR)
     results: str = "benchmarks/results/letters_calibration.json"
 
@@ -37,17 +38,18 @@ def main(args: Args) -> dict:
     torch.set_num_threads(1)
     model, tokenizer, losses = pretrain_generator(seed=args.seed, steps=args.steps, concentration=args.concentration,
                                                 rare_weight=args.rare_weight)
-    min_a, prior = choose_min_a(model, tokenizer, MAX_PRIOR)
+    min_a, prior = choose_min_a(model, tokenizer, args.max_prior)
     model.config.letters_min_a = min_a
     model.config.letters_prior = prior
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
-    result = {"min_a": min_a, "exact_prior": prior, "max_prior": MAX_PRIOR, "final_loss": sum(losses[-50:]) / 50,
+    result = {"min_a": min_a, "exact_prior": prior, "max_prior": args.max_prior, "final_loss": sum(losses[-50:]) / 50,
               "settings": asdict(args)}
     if args.results:
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         Path(args.results).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"min_a={min_a}: exact success probability of the pretrained generator {prior:.3g} (at most {MAX_PRIOR})")
+    print(f"min_a={min_a}: exact success probability of the pretrained generator {prior:.3g} "
+          f"(at most {args.max_prior})")
     return result
 
 

@@ -21,6 +21,13 @@ def task():
     return load_letters_task()
 
 
+@pytest.fixture(scope="module")
+def prior_at_4(task):
+    """The shipped generator's exact probability of at least four a's (188,707 strings: scored once)."""
+    model, tok, _ = task
+    return exact_success_probability(model, tok, 4)
+
+
 def test_oracle_pays_only_for_eight_letters_with_enough_as():
     oracle = LettersOracle(min_a=5)
     completions = ["aaaaabcd", "aaaabcde", "aaaaaaaa", "aaaaabc", "aaaaabcdz", "AAAAABCD", "", "baaaaacd"]
@@ -34,7 +41,7 @@ def test_success_strings_are_exactly_the_paid_ones():
     assert all(is_success(s, 6) for s in strings) and not is_success(strings[0].replace("a", "b", 3), 6)
 
 
-def test_exact_probabilities_sum_to_one_on_a_small_alphabet_model(task):
+def test_exact_success_probability_matches_sampling(task, prior_at_4):
     """string_log_probs is an exact likelihood: a sample's empirical frequency of successes matches it."""
     model, tok, oracle = task
     rng = torch.Generator().manual_seed(0)
@@ -44,17 +51,17 @@ def test_exact_probabilities_sum_to_one_on_a_small_alphabet_model(task):
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     texts = tok.batch_decode(out, skip_special_tokens=True)
     rate_4 = sum(t.count("a") >= 4 and len(t) == LENGTH for t in texts) / len(texts)
-    exact_4 = exact_success_probability(model, tok, 4)
+    exact_4 = prior_at_4
     assert abs(rate_4 - exact_4) < 5 * math.sqrt(exact_4 / len(texts)) + 1e-4
     lp = string_log_probs(model, tok, texts[:50])
     assert torch.all(lp < 0) and torch.all(torch.isfinite(lp))
 
 
-def test_shipped_generator_is_calibrated_in_the_sparse_regime(task):
+def test_shipped_generator_is_calibrated_in_the_sparse_regime(task, prior_at_4):
     model, tok, oracle = task
     prior = exact_success_probability(model, tok, oracle.min_a)
-    assert prior <= MAX_PRIOR
-    assert exact_success_probability(model, tok, oracle.min_a - 1) > MAX_PRIOR, "min_a is not the smallest rule"
+    assert oracle.min_a == 5 and prior <= MAX_PRIOR
+    assert prior_at_4 > MAX_PRIOR, "min_a is not the smallest rule"
     recorded = json.loads((REPO / "benchmarks" / "results" / "letters_calibration.json").read_text())
     assert recorded["min_a"] == oracle.min_a and recorded["exact_prior"] == pytest.approx(prior, rel=1e-3)
 
@@ -69,10 +76,11 @@ def test_source_chain_makes_the_rare_letter_rare():
 
 def test_pretrain_recipe_smoke(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "recipes" / "pretrain_letters.py"), "--steps", "30", "--out",
-                          str(tmp_path / "model"), "--results", str(tmp_path / "cal.json")],
+                          str(tmp_path / "model"), "--results", str(tmp_path / "cal.json"),
+                          "--max_prior", "1e-6"],  # a barely trained model: a strict rule keeps the success sets small
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     cal = json.loads((tmp_path / "cal.json").read_text())
-    assert cal["exact_prior"] <= MAX_PRIOR
+    assert cal["exact_prior"] <= 1e-6
     model, tok, oracle = load_letters_task(path=tmp_path / "model")
     assert oracle.min_a == cal["min_a"]

@@ -176,6 +176,19 @@ def test_distillation_kl_keeps_a_frozen_pretrained_reference(tmp_path, char_toke
     assert all(torch.equal(reference[k], pretrained[k]) for k in pretrained), "the reference moved"
 
 
+def test_distillation_kl_of_a_lora_generator_uses_its_disabled_adapter(tmp_path, char_tokenizer, skewed_model):
+    from peft import LoraConfig
+
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(), train_dataset=UNCONDITIONAL,
+                           processing_class=char_tokenizer, args=config(tmp_path, max_reward_evaluations=16,
+                                                                        distill_kl_coef=0.5, learning_rate=1e-2),
+                           peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainer.train()
+    assert trainer._reference is None, "a LoRA generator needs no copy of the pretrained model"
+    kls = [log["distill/kl_to_pretrained"] for log in trainer.state.log_history if "distill/kl_to_pretrained" in log]
+    assert kls and max(kls) > 0 and all(math.isfinite(k) for k in kls)
+
+
 def test_a_learning_rate_too_small_to_move_the_generator_is_reported(tmp_path, char_tokenizer, skewed_model, caplog):
     with caplog.at_level(logging.WARNING, logger="trl_banel.trainer"):
         _run(tmp_path, char_tokenizer, skewed_model, RecordingOracle(), max_reward_evaluations=32,
