@@ -435,7 +435,8 @@ class BaNELTrainer(_BaseTrainer):
         self._rounds_in_phase = 0
         n_micro = args.distill_steps * ga
         if not samples:
-            logger.warning("No posterior sample survived the filter: skipping this distillation.")
+            logger.warning("Nothing to distil (no posterior sample survived the filter, or, with the baselined "
+                           "objective, the filter rejected nothing): skipping this distillation.")
             self._buffer = [{"skip": True} for _ in range(n_micro)]
             return
         random.Random(args.seed + self.round).shuffle(samples)
