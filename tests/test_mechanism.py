@@ -163,7 +163,7 @@ def test_a_known_success_is_never_rejected(tmp_path, char_tokenizer, skewed_mode
     assert (failure_lp[-1] - policy_lp).item() > 0, "the fit should raise 'cat' above q"
     keep, stats, _, _ = trainer._filter(cat)
     assert len(keep) == len(cat) and stats["ratio_rejected"] == 0
-    assert stats["known"] == 0 and trainer.ledger.is_known_success("", "cat")
+    assert stats["known"] == 0 and trainer.ledger.lookup("", "cat").success
 
 
 def test_distillation_kl_keeps_a_frozen_pretrained_reference(tmp_path, char_tokenizer, skewed_model):

@@ -201,8 +201,8 @@ class FailureModels:
 
         The negatives are samples of `q` itself, so the likelihood gradient on them is finite-sample noise: the
         model has to learn these particular failures, which takes many small stable steps (AdamW with gradient
-        clipping and a linear warm-up). The margin is checked once per epoch from the epoch's summed likelihood (one
-        step stale with full batches); 0 fits every epoch.
+        clipping and a linear warm-up). The margin is checked once per epoch, from the epoch's summed likelihood (each
+        batch measured before its update) against `log q` computed once before the fit; 0 fits every epoch.
 
         Data-parallel over `world_size` processes: every process holds the same negatives and the same shuffled
         order, takes its share of each batch, and the failure model's gradients are summed across processes, so
@@ -215,9 +215,9 @@ class FailureModels:
         generator = torch.Generator().manual_seed(seed)
         losses = []
         device = next(model.parameters()).device
-        first_nll = None  # summed NLL of the negatives in the first epoch: log q (the model starts as q)
         log_ratio, steps = 0.0, 0
-        target = min(margin, 0.5 * self._achievable_log_ratio(model, negatives, device)) if margin > 0 else 0.0
+        log_q = self._log_q(model, negatives, device)  # the new model starts as q
+        target = min(margin, 0.5 * self._achievable_log_ratio(negatives, log_q)) if margin > 0 else 0.0
         try:
             model.train()
             for _ in range(max_epochs):
@@ -255,9 +255,7 @@ class FailureModels:
                     epoch_nll += sums[1].item()
                     n += len(idx)
                 losses.append(epoch_loss / max(n, 1))
-                if first_nll is None:
-                    first_nll = epoch_nll
-                log_ratio = (first_nll - epoch_nll) / max(n_seq, 1)
+                log_ratio = (-epoch_nll - log_q.sum().item()) / max(n_seq, 1)
                 if margin > 0 and log_ratio >= target:
                     break
         finally:
@@ -267,16 +265,21 @@ class FailureModels:
             self.copies[-1] = self.prepare_copy(self.copies[-1])
         return FitResult(losses, steps, log_ratio, target, margin <= 0 or log_ratio >= target)
 
+    @staticmethod
     @torch.no_grad()
-    def _achievable_log_ratio(self, model, negatives: Candidates, device) -> float:
-        """`KL(p_emp || q)` over the negatives: the mean log-ratio of their empirical distribution (per prompt)."""
+    def _log_q(model, negatives: Candidates, device) -> torch.Tensor:
+        """`log q` of each negative, under the model about to be fitted (it starts as q)."""
         was_training = model.training
         model.eval()
         try:
-            log_q = sequence_log_probs(model, negatives.input_ids.to(device), negatives.attention_mask.to(device),
-                                       negatives.completion_mask.to(device), batch_size=512).cpu()
+            return sequence_log_probs(model, negatives.input_ids.to(device), negatives.attention_mask.to(device),
+                                      negatives.completion_mask.to(device), batch_size=512).cpu()
         finally:
             model.train(was_training)
+
+    @staticmethod
+    def _achievable_log_ratio(negatives: Candidates, log_q: torch.Tensor) -> float:
+        """`KL(p_emp || q)` over the negatives: the mean log-ratio of their empirical distribution (per prompt)."""
         pairs = Counter(zip(negatives.prompt_texts, negatives.completions))
         prompts = Counter(negatives.prompt_texts)
         log_emp = torch.tensor([math.log(pairs[(c, y)] / prompts[c])

@@ -118,10 +118,6 @@ class RewardLedger:
         record = self._index.get((prompt, completion))
         return record is not None and not record.success
 
-    def is_known_success(self, prompt: str, completion: str) -> bool:
-        record = self._index.get((prompt, completion))
-        return record is not None and record.success
-
     # -- writing ---------------------------------------------------------------------------------------------------
     def _append(self, records: Sequence[Evaluation]):
         if self.path is not None and records:

@@ -57,10 +57,9 @@ def completion_mask_after_prompt(completion_ids: torch.Tensor, eos_token_ids: li
     return (~after_eos).long()
 
 
-def completion_log_softmax(model, input_ids, attention_mask, completion_mask, **forward_kwargs):
+def _completion_logits(model, input_ids, attention_mask, completion_mask, **forward_kwargs):
     r"""
-    Log-softmax over the vocabulary at every completion position: `(log_probs, targets, mask)` of shapes
-    `(N, C, V)`, `(N, C)` and `(N, C)`.
+    Logits at every completion position with their targets and mask: shapes `(N, C, V)`, `(N, C)`, `(N, C)`.
 
     Completions start at the same column for every row (prompts are left-padded), so only the last `C + 1` positions'
     logits are computed (`logits_to_keep`), in fp32: the prompt's logits over a large vocabulary are never made.
@@ -71,14 +70,22 @@ def completion_log_softmax(model, input_ids, attention_mask, completion_mask, **
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
         logits_to_keep=keep, **forward_kwargs,
     ).logits[:, -keep:-1].float()
-    return logits.log_softmax(-1), input_ids[:, start:], completion_mask[:, start:].to(logits.dtype)
+    return logits, input_ids[:, start:], completion_mask[:, start:].to(logits.dtype)
+
+
+def completion_log_softmax(model, input_ids, attention_mask, completion_mask, **forward_kwargs):
+    r"""Log-softmax over the vocabulary at every completion position: `(log_probs, targets, mask)` of shapes
+    `(N, C, V)`, `(N, C)` and `(N, C)` (for losses that need whole distributions, such as a KL)."""
+    logits, targets, mask = _completion_logits(model, input_ids, attention_mask, completion_mask, **forward_kwargs)
+    return logits.log_softmax(-1), targets, mask
 
 
 def completion_token_log_probs(model, input_ids, attention_mask, completion_mask, **forward_kwargs):
-    r"""Log-probabilities of the completion tokens: `(token_log_probs, mask)`, both of shape `(N, C)`."""
-    log_probs, targets, mask = completion_log_softmax(model, input_ids, attention_mask, completion_mask,
-                                                      **forward_kwargs)
-    return torch.gather(log_probs, 2, targets.unsqueeze(-1)).squeeze(-1), mask
+    r"""Log-probabilities of the completion tokens: `(token_log_probs, mask)`, both of shape `(N, C)` (no second
+    vocabulary-sized tensor is made: the scoring path's cost)."""
+    logits, targets, mask = _completion_logits(model, input_ids, attention_mask, completion_mask, **forward_kwargs)
+    token_lp = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return token_lp, mask
 
 
 def sequence_log_probs(model, input_ids, attention_mask, completion_mask, batch_size: int, length_normalize=False,

@@ -635,12 +635,12 @@ class BaNELTrainer(_BaseTrainer):
         nothing every weight is 0 and the generator does not move, so it moves only where the failure models act.
         """
         world = self.accelerator.num_processes
-        cands = []
+        cands, accepted, proposed = [], 0, 0  # Z is measured over every proposal that gets a weight
         for _ in range(self.args.max_proposal_batches):
             batch = self._propose(max(1, math.ceil(n_total / world)))
             keep, stats, _, _ = self._filter(batch)
-            accepted = self._sum_over_ranks(stats["accepted"])
-            proposed = self._sum_over_ranks(stats["proposed"])
+            accepted += self._sum_over_ranks(stats["accepted"])
+            proposed += self._sum_over_ranks(stats["proposed"])
             kept = {id(c) for c in keep}
             for c in batch:
                 c["accepted"] = id(c) in kept
@@ -804,11 +804,11 @@ class BaNELTrainer(_BaseTrainer):
                 lengths = batch.completion_mask.sum(1).clamp(min=1).to(policy_lp.device)
                 policy_lp, failure_lp = policy_lp / lengths, failure_lp / lengths
             rejected, min_ratio = rejection_mask(policy_lp.cpu(), failure_lp.cpu(), args.rejection_threshold)
-        known = torch.tensor([args.reject_known_failures and self.ledger.is_known_failure(c["prompt_text"], c["completion"])
-                              for c in cands], dtype=torch.bool)
+        records = [self.ledger.lookup(c["prompt_text"], c["completion"]) for c in cands]
+        known = torch.tensor([args.reject_known_failures and r is not None and not r.success for r in records],
+                             dtype=torch.bool)
         # a known success is certainly outside the failure region, whatever the failure models generalise to
-        rejected &= ~torch.tensor([self.ledger.is_known_success(c["prompt_text"], c["completion"]) for c in cands],
-                                  dtype=torch.bool)
+        rejected &= ~torch.tensor([r is not None and r.success for r in records], dtype=torch.bool)
         reject = rejected | known
         keep = [c for c, r in zip(cands, reject.tolist()) if not r]
         finite = torch.isfinite(min_ratio)
