@@ -15,7 +15,7 @@ Configurations (each a set of BaNELConfig overrides on top of `TASK_SETTINGS`):
 - strong_keep: both; strong_keep_cumulative: both, each fit on every negative so far;
 - no_known: exact known-failure rejection off (the failure models alone must carry the method);
 - no_filter: no ratio test and no known-failure rejection (self-distillation only);
-- kl: a KL(generator || pretrained) term of weight 0.1 in the distillation;
+- kl, kl_strong: a KL(generator || pretrained) term of weight 0.1 (1.0) in the distillation;
 - baselined: the baselined distillation objective (every proposal weighted 1/Z - 1 or -1).
 
 Each run is cached in OUT/runs/{config}_seed{seed}.json (restartable, splittable between processes); the summary
@@ -57,6 +57,7 @@ CONFIGS = {
     "no_known": dict(reject_known_failures=False),
     "no_filter": dict(reject_known_failures=False, rejection_threshold=1e-30),
     "kl": dict(distill_kl_coef=0.1),
+    "kl_strong": dict(distill_kl_coef=1.0),
     "baselined": dict(distill_objective="baselined"),
 }
 

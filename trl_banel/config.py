@@ -133,6 +133,12 @@ class BaNELConfig(_BaseConfig):
             entropy, so that repeated distillation on finite samples neither drifts onto outputs the pretrained model
             never makes nor collapses. Needs a frozen copy of the pretrained generator (none for a LoRA generator: its
             adapter is disabled instead).
+        save_best_generator (`bool`, *optional*, defaults to `True`):
+            Keep the best round's generator: before each distillation, if the candidates evaluated since the last one
+            have the highest success rate so far (by the lower end of its 95% Clopper-Pearson interval, at least one
+            success), save the generator that proposed them to `output_dir/best_generator`. The selection reads
+            evaluations already made for training: it never calls the reward functions. `trainer.best_generator`
+            says which round it is.
 
         > Rewards
 
@@ -284,6 +290,11 @@ class BaNELConfig(_BaseConfig):
     distill_kl_coef: float = field(
         default=0.0,
         metadata={"help": "Weight of KL(generator || pretrained) per token in the distillation loss; 0 disables it."},
+    )
+    save_best_generator: bool = field(
+        default=True,
+        metadata={"help": "Save the generator of the phase with the best success rate among its training evaluations "
+                          "(no extra oracle calls) to output_dir/best_generator."},
     )
 
     # Rewards

@@ -35,7 +35,7 @@ from .config import BaNELConfig
 from .failure import FailureModels
 from .ledger import LEDGER_FILENAME, RewardFunctionError, RewardLedger
 from .oracle import RewardOracle
-from .stats import SuccessEstimate
+from .stats import SuccessEstimate, clopper_pearson
 from .posterior import (Candidates, completion_log_softmax, completion_mask_after_prompt, rejection_mask,
                         sequence_log_probs, token_kl)
 
@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 
 BANEL_STATE_NAME = "banel_state.pt"
+BEST_GENERATOR_DIR = "best_generator"
 
 
 def identity(x):
@@ -238,6 +239,9 @@ class BaNELTrainer(_BaseTrainer):
         self._logged_seconds: dict[str, float] = {}
         self._rng = np.random.default_rng(args.seed + self.accelerator.process_index)
         self.history: list[dict] = []  # one entry per round: nre, successes, acceptance (for plots)
+        # the best phase's generator (see save_best_generator), and the current phase's successes / evaluations
+        self.best_generator: dict | None = None
+        self._phase_counts = [0, 0]
 
     # ------------------------------------------------------------------------------------------------------------
     # Trainer hooks
@@ -339,7 +343,7 @@ class BaNELTrainer(_BaseTrainer):
             "round": self.round, "history": self.history, "rounds_in_phase": self._rounds_in_phase,
             "idle_rounds": self._idle_rounds, "negatives": self._negatives, "rng": self._rng.bit_generator.state,
             "failure_models": self.failures.state_dict(), "buffer": self._buffer, "finished": self._finished,
-            "held_out": self._held_out,
+            "held_out": self._held_out, "best_generator": self.best_generator, "phase_counts": self._phase_counts,
         }
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
@@ -356,6 +360,10 @@ class BaNELTrainer(_BaseTrainer):
                                ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
         # the generator goes back to the user as given: no failure adapter left inside it
         self.failures.clear()
+        if self.best_generator is not None:
+            b = self.best_generator
+            logger.info("Best generator: the one that proposed rounds %d-%d (%d successes in %d evaluations), saved "
+                        "in %s.", b["first_round"], b["last_round"], b["successes"], b["evaluated"], b["path"])
         return output
 
     def _restore_pending_state(self):
@@ -370,8 +378,10 @@ class BaNELTrainer(_BaseTrainer):
             self._buffer = state["buffer"]
             self._finished = state["finished"]
             self._held_out = state.get("held_out", [])
+            self._phase_counts = state.get("phase_counts", [0, 0])
             if state["failure_models"]:
                 self.failures.load_state_dict(state["failure_models"])
+        self.best_generator = state.get("best_generator", self.best_generator)
         self._negatives = state["negatives"]
         known = {(c["prompt_text"], c["completion"]) for c in self._negatives}
         for r in self.ledger.records:  # negatives evaluated after the checkpoint, re-tokenised from the ledger
@@ -426,6 +436,7 @@ class BaNELTrainer(_BaseTrainer):
             self._finished = True
             self._buffer = [{"skip": True} for _ in range(ga)]
             return
+        self._keep_best_generator()
         if args.distill_objective == "baselined":
             samples = self._weighted_proposals(args.distill_samples)
         else:
@@ -451,6 +462,26 @@ class BaNELTrainer(_BaseTrainer):
                                  for k in ("input_ids", "attention_mask", "completion_mask")})
             if args.distill_objective == "baselined":
                 self._buffer[-1]["weight"] = torch.tensor([c["weight"] for c in chunk], device=self.accelerator.device)
+
+    def _keep_best_generator(self):
+        """Before a distillation: save the generator if its phase's evaluations have the best success rate so far.
+
+        The rounds since the last distillation were proposed by the current generator (filtered by this phase's
+        failure models), so their evaluations already measure it: selecting on them costs no reward evaluation.
+        Rates are compared by the lower end of their 95% Clopper-Pearson interval, so a lucky 1-in-1 does not beat
+        a steady 30-in-50."""
+        successes, evaluated = self._phase_counts
+        first_round = self.round - self._rounds_in_phase
+        self._phase_counts = [0, 0]
+        if not self.args.save_best_generator or successes == 0:
+            return
+        lower = clopper_pearson(successes, evaluated)[0]
+        if self.best_generator is not None and lower <= self.best_generator["lower"]:
+            return
+        path = os.path.join(self.args.output_dir, BEST_GENERATOR_DIR)
+        self.save_model(path, _internal_call=True)  # on every process: ZeRO-3 gathers the weights to save them
+        self.best_generator = {"first_round": first_round, "last_round": self.round - 1, "successes": successes,
+                               "evaluated": evaluated, "lower": lower, "nre": self.ledger.spent, "path": path}
 
     @torch.no_grad()
     def _generator_log_probs(self, cands: Candidates) -> torch.Tensor:
@@ -517,6 +548,8 @@ class BaNELTrainer(_BaseTrainer):
         self._negatives.extend(negatives)
         fit = self._fit_failure_model(negatives)
         evaluated = sum(1 for r in rewards if r is not None)
+        self._phase_counts[0] += n_success
+        self._phase_counts[1] += evaluated
         proposed = max(stats["proposed"], 1)
         fresh = max(stats["proposed"] - stats["known"], 1)
         record = {
