@@ -436,13 +436,13 @@ class BaNELTrainer(_BaseTrainer):
             self._finished = True
             self._buffer = [{"skip": True} for _ in range(ga)]
             return
-        self._keep_best_generator()
         if args.distill_objective == "baselined":
             samples = self._weighted_proposals(args.distill_samples)
         else:
             samples = self._sample_posterior(args.distill_samples)
         if not args.keep_failure_models:
             self.failures.clear()
+        self._keep_best_generator()  # the generator as it proposed this phase (the failure models are not part of it)
         self._rounds_in_phase = 0
         n_micro = args.distill_steps * ga
         if not samples:
