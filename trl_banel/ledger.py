@@ -105,7 +105,11 @@ class RewardLedger:
 
     def unrecorded_lost(self) -> list[LostEvaluation]:
         """Lost evaluations (charged, reward unknown) that have not been evaluated again since."""
-        return [r for r in self.lost if (r.prompt, r.completion) not in self._index]
+        return [r for r in self.lost if self.is_unrecorded_lost(r.prompt, r.completion)]
+
+    def is_unrecorded_lost(self, prompt: str, completion: str) -> bool:
+        key = (prompt, completion)
+        return key in self._lost_keys and key not in self._index
 
     def share(self) -> tuple:
         """What another process needs to hold the same ledger (see `adopt`)."""

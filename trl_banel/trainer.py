@@ -526,7 +526,7 @@ class BaNELTrainer(_BaseTrainer):
         # The oracle is the main process's: candidates from every rank, in one order.
         accepted = gather_object(accepted)
         spent_before = self.ledger.spent
-        to_evaluate = accepted[:want]
+        to_evaluate = self._sendable(accepted)[:want]
         try:
             with self._timed("oracle"):
                 rewards = self._evaluate(to_evaluate)
@@ -838,6 +838,9 @@ class BaNELTrainer(_BaseTrainer):
         records = [self.ledger.lookup(c["prompt_text"], c["completion"]) for c in cands]
         known = torch.tensor([args.reject_known_failures and r is not None and not r.success for r in records],
                              dtype=torch.bool)
+        if self.ledger.lost:  # lost in a crash: charged, never sent again, so never worth proposing (nor distilling)
+            known |= torch.tensor([self.ledger.is_unrecorded_lost(c["prompt_text"], c["completion"]) for c in cands],
+                                  dtype=torch.bool)
         # a known success is certainly outside the failure region, whatever the failure models generalise to
         rejected &= ~torch.tensor([r is not None and r.success for r in records], dtype=torch.bool)
         reject = rejected | known
@@ -878,6 +881,13 @@ class BaNELTrainer(_BaseTrainer):
             for r in new_records:
                 self.ledger._add(r)
         return rewards
+
+    def _sendable(self, cands: list[dict]) -> list[dict]:
+        """The candidates the oracle may be asked about: not those a crash lost (charged, outcome unknown, never sent
+        again), which would otherwise take the round's places and come back unscored."""
+        if not self.ledger.lost:
+            return cands
+        return [c for c in cands if not self.ledger.is_unrecorded_lost(c["prompt_text"], c["completion"])]
 
     def _call_oracle(self, cands: list[dict], require_a_score: bool = False) -> list[float | None]:
         prompts = [c["prompt"] for c in cands]
