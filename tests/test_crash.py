@@ -85,10 +85,11 @@ def kill_group(runs):
     os.killpg(runs.pid, signal.SIGKILL)
     deadline = time.time() + 60
     while time.time() < deadline:  # every process of the start is gone before the next one (ranks, ports)
+        exited = runs.exit_code() is not None  # reaps the launcher: a zombie still counts as in the group
         try:
             os.killpg(runs.pid, 0)
         except ProcessLookupError:
-            if runs.exit_code() is not None:
+            if exited:
                 return
         time.sleep(0.02)
     raise AssertionError("processes of the killed run survived the SIGKILL")
