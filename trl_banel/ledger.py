@@ -22,7 +22,7 @@ LEDGER_FILENAME = "evaluations.jsonl"
 
 
 def journal_path(ledger_path: str) -> str:
-    """Where the write-ahead journal of a ledger's reward calls lives: `evaluations.jsonl` -> `evaluations.calls.jsonl`."""
+    """The write-ahead journal of a ledger's reward calls: `evaluations.jsonl` -> `evaluations.calls.jsonl`."""
     root, ext = os.path.splitext(ledger_path)
     return f"{root}.calls{ext or '.jsonl'}"
 

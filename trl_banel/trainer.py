@@ -975,8 +975,8 @@ def _load_tokenizer(model):
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # OSError, ValueError, ImportError (sentencepiece, tiktoken, ...): all mean the same here
         reason = " ".join(str(e).split())  # library messages span lines
-        raise ValueError(f"No tokenizer could be loaded from {path!r}, the model's path ({type(e).__name__}: {reason}). "
-                         "Pass processing_class=tokenizer to BaNELTrainer.") from e
+        raise ValueError(f"No tokenizer could be loaded from {path!r}, the model's path ({type(e).__name__}: "
+                         f"{reason}). Pass processing_class=tokenizer to BaNELTrainer.") from e
 
 
 def _check_dataset(dataset):

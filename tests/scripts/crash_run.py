@@ -104,8 +104,8 @@ def main():
         learning_rate=3e-3, failure_epochs=2, failure_learning_rate=1e-2, failure_lora_r=4, failure_lora_alpha=8,
         save_strategy="steps", save_steps=1, max_idle_rounds=10,
     )
-    trainer = BaNELTrainer(model=model, reward_funcs=oracle, args=args, train_dataset=Dataset.from_dict({"prompt": [""]}),
-                           processing_class=tok)
+    trainer = BaNELTrainer(model=model, reward_funcs=oracle, args=args, processing_class=tok,
+                           train_dataset=Dataset.from_dict({"prompt": [""]}))
     Phases(trainer)
     trainer.train(resume_from_checkpoint=get_last_checkpoint(OUT) if os.path.isdir(OUT) else None)
     trainer.save_model(os.path.join(OUT, "final"))
