@@ -193,7 +193,7 @@ def test_three_kills_one_process(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("BANEL_CRASH_KILLS") is None,
-                    reason="20 SIGKILLs take about 4 minutes: run with BANEL_CRASH_KILLS=20")
+                    reason="20 SIGKILLs take about 2 minutes: run with BANEL_CRASH_KILLS=20")
 def test_twenty_kills_one_process(tmp_path):
     kills, budget = int(os.environ["BANEL_CRASH_KILLS"]), 120
     out, count, landed, acked = crash_and_resume(tmp_path, kills, seed=1, budget=budget)
