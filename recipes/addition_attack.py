@@ -26,6 +26,7 @@ from trl import TrlParser  # noqa: E402
 from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
 from trl_banel.callbacks import SuccessCurveCallback  # noqa: E402
 from trl_banel.plotting import plot_success_curves  # noqa: E402
+from trl_banel.runs import refuse_rerun  # noqa: E402
 from trl_banel.stats import SuccessEstimate  # noqa: E402
 from trl_banel.tasks.addition import classify_query, estimate_success_rate, load_addition_task  # noqa: E402
 
@@ -58,6 +59,9 @@ QUICK = dict(max_reward_evaluations=100, evaluations_per_round=25, eval_samples=
 def main(demo: DemoArguments, config: BaNELConfig) -> dict:
     torch.set_num_threads(demo.threads)
     set_seed(config.seed)
+    # a finished run in output_dir is never overwritten: say so now, not after the pretrained estimate (train() would
+    # refuse too)
+    refuse_rerun(config.output_dir, None)
     os.makedirs(config.output_dir, exist_ok=True)
     start = time.time()
     attacker, tokenizer, oracle = load_addition_task()
@@ -71,6 +75,7 @@ def main(demo: DemoArguments, config: BaNELConfig) -> dict:
     curve = SuccessCurveCallback(trainer, every_rounds=demo.curve_every, num_samples=demo.curve_samples)
     trainer.add_callback(curve)
     trainer.train()
+    trainer.save_model()  # the trained attacker, beside the ledger
     final = trainer.estimate_success_rate(demo.eval_samples)
     minutes = (time.time() - start) / 60
 
@@ -105,7 +110,8 @@ def main(demo: DemoArguments, config: BaNELConfig) -> dict:
     }
     with open(os.path.join(config.output_dir, "result.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(f"\nplot: {plot_path}\nledger: {os.path.join(config.output_dir, 'evaluations.jsonl')}")
+    print(f"\nplot: {plot_path}\nledger: {os.path.join(config.output_dir, 'evaluations.jsonl')}\n"
+          f"model: {config.output_dir}")
     return result
 
 
