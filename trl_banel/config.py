@@ -40,6 +40,10 @@ class BaNELConfig(_BaseConfig):
             Stop when this many consecutive rounds each spend fewer than 5% of `evaluations_per_round` new
             evaluations (every proposal rejected or already evaluated): the sampler has converged onto known
             completions, or the posterior can no longer be sampled.
+        stop_after_successes (`int` or `None`, *optional*, defaults to `None`):
+            Stop once the ledger holds this many successes (a resumed run counts the ones it loaded). Checked after
+            each round, so the round that finds them still evaluates its batch (up to `evaluations_per_round`).
+            `None`: run until the budget is spent.
 
         > Generation
 
@@ -146,6 +150,13 @@ class BaNELConfig(_BaseConfig):
             Seconds to wait before the first retry; doubled for each further retry.
         reward_timeout (`float` or `None`, *optional*, defaults to `None`):
             Seconds one reward-function call may take before it counts as failed (and is retried); `None`: no limit.
+
+        > Runtime
+
+        torch_num_threads (`int` or `None`, *optional*, defaults to `None`):
+            torch threads of a run on the CPU (process-wide, `torch.set_num_threads`). `None`: a model under 10M
+            parameters runs with one thread unless `OMP_NUM_THREADS` or `torch.set_num_threads` already chose a count
+            (small models are several times faster on one thread); larger models keep torch's default.
     """
 
 
@@ -190,6 +201,10 @@ class BaNELConfig(_BaseConfig):
     max_idle_rounds: int = field(
         default=5,
         metadata={"help": "Stop after this many consecutive rounds that each spend < 5%% of evaluations_per_round."},
+    )
+    stop_after_successes: int | None = field(
+        default=None,
+        metadata={"help": "Stop once this many successes are found (checked after each round); None spends the budget."},
     )
 
     # Generation
@@ -303,6 +318,13 @@ class BaNELConfig(_BaseConfig):
         default=None, metadata={"help": "Seconds a reward-function call may take; None: no limit."}
     )
 
+    # Runtime
+    torch_num_threads: int | None = field(
+        default=None,
+        metadata={"help": "torch threads on the CPU; None: 1 for models under 10M parameters unless OMP_NUM_THREADS or "
+                          "torch.set_num_threads chose, else torch's default."},
+    )
+
     def __post_init__(self):
         self._validate()
         super().__post_init__()
@@ -333,6 +355,10 @@ class BaNELConfig(_BaseConfig):
                 bad(name, "an integer >= 1")
         if self.num_rounds is not None and self.num_rounds < 1:
             bad("num_rounds", "None or an integer >= 1")
+        for name in ("stop_after_successes", "torch_num_threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                bad(name, "None or an integer >= 1")
         if self.distill_every < 0:
             bad("distill_every", "an integer >= 0 (0 never distils)")
         if not self.temperature > 0:
