@@ -88,6 +88,9 @@ class BaNELProgressCallback(TrainerCallback):
         found = len(t.ledger.successes)
         self._write(f"stopped after {t.round} rounds: {reason}; {t.ledger.spent:,} reward evaluations spent, "
                     f"{found} {'success' if found == 1 else 'successes'} found")
+        for cb in t.callback_handler.callbacks:  # the run report is drawn just before (its callback comes first)
+            if getattr(cb, "report_path", None):
+                self._write(f"run report: {cb.report_path}")
         if self.bar is not None:
             self.bar.close()
             self.bar = None

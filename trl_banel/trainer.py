@@ -37,6 +37,7 @@ from .config import BaNELConfig
 from .failure import FailureModels
 from .ledger import LEDGER_FILENAME, RewardFunctionError, RewardLedger
 from .oracle import RewardOracle
+from .report import RunReportCallback
 from .stats import SuccessEstimate
 from .threads import configure_cpu_threads
 from .posterior import (Candidates, completion_log_softmax, completion_mask_after_prompt, rejection_mask,
@@ -160,6 +161,7 @@ class BaNELTrainer(_BaseTrainer):
         )
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
+        self.add_callback(RunReportCallback(self))  # rounds.jsonl and run_report.png in output_dir
         # the console counts reward evaluations and prints one line per round, not a metrics dict per step
         printer = self.callback_handler.pop_callback(PrinterCallback)
         if self.callback_handler.pop_callback(DEFAULT_PROGRESS_CALLBACK) is not None or printer is not None:
