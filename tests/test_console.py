@@ -32,8 +32,9 @@ def test_one_line_per_round_and_nothing_per_distillation_step(tmp_path, char_tok
     assert "accepted " in rounds[0] and "fit margin " in rounds[0]
     assert rounds[-1].startswith(f"round {trainer.round - 1} | NRE 24/24 | ")
     assert not [line for line in out if line.startswith("{")], out  # no metrics dict
-    assert out[-1].startswith(f"stopped after {trainer.round} rounds: the budget of 24 reward evaluations is spent")
-    assert len(out) == len(rounds) + 1  # the rounds and the final line, nothing else
+    assert out[-2].startswith(f"stopped after {trainer.round} rounds: the budget of 24 reward evaluations is spent")
+    assert out[-1].startswith("run report: ")
+    assert len(out) == len(rounds) + 2  # the rounds and the two final lines, nothing else
 
 
 def test_full_metrics_at_debug_level(tmp_path, char_tokenizer, skewed_model, capsys):
@@ -49,9 +50,9 @@ def test_full_metrics_at_debug_level(tmp_path, char_tokenizer, skewed_model, cap
 
 
 def test_round_line_names_the_best_success_and_skips_a_missing_fit():
-    record = {"round": 4, "nre": 250, "successes": 2, "round_successes": 1, "acceptance_rate": 0.5}
+    record = {"round": 4, "nre": 250, "successes": 2, "round_successes": 5, "acceptance_rate": 0.5}
     best = Evaluation(prompt="", completion="0012+5=" * 10, reward=1.0, round=3, success=True)
-    line = format_round_line(record, 7500, best)
+    line = format_round_line(record, 7500, best, new_successes=1)
     assert line.startswith("round 4 | NRE 250/7,500 | successes 2 (+1) | accepted 50.0% | best '0012+5=0012+")
     assert "fit margin" not in line and line.endswith("...' (reward 1)")
     assert "fit margin 1.25 nats" in format_round_line({**record, "failure/fit_log_ratio": 1.25}, 7500)

@@ -1,6 +1,7 @@
 """The run report: per-round log, figure, and the function that draws it from a finished output_dir."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +55,11 @@ def test_a_run_writes_its_rounds_and_report(tmp_path, char_tokenizer, skewed_mod
     assert [r["round"] for r in rounds] == [h["round"] for h in trainer.history] == list(range(trainer.round))
     assert rounds[-1]["nre"] == trainer.ledger.spent and "acceptance_rate" in rounds[0]
     assert (out / REPORT_FILENAME).stat().st_size > 20_000
-    assert f"run report: {out / REPORT_FILENAME}" in capsys.readouterr().out
+    console = capsys.readouterr().out
+    assert f"run report: {out / REPORT_FILENAME}" in console
+    # the console's "(+n)" counts successes paid for, not repeats of a known success answered free by the ledger
+    new = [int(m) for m in re.findall(r"^round \d+ \| .* \(\+(\d+)\)", console, re.M)]
+    assert len(new) == trainer.round and sum(new) == len(trainer.ledger.successes) >= 1
 
     # a second trainer on the same output_dir (a bigger budget) appends its own rounds, never the loaded ones
     more = BaNELTrainer(model=skewed_model, reward_funcs=oracle, args=config(tmp_path, max_reward_evaluations=40),

@@ -14,10 +14,13 @@ def _short(text: str, width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 4] + "...'"
 
 
-def format_round_line(record: dict, budget: int, best=None) -> str:
-    """The console line of one round (an entry of `trainer.history`): what a person watching the run needs."""
+def format_round_line(record: dict, budget: int, best=None, new_successes: int = 0) -> str:
+    """The console line of one round (an entry of `trainer.history`): what a person watching the run needs.
+
+    `new_successes`: the successes this round paid for (a repeat of a known success is answered by the ledger, free,
+    and is not new)."""
     parts = [f"round {record['round']}", f"NRE {record['nre']:,}/{budget:,}",
-             f"successes {record['successes']} (+{record.get('round_successes', 0)})",
+             f"successes {record['successes']} (+{new_successes})",
              f"accepted {record['acceptance_rate']:.1%}"]
     if "failure/fit_log_ratio" in record:  # no fit when the round had no negative
         parts.append(f"fit margin {record['failure/fit_log_ratio']:.2f} nats")
@@ -72,7 +75,8 @@ class BaNELProgressCallback(TrainerCallback):
                 # the best success as of that round (several rounds can end in one step when distill_every > 1)
                 found = [r for r in t.ledger.successes if r.round <= record["round"]]
                 best = max(found, key=lambda r: r.reward, default=None)
-                self._write(format_round_line(record, args.max_reward_evaluations, best))
+                new = sum(r.round == record["round"] for r in found)
+                self._write(format_round_line(record, args.max_reward_evaluations, best, new))
                 self._last_round = record["round"]
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -84,6 +84,7 @@ def plot_run_report(output_dir: str, path: str | None = None) -> str:
 
     matplotlib.use("Agg")  # files only: runs on servers with no display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     evaluations = read_jsonl(os.path.join(output_dir, LEDGER_FILE))
     rounds = read_jsonl(os.path.join(output_dir, ROUNDS_FILENAME))
@@ -130,7 +131,7 @@ def plot_run_report(output_dir: str, path: str | None = None) -> str:
             cum.append(cum_s / cum_n)
             cum_low.append(low)
             cum_high.append(high)
-        ax_rate.plot(nre, cum, color="C3", lw=1.5, label="all evaluated so far")
+        ax_rate.plot(nre, cum, color="C3", lw=1.5, label="all evaluated so far (band: 95% Clopper-Pearson)")
         ax_rate.fill_between(nre, cum_low, cum_high, color="C3", alpha=0.2)
         # scaled to the estimates, not to the wide intervals of small rounds (those run off the top)
         ax_rate.set_ylim(0, min(1.02, 1.3 * max(max(rate), max(cum_high), 0.02)))
@@ -170,10 +171,13 @@ def plot_run_report(output_dir: str, path: str | None = None) -> str:
     ax_fit.set_title("failure fit and generator, per round")
     ax_fit.set_xlabel("round")
     ax_fit.set_ylabel("nats")
+    for ax in (ax_accept, ax_fit):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_found.yaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     fig.suptitle(f"BaNEL run {os.path.basename(os.path.abspath(output_dir))}: {len(rounds) or len(per_round)} rounds, "
-                 f"{len(evaluations):,} reward evaluations, {found} successes")
+                 f"{len(evaluations):,} reward evaluations, {found} success{'' if found == 1 else 'es'}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
