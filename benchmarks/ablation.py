@@ -15,8 +15,9 @@ Configurations (each a set of BaNELConfig overrides on top of `TASK_SETTINGS`):
 - strong_keep: both; strong_keep_cumulative: both, each fit on every negative so far;
 - no_known: exact known-failure rejection off (the failure models alone must carry the method);
 - no_filter: no ratio test and no known-failure rejection (self-distillation only);
-- kl: a KL(generator || pretrained) term of weight 0.1 in the distillation;
-- baselined: the baselined distillation objective (every proposal weighted 1/Z - 1 or -1).
+- kl, kl_strong: a KL(generator || pretrained) term of weight 0.1 (1.0) in the distillation;
+- baselined: the baselined distillation objective (every proposal weighted 1/Z - 1 or -1);
+- baselined_kl: the baselined objective anchored by a KL(generator || pretrained) term of weight 1.0.
 
 Each run is cached in OUT/runs/{config}_seed{seed}.json (restartable, splittable between processes); the summary
 (ablation.json, .md, .png) is rebuilt from every cached run at the end.
@@ -57,7 +58,9 @@ CONFIGS = {
     "no_known": dict(reject_known_failures=False),
     "no_filter": dict(reject_known_failures=False, rejection_threshold=1e-30),
     "kl": dict(distill_kl_coef=0.1),
+    "kl_strong": dict(distill_kl_coef=1.0),
     "baselined": dict(distill_objective="baselined"),
+    "baselined_kl": dict(distill_objective="baselined", distill_kl_coef=1.0),
 }
 
 
@@ -101,6 +104,13 @@ def run_one(config: str, seed: int, args: Args, workdir: Path) -> dict:
     wall = time.time() - start
     final = exact_success_probability(trainer.accelerator.unwrap_model(trainer.model), tokenizer, oracle.min_a)
     best = max([final] + [p["p"] for p in curve.points])
+    # the generator the trainer kept as its best (save_best_generator), chosen from training evaluations alone
+    kept = final
+    if trainer.best_generator is not None:
+        from transformers import AutoModelForCausalLM
+
+        kept = exact_success_probability(AutoModelForCausalLM.from_pretrained(trainer.best_generator["path"]),
+                                         tokenizer, oracle.min_a)
     keys = ["failure/fit_log_ratio", "failure/fit_steps", "failure/heldout_rejected_rate", "failure/margin_reached",
             "filter/ratio_rejected_rate", "generator/entropy", "generator/distinct", "acceptance_rate"]
     means = {k: float(np.nanmean([h[k] for h in trainer.history if k in h])) for k in keys
@@ -108,7 +118,7 @@ def run_one(config: str, seed: int, args: Args, workdir: Path) -> dict:
     rounds = max(len(trainer.history), 1)
     return {
         "config": config, "seed": seed, "prior": prior, "final": final, "best": best,
-        "improvement": final / prior, "best_improvement": best / prior, "successes_found": len(trainer.ledger.successes),
+        "improvement": final / prior, "best_improvement": best / prior, "kept": kept, "kept_improvement": kept / prior, "successes_found": len(trainer.ledger.successes),
         "nre": trainer.ledger.spent, "rounds": len(trainer.history), "wall_seconds": wall,
         "seconds_per_round": {k: v / rounds for k, v in trainer.phase_seconds.items()},
         "means": means, "curve": curve.points, "settings": {**settings, **CONFIGS[config]},
@@ -130,6 +140,8 @@ def summarize(out: Path) -> dict:
             "median_improvement": float(np.median(imp)), "seeds_10x": int((imp >= 10).sum()),
             "seeds_100x": int((imp >= 100).sum()), "seeds_below_1x": int((imp < 1).sum()),
             "final_over_half_best": int(sum(r["final"] >= 0.5 * r["best"] for r in rs)),
+            # runs from before save_best_generator have no "kept": their final generator is what they kept
+            "kept_over_half_best": int(sum(max(r["final"], r.get("kept", 0.0)) >= 0.5 * r["best"] for r in rs)),
             "successes_found_median": float(np.median([r["successes_found"] for r in rs])),
             "wall_seconds_median": float(np.median([r["wall_seconds"] for r in rs])),
             "seconds_per_round": {k: float(np.mean([r["seconds_per_round"].get(k, 0) for r in rs]))
@@ -138,13 +150,14 @@ def summarize(out: Path) -> dict:
             "settings": rs[0]["settings"],
         }
     (out / "ablation.json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = ["| config | seeds | median improvement | >= 10x | >= 100x | < 1x | final >= best/2 | fit log-ratio | "
-             "fit steps | ratio-rejected | held-out rejected | entropy | s/round |", "|" + "---|" * 13]
+    lines = ["| config | seeds | median improvement | >= 10x | >= 100x | < 1x | final >= best/2 | kept >= best/2 | "
+             "fit log-ratio | fit steps | ratio-rejected | held-out rejected | entropy | s/round |", "|" + "---|" * 14]
     for config, s in summary.items():
         m = s["means"]
         lines.append(
             f"| {config} | {len(s['seeds'])} | {s['median_improvement']:.3g}x | {s['seeds_10x']} | {s['seeds_100x']} "
-            f"| {s['seeds_below_1x']} | {s['final_over_half_best']} | {m.get('failure/fit_log_ratio', float('nan')):.2f} "
+            f"| {s['seeds_below_1x']} | {s['final_over_half_best']} | {s['kept_over_half_best']} "
+            f"| {m.get('failure/fit_log_ratio', float('nan')):.2f} "
             f"| {m.get('failure/fit_steps', float('nan')):.0f} | {m.get('filter/ratio_rejected_rate', float('nan')):.3f} "
             f"| {m.get('failure/heldout_rejected_rate', float('nan')):.3f} | {m.get('generator/entropy', float('nan')):.3f} "
             f"| {sum(s['seconds_per_round'].values()):.2f} |")

@@ -27,6 +27,7 @@ from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
 from trl_banel.callbacks import SuccessCurveCallback  # noqa: E402
 from trl_banel.cli import script_help  # noqa: E402
 from trl_banel.plotting import plot_success_curves  # noqa: E402
+from trl_banel.runs import refuse_rerun  # noqa: E402
 from trl_banel.stats import SuccessEstimate  # noqa: E402
 from trl_banel.tasks.addition import classify_query, estimate_success_rate, load_addition_task  # noqa: E402
 
@@ -98,6 +99,9 @@ def hardware() -> str:
 def main(demo: DemoArguments, config: BaNELConfig, command: str = "python recipes/addition_attack.py") -> dict:
     torch.set_num_threads(demo.threads)
     set_seed(config.seed)
+    # a finished run in output_dir is never overwritten: say so now, not after the pretrained estimate (train() would
+    # refuse too)
+    refuse_rerun(config.output_dir, None)
     os.makedirs(config.output_dir, exist_ok=True)
     if demo.quick:
         print(QUICK_NOTE.format(budget=config.max_reward_evaluations) + "\n")
@@ -113,6 +117,7 @@ def main(demo: DemoArguments, config: BaNELConfig, command: str = "python recipe
     curve = SuccessCurveCallback(trainer, every_rounds=demo.curve_every, num_samples=demo.curve_samples)
     trainer.add_callback(curve)
     trainer.train()
+    trainer.save_model()  # the trained attacker, beside the ledger
     final = trainer.estimate_success_rate(demo.eval_samples)
     minutes = (time.time() - start) / 60
 
@@ -140,7 +145,7 @@ def main(demo: DemoArguments, config: BaNELConfig, command: str = "python recipe
     report = os.path.join(config.output_dir, "run_report.png")
     print(f"\nsuccess rate against NRE: {plot_path}\nrun report: {report}\n"
           f"result: {os.path.join(config.output_dir, 'result.json')}\n"
-          f"ledger: {os.path.join(config.output_dir, 'evaluations.jsonl')}")
+          f"ledger: {os.path.join(config.output_dir, 'evaluations.jsonl')}\nmodel: {config.output_dir}")
     return result
 
 

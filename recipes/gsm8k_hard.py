@@ -12,8 +12,10 @@ Each question is its own BaNEL run: it starts from the base model, writes its ow
 `result.json` to `output_dir/q{ID}`, spends its own budget, and is pushed to its own Hub repo
 (`{hub_model_id}-q{ID}`). Questions do not share a generator, so the result for one does not depend on which
 questions ran before it or in what order, and questions can run as separate jobs (in parallel, into the same
-`output_dir`). Re-running a question reloads its ledger: evaluations already paid for are not paid again and count
-against its budget, but the generator restarts from the base model (no generator checkpoints are kept by default).
+`output_dir`). Re-running a question whose run was interrupted reloads its ledger: evaluations already paid for are
+not paid again and count against its budget, but the generator restarts from the base model (no generator checkpoints
+are kept by default). Re-running a question whose run finished is refused (its trained model would be overwritten by a
+less trained one): use another `output_dir`.
 
 After training, the success rate of the trained generator on its question is estimated from `eval_samples` fresh
 samples scored by the same reward function, outside the trainer's ledger (these calls are not charged to the

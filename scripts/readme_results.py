@@ -16,6 +16,7 @@ import difflib
 import importlib.util
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -139,9 +140,13 @@ def regenerate(readme: str, root: Path) -> tuple[str, list[str]]:
     return _MARKER.sub(replace, readme), changed
 
 
-def rerun_demo(demo_flags: list[str]):
-    command = [sys.executable, str(ROOT / "recipes" / "addition_attack.py"), "--output_dir", str(ROOT / DEMO_DIR),
-               *demo_flags]
+def rerun_demo(root: Path, demo_flags: list[str]):
+    out = root / DEMO_DIR
+    # the folder holds the previous demo run, which the trainer would refuse to train on again: it is all generated
+    # (and in git), so it is replaced
+    if out.exists():
+        shutil.rmtree(out)
+    command = [sys.executable, str(ROOT / "recipes" / "addition_attack.py"), "--output_dir", str(out), *demo_flags]
     print("running:", " ".join(command), flush=True)
     subprocess.run(command, check=True)
 
@@ -158,7 +163,7 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(demo_flags)}")
     root = Path(args.root)
     if args.rerun_demo:
-        rerun_demo(demo_flags)
+        rerun_demo(root, demo_flags)
     readme_path = root / "README.md"
     old = readme_path.read_text()
     new, changed = regenerate(old, root)

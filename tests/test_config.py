@@ -11,10 +11,20 @@ from trl_banel import BaNELConfig
     ("failure_margin", -1.0), ("failure_margin", float("nan")), ("failure_max_grad_norm", -1.0),
     ("failure_warmup_steps", -1), ("failure_heldout_fraction", 1.0), ("failure_heldout_fraction", -0.1),
     ("max_failure_models", 0), ("distill_kl_coef", -0.1),
+    # TrainingArguments that transformers accepts but that cannot train
+    ("learning_rate", 0.0), ("learning_rate", -1e-3), ("learning_rate", float("nan")), ("failure_learning_rate", 0.0),
+    ("failure_learning_rate", float("inf")), ("per_device_train_batch_size", 0), ("gradient_accumulation_steps", 0),
+    ("max_grad_norm", -1.0), ("weight_decay", -0.1), ("adam_beta1", 1.0), ("adam_beta2", -0.5), ("adam_epsilon", 0.0),
+    ("save_steps", 0), ("evaluations_per_round", 2.5), ("max_reward_evaluations", True), ("reward_retries", 1.5),
 ])
 def test_invalid_values_name_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=f"BaNELConfig.{field}="):
         BaNELConfig(output_dir=str(tmp_path), **{field: value})
+
+
+def test_the_message_says_what_would_be_valid(tmp_path):
+    with pytest.raises(ValueError, match=r"BaNELConfig.learning_rate=0 is invalid: it must be a finite number > 0"):
+        BaNELConfig(output_dir=str(tmp_path), learning_rate=0)
 
 
 def test_evaluations_per_round_above_budget(tmp_path):

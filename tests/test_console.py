@@ -1,6 +1,7 @@
 """What a person watching a run sees, and the run stopping once it has found enough."""
 
 import logging
+import shutil
 
 from test_trainer import UNCONDITIONAL, RecordingOracle, config
 
@@ -72,8 +73,14 @@ def test_stop_after_successes(tmp_path, char_tokenizer, skewed_model, capsys):
     assert trainer.stop_reason == "1 success found (stop_after_successes=1)"
     assert "stop_after_successes=1" in capsys.readouterr().out
 
-    # a new trainer on the same output_dir counts the successes it loads from the ledger: nothing more is spent
-    again = BaNELTrainer(model=skewed_model, reward_funcs=oracle, args=args, train_dataset=UNCONDITIONAL,
-                         processing_class=char_tokenizer)
+    # a run resumed on this ledger (as after a crash: no banel_run.json) counts the successes it loads: it spends nothing
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(tmp_path / "out" / "evaluations.jsonl", resumed / "evaluations.jsonl")
+    again = BaNELTrainer(model=skewed_model, reward_funcs=oracle,
+                         args=config(tmp_path, output_dir=str(resumed), max_reward_evaluations=200,
+                                     stop_after_successes=1),
+                         train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
     again.train()
     assert again.ledger.spent == spent == len(oracle.all_completions)
+    assert again.stop_reason == "1 success found (stop_after_successes=1)"

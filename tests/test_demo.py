@@ -1,6 +1,8 @@
 """The embedded demo, end to end, as the README's first command runs it (with --quick)."""
 
+import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +49,14 @@ def test_quick_demo_end_to_end(tmp_path):
     table = readme[readme.index("### What a run writes") :]
     table = table[: table.index("\n\n", table.index("| file |"))]
     assert not [f.name for f in out.iterdir() if f"`{f.name}`" not in table]
+
+    # the same command again on the finished output folder: refused at once, the trained model untouched
+    model = out / "model.safetensors"
+    trained = hashlib.sha256(model.read_bytes()).hexdigest()
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "addition_attack.py"), "--quick", "--output_dir", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert again.returncode != 0 and "holds a finished BaNEL run" in again.stderr, again.stderr[-3000:]
+    assert "another output_dir" in again.stderr and "pretrained attacker" not in again.stdout
+    assert hashlib.sha256(model.read_bytes()).hexdigest() == trained
+    assert (out / "evaluations.jsonl").read_text().splitlines() == lines

@@ -1,5 +1,6 @@
 """The reward ledger: budget, cache, durable log, torn writes."""
 
+import contextlib
 import json
 
 import pytest
@@ -109,3 +110,118 @@ def test_property_no_acknowledged_record_is_lost_or_double_counted(tmp_path_fact
             ledger = RewardLedger(str(path), budget=budget)
         assert {r.completion for r in ledger.records} == acknowledged
         assert len(paid) == len(set(paid)) == ledger.spent <= budget
+
+
+# -- the write-ahead journal: a call cut short by a crash is charged once and never re-bought silently -------------
+class Crash(BaseException):
+    """A process dying mid-call: not an Exception, so nothing gets to write an end line."""
+
+
+def test_a_call_in_flight_at_a_crash_is_charged_and_never_sent_again(tmp_path):
+    path = str(tmp_path / "l.jsonl")
+    ledger = RewardLedger(path, budget=5)
+    ledger.evaluate(["p"], ["a"], lambda idx: [0.0], 0)
+    paid = []
+
+    def dies(idx):
+        paid.extend(idx)
+        raise Crash()
+
+    with pytest.raises(Crash):
+        ledger.evaluate(["p", "p"], ["b", "c"], dies, 1)
+    again = RewardLedger(path, budget=5)
+    assert again.spent == 3 and again.remaining == 2 and [r.completion for r in again.records] == ["a"]
+    assert {(r.completion, r.round) for r in again.newly_lost} == {("b", 1), ("c", 1)}
+    assert not again.is_known_failure("p", "b"), "a lost call must not become a failure"
+    calls = []
+    assert again.evaluate(["p"] * 3, ["b", "c", "d"], lambda idx: calls.append(idx) or [0.0] * len(idx), 2) == \
+        [None, None, 0.0]
+    assert calls == [[2]], "a lost item was sent again"
+    # the charge is durable: a third start neither forgets it nor reports it again
+    third = RewardLedger(path, budget=5)
+    assert third.spent == 4 and not third.newly_lost and len(third.lost) == 2
+
+
+def test_retrying_lost_items_charges_them_again_for_good(tmp_path):
+    path = str(tmp_path / "l.jsonl")
+    with pytest.raises(Crash):
+        RewardLedger(path, budget=4).evaluate(["p"], ["b"], lambda idx: (_ for _ in ()).throw(Crash()), 0)
+    ledger = RewardLedger(path, budget=4)
+    assert ledger.evaluate(["p"], ["b"], lambda idx: [1.0], 1, retry_lost=True) == [1.0]
+    assert ledger.spent == 2 and not ledger.unrecorded_lost()
+    reloaded = RewardLedger(path, budget=4)
+    assert reloaded.spent == 2 and reloaded.lookup("p", "b").success  # the lost call stays charged
+
+
+def test_a_failing_reward_function_is_not_charged(tmp_path):
+    path = str(tmp_path / "l.jsonl")
+
+    def broken(idx):
+        raise ConnectionError("down")
+
+    with pytest.raises(ConnectionError):
+        RewardLedger(path, budget=4).evaluate(["p"], ["b"], broken, 0)
+    ledger = RewardLedger(path, budget=4)
+    assert ledger.spent == 0 and not ledger.lost
+    assert ledger.evaluate(["p"], ["b"], lambda idx: [0.0], 1) == [0.0]  # and may be asked again
+
+
+def test_a_crash_after_the_rewards_were_recorded_charges_nothing_more(tmp_path, monkeypatch):
+    path = str(tmp_path / "l.jsonl")
+    ledger = RewardLedger(path, budget=4)
+
+    def crash(call, how):
+        raise Crash()
+
+    monkeypatch.setattr(ledger.journal, "end", crash)
+    with pytest.raises(Crash):
+        ledger.evaluate(["p", "p"], ["a", "b"], lambda idx: [0.0, None], 0)
+    again = RewardLedger(path, budget=4)
+    # "a" was recorded; "b" was answered None, but the crash came before the call was closed: charged (it may have
+    # been paid), the conservative side
+    assert again.spent == 2 and [r.completion for r in again.records] == ["a"]
+    assert [r.completion for r in again.lost] == ["b"]
+
+
+def test_a_torn_intent_was_never_sent_and_is_dropped(tmp_path):
+    path = tmp_path / "l.jsonl"
+    RewardLedger(str(path), budget=4).evaluate(["p"], ["a"], lambda idx: [0.0], 0)
+    journal = tmp_path / "l.calls.jsonl"
+    with open(journal, "a") as f:
+        f.write('{"call": 1, "round": 1, "items": [{"prompt": "p", "comp')  # the crash came before the fsync returned
+    ledger = RewardLedger(str(path), budget=4)
+    assert ledger.spent == 1 and not ledger.lost and journal.read_text().endswith("\n")
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.sampled_from("abcdefgh"), min_size=1, max_size=5),
+                          st.sampled_from(["ok", "before_call", "in_call", "after_record"])),
+                max_size=10), st.integers(1, 9))
+def test_property_budget_holds_over_any_sequence_of_crashes(tmp_path_factory, steps, budget):
+    """With an oracle that always answers, crashes at any point of a call (after the intent, inside the call, after
+    the rewards were recorded) and restarts: items handed to the oracle never exceed the budget nor repeat, each is
+    recorded or charged as lost, and no acknowledged evaluation is ever lost."""
+    path = str(tmp_path_factory.mktemp("ledger") / "l.jsonl")
+    passed, acknowledged = [], []
+    for comps, how in steps:
+        ledger = RewardLedger(path, budget=budget)  # every step is a new start, after whatever happened before
+        assert [(r.completion, r.reward) for r in ledger.records] == acknowledged
+
+        def oracle(idx, comps=comps, how=how):
+            if how == "before_call":
+                raise Crash()
+            passed.extend(comps[i] for i in idx)
+            if how == "in_call":
+                raise Crash()
+            return [0.0] * len(idx)
+
+        if how == "after_record":
+            ledger.journal.end = lambda call, end: (_ for _ in ()).throw(Crash())
+        with contextlib.suppress(Crash):
+            ledger.evaluate(["p"] * len(comps), comps, oracle, 0)
+        acknowledged = [(r.completion, r.reward) for r in ledger.records]
+        assert len(passed) == len(set(passed)) <= budget
+    final = RewardLedger(path, budget=budget)
+    recorded, lost = {r.completion for r in final.records}, {r.completion for r in final.lost}
+    assert set(passed) <= recorded | lost and not recorded & lost
+    assert final.spent == len(recorded) + len(lost) <= budget

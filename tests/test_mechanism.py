@@ -194,3 +194,46 @@ def test_a_learning_rate_too_small_to_move_the_generator_is_reported(tmp_path, c
         _run(tmp_path, char_tokenizer, skewed_model, RecordingOracle(), max_reward_evaluations=32,
              evaluations_per_round=8, learning_rate=1e-9)
     assert "Raise learning_rate" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ best generator
+def test_the_best_phase_generator_is_saved_from_training_evaluations_alone(tmp_path, char_tokenizer, skewed_model):
+    """Round 1's candidates all succeed, round 3's one in eight: the generator that proposed round 1 is saved (and
+    not replaced by round 3's), chosen from the evaluations training already made."""
+    from safetensors.torch import load_file
+
+    oracle = RecordingOracle()
+    model = make_tiny_model(char_tokenizer, seed=1)  # spreads its mass: every round's candidates are new
+    trainer = BaNELTrainer(model=model, reward_funcs=oracle, train_dataset=UNCONDITIONAL,
+                           processing_class=char_tokenizer,
+                           args=config(tmp_path, max_reward_evaluations=40, evaluations_per_round=8,
+                                       reject_known_failures=False))
+    oracle.trainer = trainer
+    hits = {3: 1}
+    oracle.success = lambda c: trainer.round == 1 or (hits.get(trainer.round, 0) > 0 and hits.pop(trainer.round))
+    snapshots = {}
+    keep = trainer._keep_best_generator
+
+    def spy():
+        snapshots[trainer.round - 1] = {k: v.clone() for k, v in model.state_dict().items()}
+        keep()
+
+    trainer._keep_best_generator = spy
+    trainer.train()
+    best = trainer.best_generator
+    assert best is not None and (best["first_round"], best["last_round"]) == (1, 1)
+    assert best["successes"] == best["evaluated"] == 8
+    saved = load_file(str(tmp_path / "out" / "best_generator" / "model.safetensors"))
+    assert all(torch.equal(saved[k], snapshots[1][k]) for k in saved), "not the generator that proposed round 1"
+    final = model.state_dict()
+    assert any(not torch.equal(saved[k], final[k]) for k in saved), "distillation never moved the generator"
+    assert len(oracle.all_completions) == trainer.ledger.spent <= 40, "selecting the best generator called the oracle"
+    assert (tmp_path / "out" / "best_generator" / "tokenizer_config.json").exists()
+
+
+def test_no_best_generator_without_a_success_or_when_switched_off(tmp_path, char_tokenizer, skewed_model):
+    trainer = _run(tmp_path, char_tokenizer, skewed_model, RecordingOracle(), max_reward_evaluations=16)
+    assert trainer.best_generator is None and not (tmp_path / "out" / "best_generator").exists()
+    trainer = _run(tmp_path / "off", char_tokenizer, skewed_model, RecordingOracle(success=lambda c: True),
+                   max_reward_evaluations=16, save_best_generator=False)
+    assert trainer.best_generator is None and not (tmp_path / "off" / "out" / "best_generator").exists()

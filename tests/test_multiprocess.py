@@ -30,7 +30,9 @@ def test_two_processes(tmp_path, setup, failure_model):
            "BUDGET": str(BUDGET), "SAVE_STRATEGY": "no", "DS_ACCELERATOR": "cpu",
            "FAILURE_MODEL": failure_model.split("-")[0],
            "KEEP_FAILURE_MODELS": "1" if failure_model.endswith("kept") else "0",
-           "FAILURE_MARGIN": "0.5" if failure_model.endswith("kept") else "0"}
+           "FAILURE_MARGIN": "0.5" if failure_model.endswith("kept") else "0",
+           # a success on the first round: the best generator is saved mid-run, failure models alive (ZeRO-3 gathers)
+           "ORACLE_SUCCESS": "cat" if setup == "zero3" else ""}
     env.pop("ACCELERATE_USE_CPU", None)  # it would silently drop DeepSpeed
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"{setup}_cpu.yaml"),
            "--main_process_port", str(PORTS[setup, failure_model]), str(SCRIPT), str(out)]
@@ -52,3 +54,8 @@ def test_two_processes(tmp_path, setup, failure_model):
 
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     assert all(p.isfinite().all() for p in model.parameters())
+    if setup == "zero3":
+        assert any(json.loads(line)["reward"] > 0 for line in (out / "evaluations.jsonl").read_text().splitlines())
+        best = AutoModelForCausalLM.from_pretrained(out / "best_generator")
+        assert best.state_dict().keys() == model.state_dict().keys()
+        assert all(p.isfinite().all() and p.abs().sum() > 0 for p in best.parameters())

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,11 +62,16 @@ def test_a_run_writes_its_rounds_and_report(tmp_path, char_tokenizer, skewed_mod
     new = [int(m) for m in re.findall(r"^round \d+ \| .* \(\+(\d+)\)", console, re.M)]
     assert len(new) == trainer.round and sum(new) == len(trainer.ledger.successes) >= 1
 
-    # a second trainer on the same output_dir (a bigger budget) appends its own rounds, never the loaded ones
-    more = BaNELTrainer(model=skewed_model, reward_funcs=oracle, args=config(tmp_path, max_reward_evaluations=40),
+    # a run resumed on these files (as after a crash, with a bigger budget) appends its own rounds, not the loaded ones
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for name in ("evaluations.jsonl", ROUNDS_FILENAME):
+        shutil.copy(out / name, resumed / name)
+    more = BaNELTrainer(model=skewed_model, reward_funcs=oracle,
+                        args=config(tmp_path, output_dir=str(resumed), max_reward_evaluations=40),
                         train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
     more.train()
-    rounds = [r["round"] for r in read_jsonl(str(out / ROUNDS_FILENAME))]
+    rounds = [r["round"] for r in read_jsonl(str(resumed / ROUNDS_FILENAME))]
     assert rounds == list(range(more.round)) and more.round > trainer.round
 
     # the command line draws it again from the directory alone

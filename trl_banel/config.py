@@ -137,6 +137,12 @@ class BaNELConfig(_BaseConfig):
             entropy, so that repeated distillation on finite samples neither drifts onto outputs the pretrained model
             never makes nor collapses. Needs a frozen copy of the pretrained generator (none for a LoRA generator: its
             adapter is disabled instead).
+        save_best_generator (`bool`, *optional*, defaults to `True`):
+            Keep the best round's generator: before each distillation, if the candidates evaluated since the last one
+            have the highest success rate so far (by the lower end of its 95% Clopper-Pearson interval, at least one
+            success), save the generator that proposed them to `output_dir/best_generator`. The selection reads
+            evaluations already made for training: it never calls the reward functions. `trainer.best_generator`
+            says which round it is.
 
         > Rewards
 
@@ -150,6 +156,10 @@ class BaNELConfig(_BaseConfig):
             Seconds to wait before the first retry; doubled for each further retry.
         reward_timeout (`float` or `None`, *optional*, defaults to `None`):
             Seconds one reward-function call may take before it counts as failed (and is retried); `None`: no limit.
+        reevaluate_interrupted (`bool`, *optional*, defaults to `False`):
+            Evaluations that were in flight when a run crashed were, or may have been, paid for: they are always
+            charged to the budget and their rewards are unknown. `False`: never send them again. `True`: at the start
+            of the resumed run, send them to the oracle again and record their rewards, each charged a second time.
 
         > Runtime
 
@@ -300,6 +310,11 @@ class BaNELConfig(_BaseConfig):
         default=0.0,
         metadata={"help": "Weight of KL(generator || pretrained) per token in the distillation loss; 0 disables it."},
     )
+    save_best_generator: bool = field(
+        default=True,
+        metadata={"help": "Save the generator of the phase with the best success rate among its training evaluations "
+                          "(no extra oracle calls) to output_dir/best_generator."},
+    )
 
     # Rewards
     success_threshold: float = field(
@@ -316,6 +331,11 @@ class BaNELConfig(_BaseConfig):
     )
     reward_timeout: float | None = field(
         default=None, metadata={"help": "Seconds a reward-function call may take; None: no limit."}
+    )
+    reevaluate_interrupted: bool = field(
+        default=False,
+        metadata={"help": "On resume, send again (charged again) the evaluations a crash cut short; False: they stay "
+                          "charged, unrecorded, and are never sent again."},
     )
 
     # Runtime
@@ -337,9 +357,12 @@ class BaNELConfig(_BaseConfig):
         tau = self.rejection_threshold
         if not isinstance(tau, (int, float)) or not math.isfinite(tau) or not 0 < tau <= 1:
             bad("rejection_threshold", "a ratio tau with 0 < tau <= 1")
-        if not isinstance(self.max_reward_evaluations, int) or self.max_reward_evaluations < 1:
+        def is_int(value):
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not is_int(self.max_reward_evaluations) or self.max_reward_evaluations < 1:
             bad("max_reward_evaluations", "an integer >= 1")
-        if self.evaluations_per_round < 1:
+        if not is_int(self.evaluations_per_round) or self.evaluations_per_round < 1:
             bad("evaluations_per_round", "an integer >= 1")
         if self.evaluations_per_round > self.max_reward_evaluations:
             bad(
@@ -351,7 +374,7 @@ class BaNELConfig(_BaseConfig):
                      "failure_lora_r", "failure_lora_alpha", "distill_samples", "distill_steps",
                      "max_failure_models"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 bad(name, "an integer >= 1")
         if self.num_rounds is not None and self.num_rounds < 1:
             bad("num_rounds", "None or an integer >= 1")
@@ -369,8 +392,24 @@ class BaNELConfig(_BaseConfig):
             bad("distill_objective", "'posterior' or 'baselined'")
         if self.failure_model not in ("adapter", "copy"):
             bad("failure_model", "'adapter' or 'copy'")
-        if not self.failure_learning_rate > 0:
-            bad("failure_learning_rate", "> 0")
+        # TrainingArguments fields that transformers accepts but that cannot train: refused here, by name, rather
+        # than as a NaN loss or an empty batch much later
+        for name in ("learning_rate", "failure_learning_rate", "adam_epsilon"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
+                bad(name, "a finite number > 0")
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                bad(name, "an integer >= 1")
+        for name in ("weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                bad(name, "a finite number >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                bad(name, "a number with 0 <= beta < 1")
+        if str(getattr(self.save_strategy, "value", self.save_strategy)) == "steps" and not self.save_steps > 0:
+            bad("save_steps", "> 0 with save_strategy='steps' (or set save_strategy='no')")
         for name in ("failure_margin", "failure_max_grad_norm", "distill_kl_coef"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -381,8 +420,8 @@ class BaNELConfig(_BaseConfig):
             bad("failure_heldout_fraction", "a share with 0 <= share < 1")
         if not math.isfinite(self.success_threshold):
             bad("success_threshold", "a finite number")
-        if self.reward_retries < 0:
-            bad("reward_retries", ">= 0")
+        if not is_int(self.reward_retries) or self.reward_retries < 0:
+            bad("reward_retries", "an integer >= 0")
         if self.reward_retry_backoff < 0:
             bad("reward_retry_backoff", ">= 0")
         if self.reward_timeout is not None and not self.reward_timeout > 0:

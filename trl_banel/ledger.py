@@ -2,7 +2,9 @@
 
 It enforces the NRE budget (never exceeded, whatever the batch sizes), answers an exact repeat of an evaluated
 `(prompt, completion)` without calling the oracle, and appends each evaluation to a JSON-lines file that is flushed
-and fsynced before the evaluation counts, so a crash loses nothing that was paid for.
+and fsynced before the evaluation counts, so a crash loses nothing that was paid for. Each call is announced in a
+write-ahead journal before it is made (`trl_banel.journal`), so a call cut short by a crash is charged, not bought
+again: the budget holds over any sequence of crashes and resumes.
 """
 
 import json
@@ -12,9 +14,17 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .journal import CallJournal, LostEvaluation, fsync_append, read_json_lines
+
 logger = logging.getLogger(__name__)
 
 LEDGER_FILENAME = "evaluations.jsonl"
+
+
+def journal_path(ledger_path: str) -> str:
+    """The write-ahead journal of a ledger's reward calls: `evaluations.jsonl` -> `evaluations.calls.jsonl`."""
+    root, ext = os.path.splitext(ledger_path)
+    return f"{root}.calls{ext or '.jsonl'}"
 
 
 class RewardFunctionError(RuntimeError):
@@ -39,8 +49,11 @@ class RewardLedger:
             JSON-lines file the evaluations are appended to (one object per evaluation with `prompt`, `completion`,
             `reward`, `success`, `round`). `None` keeps the ledger in memory only. An existing file is loaded, so a
             restarted run re-spends nothing; a torn last line (a crash mid-write) is dropped with a warning.
+            Beside it, [`journal_path`] holds the write-ahead journal of the calls (see `trl_banel.journal`): a call
+            that was in flight at a crash is found there at the next start, charged, and never re-sent silently.
         budget (`int`):
-            Maximum number of evaluations ever recorded in this ledger (the NRE budget).
+            Maximum number of evaluations ever charged to this ledger (the NRE budget): recorded evaluations plus
+            evaluations lost in a crash.
         success_threshold (`float`, *optional*, defaults to `0.0`):
             A reward strictly above it is a success.
     """
@@ -51,41 +64,32 @@ class RewardLedger:
         self.success_threshold = success_threshold
         self.records: list[Evaluation] = []
         self._index: dict[tuple[str, str], Evaluation] = {}
+        self.journal = None
+        self.lost: list[LostEvaluation] = []  # sent to the oracle, reward never recorded: charged, not known
+        self.newly_lost: list[LostEvaluation] = []  # of which found open by this start
         if path is not None:
             self._load()
+            self.journal = CallJournal(journal_path(path))
+            self.newly_lost = self.journal.settle(lambda p, c: (p, c) in self._index)
+            self.lost = list(self.journal.lost)
+            if self.newly_lost:
+                logger.warning(
+                    "%d reward evaluation(s) were in flight when the previous run stopped: they are charged to the "
+                    "budget (they were, or may have been, paid for), their rewards are unknown, and they are never "
+                    "sent again unless asked (BaNELConfig.reevaluate_interrupted). Listed in %s.",
+                    len(self.newly_lost), self.journal.path)
+        self._lost_keys = {(r.prompt, r.completion) for r in self.lost}
 
     # -- reading ---------------------------------------------------------------------------------------------------
     def _load(self):
-        if not os.path.exists(self.path):
-            return
-        with open(self.path, "rb") as f:
-            data = f.read()
-        lines = data.split(b"\n")
-        good_bytes = 0
-        for i, line in enumerate(lines):
-            if not line.strip():
-                good_bytes += len(line) + (1 if i < len(lines) - 1 else 0)
-                continue
+        for i, obj in enumerate(read_json_lines(self.path)):
             try:
-                obj = json.loads(line)
                 record = Evaluation(
                     obj["prompt"], obj["completion"], float(obj["reward"]), int(obj["round"]), bool(obj["success"])
                 )
-                complete = i < len(lines) - 1  # a record counts only with its newline
-            except (ValueError, KeyError, TypeError):
-                complete = False
-            if not complete:
-                if i < len(lines) - 1 and any(l.strip() for l in lines[i + 1 :]):
-                    raise ValueError(f"{self.path}: line {i + 1} is corrupt and is not the last line; refusing to guess.")
-                logger.warning("%s: dropping a torn last line (a crash mid-write); it will be re-evaluated if needed.", self.path)
-                break
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{self.path}: record {i + 1} is not an evaluation ({e!r}); refusing to guess.") from e
             self._add(record)
-            good_bytes += len(line) + 1
-        if good_bytes < len(data):
-            with open(self.path, "r+b") as f:
-                f.truncate(good_bytes)
-                f.flush()
-                os.fsync(f.fileno())
 
     def _add(self, record: Evaluation):
         key = (record.prompt, record.completion)
@@ -96,8 +100,28 @@ class RewardLedger:
 
     @property
     def spent(self) -> int:
-        """Reward evaluations recorded (the NRE spent)."""
-        return len(self.records)
+        """Reward evaluations charged (the NRE spent): those recorded, plus those lost in a crash."""
+        return len(self.records) + len(self.lost)
+
+    def unrecorded_lost(self) -> list[LostEvaluation]:
+        """Lost evaluations (charged, reward unknown) that have not been evaluated again since."""
+        return [r for r in self.lost if self.is_unrecorded_lost(r.prompt, r.completion)]
+
+    def is_unrecorded_lost(self, prompt: str, completion: str) -> bool:
+        key = (prompt, completion)
+        return key in self._lost_keys and key not in self._index
+
+    def share(self) -> tuple:
+        """What another process needs to hold the same ledger (see `adopt`)."""
+        return self.records, self.lost
+
+    def adopt(self, shared: tuple):
+        """Take the records and lost evaluations of the main process's ledger (an in-memory copy on other ranks)."""
+        records, lost = shared
+        for r in records:
+            self._add(r)
+        self.lost = list(lost)
+        self._lost_keys = {(r.prompt, r.completion) for r in self.lost}
 
     @property
     def remaining(self) -> int:
@@ -131,10 +155,7 @@ class RewardLedger:
                 + "\n"
                 for r in records
             )
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
+            fsync_append(self.path, payload)
         for r in records:
             self._add(r)
 
@@ -144,19 +165,30 @@ class RewardLedger:
         completions: Sequence[str],
         oracle: Callable[[list[int]], list[float | None]],
         round: int,
+        meta: Sequence[dict] | None = None,
+        retry_lost: bool = False,
     ) -> list[float | None]:
         r"""
         Rewards for `(prompts[i], completions[i])`, calling `oracle` only for pairs never evaluated before, and only
         as many as the budget allows.
 
+        Before the call, the pairs about to be sent are written to the journal (fsynced); after it, the rewards to the
+        ledger, then the call's end to the journal. A crash anywhere in between leaves a call that the next start
+        charges as lost.
+
         Args:
             oracle (`Callable`):
                 Called with the positions (into `prompts`) of the new distinct pairs to evaluate; returns one reward
-                per position, `None` for "not scored" (not recorded, not charged).
+                per position, `None` for "not scored" (not recorded, not charged). If it raises, nothing is recorded
+                or charged.
+            meta (`list[dict]`, *optional*):
+                JSON-serialisable details per pair, kept in the journal so that a lost call can be sent again.
+            retry_lost (`bool`, *optional*, defaults to `False`):
+                Send pairs lost in an earlier crash again (charged again). Otherwise they get `None` and no call.
 
         Returns:
-            `list[float | None]`: the reward of each pair; `None` where the pair was not scored or the budget ran
-            out before it.
+            `list[float | None]`: the reward of each pair; `None` where the pair was not scored, was lost in a crash,
+            or the budget ran out before it.
         """
         rewards: list[float | None] = [None] * len(prompts)
         to_call: list[int] = []
@@ -165,22 +197,38 @@ class RewardLedger:
             known = self._index.get(key)
             if known is not None:
                 rewards[i] = known.reward
+            elif key in self._lost_keys and not retry_lost:
+                continue  # charged already, outcome unknown: buying it again must be the user's choice
             elif key not in first_of and len(to_call) < self.remaining:
                 first_of[key] = i
                 to_call.append(i)
         if to_call:
-            values = oracle(to_call)
-            if len(values) != len(to_call):
-                raise RewardFunctionError(f"oracle returned {len(values)} rewards for {len(to_call)} completions")
-            new = []
-            for i, value in zip(to_call, values):
-                if value is None:
-                    continue
-                value = float(value)
-                if not math.isfinite(value):
-                    raise RewardFunctionError(f"non-finite reward {value} for completion {completions[i]!r}")
-                new.append(Evaluation(prompts[i], completions[i], value, round, value > self.success_threshold))
+            call = None
+            if self.journal is not None:
+                call = self.journal.begin([prompts[i] for i in to_call], [completions[i] for i in to_call], round,
+                                          [meta[i] for i in to_call] if meta is not None else None)
+            try:
+                values = oracle(to_call)
+                if len(values) != len(to_call):
+                    raise RewardFunctionError(f"oracle returned {len(values)} rewards for {len(to_call)} completions")
+                new = []
+                for i, value in zip(to_call, values):
+                    if value is None:
+                        continue
+                    value = float(value)
+                    if not math.isfinite(value):
+                        raise RewardFunctionError(f"non-finite reward {value} for completion {completions[i]!r}")
+                    new.append(Evaluation(prompts[i], completions[i], value, round, value > self.success_threshold))
+            except Exception:
+                # the reward function raised or misbehaved: by the documented rule nothing is charged. (An interrupt,
+                # KeyboardInterrupt or SystemExit, leaves the call open instead: it may have been paid, so the next
+                # start charges it.)
+                if call is not None:
+                    self.journal.end(call, "failed")
+                raise
             self._append(new)
+            if call is not None:
+                self.journal.end(call, "answered")
         for i, key in enumerate(zip(prompts, completions)):
             if rewards[i] is None and key in self._index:
                 rewards[i] = self._index[key].reward

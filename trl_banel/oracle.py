@@ -96,9 +96,16 @@ class RewardOracle:
                 time.sleep(delay)
                 delay *= 2
 
-    def __call__(self, prompts: Sequence, completions: Sequence[str], columns: dict[str, list] | None = None):
-        r"""Rewards for the completions: a list of `float` or `None` (not scored)."""
+    def __call__(self, prompts: Sequence, completions: Sequence[str], columns: dict[str, list] | None = None,
+                 require_a_score: bool = False):
+        r"""Rewards for the completions: a list of `float` or `None` (not scored).
+
+        With `require_a_score`, a call in which no completion is scored raises, naming the function(s) that scored
+        nothing: a reward function that always answers `None` would otherwise end a run that learnt nothing as if it
+        had merely converged.
+        """
         columns = columns or {}
+        unscoring = []
         n = len(completions)
         self.calls += 1
         total: list[float | None] = [0.0] * n
@@ -116,6 +123,8 @@ class RewardOracle:
                     f"reward function {name!r} returned {len(values)} rewards for {n} completions; expected one per "
                     "completion (None for 'not scored')."
                 )
+            if n and all(v is None for v in values):
+                unscoring.append(name)
             for i, v in enumerate(values):
                 if v is None:
                     total[i] = None
@@ -136,6 +145,12 @@ class RewardOracle:
                     )
                 if total[i] is not None:
                     total[i] += weight * v
+        if require_a_score and n and all(t is None for t in total):
+            names = ", ".join(repr(x) for x in (unscoring or self.names))
+            raise RewardFunctionError(
+                f"reward function {names} returned None ('not scored') for all {n} completions sent to it in this "
+                "round: no evaluation was charged and nothing was recorded. Return a number for every completion it "
+                "can judge (e.g. 0.0 for a failure); None is for the few it cannot.")
         return total
 
 

@@ -27,7 +27,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.data_utils import is_conversational, maybe_apply_chat_template
 from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.base_trainer import _BaseTrainer
@@ -38,7 +38,9 @@ from .failure import FailureModels
 from .ledger import LEDGER_FILENAME, RewardFunctionError, RewardLedger
 from .oracle import RewardOracle
 from .report import RunReportCallback
-from .stats import SuccessEstimate
+from .runs import (BANEL_STATE_NAME, describe_resume, last_complete_checkpoint, mark_finished, refuse_rerun,
+                   resolve_checkpoint, save_state_last)
+from .stats import SuccessEstimate, clopper_pearson
 from .threads import configure_cpu_threads
 from .posterior import (Candidates, completion_log_softmax, completion_mask_after_prompt, rejection_mask,
                         sequence_log_probs, token_kl)
@@ -46,7 +48,7 @@ from .posterior import (Candidates, completion_log_softmax, completion_mask_afte
 logger = logging.getLogger(__name__)
 
 
-BANEL_STATE_NAME = "banel_state.pt"
+BEST_GENERATOR_DIR = "best_generator"
 
 
 def identity(x):
@@ -64,6 +66,9 @@ class _StopWhenDone(TrainerCallback):
             self.trainer._measure_distillation()
         if self.trainer._finished and not self.trainer._buffer:
             control.should_training_stop = True
+            # a checkpoint of the final state: a later train(resume_from_checkpoint=True) continues from the trained
+            # model, never from an earlier one
+            control.should_save = args.save_strategy != "no"
 
 
 class BaNELTrainer(_BaseTrainer):
@@ -131,7 +136,7 @@ class BaNELTrainer(_BaseTrainer):
                 raise ValueError("model is already a PeftModel: pass peft_config=None or the base model.")
             model = get_peft_model(model, peft_config)
         if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+            processing_class = _load_tokenizer(model)
         if processing_class.pad_token is None:
             if processing_class.eos_token is None:
                 raise ValueError("The tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token.")
@@ -177,8 +182,6 @@ class BaNELTrainer(_BaseTrainer):
             args.success_threshold,
         )
         self._sync_ledger_from_main()
-        if self.ledger.spent:
-            logger.info("Resuming from %s: %d reward evaluations already spent.", args.output_dir, self.ledger.spent)
         self.round = max((r.round for r in self.ledger.records), default=-1) + 1
         self.failures = FailureModels(
             self.accelerator.unwrap_model(self.model),
@@ -218,6 +221,9 @@ class BaNELTrainer(_BaseTrainer):
         self._logged_seconds: dict[str, float] = {}
         self._rng = np.random.default_rng(args.seed + self.accelerator.process_index)
         self.history: list[dict] = []  # one entry per round: nre, successes, acceptance (for plots)
+        # the best phase's generator (see save_best_generator), and the current phase's successes / evaluations
+        self.best_generator: dict | None = None
+        self._phase_counts = [0, 0]
 
     # ------------------------------------------------------------------------------------------------------------
     # Trainer hooks
@@ -299,7 +305,7 @@ class BaNELTrainer(_BaseTrainer):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            torch.save(self._banel_state(), os.path.join(folder, BANEL_STATE_NAME))
+            save_state_last(self._banel_state(), folder)  # last and atomic: it marks the checkpoint complete
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         # Failure adapters live inside the generator between distillations: save the generator without them.
@@ -319,24 +325,59 @@ class BaNELTrainer(_BaseTrainer):
             "round": self.round, "history": self.history, "rounds_in_phase": self._rounds_in_phase,
             "idle_rounds": self._idle_rounds, "negatives": self._negatives, "rng": self._rng.bit_generator.state,
             "failure_models": self.failures.state_dict(), "buffer": self._buffer, "finished": self._finished,
-            "held_out": self._held_out,
+            "held_out": self._held_out, "best_generator": self.best_generator, "phase_counts": self._phase_counts,
         }
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No checkpoint found in output_dir={self.args.output_dir} to resume from.")
-        if resume_from_checkpoint:
-            path = os.path.join(resume_from_checkpoint, BANEL_STATE_NAME)
-            if os.path.exists(path):
-                # restored on the first step, once the Trainer has loaded the generator's weights
-                self._pending_state = torch.load(path, weights_only=False)
-        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+        r"""
+        Run BaNEL until the budget is spent (or `num_rounds`, or the sampler stops producing anything new).
+
+        `resume_from_checkpoint`: `True` for the last complete checkpoint of `output_dir`, or a checkpoint folder (one
+        a crash left incomplete falls back to the last complete one before it). Without it, a run whose ledger is in
+        `output_dir` resumes the ledger (nothing is paid for twice) with the model passed in. A run that finished in
+        `output_dir` is continued only from its final checkpoint: starting it again from an earlier state raises
+        [`~trl_banel.runs.FinishedRunError`] before anything is trained or saved.
+        """
+        output_dir = self.args.output_dir
+        checkpoint = resolve_checkpoint(output_dir, resume_from_checkpoint)
+        refuse_rerun(output_dir, checkpoint)
+        if checkpoint is not None:
+            # restored on the first step, once the Trainer has loaded the generator's weights
+            self._pending_state = torch.load(os.path.join(checkpoint, BANEL_STATE_NAME), weights_only=False)
+        found = describe_resume(output_dir, self.ledger, self.round, checkpoint)
+        if found and self.accelerator.is_main_process:
+            logger.warning(found)  # at the default level: a resumed run must never look like a new one
+        if self.args.reevaluate_interrupted:
+            self._reevaluate_lost()
+        output = super().train(resume_from_checkpoint=checkpoint, trial=trial,
                                ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
         # the generator goes back to the user as given: no failure adapter left inside it
         self.failures.clear()
+        if self.best_generator is not None:
+            b = self.best_generator
+            logger.info("Best generator: the one that proposed rounds %d-%d (%d successes in %d evaluations), saved "
+                        "in %s.", b["first_round"], b["last_round"], b["successes"], b["evaluated"], b["path"])
+        if self.args.should_save:
+            final = last_complete_checkpoint(output_dir)
+            final = os.path.basename(final) if final and final.endswith(f"-{self.state.global_step}") else None
+            mark_finished(output_dir, {"global_step": self.state.global_step, "checkpoint": final,
+                                       "spent": self.ledger.spent, "budget": self.ledger.budget,
+                                       "lost": len(self.ledger.lost), "rounds": self.round,
+                                       "successes": len(self.ledger.successes)})
         return output
+
+    def _reevaluate_lost(self):
+        """Send again the evaluations a crash lost (charged again), as `reevaluate_interrupted` asks."""
+        lost = [r for r in self.ledger.unrecorded_lost() if "row" in r.meta and r.meta["row"] < len(self.train_dataset)]
+        if not lost:
+            return
+        if self.accelerator.is_main_process:
+            logger.warning("Re-evaluating %d reward evaluation(s) lost in a crash (reevaluate_interrupted=True): "
+                           "each is charged again.", len(lost))
+        cands = [{"prompt": self.train_dataset[r.meta["row"]]["prompt"], "prompt_text": r.prompt,
+                  "completion": r.completion, "row": r.meta["row"], "completion_ids": r.meta.get("completion_ids", [])}
+                 for r in lost]
+        self._evaluate(cands, retry_lost=True)
 
     def _restore_pending_state(self):
         state, self._pending_state = self._pending_state, None
@@ -350,8 +391,10 @@ class BaNELTrainer(_BaseTrainer):
             self._buffer = state["buffer"]
             self._finished = state["finished"]
             self._held_out = state.get("held_out", [])
+            self._phase_counts = state.get("phase_counts", [0, 0])
             if state["failure_models"]:
                 self.failures.load_state_dict(state["failure_models"])
+        self.best_generator = state.get("best_generator", self.best_generator)
         self._negatives = state["negatives"]
         known = {(c["prompt_text"], c["completion"]) for c in self._negatives}
         for r in self.ledger.records:  # negatives evaluated after the checkpoint, re-tokenised from the ledger
@@ -419,6 +462,7 @@ class BaNELTrainer(_BaseTrainer):
             samples = self._sample_posterior(args.distill_samples)
         if not args.keep_failure_models:
             self.failures.clear()
+        self._keep_best_generator()  # the generator as it proposed this phase (the failure models are not part of it)
         self._rounds_in_phase = 0
         n_micro = args.distill_steps * ga
         if not samples:
@@ -438,6 +482,26 @@ class BaNELTrainer(_BaseTrainer):
                                  for k in ("input_ids", "attention_mask", "completion_mask")})
             if args.distill_objective == "baselined":
                 self._buffer[-1]["weight"] = torch.tensor([c["weight"] for c in chunk], device=self.accelerator.device)
+
+    def _keep_best_generator(self):
+        """Before a distillation: save the generator if its phase's evaluations have the best success rate so far.
+
+        The rounds since the last distillation were proposed by the current generator (filtered by this phase's
+        failure models), so their evaluations already measure it: selecting on them costs no reward evaluation.
+        Rates are compared by the lower end of their 95% Clopper-Pearson interval, so a lucky 1-in-1 does not beat
+        a steady 30-in-50."""
+        successes, evaluated = self._phase_counts
+        first_round = self.round - self._rounds_in_phase
+        self._phase_counts = [0, 0]
+        if not self.args.save_best_generator or successes == 0:
+            return
+        lower = clopper_pearson(successes, evaluated)[0]
+        if self.best_generator is not None and lower <= self.best_generator["lower"]:
+            return
+        path = os.path.join(self.args.output_dir, BEST_GENERATOR_DIR)
+        self.save_model(path, _internal_call=True)  # on every process: ZeRO-3 gathers the weights to save them
+        self.best_generator = {"first_round": first_round, "last_round": self.round - 1, "successes": successes,
+                               "evaluated": evaluated, "lower": lower, "nre": self.ledger.spent, "path": path}
 
     @torch.no_grad()
     def _generator_log_probs(self, cands: Candidates) -> torch.Tensor:
@@ -482,7 +546,7 @@ class BaNELTrainer(_BaseTrainer):
         # The oracle is the main process's: candidates from every rank, in one order.
         accepted = gather_object(accepted)
         spent_before = self.ledger.spent
-        to_evaluate = accepted[:want]
+        to_evaluate = self._sendable(accepted)[:want]
         try:
             with self._timed("oracle"):
                 rewards = self._evaluate(to_evaluate)
@@ -504,6 +568,8 @@ class BaNELTrainer(_BaseTrainer):
         self._negatives.extend(negatives)
         fit = self._fit_failure_model(negatives)
         evaluated = sum(1 for r in rewards if r is not None)
+        self._phase_counts[0] += n_success
+        self._phase_counts[1] += evaluated
         proposed = max(stats["proposed"], 1)
         fresh = max(stats["proposed"] - stats["known"], 1)
         record = {
@@ -794,6 +860,9 @@ class BaNELTrainer(_BaseTrainer):
         records = [self.ledger.lookup(c["prompt_text"], c["completion"]) for c in cands]
         known = torch.tensor([args.reject_known_failures and r is not None and not r.success for r in records],
                              dtype=torch.bool)
+        if self.ledger.lost:  # lost in a crash: charged, never sent again, so never worth proposing (nor distilling)
+            known |= torch.tensor([self.ledger.is_unrecorded_lost(c["prompt_text"], c["completion"]) for c in cands],
+                                  dtype=torch.bool)
         # a known success is certainly outside the failure region, whatever the failure models generalise to
         rejected &= ~torch.tensor([r is not None and r.success for r in records], dtype=torch.bool)
         reject = rejected | known
@@ -807,7 +876,7 @@ class BaNELTrainer(_BaseTrainer):
         return keep, stats, lr_acc, lr_rej
 
     # -- evaluate ------------------------------------------------------------------------------------------------
-    def _evaluate(self, cands: list[dict]) -> list[float | None]:
+    def _evaluate(self, cands: list[dict], retry_lost: bool = False) -> list[float | None]:
         """Rewards through the ledger (main process), shared with every rank."""
         payload = [None]
         if self.accelerator.is_main_process:
@@ -815,7 +884,10 @@ class BaNELTrainer(_BaseTrainer):
                 before = len(self.ledger.records)
                 rewards = self.ledger.evaluate(
                     [c["prompt_text"] for c in cands], [c["completion"] for c in cands],
-                    lambda idx: self._call_oracle([cands[i] for i in idx]), self.round,
+                    lambda idx: self._call_oracle([cands[i] for i in idx], require_a_score=True), self.round,
+                    # enough to send a call lost in a crash again (reevaluate_interrupted)
+                    meta=[{"row": c["row"], "completion_ids": c["completion_ids"]} for c in cands],
+                    retry_lost=retry_lost,
                 )
                 payload = [("ok", rewards, self.ledger.records[before:])]
             except Exception as e:
@@ -832,7 +904,14 @@ class BaNELTrainer(_BaseTrainer):
                 self.ledger._add(r)
         return rewards
 
-    def _call_oracle(self, cands: list[dict]) -> list[float | None]:
+    def _sendable(self, cands: list[dict]) -> list[dict]:
+        """The candidates the oracle may be asked about: not those a crash lost (charged, outcome unknown, never sent
+        again), which would otherwise take the round's places and come back unscored."""
+        if not self.ledger.lost:
+            return cands
+        return [c for c in cands if not self.ledger.is_unrecorded_lost(c["prompt_text"], c["completion"])]
+
+    def _call_oracle(self, cands: list[dict], require_a_score: bool = False) -> list[float | None]:
         prompts = [c["prompt"] for c in cands]
         if cands and is_conversational({"prompt": prompts[0]}):
             completions = [[{"role": "assistant", "content": c["completion"]}] for c in cands]
@@ -844,14 +923,13 @@ class BaNELTrainer(_BaseTrainer):
                 columns[key] = [self.train_dataset[c["row"]][key] for c in cands]
         columns["completion_ids"] = [c["completion_ids"] for c in cands]
         columns["trainer_state"] = self.state
-        return self.oracle(prompts, completions, columns)
+        return self.oracle(prompts, completions, columns, require_a_score=require_a_score)
 
     def _sync_ledger_from_main(self):
         if self.accelerator.num_processes > 1:
-            records = broadcast_object_list([self.ledger.records if self.accelerator.is_main_process else None])[0]
+            shared = broadcast_object_list([self.ledger.share() if self.accelerator.is_main_process else None])[0]
             if not self.accelerator.is_main_process:
-                for r in records:
-                    self.ledger._add(r)
+                self.ledger.adopt(shared)  # lost evaluations too: every rank must agree on the budget left
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def _record_to_candidate(self, record) -> dict:
@@ -911,6 +989,20 @@ def _mean_over_ranks(trainer, values: list[float]) -> float:
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}es" if word.endswith("s") else f"{n} {word}s"
+
+
+def _load_tokenizer(model):
+    """The tokenizer saved with `model`, or an error that says to pass `processing_class`."""
+    path = getattr(model.config, "_name_or_path", "") or ""
+    if not path:
+        raise ValueError(f"processing_class is required: the {type(model).__name__} was passed as an object with no "
+                         "path to load a tokenizer from. Pass processing_class=tokenizer to BaNELTrainer.")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # OSError, ValueError, ImportError (sentencepiece, tiktoken, ...): all mean the same here
+        reason = " ".join(str(e).split())  # library messages span lines
+        raise ValueError(f"No tokenizer could be loaded from {path!r}, the model's path ({type(e).__name__}: "
+                         f"{reason}). Pass processing_class=tokenizer to BaNELTrainer.") from e
 
 
 def _check_dataset(dataset):

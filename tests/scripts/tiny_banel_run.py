@@ -34,7 +34,8 @@ def oracle(prompts, completions, **kwargs):
             f.write(f"{os.getpid()}\t{c}\n")
         f.flush()
         os.fsync(f.fileno())
-    return [0.0] * len(completions)
+    success = os.environ.get("ORACLE_SUCCESS")  # a completion that succeeds (the best generator is then saved)
+    return [1.0 if c == success else 0.0 for c in completions]
 
 
 def main():

@@ -1,0 +1,178 @@
+"""A run's output directory: complete checkpoints, finished runs, and what a resume finds there.
+
+Three files make a BaNEL run resumable and safe to run again:
+- `evaluations.jsonl` and `evaluations.calls.jsonl`: the ledger and its write-ahead journal (`trl_banel.ledger`);
+- `checkpoint-N/banel_state.pt`: written last, atomically, after every other file of the checkpoint is on disk, so a
+  checkpoint without it is one a crash cut short, and is never resumed from;
+- `banel_run.json`: written when `train()` returns, naming the step the run finished at. A later `train()` in the same
+  `output_dir` that would start from an earlier state (the model passed in, or an older checkpoint) is refused: it
+  would end by saving a less trained model over the finished one.
+"""
+
+import json
+import logging
+import os
+import re
+import time
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BANEL_STATE_NAME = "banel_state.pt"
+RUN_FILENAME = "banel_run.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class FinishedRunError(RuntimeError):
+    """`train()` was asked to start again, from an earlier state, in an output_dir whose run has finished."""
+
+
+def _fsync_dir(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def checkpoint_step(path: str) -> int | None:
+    match = _CHECKPOINT.match(os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else None
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, BANEL_STATE_NAME))
+
+
+def checkpoints(output_dir: str) -> list[str]:
+    """Every `checkpoint-N` folder of `output_dir`, oldest first (complete or not)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [os.path.join(output_dir, n) for n in os.listdir(output_dir)
+             if _CHECKPOINT.match(n) and os.path.isdir(os.path.join(output_dir, n))]
+    return sorted(found, key=checkpoint_step)
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    complete = [c for c in checkpoints(output_dir) if is_complete_checkpoint(c)]
+    return complete[-1] if complete else None
+
+
+def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str | bool | None) -> str | None:
+    """The checkpoint to resume from: `True` is the last complete one; a path that a crash left incomplete falls back,
+    with a warning, to the last complete one before it (scripts pass `get_last_checkpoint(output_dir)`, which does not
+    know about complete checkpoints)."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint is True:
+        found = last_complete_checkpoint(output_dir)
+        if found is None:
+            partial = checkpoints(output_dir)
+            raise ValueError(f"No complete checkpoint in output_dir={output_dir!r} to resume from"
+                             + (f" ({len(partial)} incomplete: a crash cut them short)." if partial else "."))
+        return found
+    path = str(resume_from_checkpoint)
+    if not os.path.isdir(path):
+        raise ValueError(f"resume_from_checkpoint={path!r} is not a folder; pass a checkpoint-N folder or True.")
+    if is_complete_checkpoint(path):
+        return path
+    step = checkpoint_step(path)
+    earlier = [c for c in checkpoints(os.path.dirname(os.path.normpath(path)))
+               if is_complete_checkpoint(c) and step is not None and checkpoint_step(c) < step]
+    if not earlier:
+        raise ValueError(f"resume_from_checkpoint={path!r} is incomplete (no {BANEL_STATE_NAME}: a crash cut it "
+                         "short, or it was not written by BaNELTrainer) and no complete checkpoint precedes it.")
+    logger.warning("%s is incomplete (no %s: a crash cut its writing short); resuming from %s instead.", path,
+                   BANEL_STATE_NAME, earlier[-1])
+    return earlier[-1]
+
+
+def save_state_last(state: dict, folder: str):
+    """Write BaNEL's state into a checkpoint folder as its completion mark: every other file of the folder is flushed
+    to disk first, then the state goes to a temporary name, is flushed, and is renamed (atomic) into place."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            _fsync_file(path)
+    tmp = os.path.join(folder, BANEL_STATE_NAME + ".tmp")
+    torch.save(state, tmp)
+    _fsync_file(tmp)
+    os.replace(tmp, os.path.join(folder, BANEL_STATE_NAME))
+    _fsync_dir(folder)
+
+
+def read_finished(output_dir: str) -> dict | None:
+    path = os.path.join(output_dir, RUN_FILENAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def mark_finished(output_dir: str, info: dict):
+    """Record (atomically) that the run in `output_dir` finished, and at which step."""
+    os.makedirs(output_dir, exist_ok=True)
+    info = {**info, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    tmp = os.path.join(output_dir, RUN_FILENAME + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(output_dir, RUN_FILENAME))
+    _fsync_dir(output_dir)
+
+
+def refuse_rerun(output_dir: str, checkpoint: str | None):
+    """Raise `FinishedRunError` if training from `checkpoint` (None: from the model passed in) would start before the
+    point where the run in `output_dir` finished."""
+    finished = read_finished(output_dir)
+    if finished is None:
+        return
+    step = finished["global_step"]
+    if checkpoint is not None and _checkpoint_global_step(checkpoint) >= step:
+        return
+    start = ("the model passed to the trainer" if checkpoint is None
+             else f"{checkpoint} (step {_checkpoint_global_step(checkpoint)}, before the end)")
+    final = finished.get("checkpoint")
+    how_to_continue = (f"resume from its final checkpoint: trainer.train(resume_from_checkpoint=True) ({final})"
+                       if final and is_complete_checkpoint(os.path.join(output_dir, final)) else
+                       "no checkpoint holds its final state (it ran with save_strategy='no'): start a new run in "
+                       "another output_dir from the model it saved")
+    raise FinishedRunError(
+        f"output_dir={output_dir!r} holds a finished BaNEL run: {finished['spent']} of {finished['budget']} reward "
+        f"evaluations spent over {finished['rounds']} rounds, {step} training steps (finished "
+        f"{finished.get('finished_at', '?')}; see {RUN_FILENAME}). Training again from {start} would end by saving "
+        "a less trained model over it, so nothing was done. To continue this run (e.g. with a larger "
+        f"max_reward_evaluations or num_rounds), {how_to_continue}. To start a new run, choose another output_dir "
+        "(or delete this one).")
+
+
+def _checkpoint_global_step(checkpoint: str) -> int:
+    path = os.path.join(checkpoint, "trainer_state.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return int(json.load(f)["global_step"])
+    return checkpoint_step(checkpoint) or 0
+
+
+def describe_resume(output_dir: str, ledger, rounds: int, checkpoint: str | None) -> str | None:
+    """What a start in `output_dir` found, for the log (None when it found nothing: a new run)."""
+    if not ledger.spent and checkpoint is None:
+        return None
+    lost = f" ({len(ledger.lost)} of them lost in a crash: charged, reward unknown)" if ledger.lost else ""
+    if checkpoint is not None:
+        generator = f"the generator and the round state come from {checkpoint}"
+    else:
+        latest = last_complete_checkpoint(output_dir)
+        generator = ("the generator starts from the model passed in (no checkpoint was given"
+                     + (f"; {latest} holds the earlier training: train(resume_from_checkpoint=True) restores it)"
+                        if latest else ")"))
+    return (f"Resuming the BaNEL run in {output_dir}: {ledger.spent} reward evaluations spent of "
+            f"{ledger.budget}{lost}, {len(ledger.successes)} successes, {rounds} rounds done, {ledger.remaining} "
+            f"evaluations left; {generator}. Evaluations in the ledger are never paid for again.")
