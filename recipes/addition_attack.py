@@ -1,8 +1,7 @@
-"""The embedded demo: BaNEL attacks a tiny addition model, on a CPU, in minutes.
+"""The embedded demo: BaNEL attacks a tiny addition model shipped with the package, on a CPU, in minutes.
 
-    python recipes/addition_attack.py            # the default budget (fits in about 10 minutes on 2 cores)
-    python recipes/addition_attack.py --quick    # a smoke test in under 2 minutes
-    python recipes/addition_attack.py --max_reward_evaluations 7500   # the paper's budget
+    python recipes/addition_attack.py            # the paper's budget of 7,500 evaluations (about 10 min, 2 CPU cores)
+    python recipes/addition_attack.py --quick    # a smoke test of the whole pipeline in about 1 minute
 
 A target transformer learned digit addition (answers written reversed); an attacker LM writes queries `a+b=`; the
 oracle pays 1 when the target's greedy answer is wrong. The pretrained attacker almost never succeeds. BaNEL learns
@@ -11,6 +10,7 @@ from the failures alone. Any BaNELConfig or TrainingArguments field can be passe
 
 import json
 import os
+import shlex
 import sys
 import time
 from collections import defaultdict
@@ -25,6 +25,7 @@ from trl import TrlParser  # noqa: E402
 
 from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
 from trl_banel.callbacks import SuccessCurveCallback  # noqa: E402
+from trl_banel.cli import script_help  # noqa: E402
 from trl_banel.plotting import plot_success_curves  # noqa: E402
 from trl_banel.runs import refuse_rerun  # noqa: E402
 from trl_banel.stats import SuccessEstimate  # noqa: E402
@@ -33,7 +34,8 @@ from trl_banel.tasks.addition import classify_query, estimate_success_rate, load
 
 @dataclass
 class DemoArguments:
-    quick: bool = field(default=False, metadata={"help": "A smoke test: tiny budget and estimates (< 2 minutes)."})
+    quick: bool = field(default=False, metadata={"help": "A smoke test of the pipeline (about 1 minute): 100 "
+                                                 "evaluations, too few for BaNEL to improve on the attacker."})
     eval_samples: int = field(default=100_000, metadata={"help": "Samples for the pretrained and final estimates."})
     curve_every: int = field(default=5, metadata={"help": "Estimate the success rate every N rounds for the plot."})
     curve_samples: int = field(default=2000, metadata={"help": "Samples per point of the success curve."})
@@ -56,13 +58,53 @@ QUICK = dict(max_reward_evaluations=100, evaluations_per_round=25, eval_samples=
              curve_samples=500)
 
 
-def main(demo: DemoArguments, config: BaNELConfig) -> dict:
+QUICK_NOTE = ("quick mode checks that the demo runs end to end (shipped models, training, ledger, estimates, "
+              "plots) with {budget} reward evaluations: far too few for BaNEL to move the attacker, so the "
+              "improvement figure it prints is not meaningful. The demo itself: python recipes/addition_attack.py "
+              "(about 10 minutes on 2 CPU cores).")
+
+
+def summary_text(result: dict) -> str:
+    """The demo's printed summary, from its `result.json` (the README's example output is rendered by this too)."""
+    pre, final = result["pretrained"], result["banel"]
+    rows = [
+        ("pretrained success rate", f"{pre['rate']:.5f} [{pre['low']:.5f}, {pre['high']:.5f}] (n={pre['samples']})"),
+        ("BaNEL success rate", f"{final['rate']:.5f} [{final['low']:.5f}, {final['high']:.5f}] (n={final['samples']})"),
+        ("improvement", f"{result['improvement']:.1f}x" + (" (quick mode: not meaningful)" if result["quick"] else "")),
+        ("reward evaluations (training)", f"{result['nre']} of {result['budget']}"),
+        ("successes found in training", f"{result['successes_found']}"),
+        ("final acceptance rate", f"{final['acceptance_rate']:.3f}"),
+        ("evaluation-only oracle calls", f"{result['evaluation_calls']} (not charged)"),
+        ("wall time", f"{result['minutes']:.1f} min ({result['hardware']})"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    examples = result["successes_examples"]
+    if examples:
+        lines += ["", "successful queries found in training, by kind:"]
+        for kind, count in sorted(result["successes_by_kind"].items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"  {kind:<14} {count:>5}  e.g. {', '.join(examples[kind])}")
+    else:
+        lines += ["", "successful queries found in training: none"]
+    return "\n".join(lines)
+
+
+def hardware() -> str:
+    import psutil
+
+    threads = torch.get_num_threads()
+    return f"{psutil.cpu_count(logical=False)} CPU cores, {threads} torch thread{'s' if threads > 1 else ''}"
+
+
+def main(demo: DemoArguments, config: BaNELConfig, command: str = "python recipes/addition_attack.py") -> dict:
     torch.set_num_threads(demo.threads)
     set_seed(config.seed)
     # a finished run in output_dir is never overwritten: say so now, not after the pretrained estimate (train() would
     # refuse too)
     refuse_rerun(config.output_dir, None)
     os.makedirs(config.output_dir, exist_ok=True)
+    if demo.quick:
+        print(QUICK_NOTE.format(budget=config.max_reward_evaluations) + "\n")
     start = time.time()
     attacker, tokenizer, oracle = load_addition_task()
 
@@ -83,41 +125,46 @@ def main(demo: DemoArguments, config: BaNELConfig) -> dict:
     for r in trainer.ledger.successes:
         groups[classify_query(r.completion)].append(r.completion)
     improvement = final.rate / pre_est.rate if pre_est.rate > 0 else float("inf")
-    rows = [
-        ("pretrained success rate", f"{pre_est.rate:.5f} [{pre_est.low:.5f}, {pre_est.high:.5f}] (n={pre_est.samples})"),
-        ("BaNEL success rate", f"{final.rate:.5f} [{final.low:.5f}, {final.high:.5f}] (n={final.samples})"),
-        ("improvement", f"{improvement:.1f}x"),
-        ("reward evaluations (training)", f"{trainer.ledger.spent} of {config.max_reward_evaluations}"),
-        ("successes found in training", f"{len(trainer.ledger.successes)}"),
-        ("final acceptance rate", f"{final.acceptance_rate:.3f}"),
-        ("evaluation-only oracle calls", f"{curve.evaluation_calls + final.oracle_calls} (not charged)"),
-        ("wall time", f"{minutes:.1f} min"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-    print("\nsuccessful queries found, by kind:")
-    for kind, queries in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-        print(f"  {kind:<14} {len(queries):>5}  e.g. {', '.join(queries[:5])}")
-
     plot_path = os.path.join(config.output_dir, "success_rate.png")
     plot_success_curves({"BaNEL": curve.points}, plot_path, title="Addition attack: BaNEL",
                         baseline=pre_est.rate)
     result = {
+        "command": command, "quick": demo.quick, "seed": config.seed, "hardware": hardware(),
         "pretrained": pre_est.to_dict(), "banel": final.to_dict(), "improvement": improvement,
-        "nre": trainer.ledger.spent, "budget": config.max_reward_evaluations, "curve": curve.points,
-        "successes_by_kind": {k: len(v) for k, v in groups.items()}, "minutes": minutes,
+        "nre": trainer.ledger.spent, "budget": config.max_reward_evaluations,
+        "successes_found": len(trainer.ledger.successes),
+        "evaluation_calls": curve.evaluation_calls + final.oracle_calls, "curve": curve.points,
+        "successes_by_kind": {k: len(v) for k, v in groups.items()},
+        "successes_examples": {k: v[:5] for k, v in groups.items()}, "minutes": minutes,
+        "stop_reason": trainer.stop_reason,
         "settings": {k: getattr(config, k) for k in TASK_DEFAULTS if k not in ("output_dir", "report_to")},
     }
     with open(os.path.join(config.output_dir, "result.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(f"\nplot: {plot_path}\nledger: {os.path.join(config.output_dir, 'evaluations.jsonl')}\n"
-          f"model: {config.output_dir}")
+    print("\n" + summary_text(result))
+    report = os.path.join(config.output_dir, "run_report.png")
+    print(f"\nsuccess rate against NRE: {plot_path}\nrun report: {report}\n"
+          f"result: {os.path.join(config.output_dir, 'result.json')}\n"
+          f"ledger: {os.path.join(config.output_dir, 'evaluations.jsonl')}\nmodel: {config.output_dir}")
     return result
+
+
+def command_line(argv: list[str]) -> str:
+    """The command as a reader would retype it; where the files went (--output_dir) does not change the numbers."""
+    shown, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--output_dir":
+            skip = True
+        elif not a.startswith("--output_dir="):
+            shown.append(a)
+    return shlex.join(["python", "recipes/addition_attack.py", *shown])
 
 
 def parse(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    parser = TrlParser((DemoArguments, BaNELConfig))
+    parser = TrlParser((DemoArguments, BaNELConfig), **script_help(__doc__))
     parser.set_defaults(**TASK_DEFAULTS)
     demo, config = parser.parse_args_and_config(argv)
     if demo.quick:
@@ -130,4 +177,4 @@ def parse(argv=None):
 
 
 if __name__ == "__main__":
-    main(*parse())
+    main(*parse(), command=command_line(sys.argv[1:]))

@@ -47,6 +47,7 @@ from trl.data_utils import maybe_apply_chat_template
 from trl.models.utils import unwrap_model_for_generation
 
 from trl_banel import BaNELConfig, BaNELTrainer
+from trl_banel.cli import script_help
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 DEFAULT_DATASET = "reasoning-machines/gsm-hard"
@@ -448,6 +449,7 @@ def make_parser() -> TrlParser:
         (ScriptArguments, BaNELConfig, ModelConfig),
         epilog="--config FILE: a YAML file of values for any flag above (e.g. recipes/configs/gsm8k_hard.yaml); "
         "flags given on the command line override it.",
+        **script_help(__doc__),
     )
     parser.set_defaults(model_name_or_path=DEFAULT_MODEL, output_dir="gsm8k_hard_banel")
     return parser

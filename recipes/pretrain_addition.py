@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM
 
+from trl_banel.cli import script_help
 from trl_banel.tasks.addition import (LONG_CARRY_CHAIN, AdditionOracle, answer_text, build_tokenizer,
                                       estimate_success_rate, longest_carry_chain, sample_operands)
 
@@ -227,4 +228,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    main(HfArgumentParser(Args, **script_help(__doc__)).parse_args_into_dataclasses()[0])

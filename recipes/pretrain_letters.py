@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
+from trl_banel.cli import script_help  # noqa: E402
 from trl_banel.tasks.letters import MAX_PRIOR, MODEL_DIR, choose_min_a, pretrain_generator  # noqa: E402
 
 
@@ -54,4 +55,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    main(HfArgumentParser(Args, **script_help(__doc__)).parse_args_into_dataclasses()[0])

@@ -34,6 +34,22 @@ def test_quick_demo_end_to_end(tmp_path):
     assert (out / "success_rate.png").stat().st_size > 1000
     assert len(result["curve"]) >= 2 and result["curve"][0]["nre"] == 0
 
+    # a quick run says what it checks and that its improvement is not meaningful, first and beside the figure
+    assert proc.stdout.startswith("quick mode checks that the demo runs end to end")
+    assert "(quick mode: not meaningful)" in proc.stdout and result["quick"] is True
+    assert result["command"] == "python recipes/addition_attack.py --quick"  # --output_dir changes no number
+    assert f"run report: {out / 'run_report.png'}" in proc.stdout and (out / "run_report.png").exists()
+    # the console: one line per round and the summary, no metrics dict from the distillation steps
+    rounds = [line for line in proc.stdout.splitlines() if line.startswith("round ")]
+    assert len(rounds) == len((out / "rounds.jsonl").read_text().splitlines()) >= 2
+    assert not [line for line in proc.stdout.splitlines() if line.startswith("{")]
+
+    # the README's table of files lists every file this run wrote
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("### What a run writes") :]
+    table = table[: table.index("\n\n", table.index("| file |"))]
+    assert not [f.name for f in out.iterdir() if f"`{f.name}`" not in table]
+
     # the same command again on the finished output folder: refused at once, the trained model untouched
     model = out / "model.safetensors"
     trained = hashlib.sha256(model.read_bytes()).hexdigest()

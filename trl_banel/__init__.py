@@ -26,6 +26,7 @@ _check_trl()
 
 from .config import BaNELConfig  # noqa: E402
 from .ledger import RewardFunctionError, RewardLedger  # noqa: E402
+from .report import plot_run_report  # noqa: E402
 from .trainer import BaNELTrainer  # noqa: E402
 
-__all__ = ["BaNELConfig", "BaNELTrainer", "RewardLedger", "RewardFunctionError", "__version__"]
+__all__ = ["BaNELConfig", "BaNELTrainer", "RewardLedger", "RewardFunctionError", "plot_run_report", "__version__"]

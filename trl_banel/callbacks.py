@@ -1,9 +1,103 @@
-"""Callbacks users add to a BaNEL run."""
+"""Callbacks of a BaNEL run: the console progress (added by the trainer) and the ones users add."""
 
 import json
+import logging
 import os
 
 from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+
+def _short(text: str, width: int = 40) -> str:
+    text = repr(text)
+    return text if len(text) <= width else text[: width - 4] + "...'"
+
+
+def format_round_line(record: dict, budget: int, best=None, new_successes: int = 0) -> str:
+    """The console line of one round (an entry of `trainer.history`): what a person watching the run needs.
+
+    `new_successes`: the successes this round paid for (a repeat of a known success is answered by the ledger, free,
+    and is not new)."""
+    parts = [f"round {record['round']}", f"NRE {record['nre']:,}/{budget:,}",
+             f"successes {record['successes']} (+{new_successes})",
+             f"accepted {record['acceptance_rate']:.1%}"]
+    if "failure/fit_log_ratio" in record:  # no fit when the round had no negative
+        parts.append(f"fit margin {record['failure/fit_log_ratio']:.2f} nats")
+    if best is not None:
+        parts.append(f"best {_short(best.completion)} (reward {best.reward:.3g})")
+    return " | ".join(parts)
+
+
+class BaNELProgressCallback(TrainerCallback):
+    r"""
+    The console of a BaNEL run (it replaces `transformers`' progress bar and printer; added by the trainer).
+
+    A progress bar over the NRE budget, one line per round (round, NRE spent of the budget, successes found, the
+    acceptance rate, the failure fit's margin and the best success so far) and a final line saying why the run
+    stopped. The full metrics go to `report_to` and, at debug level (`log_level="debug"`, or the `trl_banel` logger
+    at DEBUG), to the console too; nothing is printed per distillation step otherwise. With `disable_tqdm=True` the
+    lines are printed without a bar.
+    """
+
+    def __init__(self, trainer, bar: bool = True):
+        self.trainer = trainer
+        self.use_bar = bar
+        self.bar = None
+        self._last_round = -1  # the last round printed
+        self._verbose = False
+
+    def _write(self, line: str):
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._verbose = args.get_process_log_level() <= logging.DEBUG or logger.isEnabledFor(logging.DEBUG)
+        self._last_round = self.trainer.round - 1  # a resumed run does not repeat the rounds it loaded
+        if state.is_world_process_zero and self.use_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=args.max_reward_evaluations, desc="reward evaluations", unit="NRE",
+                            dynamic_ncols=True)
+            self.bar.update(self.trainer.ledger.spent)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        t = self.trainer
+        if self.bar is not None:
+            self.bar.update(t.ledger.spent - self.bar.n)
+            self.bar.set_postfix(round=t.round, successes=len(t.ledger.successes), refresh=False)
+        for record in t.history:
+            if record["round"] > self._last_round:
+                # the best success as of that round (several rounds can end in one step when distill_every > 1)
+                found = [r for r in t.ledger.successes if r.round <= record["round"]]
+                best = max(found, key=lambda r: r.reward, default=None)
+                new = sum(r.round == record["round"] for r in found)
+                self._write(format_round_line(record, args.max_reward_evaluations, best, new))
+                self._last_round = record["round"]
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self._verbose and logs:
+            self._write(str({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in logs.items()}))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.on_step_end(args, state, control)
+        t = self.trainer
+        reason = getattr(t, "stop_reason", None) or "max_steps reached"
+        found = len(t.ledger.successes)
+        self._write(f"stopped after {t.round} rounds: {reason}; {t.ledger.spent:,} reward evaluations spent, "
+                    f"{found} {'success' if found == 1 else 'successes'} found")
+        for cb in t.callback_handler.callbacks:  # the run report is drawn just before (its callback comes first)
+            if getattr(cb, "report_path", None):
+                self._write(f"run report: {cb.report_path}")
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class SuccessCurveCallback(TrainerCallback):

@@ -40,6 +40,10 @@ class BaNELConfig(_BaseConfig):
             Stop when this many consecutive rounds each spend fewer than 5% of `evaluations_per_round` new
             evaluations (every proposal rejected or already evaluated): the sampler has converged onto known
             completions, or the posterior can no longer be sampled.
+        stop_after_successes (`int` or `None`, *optional*, defaults to `None`):
+            Stop once the ledger holds this many successes (a resumed run counts the ones it loaded). Checked after
+            each round, so the round that finds them still evaluates its batch (up to `evaluations_per_round`).
+            `None`: run until the budget is spent.
 
         > Generation
 
@@ -156,6 +160,13 @@ class BaNELConfig(_BaseConfig):
             Evaluations that were in flight when a run crashed were, or may have been, paid for: they are always
             charged to the budget and their rewards are unknown. `False`: never send them again. `True`: at the start
             of the resumed run, send them to the oracle again and record their rewards, each charged a second time.
+
+        > Runtime
+
+        torch_num_threads (`int` or `None`, *optional*, defaults to `None`):
+            torch threads of a run on the CPU (process-wide, `torch.set_num_threads`). `None`: a model under 10M
+            parameters runs with one thread unless `OMP_NUM_THREADS` or `torch.set_num_threads` already chose a count
+            (small models are several times faster on one thread); larger models keep torch's default.
     """
 
 
@@ -200,6 +211,10 @@ class BaNELConfig(_BaseConfig):
     max_idle_rounds: int = field(
         default=5,
         metadata={"help": "Stop after this many consecutive rounds that each spend < 5%% of evaluations_per_round."},
+    )
+    stop_after_successes: int | None = field(
+        default=None,
+        metadata={"help": "Stop once this many successes are found (checked after each round); None spends the budget."},
     )
 
     # Generation
@@ -323,6 +338,13 @@ class BaNELConfig(_BaseConfig):
                           "charged, unrecorded, and are never sent again."},
     )
 
+    # Runtime
+    torch_num_threads: int | None = field(
+        default=None,
+        metadata={"help": "torch threads on the CPU; None: 1 for models under 10M parameters unless OMP_NUM_THREADS or "
+                          "torch.set_num_threads chose, else torch's default."},
+    )
+
     def __post_init__(self):
         self._validate()
         super().__post_init__()
@@ -356,6 +378,10 @@ class BaNELConfig(_BaseConfig):
                 bad(name, "an integer >= 1")
         if self.num_rounds is not None and self.num_rounds < 1:
             bad("num_rounds", "None or an integer >= 1")
+        for name in ("stop_after_successes", "torch_num_threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                bad(name, "None or an integer >= 1")
         if self.distill_every < 0:
             bad("distill_every", "an integer >= 0 (0 never distils)")
         if not self.temperature > 0:

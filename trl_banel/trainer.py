@@ -25,19 +25,23 @@ from torch.nn.utils.rnn import pad_sequence
 from datasets import Dataset
 from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.trainer_callback import ProgressCallback, TrainerCallback
+from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
+from transformers.trainer_callback import PrinterCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.data_utils import is_conversational, maybe_apply_chat_template
 from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.base_trainer import _BaseTrainer
 
+from .callbacks import BaNELProgressCallback
 from .config import BaNELConfig
 from .failure import FailureModels
 from .ledger import LEDGER_FILENAME, RewardFunctionError, RewardLedger
 from .oracle import RewardOracle
+from .report import RunReportCallback
 from .runs import (BANEL_STATE_NAME, describe_resume, last_complete_checkpoint, mark_finished, refuse_rerun,
                    resolve_checkpoint, save_state_last)
 from .stats import SuccessEstimate, clopper_pearson
+from .threads import configure_cpu_threads
 from .posterior import (Candidates, completion_log_softmax, completion_mask_after_prompt, rejection_mask,
                         sequence_log_probs, token_kl)
 
@@ -49,36 +53,6 @@ BEST_GENERATOR_DIR = "best_generator"
 
 def identity(x):
     return x
-
-
-class _NREProgressCallback(TrainerCallback):
-    """A progress bar over the NRE budget (the resource BaNEL spends), replacing the step bar."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.bar = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=args.max_reward_evaluations, desc="reward evaluations", unit="NRE", dynamic_ncols=True)
-            self.bar.update(self.trainer.ledger.spent)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.update(self.trainer.ledger.spent - self.bar.n)
-            self.bar.set_postfix(round=self.trainer.round, successes=len(self.trainer.ledger.successes), refresh=False)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.bar is not None and logs:  # as transformers' progress bar does: logs go to the console too
-            self.bar.write(str({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in logs.items()}))
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.on_step_end(args, state, control)
-            self.bar.close()
-            self.bar = None
 
 
 class _StopWhenDone(TrainerCallback):
@@ -192,9 +166,14 @@ class BaNELTrainer(_BaseTrainer):
         )
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
-        if self.callback_handler.pop_callback(ProgressCallback) is not None:
-            self.add_callback(_NREProgressCallback(self))
+        self.add_callback(RunReportCallback(self))  # rounds.jsonl and run_report.png in output_dir
+        # the console counts reward evaluations and prints one line per round, not a metrics dict per step
+        printer = self.callback_handler.pop_callback(PrinterCallback)
+        if self.callback_handler.pop_callback(DEFAULT_PROGRESS_CALLBACK) is not None or printer is not None:
+            self.add_callback(BaNELProgressCallback(self, bar=printer is None))
         self.add_callback(_StopWhenDone(self))
+        if self.accelerator.device.type == "cpu":
+            configure_cpu_threads(model, args.torch_num_threads)
 
         main = self.accelerator.is_main_process
         self.ledger = RewardLedger(
@@ -230,6 +209,7 @@ class BaNELTrainer(_BaseTrainer):
         self._prompt_cache: dict[int, tuple] = {}
         self._buffer: list[dict] = []
         self._finished = False
+        self.stop_reason: str | None = None  # why the rounds stopped, for the console and the user
         self._idle_rounds = 0
         self._rounds_in_phase = 0
         self._rounds_run = 0
@@ -441,10 +421,17 @@ class BaNELTrainer(_BaseTrainer):
     def _done(self) -> bool:
         args = self.args
         if self.ledger.exhausted:
+            self.stop_reason = f"the budget of {args.max_reward_evaluations} reward evaluations is spent"
+            return True
+        found = len(self.ledger.successes)
+        if args.stop_after_successes is not None and found >= args.stop_after_successes:
+            self.stop_reason = f"{_plural(found, 'success')} found (stop_after_successes={args.stop_after_successes})"
             return True
         if args.num_rounds is not None and self.round >= args.num_rounds:
+            self.stop_reason = f"num_rounds={args.num_rounds} reached"
             return True
         if self._idle_rounds >= args.max_idle_rounds:
+            self.stop_reason = f"{self._idle_rounds} idle rounds (max_idle_rounds={args.max_idle_rounds})"
             logger.warning(
                 "%d consecutive rounds spent (almost) no new reward evaluation (everything rejected or already "
                 "evaluated): stopping. The sampler has converged or can no longer be sampled; see "
@@ -998,6 +985,10 @@ def _mean_over_ranks(trainer, values: list[float]) -> float:
     total = trainer._sum_over_ranks(sum(values))
     count = trainer._sum_over_ranks(len(values))
     return total / count if count else float("nan")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}es" if word.endswith("s") else f"{n} {word}s"
 
 
 def _load_tokenizer(model):

@@ -1,0 +1,185 @@
+"""Writes (or checks) the README's generated blocks from the results files: the one mechanism for README figures.
+
+    python scripts/readme_results.py                     # rewrite every generated block of README.md
+    python scripts/readme_results.py --check             # exit 1, with a diff, if README.md and the results disagree
+    python scripts/readme_results.py --rerun-demo        # rerun the demo (about 10 min on 2 CPU cores), then rewrite
+    python scripts/readme_results.py --rerun-demo --quick    # the same with any demo flags (here: a 1-minute run)
+
+A generated block sits between `<!-- generated: NAME -->` and `<!-- /generated: NAME -->` in README.md; `BLOCKS` says
+which results file each is rendered from. To put a new figure in the README, write it to a results file from the
+command that measures it, add a renderer here and the two markers in README.md; `tests/test_readme_results.py` fails
+whenever a block and its results file disagree.
+"""
+
+import argparse
+import difflib
+import importlib.util
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_DIR = "benchmarks/results/demo"  # where --rerun-demo writes the demo's files (result.json, run_report.png, ...)
+
+
+@dataclass
+class Block:
+    sources: list[str]  # files (or globs) under the repository root that the block is rendered from
+    render: Callable[[Path], str]
+
+
+def _load_demo_module():
+    spec = importlib.util.spec_from_file_location("addition_attack_demo", ROOT / "recipes" / "addition_attack.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def render_demo(root: Path) -> str:
+    result = json.loads((root / DEMO_DIR / "result.json").read_text())
+    summary = _load_demo_module().summary_text(result)
+    text = f"Output of `{result['command']}` (seed {result['seed']}; `{DEMO_DIR}/result.json`):\n\n```text\n{summary}\n```\n"
+    if (root / DEMO_DIR / "run_report.png").exists():
+        text += f"\nIts run report (`{DEMO_DIR}/run_report.png`):\n\n![run report]({DEMO_DIR}/run_report.png)\n"
+    return text
+
+
+def render_demo_seeds(root: Path) -> str:
+    runs = root / "benchmarks" / "results" / "runs"
+    pretrained = statistics.mean(json.loads(f.read_text())["final"]["rate"]
+                                 for f in sorted(runs.glob("pretrained_seed*.json")))
+    banel = [json.loads(f.read_text()) for f in sorted(runs.glob("banel_seed*.json"))]
+    lifts = {run["seed"]: run["final"]["rate"] / pretrained for run in banel}
+    high = {s: x for s, x in lifts.items() if x >= 10}
+    low = {s: x for s, x in lifts.items() if x < 10}
+
+    def listed(d):
+        return ", ".join(f"{x:.2g}x" if x < 10 else f"{x:,.0f}x" for _, x in sorted(d.items()))
+
+    budgets = sorted({run["settings"]["max_reward_evaluations"] for run in banel})
+    seeds = sorted(lifts)
+    text = (f"How often the full demo finds a blind spot: of the benchmark's {len(banel)} BaNEL runs on this task "
+            f"(seeds {seeds[0]}-{seeds[-1]}, budget {', '.join(f'{b:,}' for b in budgets)}; "
+            f"`benchmarks/results/runs/banel_seed*.json`), {len(high)} ended at 10x the pretrained success rate or "
+            f"more")
+    text += f" ({listed(high)})" if high else ""
+    text += f", {len(low)} below 10x ({listed(low)})." if low else "."
+    return text + "\n"
+
+
+def first_table(markdown: str) -> str:
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join(lines[start:end]) + "\n"
+
+
+def table_from(path: str) -> Callable[[Path], str]:
+    return lambda root: first_table((root / path).read_text())
+
+
+def render_config_table(root: Path) -> str:
+    """BaNEL's own fields and the TrainingArguments defaults it changes, from the dataclass itself."""
+    sys.path.insert(0, str(root))
+    from trl_banel import BaNELConfig
+
+    # the fields declared in BaNELConfig's body, in its order: its own and the TrainingArguments defaults it changes
+    declared = BaNELConfig.__dict__.get("__annotations__", {})
+    by_name = {f.name: f for f in fields(BaNELConfig)}
+    rows = ["| field | default | meaning |", "| --- | --- | --- |"]
+    for f in (by_name[name] for name in declared if name in by_name):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        meaning = f.metadata.get("help", "").replace("%%", "%").replace("|", "\\|")
+        rows.append(f"| `{f.name}` | `{default!r}` | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+BLOCKS: dict[str, Block] = {
+    "demo": Block([f"{DEMO_DIR}/result.json"], render_demo),
+    "demo-seeds": Block(["benchmarks/results/runs/banel_seed*.json", "benchmarks/results/runs/pretrained_seed*.json"],
+                        render_demo_seeds),
+    "addition-attack-table": Block(["benchmarks/results/addition_attack.md"],
+                                   table_from("benchmarks/results/addition_attack.md")),
+    "filter-lift-table": Block(["benchmarks/results/filter_lift.md"], table_from("benchmarks/results/filter_lift.md")),
+    "ablation-table": Block(["benchmarks/results/ablation/ablation.md"],
+                            table_from("benchmarks/results/ablation/ablation.md")),
+    "config-table": Block(["trl_banel/config.py"], render_config_table),
+}
+
+_MARKER = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /generated: (?P=name) -->)", re.S)
+
+
+def regenerate(readme: str, root: Path) -> tuple[str, list[str]]:
+    """README text with every generated block rendered anew, and the names of the blocks that changed."""
+    found = [m.group("name") for m in _MARKER.finditer(readme)]
+    unknown = sorted(set(found) - set(BLOCKS))
+    missing = sorted(set(BLOCKS) - set(found))
+    if unknown or missing:
+        raise ValueError(f"README.md's generated blocks do not match scripts/readme_results.py: unknown {unknown}, "
+                         f"missing {missing}.")
+    changed = []
+
+    def replace(m):
+        name = m.group("name")
+        for source in BLOCKS[name].sources:
+            if not list(root.glob(source)):
+                how = "python scripts/readme_results.py --rerun-demo" if name == "demo" else "its benchmark"
+                raise FileNotFoundError(f"README block {name!r} is rendered from {source}, which is missing; "
+                                        f"produce it with {how}.")
+        body = BLOCKS[name].render(root)
+        if body != m.group("body"):
+            changed.append(m.group("name"))
+        return m.group(1) + body + m.group(4)
+
+    return _MARKER.sub(replace, readme), changed
+
+
+def rerun_demo(root: Path, demo_flags: list[str]):
+    out = root / DEMO_DIR
+    # the folder holds the previous demo run, which the trainer would refuse to train on again: it is all generated
+    # (and in git), so it is replaced
+    if out.exists():
+        shutil.rmtree(out)
+    command = [sys.executable, str(ROOT / "recipes" / "addition_attack.py"), "--output_dir", str(out), *demo_flags]
+    print("running:", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.strip(), usage=argparse.SUPPRESS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a block is out of date")
+    parser.add_argument("--rerun-demo", action="store_true",
+                        help="rerun the demo into benchmarks/results/demo first (other flags go to the demo)")
+    parser.add_argument("--root", default=str(ROOT), help="repository root (tests use a copy)")
+    args, demo_flags = parser.parse_known_args(argv)
+    if demo_flags and not args.rerun_demo:
+        parser.error(f"unrecognized arguments: {' '.join(demo_flags)}")
+    root = Path(args.root)
+    if args.rerun_demo:
+        rerun_demo(root, demo_flags)
+    readme_path = root / "README.md"
+    old = readme_path.read_text()
+    new, changed = regenerate(old, root)
+    if args.check:
+        if changed:
+            diff = difflib.unified_diff(old.splitlines(True), new.splitlines(True), "README.md",
+                                        "README.md as the results files say")
+            sys.stdout.writelines(diff)
+            print(f"\nout of date: {', '.join(changed)}; run: python scripts/readme_results.py")
+            return 1
+        print("README.md agrees with the results files.")
+        return 0
+    readme_path.write_text(new)
+    print(f"rewrote: {', '.join(changed)}" if changed else "README.md was already up to date.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

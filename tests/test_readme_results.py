@@ -1,0 +1,61 @@
+"""README figures are rendered from results files: the check fails whenever the two disagree."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("readme_results", ROOT / "scripts" / "readme_results.py")
+readme_results = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(readme_results)
+
+
+def test_the_readme_agrees_with_the_results_files(capsys):
+    assert readme_results.main(["--check"]) == 0, capsys.readouterr().out
+
+
+@pytest.fixture
+def copy_of_the_repo(tmp_path):
+    """README.md and every results file a block is rendered from, in a scratch root."""
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    for block in readme_results.BLOCKS.values():
+        for source in block.sources:
+            for path in ROOT.glob(source):
+                target = tmp_path / path.relative_to(ROOT)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, target)
+    return tmp_path
+
+
+def test_a_changed_result_makes_the_check_fail_until_the_readme_is_rewritten(copy_of_the_repo, capsys):
+    root = copy_of_the_repo
+    result_path = root / readme_results.DEMO_DIR / "result.json"
+    result = json.loads(result_path.read_text())
+    result["improvement"] = 1234.5
+    result_path.write_text(json.dumps(result))
+    seed = root / "benchmarks" / "results" / "runs" / "banel_seed1.json"
+    run = json.loads(seed.read_text())
+    run["final"]["rate"] = 0.5  # seed 1 now ends far above 10x
+    seed.write_text(json.dumps(run))
+
+    assert readme_results.main(["--check", "--root", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "+improvement                    1234.5x" in out and "out of date: demo, demo-seeds" in out
+    assert readme_results.main(["--root", str(root)]) == 0  # rewrite
+    assert readme_results.main(["--check", "--root", str(root)]) == 0
+    readme = (root / "README.md").read_text()
+    assert "1234.5x" in readme and "3 ended at 10x the pretrained success rate or more" in readme
+
+
+def test_blocks_and_markers_must_match(copy_of_the_repo):
+    readme = (copy_of_the_repo / "README.md").read_text()
+    cut = readme.replace("<!-- generated: filter-lift-table -->\n", "").replace(
+        "<!-- /generated: filter-lift-table -->\n", "")
+    with pytest.raises(ValueError, match=r"missing \['filter-lift-table'\]"):
+        readme_results.regenerate(cut, copy_of_the_repo)
+    (copy_of_the_repo / readme_results.DEMO_DIR / "result.json").unlink()
+    with pytest.raises(FileNotFoundError, match="--rerun-demo"):
+        readme_results.regenerate(readme, copy_of_the_repo)

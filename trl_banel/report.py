@@ -1,0 +1,226 @@
+"""The run report: one figure of a finished run, drawn from the files in its `output_dir` (no oracle call).
+
+    python -m trl_banel report runs/my_run          # writes runs/my_run/run_report.png
+
+The trainer draws it at the end of `train()`. It reads the ledger (`evaluations.jsonl`: what every reward evaluation
+returned, in the order they were paid for) and the per-round log (`rounds.jsonl`, written by the trainer as the rounds
+end), so it works the same for a run launched by `accelerate launch`, a resumed run or a run that crashed.
+"""
+
+import argparse
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+from transformers import TrainerCallback
+
+from .stats import clopper_pearson
+
+logger = logging.getLogger(__name__)
+
+LEDGER_FILE = "evaluations.jsonl"  # the ledger's file name (trl_banel.ledger.LEDGER_FILENAME)
+ROUNDS_FILENAME = "rounds.jsonl"
+REPORT_FILENAME = "run_report.png"
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The complete JSON lines of a file (a torn last line, from a crash mid-write, is skipped)."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+@dataclass
+class RoundRate:
+    """The success rate of one round's evaluated candidates, with its Clopper-Pearson interval."""
+
+    round: int
+    nre: int  # reward evaluations spent at the end of the round
+    evaluated: int
+    successes: int
+    low: float
+    high: float
+
+    @property
+    def rate(self) -> float:
+        return self.successes / self.evaluated
+
+
+def rates_by_round(evaluations: list[dict], confidence: float = 0.95) -> list[RoundRate]:
+    """Group the ledger's evaluations (in the order they were paid for) by round."""
+    out: list[RoundRate] = []
+    for nre, e in enumerate(evaluations, 1):
+        if not out or out[-1].round != e["round"]:
+            out.append(RoundRate(e["round"], nre, 0, 0, 0.0, 1.0))
+        r = out[-1]
+        r.nre, r.evaluated, r.successes = nre, r.evaluated + 1, r.successes + bool(e["success"])
+    for r in out:
+        r.low, r.high = clopper_pearson(r.successes, r.evaluated, confidence)
+    return out
+
+
+def plot_run_report(output_dir: str, path: str | None = None) -> str:
+    r"""
+    Draw the report of a BaNEL run from its `output_dir` and return the figure's path.
+
+    Four panels: the successes found against reward evaluations (NRE); the success rate of each round's evaluated
+    candidates with its 95% Clopper-Pearson band, and the run's cumulative rate; the filter's acceptance rate (and what
+    it rejected) per round; the failure fit's margin (mean `log p_fail - log q` over its negatives after the fit) and
+    the generator's per-token entropy per round. Everything comes from `evaluations.jsonl` and `rounds.jsonl`.
+
+    Args:
+        output_dir (`str`): the run's `output_dir`.
+        path (`str`, *optional*): where to write the figure; defaults to `output_dir/run_report.png`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: runs on servers with no display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    evaluations = read_jsonl(os.path.join(output_dir, LEDGER_FILE))
+    rounds = read_jsonl(os.path.join(output_dir, ROUNDS_FILENAME))
+    if not evaluations and not rounds:
+        raise FileNotFoundError(f"{output_dir} holds neither {LEDGER_FILE} nor {ROUNDS_FILENAME}: is it the "
+                                "output_dir of a BaNEL run?")
+    path = path or os.path.join(output_dir, REPORT_FILENAME)
+    found = sum(bool(e["success"]) for e in evaluations)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    (ax_found, ax_rate), (ax_accept, ax_fit) = axes
+
+    # successes found against NRE: the run's output
+    x, y, total = [0], [0], 0
+    for nre, e in enumerate(evaluations, 1):
+        if e["success"]:
+            x += [nre, nre]
+            y += [total, total + 1]
+            total += 1
+    x.append(len(evaluations))
+    y.append(total)
+    ax_found.plot(x, y, color="C2", lw=2)
+    ax_found.set_title(f"successes found: {found} in {len(evaluations):,} evaluations")
+    ax_found.set_xlabel("reward evaluations (NRE)")
+    ax_found.set_ylabel("successes found (cumulative)")
+    ax_found.set_ylim(bottom=0, top=max(1, total) * 1.1)
+    if not total:
+        ax_found.text(0.5, 0.5, "no success yet", ha="center", va="center", transform=ax_found.transAxes,
+                      color="grey")
+
+    # success rate of the evaluated candidates, per round, with Clopper-Pearson bands
+    per_round = rates_by_round(evaluations)
+    if per_round:
+        nre = [r.nre for r in per_round]
+        rate = [r.rate for r in per_round]
+        ax_rate.errorbar(nre, rate, yerr=[[v - r.low for v, r in zip(rate, per_round)],
+                                          [r.high - v for v, r in zip(rate, per_round)]],
+                         fmt="o", ms=3, lw=0.8, capsize=0, color="C0", alpha=0.7,
+                         label="each round's evaluations (95% Clopper-Pearson)")
+        cum_s = cum_n = 0
+        cum, cum_low, cum_high = [], [], []
+        for r in per_round:
+            cum_s, cum_n = cum_s + r.successes, cum_n + r.evaluated
+            low, high = clopper_pearson(cum_s, cum_n)
+            cum.append(cum_s / cum_n)
+            cum_low.append(low)
+            cum_high.append(high)
+        ax_rate.plot(nre, cum, color="C3", lw=1.5, label="all evaluated so far (band: 95% Clopper-Pearson)")
+        ax_rate.fill_between(nre, cum_low, cum_high, color="C3", alpha=0.2)
+        # scaled to the estimates, not to the wide intervals of small rounds (those run off the top)
+        ax_rate.set_ylim(0, min(1.02, 1.3 * max(max(rate), max(cum_high), 0.02)))
+        ax_rate.legend(fontsize=8, loc="upper left")
+    ax_rate.set_title("success rate of the evaluated candidates")
+    ax_rate.set_xlabel("reward evaluations (NRE)")
+    ax_rate.set_ylabel("success rate")
+
+    def per_round_line(ax, key, label, color, scale=1.0):
+        points = [(r["round"], r[key] * scale) for r in rounds if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", ms=3, color=color, label=label)
+        return bool(points)
+
+    if rounds:
+        per_round_line(ax_accept, "acceptance_rate", "accepted", "C0")
+        known = [{"round": r["round"], "k": r["known_rejected"] / r["proposed"]} for r in rounds
+                 if r.get("proposed") and "known_rejected" in r]
+        if known:
+            ax_accept.plot([k["round"] for k in known], [k["k"] for k in known], marker="o", ms=3, color="C7",
+                           label="rejected: known failures")
+        per_round_line(ax_accept, "filter/ratio_rejected_rate", "rejected by the ratio test (fresh proposals)",
+                       "C1")
+        ax_accept.set_ylim(-0.02, 1.02)
+        ax_accept.legend(fontsize=8)
+        drawn = per_round_line(ax_fit, "failure/fit_log_ratio", "failure-fit margin (log p_fail - log q)", "C4")
+        drawn |= per_round_line(ax_fit, "generator/entropy", "generator entropy (per token)", "C5")
+        if drawn:
+            ax_fit.legend(fontsize=8)
+    else:
+        for ax in (ax_accept, ax_fit):
+            ax.text(0.5, 0.5, f"no {ROUNDS_FILENAME} in this directory", ha="center", va="center",
+                    transform=ax.transAxes, color="grey")
+    ax_accept.set_title("posterior filter, per round")
+    ax_accept.set_xlabel("round")
+    ax_accept.set_ylabel("share of the proposals")
+    ax_fit.set_title("failure fit and generator, per round")
+    ax_fit.set_xlabel("round")
+    ax_fit.set_ylabel("nats")
+    for ax in (ax_accept, ax_fit):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_found.yaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"BaNEL run {os.path.basename(os.path.abspath(output_dir))}: {len(rounds) or len(per_round)} rounds, "
+                 f"{len(evaluations):,} reward evaluations, {found} success{'' if found == 1 else 'es'}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+class RunReportCallback(TrainerCallback):
+    """Writes each round of `trainer.history` to `output_dir/rounds.jsonl` and draws the run report after training.
+
+    Added by the trainer; only the main process writes. Rounds already in the file (a resumed run) are not repeated.
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.path = os.path.join(trainer.args.output_dir, ROUNDS_FILENAME)
+        self.report_path: str | None = None
+        self._last_round = max((r["round"] for r in read_jsonl(self.path)), default=-1)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        new = [r for r in self.trainer.history if r["round"] > self._last_round]
+        if new:
+            os.makedirs(args.output_dir, exist_ok=True)
+            with open(self.path, "a") as f:
+                for record in new:
+                    f.write(json.dumps(record, default=float) + "\n")
+            self._last_round = new[-1]["round"]
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.on_step_end(args, state, control)
+        try:
+            self.report_path = plot_run_report(args.output_dir)
+        except Exception as e:  # a figure must never cost the user a finished run
+            logger.warning("Could not draw the run report in %s: %s", args.output_dir, e)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m trl_banel report",
+                                     description="Draw the report figure of a BaNEL run from its output_dir.")
+    parser.add_argument("output_dir", help="the run's output_dir (holds evaluations.jsonl and rounds.jsonl)")
+    parser.add_argument("--out", default=None, help=f"figure path; default: OUTPUT_DIR/{REPORT_FILENAME}")
+    args = parser.parse_args(argv)
+    print(plot_run_report(args.output_dir, args.out))
