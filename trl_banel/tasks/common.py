@@ -6,7 +6,9 @@ with ``<eos>``. The helpers here work on that convention only.
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+import time
+from typing import Optional, Sequence
 
 import torch
 
@@ -90,3 +92,46 @@ def sequence_log_probs(model, tokenizer, texts: Sequence[str], batch_size: int =
         logp = logits.float().log_softmax(-1).gather(2, ids[:, 1:, None].to(device)).squeeze(-1).cpu()
         out.append((logp * mask[:, 1:]).sum(1))
     return torch.cat(out) if out else torch.zeros(0)
+
+
+# ------------------------------------------------------------------------------ pretraining helpers
+def lm_batch(tokenizer, texts: Sequence[str], n_unlabelled: Sequence[int]):
+    """Right-padded ids + eos; labels mask the pads and the first ``n_unlabelled[i]`` tokens of row i.
+
+    Returns ``(input_ids, attention_mask, labels)``.
+    """
+    seqs = [s + [tokenizer.eos_token_id] for s in tokenizer(list(texts)).input_ids]
+    ids = torch.full((len(seqs), max(map(len, seqs))), tokenizer.pad_token_id)
+    labels = torch.full_like(ids, -100)
+    for row, (seq, skip) in enumerate(zip(seqs, n_unlabelled)):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, skip : len(seq)] = ids[row, skip : len(seq)]
+    return ids, (ids != tokenizer.pad_token_id).long(), labels
+
+
+def train_lm(model, make_batch, steps: int, lr: float, should_stop=lambda step: False, warmup: Optional[int] = None,
+             log_every: int = 500):
+    """AdamW, linear warm-up then cosine decay over ``steps``, gradients clipped at 1; returns (steps run, seconds).
+
+    ``make_batch()`` returns ``(input_ids, attention_mask, labels)``; ``should_stop(step)`` is asked after each step.
+    """
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, steps // 50) if warmup is None else max(1, warmup)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
+    start, model = time.time(), model.train()
+    step = 0
+    for step in range(1, steps + 1):
+        ids, mask, labels = make_batch()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if log_every and step % log_every == 0:
+            print(f"  step {step} loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
+        if should_stop(step):
+            break
+    model.eval()
+    return step, time.time() - start
