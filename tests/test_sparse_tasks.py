@@ -60,13 +60,20 @@ def test_digits_oracle_and_estimator_agree_on_hand_made_images(digits_task, data
     malformed = [sixes[0][:63], sixes[0] + "0", sixes[1][:32]]
     texts = sixes + zeros + others + malformed
     rewards = oracle(None, texts)
-    pixels, ok = digits.ids_to_images(_ids(tok, texts), tok)
+    ids = _ids(tok, texts)
+    pixels, ok = digits.ids_to_images(ids, tok)
     by_ids = np.zeros(len(texts), dtype=bool)
     by_ids[ok] = digits.is_success(oracle.classifier.probabilities(pixels[ok]))
     assert [r == 1.0 for r in rewards] == by_ids.tolist()
     assert ok.tolist() == [True] * (len(texts) - 3) + [False] * 3
     assert sum(rewards[:40]) >= 36  # real sixes are paid (the classifier is 97.8% accurate)
     assert sum(rewards[40:]) == 0.0  # real zeros, blank, saturated and malformed images are not
+    # a special token inside the pixels is dropped by decoding, as by the id path: 64 pixels stay well formed
+    six = ids[0].tolist()
+    with_pad = torch.tensor([six[:10] + [tok.pad_token_id] + six[10:-1]])
+    pixels, ok = digits.ids_to_images(with_pad, tok)
+    assert ok.tolist() == [True] and digits.image_to_text(pixels[0]) == sixes[0]
+    assert tok.decode(with_pad[0], skip_special_tokens=True) == sixes[0]
 
 
 def test_digits_estimate_matches_the_oracle_on_its_own_draw(digits_task):

@@ -157,22 +157,25 @@ class DigitsOracle:
 
 # --------------------------------------------------------------------------------------- estimate
 def ids_to_images(tokens: torch.Tensor, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """Sampled rows ``[<bos>, 64 pixel tokens, <eos>]`` -> ``(images (n, 64), well_formed (n,))``.
+    """Sampled rows (``<bos>`` then the generated tokens) -> ``(images (n, 64), well_formed (n,))``.
 
     Works on token ids, without decoding: a second path to the same rule as the oracle's string parsing
-    (the tests check they agree). A row is well formed when its 64 tokens after ``<bos>`` are all pixel
-    tokens and the next is ``<eos>``.
+    (the tests check they agree). The completion is what decoding without special tokens gives: the pixel
+    tokens before the first ``<eos>``, special tokens among them skipped; it is well formed when there are
+    exactly 64 of them.
     """
     level_of = torch.full((len(tokenizer),), -1, dtype=torch.long)
     for level, ch in enumerate(LEVELS):
         level_of[tokenizer.convert_tokens_to_ids(ch)] = level
-    tokens = tokens.cpu()
-    n = tokens.shape[0]
-    if tokens.shape[1] < PIXELS + 2:  # every row ended (eos) before 64 pixels
-        return np.zeros((n, PIXELS), dtype=np.float32), np.zeros(n, dtype=bool)
-    levels = level_of[tokens[:, 1 : PIXELS + 1]]
-    ok = (levels >= 0).all(1) & (tokens[:, PIXELS + 1] == tokenizer.eos_token_id)
-    return levels.clamp(min=0).float().numpy(), ok.numpy()
+    body = tokens.cpu()[:, 1:]
+    levels = level_of[body]
+    before_eos = (body == tokenizer.eos_token_id).long().cumsum(1) == 0
+    keep = (levels >= 0) & before_eos
+    ok = keep.sum(1) == PIXELS
+    # the kept tokens in order: a stable sort puts them first, their positions ascending
+    order = torch.sort((~keep).long(), dim=1, stable=True).indices
+    pixels = levels.gather(1, order)[:, :PIXELS] if body.shape[1] >= PIXELS else levels.new_zeros((len(body), PIXELS))
+    return pixels.clamp(min=0).float().numpy(), ok.numpy()
 
 
 def estimate_success_rate(generator, tokenizer, oracle: DigitsOracle, n: int = 300_000, batch_size: int = 4096,
