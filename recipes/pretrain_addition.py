@@ -14,7 +14,6 @@ that same distribution) almost nothing to find; at 99.9% its success rate is nea
 """
 
 import json
-import math
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ import torch
 from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM
 
 from trl_banel.cli import script_help
+from trl_banel.tasks.common import lm_batch as batch, train_lm  # noqa: E402
 from trl_banel.tasks.addition import (LONG_CARRY_CHAIN, AdditionOracle, answer_text, build_tokenizer,
                                       estimate_success_rate, longest_carry_chain, sample_operands)
 
@@ -66,39 +66,6 @@ def make_model(args: Args, layers: int, vocab_size: int, tokenizer) -> LlamaForC
     )
     config.addition_max_operand_digits = args.max_operand_digits  # read back by the oracle
     return LlamaForCausalLM(config)
-
-
-def batch(tokenizer, texts, n_unlabelled):
-    """Right-padded ids + eos; labels mask the pads and the first n_unlabelled[i] tokens of row i."""
-    seqs = [s + [tokenizer.eos_token_id] for s in tokenizer(texts).input_ids]
-    ids = torch.full((len(seqs), max(map(len, seqs))), tokenizer.pad_token_id)
-    labels = torch.full_like(ids, -100)
-    for row, (seq, skip) in enumerate(zip(seqs, n_unlabelled)):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        labels[row, skip : len(seq)] = ids[row, skip : len(seq)]
-    return ids, (ids != tokenizer.pad_token_id).long(), labels
-
-
-def train(model, make_batch, steps, args, should_stop=lambda step: False):
-    """AdamW, linear warm-up then cosine decay over `steps`; returns (steps run, seconds)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, steps // 50)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
-    start, model = time.time(), model.train()
-    for step in range(1, steps + 1):
-        ids, mask, labels = make_batch()
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 500 == 0:
-            print(f"  step {step} loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
-        if should_stop(step):
-            break
-    return step, time.time() - start
 
 
 def exact_match(oracle, a, b, chunk=4096):
@@ -141,7 +108,7 @@ def main(args: Args):
         return 1 - acc <= args.target_stop_error
 
     print("training target")
-    target_steps, target_time = train(target, target_batch, args.target_max_steps, args, target_done)
+    target_steps, target_time = train_lm(target, target_batch, args.target_max_steps, args.lr, target_done)
     target.eval()
 
     # ---- attacker: the query strings of the same distribution, loss on every token
@@ -152,7 +119,7 @@ def main(args: Args):
         return batch(tokenizer, [f"{x}+{y}=" for x, y in zip(a.tolist(), b.tolist())], [1] * len(a))
 
     print("training attacker")
-    attacker_steps, attacker_time = train(attacker, attacker_batch, args.attacker_steps, args)
+    attacker_steps, attacker_time = train_lm(attacker, attacker_batch, args.attacker_steps, args.lr)
     attacker.eval()
 
     out = Path(args.out)

@@ -26,11 +26,13 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
+from .common import SPECIAL_TOKENS, sample_token_ids  # noqa: F401 (SPECIAL_TOKENS: public name kept)
+from .common import build_tokenizer as _build_tokenizer
+
 MODELS_DIR = Path(__file__).resolve().parent / "addition_models"
 TARGET_DIR = MODELS_DIR / "target"
 ATTACKER_DIR = MODELS_DIR / "attacker"
 DEFAULT_MAX_OPERAND_DIGITS = 3
-SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>"]
 CHARACTERS = list("0123456789+=")
 _QUERY_RE = re.compile(r"([0-9]+)\+([0-9]+)=")  # ASCII digits only: str.isdigit accepts "²"
 LONG_CARRY_CHAIN = 3  # a run of this many consecutive carries counts as a "long carry chain"
@@ -38,28 +40,9 @@ LONG_CARRY_CHAIN = 3  # a run of this many consecutive carries counts as a "long
 
 # ----------------------------------------------------------------------------------------- text
 def build_tokenizer(characters: Sequence[str] = CHARACTERS):
-    """Builds a character-level tokenizer (``PreTrainedTokenizerFast``) locally, without a hub: the specials
-    ``<pad> <bos> <eos>`` then one token per character of ``characters`` (this task's by default).
-
-    Encoding prepends ``<bos>`` (so ``""`` encodes to ``[bos_id]``, the attacker's prompt) and never
-    appends ``<eos>``; ``decode(ids, skip_special_tokens=True)`` gives the text back exactly.
-    Characters outside the vocabulary raise on encoding: there is no ``<unk>``.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(characters))}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one char each
-    backend.decoder = decoders.Fuse()  # join tokens without the spaces a WordLevel decode inserts
-    backend.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-        padding_side="right", clean_up_tokenization_spaces=False,
-        model_input_names=["input_ids", "attention_mask"],
-    )
+    """The character-level tokenizer of :func:`trl_banel.tasks.common.build_tokenizer`, this task's characters by
+    default: ``<pad> <bos> <eos> 0-9 + =``."""
+    return _build_tokenizer(characters)
 
 
 def answer_text(a: int, b: int) -> str:
@@ -78,14 +61,18 @@ def sample_operands(rng: np.random.Generator, n: int, max_digits: int) -> tuple[
     return draw(), draw()
 
 
-def parse_query(query: str, max_operand_digits: int) -> Optional[tuple[str, str]]:
+def parse_query(query: str, max_operand_digits: int, allow_leading_zeros: bool = True) -> Optional[tuple[str, str]]:
     """Returns the two operand strings of a well-formed query, or None.
 
     Well formed: ``digits+digits=``, each operand 1..max_operand_digits digits. Leading zeros are
-    allowed: they are within what the target can read, and they are one of its blind spots.
+    allowed by default: they are within what the target can read, and they are one of its blind spots.
+    With ``allow_leading_zeros=False`` (the paper's harder variant) an operand of 2+ digits starting
+    with ``0`` makes the query malformed.
     """
     match = _QUERY_RE.fullmatch(query) if isinstance(query, str) else None
     if match is None or max(len(match[1]), len(match[2])) > max_operand_digits:
+        return None
+    if not allow_leading_zeros and any(len(x) > 1 and x[0] == "0" for x in (match[1], match[2])):
         return None
     return match[1], match[2]
 
@@ -129,17 +116,23 @@ class AdditionOracle:
         max_operand_digits: longest operand accepted as well formed (defaults to the value the
             target was trained with, stored in its config, else ``DEFAULT_MAX_OPERAND_DIGITS``).
         batch_size: queries per forward pass.
+        allow_leading_zeros: whether a query with a zero-padded operand is well formed (defaults to the
+            target config's ``addition_allow_leading_zeros``, else True; the hard attack's target says False).
 
     Call it as ``oracle(prompts, completions, **kwargs) -> list[float]``; ``completions`` are query
     strings such as ``"12+345="`` (``prompts`` is ignored). Malformed completions score 0.0.
     """
 
-    def __init__(self, target_model, tokenizer, max_operand_digits: Optional[int] = None, batch_size: int = 1024):
+    def __init__(self, target_model, tokenizer, max_operand_digits: Optional[int] = None, batch_size: int = 1024,
+                 allow_leading_zeros: Optional[bool] = None):
         self.model = target_model.eval()
         self.tokenizer = tokenizer
         self.max_operand_digits = max_operand_digits or getattr(
             target_model.config, "addition_max_operand_digits", DEFAULT_MAX_OPERAND_DIGITS
         )
+        if allow_leading_zeros is None:
+            allow_leading_zeros = getattr(target_model.config, "addition_allow_leading_zeros", True)
+        self.allow_leading_zeros = bool(allow_leading_zeros)
         self.batch_size = batch_size
         self.__name__ = "addition_oracle"  # TRL names reward columns after the function's __name__
 
@@ -147,7 +140,7 @@ class AdditionOracle:
         rewards = [0.0] * len(completions)
         wellformed = []
         for i, completion in enumerate(completions):
-            operands = parse_query(completion, self.max_operand_digits)
+            operands = parse_query(completion, self.max_operand_digits, self.allow_leading_zeros)
             if operands is not None:
                 wellformed.append((i, completion, answer_text(int(operands[0]), int(operands[1]))))
         for start in range(0, len(wellformed), self.batch_size):
@@ -185,34 +178,16 @@ class AdditionOracle:
 
 
 # ------------------------------------------------------------------------------ sampling, loading
-@torch.inference_mode()
 def sample_queries(model, tokenizer, n: int, batch_size: int = 4096, temperature: float = 1.0,
                    seed: int = 0, max_new_tokens: Optional[int] = None) -> list[str]:
     """Samples ``n`` unconditional completions (prompt ``""`` = ``[<bos>]``), decoded without specials.
 
-    A hand-written KV-cached loop: every row starts from the same one-token prompt, so no padding
-    is needed, and a seeded ``torch.Generator`` makes the draw reproducible.
+    The draw is :func:`trl_banel.tasks.common.sample_token_ids`: seeded, so reproducible.
     """
-    model.eval()
     digits = getattr(model.config, "addition_max_operand_digits", DEFAULT_MAX_OPERAND_DIGITS)
     max_new_tokens = max_new_tokens or 2 * digits + 4  # a longest query, its eos, one spare
-    generator = torch.Generator().manual_seed(seed)
-    eos, out = tokenizer.eos_token_id, []
-    for start in range(0, n, batch_size):
-        rows = min(batch_size, n - start)
-        tokens = torch.full((rows, 1), tokenizer.bos_token_id, dtype=torch.long)
-        done = torch.zeros(rows, dtype=torch.bool)
-        past, step_input = None, tokens
-        for _ in range(max_new_tokens):
-            result = model(input_ids=step_input.to(model.device), past_key_values=past, use_cache=True)
-            past = result.past_key_values
-            probs = torch.softmax(result.logits[:, -1].float().cpu() / temperature, dim=-1)
-            step_input = torch.multinomial(probs, 1, generator=generator)
-            step_input[done] = tokenizer.pad_token_id  # finished rows emit padding
-            tokens = torch.cat([tokens, step_input], dim=1)
-            done |= step_input[:, 0] == eos
-            if done.all():
-                break
+    out = []
+    for tokens in sample_token_ids(model, tokenizer, n, max_new_tokens, batch_size, temperature, seed):
         out.extend(tokenizer.batch_decode(tokens, skip_special_tokens=True))
     return out
 

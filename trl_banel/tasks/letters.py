@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .addition import build_tokenizer
+from .common import build_tokenizer, sequence_log_probs
 
 LETTERS = "abcdefgh"
 LENGTH = 8
@@ -87,18 +87,9 @@ class LettersOracle:
         return [1.0 if is_success(c, self.min_a) else 0.0 for c in completions]
 
 
-@torch.inference_mode()
 def string_log_probs(model, tokenizer, strings: Sequence[str], batch_size: int = 8192) -> torch.Tensor:
-    """Exact log-probability that the model, from the empty prompt, emits each string then EOS (equal lengths)."""
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(strings), batch_size):
-        ids = torch.tensor([tokenizer(s)["input_ids"] + [tokenizer.eos_token_id]
-                            for s in strings[start : start + batch_size]], device=device)
-        logp = model(input_ids=ids).logits[:, :-1].float().log_softmax(-1)
-        out.append(logp.gather(2, ids[:, 1:, None]).squeeze(-1).sum(1).cpu())
-    return torch.cat(out)
+    """Exact log-probability that the model, from the empty prompt, emits each string then EOS."""
+    return sequence_log_probs(model, tokenizer, strings, batch_size)
 
 
 def exact_success_probability(model, tokenizer, min_a: int) -> float:

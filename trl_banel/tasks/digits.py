@@ -1,0 +1,229 @@
+"""Digits 0-to-6: the paper's MNIST task (arXiv 2510.09596) on scikit-learn's bundled 8x8 digits.
+
+A small causal LM (the *generator*) draws 8x8 images pixel by pixel. It was pretrained on the zeros of
+``sklearn.datasets.load_digits`` only. The *oracle* is a classifier trained on all ten digits: it pays 1.0
+when its probability that the image is a 6 is at least ``SUCCESS_PROBABILITY`` (0.9; fixed before the prior
+was measured, never tuned). A generator of zeros almost never draws a six, so the reward is sparse: the
+shipped generator's success probability is measured by Monte Carlo in
+``benchmarks/results/digits_calibration.json``.
+
+Images as text: one character per pixel, row-major, the dataset's own 17 intensities ``0``-``16`` written
+``0123456789abcdefg``. The quantisation is the dataset's (lossless): the classifier sees exactly what the
+generator wrote, and 17 tokens keep the vocabulary tiny. Prompt ``""`` (``[<bos>]``), completion 64
+characters then ``<eos>``; anything else is malformed and scores 0.0.
+
+``recipes/pretrain_digits.py`` regenerates the generator and the classifier.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..stats import SuccessEstimate
+from .common import build_tokenizer, sample_token_ids
+
+MODELS_DIR = Path(__file__).resolve().parent / "digits_models"
+GENERATOR_DIR = MODELS_DIR / "generator"
+CLASSIFIER_DIR = MODELS_DIR / "classifier"
+PIXELS = 64
+LEVELS = "0123456789abcdefg"  # intensity i is LEVELS[i], 0..16
+SOURCE_DIGIT = 0
+TARGET_DIGIT = 6
+SUCCESS_PROBABILITY = 0.9  # the success rule: P(6 | image) >= this; fixed before any prior was measured
+MAX_PRIOR = 2e-5
+
+
+# ----------------------------------------------------------------------------------------- images
+def image_to_text(image) -> str:
+    """An 8x8 (or flat 64) array of intensities 0..16 as 64 characters."""
+    flat = np.asarray(image).reshape(-1)
+    if flat.shape != (PIXELS,):
+        raise ValueError(f"expected {PIXELS} pixels, got {flat.shape}")
+    return "".join(LEVELS[int(v)] for v in flat)
+
+
+def text_to_image(text) -> np.ndarray | None:
+    """The 64 intensities a completion encodes (float32, 0..16), or None if it is malformed."""
+    if not isinstance(text, str) or len(text) != PIXELS or any(c not in LEVELS for c in text):
+        return None
+    return np.array([LEVELS.index(c) for c in text], dtype=np.float32)
+
+
+def load_dataset():
+    """scikit-learn's bundled digits (1,797 images, no download): ``(images as (n, 64) float32, labels)``."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return data.data.astype(np.float32), data.target.astype(np.int64)
+
+
+def build_digits_tokenizer():
+    return build_tokenizer(LEVELS)
+
+
+# ------------------------------------------------------------------------------------- classifier
+class DigitClassifier(torch.nn.Module):
+    """A small MLP on the 64 intensities (scaled to 0..1): the oracle's judge of which digit an image shows."""
+
+    def __init__(self, hidden: int = 128, dropout: float = 0.2):
+        super().__init__()
+        self.config = {"hidden": hidden, "dropout": dropout}
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(PIXELS, hidden), torch.nn.ReLU(), torch.nn.Dropout(dropout),
+            torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Dropout(dropout),
+            torch.nn.Linear(hidden, 10),
+        )
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Logits over the ten digits for a (n, 64) batch of intensities 0..16."""
+        return self.net(pixels / 16.0)
+
+    @torch.inference_mode()
+    def probabilities(self, pixels, batch_size: int = 65536) -> np.ndarray:
+        """(n, 10) class probabilities for (n, 64) intensities."""
+        self.eval()
+        pixels = torch.as_tensor(np.asarray(pixels, dtype=np.float32)).reshape(-1, PIXELS)
+        out = [torch.softmax(self(pixels[i : i + batch_size]), -1) for i in range(0, len(pixels), batch_size)]
+        return torch.cat(out).numpy() if out else np.zeros((0, 10), dtype=np.float32)
+
+    def save(self, path: Path):
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path / "model.safetensors"))
+        (path / "config.json").write_text(json.dumps(self.config, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path = CLASSIFIER_DIR) -> "DigitClassifier":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        model = cls(**json.loads((path / "config.json").read_text()))
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        return model.eval()
+
+
+def train_classifier(images: np.ndarray, labels: np.ndarray, epochs: int = 300, lr: float = 1e-3,
+                     weight_decay: float = 1e-4, batch_size: int = 128, seed: int = 0) -> DigitClassifier:
+    """Trains :class:`DigitClassifier` on all ten digits (AdamW, cross-entropy)."""
+    torch.manual_seed(seed)
+    model = DigitClassifier()
+    x, y = torch.as_tensor(images), torch.as_tensor(labels)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(batch_size):
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def is_success(probabilities: np.ndarray) -> np.ndarray:
+    """The success rule on (n, 10) class probabilities: P(6) >= ``SUCCESS_PROBABILITY``."""
+    return np.asarray(probabilities)[:, TARGET_DIGIT] >= SUCCESS_PROBABILITY
+
+
+# ----------------------------------------------------------------------------------------- oracle
+class DigitsOracle:
+    """TRL-style reward function: 1.0 for a well-formed image the classifier calls a 6 with probability >= 0.9.
+
+    ``oracle(prompts, completions, **kwargs) -> list[float]``; completions are 64-character strings
+    (see :func:`text_to_image`), malformed ones score 0.0.
+    """
+
+    def __init__(self, classifier: DigitClassifier):
+        self.classifier = classifier.eval()
+        self.__name__ = "digits_oracle"  # TRL names reward columns after the function's __name__
+
+    def __call__(self, prompts=None, completions: Sequence[str] = (), **kwargs) -> list[float]:
+        rewards = [0.0] * len(completions)
+        images = [(i, text_to_image(c)) for i, c in enumerate(completions)]
+        images = [(i, img) for i, img in images if img is not None]
+        if images:
+            hits = is_success(self.classifier.probabilities(np.stack([img for _, img in images])))
+            for (i, _), hit in zip(images, hits):
+                rewards[i] = 1.0 if hit else 0.0
+        return rewards
+
+
+# --------------------------------------------------------------------------------------- estimate
+def ids_to_images(tokens: torch.Tensor, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Sampled rows (``<bos>`` then the generated tokens) -> ``(images (n, 64), well_formed (n,))``.
+
+    Works on token ids, without decoding: a second path to the same rule as the oracle's string parsing
+    (the tests check they agree). The completion is what decoding without special tokens gives: the pixel
+    tokens before the first ``<eos>``, special tokens among them skipped; it is well formed when there are
+    exactly 64 of them.
+    """
+    level_of = torch.full((len(tokenizer),), -1, dtype=torch.long)
+    for level, ch in enumerate(LEVELS):
+        level_of[tokenizer.convert_tokens_to_ids(ch)] = level
+    body = tokens.cpu()[:, 1:]
+    levels = level_of[body]
+    before_eos = (body == tokenizer.eos_token_id).long().cumsum(1) == 0
+    keep = (levels >= 0) & before_eos
+    ok = keep.sum(1) == PIXELS
+    # the kept tokens in order: a stable sort puts them first, their positions ascending
+    order = torch.sort((~keep).long(), dim=1, stable=True).indices
+    pixels = levels.gather(1, order)[:, :PIXELS] if body.shape[1] >= PIXELS else levels.new_zeros((len(body), PIXELS))
+    return pixels.clamp(min=0).float().numpy(), ok.numpy()
+
+
+def estimate_success_rate(generator, tokenizer, oracle: DigitsOracle, n: int = 300_000, batch_size: int = 4096,
+                          temperature: float = 1.0, seed: int = 0) -> tuple[SuccessEstimate, dict]:
+    """Monte Carlo: ``n`` images from ``generator``, scored in batches by the oracle's classifier and rule.
+
+    Returns the estimate (Clopper-Pearson interval) and counts: ``malformed``, ``argmax`` (how many
+    well-formed samples the classifier assigns to each digit) and ``max_p6`` (the highest P(6) seen).
+    """
+    successes, malformed, argmax, max_p6 = 0, 0, np.zeros(10, dtype=np.int64), 0.0
+    for tokens in sample_token_ids(generator, tokenizer, n, PIXELS + 1, batch_size, temperature, seed):
+        images, ok = ids_to_images(tokens, tokenizer)
+        malformed += int((~ok).sum())
+        if ok.any():
+            probs = oracle.classifier.probabilities(images[ok])
+            successes += int(is_success(probs).sum())
+            argmax += np.bincount(probs.argmax(1), minlength=10)
+            max_p6 = max(max_p6, float(probs[:, TARGET_DIGIT].max()))
+    return SuccessEstimate.from_counts(successes, n), {"malformed": malformed, "argmax": argmax.tolist(),
+                                                      "max_p6": max_p6}
+
+
+# -------------------------------------------------------------------------------------- generator
+def make_generator(tokenizer, hidden: int = 64, layers: int = 3, heads: int = 4, seed: int = 0):
+    """A small Llama for 64-pixel images (about 150k parameters with the defaults)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=PIXELS + 8,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def load_generator(device: str = "cpu", path: Path = GENERATOR_DIR):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(Path(path)).to(device).eval()
+
+
+def load_digits_task(device: str = "cpu", models_dir: Path = MODELS_DIR):
+    """Returns ``(generator, tokenizer, oracle)`` for the shipped digits 0-to-6 task."""
+    from transformers import AutoTokenizer
+
+    models_dir = Path(models_dir)
+    tokenizer = AutoTokenizer.from_pretrained(models_dir / "generator")
+    oracle = DigitsOracle(DigitClassifier.load(models_dir / "classifier"))
+    return load_generator(device, models_dir / "generator"), tokenizer, oracle
