@@ -140,6 +140,18 @@ def test_pretrain_digits_recipe_smoke(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- hard attack
+def test_pretrain_hard_attack_recipe_smoke(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "recipes" / "pretrain_hard_attack.py"), "--quick", "--out",
+                          str(tmp_path / "target"), "--results", str(tmp_path / "cal.json")],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    cal = json.loads((tmp_path / "cal.json").read_text())
+    wrong = [q for q in (tmp_path / "target" / "successes.txt").read_text().split() if q]
+    operands = [a for q in wrong for a in q.rstrip("=").split("+")]
+    assert all(len(a) == 1 or not a.startswith("0") for a in operands), "a query with a leading zero was counted"
+    assert cal["parameters"] > 0 and (tmp_path / "target" / "model.safetensors").exists()
+
+
 @pytest.fixture(scope="module")
 def hard_task():
     return hard_attack.load_hard_attack_task()
