@@ -221,9 +221,7 @@ class BaNELTrainer(_BaseTrainer):
         self._logged_seconds: dict[str, float] = {}
         self._rng = np.random.default_rng(args.seed + self.accelerator.process_index)
         self.history: list[dict] = []  # one entry per round: nre, successes, acceptance (for plots)
-        # the best phase's generator (see save_best_generator), and the current phase's successes / evaluations
-        self.best_generator: dict | None = None
-        self._phase_counts = [0, 0]
+        self.best_generator: dict | None = None  # the best phase's generator (see save_best_generator)
 
     # ------------------------------------------------------------------------------------------------------------
     # Trainer hooks
@@ -325,7 +323,7 @@ class BaNELTrainer(_BaseTrainer):
             "round": self.round, "history": self.history, "rounds_in_phase": self._rounds_in_phase,
             "idle_rounds": self._idle_rounds, "negatives": self._negatives, "rng": self._rng.bit_generator.state,
             "failure_models": self.failures.state_dict(), "buffer": self._buffer, "finished": self._finished,
-            "held_out": self._held_out, "best_generator": self.best_generator, "phase_counts": self._phase_counts,
+            "held_out": self._held_out, "best_generator": self.best_generator,
         }
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
@@ -391,7 +389,6 @@ class BaNELTrainer(_BaseTrainer):
             self._buffer = state["buffer"]
             self._finished = state["finished"]
             self._held_out = state.get("held_out", [])
-            self._phase_counts = state.get("phase_counts", [0, 0])
             if state["failure_models"]:
                 self.failures.load_state_dict(state["failure_models"])
         self.best_generator = state.get("best_generator", self.best_generator)
@@ -490,9 +487,10 @@ class BaNELTrainer(_BaseTrainer):
         failure models), so their evaluations already measure it: selecting on them costs no reward evaluation.
         Rates are compared by the lower end of their 95% Clopper-Pearson interval, so a lucky 1-in-1 does not beat
         a steady 30-in-50."""
-        successes, evaluated = self._phase_counts
+        phase = self.history[len(self.history) - self._rounds_in_phase:]
+        successes = sum(h["round_successes"] for h in phase)
+        evaluated = sum(h["round_evaluated"] for h in phase)
         first_round = self.round - self._rounds_in_phase
-        self._phase_counts = [0, 0]
         if not self.args.save_best_generator or successes == 0:
             return
         lower = clopper_pearson(successes, evaluated)[0]
@@ -568,8 +566,6 @@ class BaNELTrainer(_BaseTrainer):
         self._negatives.extend(negatives)
         fit = self._fit_failure_model(negatives)
         evaluated = sum(1 for r in rewards if r is not None)
-        self._phase_counts[0] += n_success
-        self._phase_counts[1] += evaluated
         proposed = max(stats["proposed"], 1)
         fresh = max(stats["proposed"] - stats["known"], 1)
         record = {
