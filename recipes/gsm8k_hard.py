@@ -38,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
 import torch
+from accelerate import PartialState
 from accelerate.utils import gather_object
 from datasets import Dataset, load_dataset
 from scipy.stats import binomtest
@@ -458,3 +459,5 @@ def make_parser() -> TrlParser:
 if __name__ == "__main__":
     script_args, training_args, model_args = make_parser().parse_args_and_config()
     main(script_args, training_args, model_args)
+    # leave the process group before exit: left to interpreter shutdown, its threads can abort a rank (SIGABRT)
+    PartialState().destroy_process_group()

@@ -115,6 +115,9 @@ def main():
             json.dump({"world": trainer.accelerator.num_processes, "spent": ledger.spent, "budget": ledger.budget,
                        "records": len(ledger.records), "lost": [[r.prompt, r.completion] for r in ledger.lost],
                        "rounds": trainer.round, "global_step": trainer.state.global_step}, f)
+    # leave the process group before exit: left to interpreter shutdown, its threads can abort a rank (SIGABRT)
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 def zygote():

@@ -73,6 +73,9 @@ def main():
             models = trainer.history[-1]["failure/num_models"] if trainer.history else 0
             f.write(f"{trainer.accelerator.num_processes} {trainer.ledger.spent} {trainer.round} {models} "
                     f"{estimate.samples}\n")
+    # leave the process group before exit: left to interpreter shutdown, its threads can abort a rank (SIGABRT)
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
