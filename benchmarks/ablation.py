@@ -17,7 +17,9 @@ Configurations (each a set of BaNELConfig overrides on top of `TASK_SETTINGS`):
 - no_filter: no ratio test and no known-failure rejection (self-distillation only);
 - kl, kl_strong: a KL(generator || pretrained) term of weight 0.1 (1.0) in the distillation;
 - baselined: the baselined distillation objective (every proposal weighted 1/Z - 1 or -1);
-- baselined_kl: the baselined objective anchored by a KL(generator || pretrained) term of weight 1.0.
+- baselined_kl: the baselined objective anchored by a KL(generator || pretrained) term of weight 1.0;
+- copy300_every3: a full-copy failure model fitted for 300 full-batch epochs at 1e-3 (no margin stop), distilled
+  every third round (DESIGN.md section 6: what fixed two failing seeds of a similar task outside this repo).
 
 Each run is cached in OUT/runs/{config}_seed{seed}.json (restartable, splittable between processes); the summary
 (ablation.json, .md, .png) is rebuilt from every cached run at the end.
@@ -61,6 +63,10 @@ CONFIGS = {
     "kl_strong": dict(distill_kl_coef=1.0),
     "baselined": dict(distill_objective="baselined"),
     "baselined_kl": dict(distill_objective="baselined", distill_kl_coef=1.0),
+    # DESIGN.md section 6's fix measured outside this repo: a full copy fitted for 300 full-batch epochs (no margin
+    # stop), regions kept for 3 rounds by distilling every third round
+    "copy300_every3": dict(failure_model="copy", failure_batch_size=64, failure_epochs=300,
+                           failure_learning_rate=1e-3, distill_every=3),
 }
 
 

@@ -237,3 +237,47 @@ def test_no_best_generator_without_a_success_or_when_switched_off(tmp_path, char
     trainer = _run(tmp_path / "off", char_tokenizer, skewed_model, RecordingOracle(success=lambda c: True),
                    max_reward_evaluations=16, save_best_generator=False)
     assert trainer.best_generator is None and not (tmp_path / "off" / "out" / "best_generator").exists()
+
+
+# ------------------------------------------------------------------------------------------------ success replay
+def _first_seen_succeeds(oracle):
+    """An oracle whose one success is the first completion it is asked about (a rare string of a spread model)."""
+    found = []
+
+    def success(c):
+        if not found:
+            found.append(c)
+        return c == found[0]
+
+    oracle.success = success
+    return found
+
+
+@pytest.mark.parametrize("replay", [0.0, 0.5])
+def test_success_replay_distils_the_found_success_without_calling_the_oracle(tmp_path, char_tokenizer, replay):
+    oracle = RecordingOracle()
+    found = _first_seen_succeeds(oracle)
+    model = make_tiny_model(char_tokenizer, seed=1)  # spreads its mass: the first string seen is a rare one
+    trainer = BaNELTrainer(model=model, reward_funcs=oracle, train_dataset=UNCONDITIONAL,
+                           processing_class=char_tokenizer,
+                           args=config(tmp_path, max_reward_evaluations=24, evaluations_per_round=8,
+                                       distill_steps=4, success_replay=replay))
+    oracle.trainer = trainer
+    trainer.train()
+    assert len(oracle.all_completions) == trainer.ledger.spent <= 24, "replay called the oracle"
+    before = string_log_prob(make_tiny_model(char_tokenizer, seed=1), char_tokenizer, found[0])
+    gain = string_log_prob(model, char_tokenizer, found[0]) - before
+    replayed = [v for log in trainer.state.log_history for k, v in log.items() if k == "distill/replayed_successes"]
+    if replay:
+        # 3 distillations x 4 steps, half of each batch the found string: it becomes likely
+        assert replayed and all(v > 0 for v in replayed)
+        assert gain > 3.0, gain
+    else:
+        assert not replayed and gain < 1.0, gain
+
+
+def test_success_replay_is_validated():
+    with pytest.raises(ValueError, match="success_replay"):
+        BaNELConfig(output_dir="x", use_cpu=True, success_replay=1.0)
+    with pytest.raises(ValueError, match="success_replay.*baselined"):
+        BaNELConfig(output_dir="x", use_cpu=True, success_replay=0.5, distill_objective="baselined")

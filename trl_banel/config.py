@@ -137,6 +137,13 @@ class BaNELConfig(_BaseConfig):
             entropy, so that repeated distillation on finite samples neither drifts onto outputs the pretrained model
             never makes nor collapses. Needs a frozen copy of the pretrained generator (none for a LoRA generator: its
             adapter is disabled instead).
+        success_replay (`float`, *optional*, defaults to `0.0`):
+            Share of each distillation's samples replaced by the successes found so far (cycled through, with the
+            `"posterior"` objective). BaNEL's posterior treats every output outside the rejection region alike; a known
+            success is more: it is a sample of the distribution the user wants (the generator conditioned on success),
+            so distilling on it is maximum likelihood towards that target. It turns a success found by exploration
+            into a generator that keeps producing it, instead of leaving it to the next rounds' drift. `0` distils
+            posterior samples only (the paper's method).
         save_best_generator (`bool`, *optional*, defaults to `True`):
             Keep the best round's generator: before each distillation, if the candidates evaluated since the last one
             have the highest success rate so far (by the lower end of its 95% Clopper-Pearson interval, at least one
@@ -310,6 +317,11 @@ class BaNELConfig(_BaseConfig):
         default=0.0,
         metadata={"help": "Weight of KL(generator || pretrained) per token in the distillation loss; 0 disables it."},
     )
+    success_replay: float = field(
+        default=0.0,
+        metadata={"help": "Share of each distillation's samples replaced by the successes found so far (0: posterior "
+                          "samples only, the paper's distillation)."},
+    )
     save_best_generator: bool = field(
         default=True,
         metadata={"help": "Save the generator of the phase with the best success rate among its training evaluations "
@@ -390,6 +402,10 @@ class BaNELConfig(_BaseConfig):
             bad("top_k", ">= 0 (0 disables top-k)")
         if self.distill_objective not in ("posterior", "baselined"):
             bad("distill_objective", "'posterior' or 'baselined'")
+        if not isinstance(self.success_replay, (int, float)) or not 0 <= self.success_replay < 1:
+            bad("success_replay", "a share with 0 <= share < 1 (0 disables it)")
+        if self.success_replay > 0 and self.distill_objective != "posterior":
+            bad("success_replay", "0 with distill_objective='baselined' (replay needs the 'posterior' objective)")
         if self.failure_model not in ("adapter", "copy"):
             bad("failure_model", "'adapter' or 'copy'")
         # TrainingArguments fields that transformers accepts but that cannot train: refused here, by name, rather

@@ -456,7 +456,7 @@ class BaNELTrainer(_BaseTrainer):
         if args.distill_objective == "baselined":
             samples = self._weighted_proposals(args.distill_samples)
         else:
-            samples = self._sample_posterior(args.distill_samples)
+            samples = self._replay_successes(self._sample_posterior(args.distill_samples))
         if not args.keep_failure_models:
             self.failures.clear()
         self._keep_best_generator()  # the generator as it proposed this phase (the failure models are not part of it)
@@ -479,6 +479,16 @@ class BaNELTrainer(_BaseTrainer):
                                  for k in ("input_ids", "attention_mask", "completion_mask")})
             if args.distill_objective == "baselined":
                 self._buffer[-1]["weight"] = torch.tensor([c["weight"] for c in chunk], device=self.accelerator.device)
+
+    def _replay_successes(self, samples: list[dict]) -> list[dict]:
+        """Replace a `success_replay` share of the posterior samples by the successes found so far (cycled)."""
+        found = self.ledger.successes
+        n = int(round(self.args.success_replay * len(samples)))
+        if not found or n == 0:
+            return samples
+        replayed = [self._record_to_candidate(found[i % len(found)]) for i in range(n)]
+        self._metrics["distill/replayed_successes"].append(n)
+        return samples[: len(samples) - n] + replayed
 
     def _keep_best_generator(self):
         """Before a distillation: save the generator if its phase's evaluations have the best success rate so far.
