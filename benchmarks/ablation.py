@@ -18,6 +18,8 @@ Configurations (each a set of BaNELConfig overrides on top of `TASK_SETTINGS`):
 - kl, kl_strong: a KL(generator || pretrained) term of weight 0.1 (1.0) in the distillation;
 - baselined: the baselined distillation objective (every proposal weighted 1/Z - 1 or -1);
 - baselined_kl: the baselined objective anchored by a KL(generator || pretrained) term of weight 1.0;
+- strong_keep_cumulative_replay: strong_keep_cumulative with half of each distillation's samples replaced by the
+  successes found so far (success_replay=0.5);
 - copy300_every3: a full-copy failure model fitted for 300 full-batch epochs at 1e-3 (no margin stop), distilled
   every third round (DESIGN.md section 6: what fixed two failing seeds of a similar task outside this repo).
 
@@ -63,6 +65,9 @@ CONFIGS = {
     "kl_strong": dict(distill_kl_coef=1.0),
     "baselined": dict(distill_objective="baselined"),
     "baselined_kl": dict(distill_objective="baselined", distill_kl_coef=1.0),
+    # a success, once found, is distilled (half of each distillation's samples): kept instead of drifted away from
+    "strong_keep_cumulative_replay": dict(**STRONG_FIT, keep_failure_models=True, cumulative_negatives=True,
+                                          success_replay=0.5),
     # DESIGN.md section 6's fix measured outside this repo: a full copy fitted for 300 full-batch epochs (no margin
     # stop), regions kept for 3 rounds by distilling every third round
     "copy300_every3": dict(failure_model="copy", failure_batch_size=64, failure_epochs=300,
