@@ -400,7 +400,8 @@ def summarise_task(runs: dict, pretrained: Optional[dict], baselines: list[str] 
     best-point estimates, and each method's improvement over the best *other* baseline (BaNEL's over the best)."""
     reference = reference_rate(pretrained) if pretrained else None
     methods = {}
-    for name, rs in runs.items():
+    for name in sorted(runs, key=lambda m: (METHODS.index(m) if m in METHODS else len(METHODS), m)):
+        rs = runs[name]
         if name == "pretrained" or not rs:
             continue
         rs = sorted(rs, key=lambda r: r["seed"])
