@@ -187,7 +187,9 @@ def timing(methods: dict, sweep: dict | None) -> dict:
     per_run = {m: float(np.median(v["minutes"])) for m, v in methods.items()}
     planned = {m: per_run[m] * ((len(BANEL_SEEDS) if m == "banel" else len(BASELINE_SEEDS))
                                 + (len(SWEEP_GRID[m]) if m in BASELINES else 0)) for m in per_run}
-    return {"minutes_per_run_median": per_run, "full_benchmark_cpu_hours_estimate": sum(planned.values()) / 60,
+    estimating = {m: float(np.median([x or 0.0 for x in v["estimate_minutes"]])) for m, v in methods.items()}
+    return {"minutes_per_run_median": per_run, "estimate_minutes_per_run_median": estimating,
+            "full_benchmark_cpu_hours_estimate": sum(planned.values()) / 60,
             "minutes_spent": sum(sum(v["minutes"]) for v in methods.values())}
 
 
@@ -228,7 +230,10 @@ def write_outputs(summary: dict, all_runs: dict, out: str):
         reused = {m: sum(v["reused_pretrained_estimate"]) for m, v in t["methods"].items()
                   if sum(v["reused_pretrained_estimate"])}
         tm = t["timing"]
-        lines += ["", f"Time: {tm['minutes_spent']:.1f} min of runs so far; at this pace the full {name} benchmark "
+        per_run = ", ".join(f"{m} {x:.1f} min ({tm['estimate_minutes_per_run_median'][m]:.1f} estimating)"
+                            for m, x in tm["minutes_per_run_median"].items())
+        lines += ["", f"Minutes per run (median, wall clock): {per_run}.", "",
+                  f"Time: {tm['minutes_spent']:.1f} min of runs so far; at this pace the full {name} benchmark "
                   f"({summary['planned_seeds']['banel']} BaNEL seeds, {summary['planned_seeds']['baselines']} per "
                   f"baseline, each baseline's sweep) takes about {tm['full_benchmark_cpu_hours_estimate']:.1f} "
                   f"CPU-hours (budget {summary['budget']:,} NRE per run).", ""]

@@ -154,3 +154,30 @@ def test_sparse_benchmark_quick_end_to_end_and_resumed(tmp_path):
     assert "[run]" not in again.stdout and "[sweep]" not in again.stdout  # nothing run, nothing estimated
     assert {f: f.stat().st_mtime_ns for f in sorted((tmp_path / "sparse_runs").glob("*.json"))} == mtimes
     assert json.loads((tmp_path / "sparse.json").read_text())["tasks"] == result["tasks"]
+
+
+def test_digits_banel_estimate_drops_known_failures():
+    """Without failure models, BaNEL's sampler on digits is the generator minus the ledger's known failures: with
+    none known it is the plain estimate on the same draw; with a draw's texts known, none of them is kept."""
+    from types import SimpleNamespace
+
+    from benchmarks.common import digits_task
+    from trl_banel.tasks import digits
+    from trl_banel.tasks.common import sample_token_ids
+
+    task = digits_task()
+    gen, tok, oracle = task.load()
+
+    def trainer(known):
+        records = [SimpleNamespace(completion=t, success=False) for t in known]
+        return SimpleNamespace(failures=[], accelerator=SimpleNamespace(unwrap_model=lambda m: m), model=gen,
+                               processing_class=tok, ledger=SimpleNamespace(records=records),
+                               args=SimpleNamespace(seed=0))
+
+    est = task.estimate_banel(trainer([]), 200)  # the first draw: seed 60,000
+    plain, _ = digits.estimate_success_rate(gen, tok, oracle, 200, batch_size=200, seed=60_000)
+    assert (est.successes, est.samples, est.acceptance_rate) == (plain.successes, 200, 1.0)
+    drawn = [t for b in sample_token_ids(gen, tok, 200, digits.PIXELS + 1, 200, seed=60_001)
+             for t in tok.batch_decode(b, skip_special_tokens=True)]
+    est = task.estimate_banel(trainer(drawn), 200)  # the second draw (seed 60,001) is entirely known
+    assert est.samples == 200 and est.acceptance_rate <= 0.5
