@@ -245,7 +245,7 @@ def run_one(task: Task, method: str, seed: int, knobs: dict, budget: int, eval_s
     if method == "pretrained":
         return run_pretrained(task, seed, eval_samples)
     set_seed(seed)
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     estimating = [0.0]  # seconds spent estimating (curve, final, best), apart from training
 
     def timed(fn):
@@ -338,7 +338,7 @@ def run_one(task: Task, method: str, seed: int, knobs: dict, budget: int, eval_s
     }
     if pretrained is not None:  # the sparse benchmark's extra fields (the addition benchmark's records keep their shape)
         record.update(task=task.name, stop_reason=stop_reason, phase_seconds=phase_seconds,
-                      estimate_minutes=estimating[0] / 60,
+                      estimate_minutes=estimating[0] / 60, cpu_minutes=(time.process_time() - cpu_start) / 60,
                       reused_pretrained_estimate=method != "banel" and final_reused)
     return record
 
@@ -461,6 +461,7 @@ def summarise_task(runs: dict, pretrained: Optional[dict], baselines: list[str] 
             "successes_found": [r["final"]["successes_found_in_training"] for r in rs],
             "nre": [r["final"]["nre"] for r in rs], "minutes": [r["minutes"] for r in rs],
             "estimate_minutes": [r.get("estimate_minutes") for r in rs],
+            "cpu_minutes": [r.get("cpu_minutes") for r in rs],
             "reused_pretrained_estimate": [bool(r.get("reused_pretrained_estimate")) for r in rs],
             "stop_reason": [r.get("stop_reason") for r in rs],
             "settings": rs[0]["settings"],

@@ -59,7 +59,7 @@ from trl_banel.failure import FailureModels  # noqa: E402
 from trl_banel.ledger import LEDGER_FILENAME  # noqa: E402
 from trl_banel.posterior import Candidates, completion_nll, position_ids_from_mask  # noqa: E402
 from trl_banel.tasks.addition import BANEL_SETTINGS as ADDITION_BANEL_SETTINGS, load_addition_task  # noqa: E402
-from benchmarks.common import GRPO_COMMON, banel_settings  # noqa: E402
+from benchmarks.common import GRPO_COMMON, banel_settings as run_banel_settings  # noqa: E402
 
 PHASES = ["propose", "filter", "oracle", "failure_fit", "distill"]
 
@@ -273,7 +273,8 @@ def measure_memory(name: str, ks: list[int], args: Args, cands: Candidates, work
 
 # ------------------------------------------------------------------------------------------------------ 3 + 4. runs
 def banel_settings(name: str, args: Args, nre: int, workdir: str) -> dict:
-    settings = {**banel_settings(ADDITION_BANEL_SETTINGS), "max_reward_evaluations": nre, "output_dir": workdir, "logging_steps": 10_000,
+    settings = {**run_banel_settings(ADDITION_BANEL_SETTINGS), "max_reward_evaluations": nre, "output_dir": workdir,
+                "logging_steps": 10_000,
                 "disable_tqdm": True}
     if name == "random_llama":  # smaller rounds: each candidate costs ~250x the addition model's
         settings.update(evaluations_per_round=16, num_candidates=64, distill_samples=64, distill_steps=2,
