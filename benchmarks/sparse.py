@@ -173,7 +173,7 @@ def summarise(args: Args, folder: str) -> tuple[dict, dict]:
                                 "samples": est["samples"], "exact": bool(est.get("exact")),
                                 "reference": reference_rate(est)}, **entry,
                  "sweep": chosen_knobs(sweep_path, name)[1]}
-        entry["timing"] = timing(entry["methods"], entry["sweep"])
+        entry["timing"] = timing(entry["methods"], entry["sweep"], args.budget)
         tasks[name], all_runs[name] = entry, runs
     summary = {"budget": args.budget, "curve_every": args.curve_every, "quick": args.quick,
                "planned_seeds": {"banel": len(BANEL_SEEDS), "baselines": len(BASELINE_SEEDS)},
@@ -181,7 +181,7 @@ def summarise(args: Args, folder: str) -> tuple[dict, dict]:
     return summary, all_runs
 
 
-def timing(methods: dict, sweep: dict | None) -> dict:
+def timing(methods: dict, sweep: dict | None, budget: int) -> dict:
     """Minutes per run (median over the runs made; wall clock, and CPU time of the process), and the CPU-hours the
     full benchmark would take at that pace (CPU time where recorded): the planned seeds per method plus each baseline's
     sweep grid. Wall time depends on what else the machine runs; CPU time much less."""
@@ -194,6 +194,9 @@ def timing(methods: dict, sweep: dict | None) -> dict:
     return {"minutes_per_run_median": wall, "cpu_minutes_per_run_median": per_run,
             "estimate_minutes_per_run_median": estimating,
             "full_benchmark_cpu_hours_estimate": sum(planned.values()) / 60,
+            # at another budget than the full one, scaled linearly to 7,500 NRE (training is about linear in NRE;
+            # runs that stop early when converged make this an upper estimate)
+            "full_benchmark_cpu_hours_at_7500_linear": sum(planned.values()) / 60 * 7500 / max(budget, 1),
             "minutes_spent": sum(sum(v["minutes"]) for v in methods.values())}
 
 
@@ -241,7 +244,10 @@ def write_outputs(summary: dict, all_runs: dict, out: str):
                   f"Time: {tm['minutes_spent']:.1f} min of runs so far; at this pace the full {name} benchmark "
                   f"({summary['planned_seeds']['banel']} BaNEL seeds, {summary['planned_seeds']['baselines']} per "
                   f"baseline, each baseline's sweep) takes about {tm['full_benchmark_cpu_hours_estimate']:.1f} "
-                  f"CPU-hours (budget {summary['budget']:,} NRE per run).", ""]
+                  f"CPU-hours (budget {summary['budget']:,} NRE per run)"
+                  + ("." if summary["budget"] == 7500 else
+                     f"; scaled linearly to 7,500 NRE per run: about "
+                     f"{tm['full_benchmark_cpu_hours_at_7500_linear']:.1f} CPU-hours."), ""]
         if reused:
             lines += [f"Runs that reused the pretrained estimate (no success seen, weights unchanged): {reused}.", ""]
         if t["sweep"]:
@@ -273,7 +279,8 @@ def plot(summary: dict, all_runs: dict, path: str):
         pre = summary["tasks"][name]["pretrained"]
         positive = [p[k] for pts in curves.values() for p in pts for k in ("rate", "low") if p[k] > 0]
         floor = min(positive + [pre["reference"]] + [1.0]) / 3
-        for method, pts in curves.items():
+        for method in [m for m in SPARSE_METHODS if m in curves]:
+            pts = curves[method]
             x = [p["nre"] for p in pts]
             line, = ax.plot(x, [max(p["rate"], floor) for p in pts], marker="o", ms=3,
                             label=f"{method} ({len(all_runs[name][method])} seeds)", drawstyle="steps-post")
