@@ -144,6 +144,11 @@ def test_sparse_benchmark_quick_end_to_end_and_resumed(tmp_path):
     hard = result["tasks"]["hard_attack"]
     assert hard["pretrained"]["exact"] and hard["pretrained"]["rate"] == hard["pretrained"]["upper"] > 0
     assert all(m["final_low"] == m["final_high"] == m["final"] for m in hard["methods"].values())  # exact
+    # 100 samples at 3e-6 see no success: GRPO's weights never move and it reuses the pretrained estimate; a bonus
+    # moves them, so RND pays for its own
+    assert hard["methods"]["grpo"]["reused_pretrained_estimate"] == [True]
+    assert hard["methods"]["grpo"]["final"] == [hard["pretrained"]["rate"]]
+    assert hard["methods"]["grpo_rnd"]["reused_pretrained_estimate"] == [False]
     assert (tmp_path / "sparse.md").exists() and (tmp_path / "sparse.png").exists()
     files = sorted((tmp_path / "sparse_runs").glob("*.json"))
     assert len(files) == 2 * 6  # 2 tasks x (pretrained + 5 methods)
