@@ -31,7 +31,6 @@ Writes benchmarks/results/efficiency.{json,md,png}.
 """
 
 import copy
-import importlib.util
 import json
 import os
 import platform
@@ -59,7 +58,8 @@ from trl_banel.baselines import BudgetedReward, StopOnBudgetCallback  # noqa: E4
 from trl_banel.failure import FailureModels  # noqa: E402
 from trl_banel.ledger import LEDGER_FILENAME  # noqa: E402
 from trl_banel.posterior import Candidates, completion_nll, position_ids_from_mask  # noqa: E402
-from trl_banel.tasks.addition import load_addition_task  # noqa: E402
+from trl_banel.tasks.addition import BANEL_SETTINGS as ADDITION_BANEL_SETTINGS, load_addition_task  # noqa: E402
+from benchmarks.common import GRPO_COMMON, banel_settings as run_banel_settings  # noqa: E402
 
 PHASES = ["propose", "filter", "oracle", "failure_fit", "distill"]
 
@@ -91,12 +91,6 @@ LLAMA = dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidde
 LLAMA_QUICK = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                    num_key_value_heads=2, max_position_embeddings=64)
 
-
-def load_module(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ------------------------------------------------------------------------------------------------------ the models
@@ -279,8 +273,8 @@ def measure_memory(name: str, ks: list[int], args: Args, cands: Candidates, work
 
 # ------------------------------------------------------------------------------------------------------ 3 + 4. runs
 def banel_settings(name: str, args: Args, nre: int, workdir: str) -> dict:
-    bench = load_module(ROOT / "benchmarks" / "addition_attack.py", "_addition_bench")
-    settings = {**bench.banel_defaults(), "max_reward_evaluations": nre, "output_dir": workdir, "logging_steps": 10_000,
+    settings = {**run_banel_settings(ADDITION_BANEL_SETTINGS), "max_reward_evaluations": nre, "output_dir": workdir,
+                "logging_steps": 10_000,
                 "disable_tqdm": True}
     if name == "random_llama":  # smaller rounds: each candidate costs ~250x the addition model's
         settings.update(evaluations_per_round=16, num_candidates=64, distill_samples=64, distill_steps=2,
@@ -327,8 +321,7 @@ def run_banel(name: str, args: Args, nre: int, workdir: str) -> dict:
 
 def run_grpo(name: str, args: Args, nre: int, workdir: str) -> dict:
     model, tok, oracle, dataset, _, length, _ = build(name, args)
-    bench = load_module(ROOT / "benchmarks" / "addition_attack.py", "_addition_bench")
-    settings = {**bench.GRPO_COMMON, "learning_rate": 3e-4, "max_completion_length": length, "seed": 0,
+    settings = {**GRPO_COMMON, "learning_rate": 3e-4, "max_completion_length": length, "seed": 0,
                 "max_steps": 10_000}
     if name == "random_llama":
         settings.update(per_device_train_batch_size=16, num_generations=8, learning_rate=1e-4)

@@ -29,7 +29,8 @@ from trl_banel.cli import script_help  # noqa: E402
 from trl_banel.plotting import plot_success_curves  # noqa: E402
 from trl_banel.runs import refuse_rerun  # noqa: E402
 from trl_banel.stats import SuccessEstimate  # noqa: E402
-from trl_banel.tasks.addition import classify_query, estimate_success_rate, load_addition_task  # noqa: E402
+from trl_banel.tasks.addition import (BANEL_SETTINGS, classify_query, estimate_success_rate,  # noqa: E402
+                                     load_addition_task)
 
 
 @dataclass
@@ -42,17 +43,11 @@ class DemoArguments:
     threads: int = field(default=1, metadata={"help": "torch threads (tiny models run fastest on one)."})
 
 
-# Defaults for this task (measured: see README "The addition attack"); every one can be overridden by a flag.
+# Defaults for this task: the task's BaNEL settings (trl_banel.tasks.addition.BANEL_SETTINGS, measured: README "The
+# addition attack") plus where and how to run; every one can be overridden by a flag.
 TASK_DEFAULTS = dict(
     output_dir="runs/addition_attack", use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-    max_reward_evaluations=7500, evaluations_per_round=50, num_candidates=512, max_completion_length=12,
-    rejection_threshold=0.97, failure_epochs=20, failure_learning_rate=3e-3, failure_batch_size=16,
-    distill_every=1, distill_samples=512, distill_steps=8, per_device_train_batch_size=64, learning_rate=1e-3,
-    logging_steps=10, seed=0,
-    # the round these settings were measured with on this task (the package's defaults since differ): a fixed
-    # 20-epoch fit with no margin, clipping or warm-up, no held-out share, regions dropped at each distillation
-    failure_margin=0.0, failure_max_grad_norm=0.0, failure_warmup_steps=0, failure_heldout_fraction=0.0,
-    keep_failure_models=False,
+    **BANEL_SETTINGS, logging_steps=10, seed=0,
 )
 QUICK = dict(max_reward_evaluations=100, evaluations_per_round=25, eval_samples=5000, curve_every=2,
              curve_samples=500)

@@ -48,6 +48,37 @@ class SuccessEstimate:
                 f"{self.confidence:.0%} Clopper-Pearson)")
 
 
+@dataclass
+class ExactSuccess:
+    r"""
+    A sampler's exact success probability (computed, not sampled), in the shape of [`SuccessEstimate`]'s dict.
+
+    Its interval is the point itself (`low == high == rate`) and `samples` is None: code that reads `rate`, `low`,
+    `high` handles exact and Monte Carlo estimates alike. `oracle_calls` is 0: an exact probability is computed from
+    a known success set, without the oracle.
+    """
+
+    rate: float
+    acceptance_rate: float = 1.0
+    oracle_calls: int = 0
+
+    @property
+    def low(self) -> float:
+        return self.rate
+
+    @property
+    def high(self) -> float:
+        return self.rate
+
+    def to_dict(self) -> dict:
+        return {"successes": None, "samples": None, "low": self.rate, "high": self.rate, "confidence": None,
+                "acceptance_rate": self.acceptance_rate, "oracle_calls": self.oracle_calls, "rate": self.rate,
+                "exact": True}
+
+    def __str__(self):
+        return f"{self.rate:.3g} (exact)"
+
+
 def cumulative_best(values: list[float]) -> list[float]:
     """Running maximum, the paper's "cumulative best" curve."""
     best, out = float("-inf"), []

@@ -71,8 +71,12 @@ def sample_token_ids(model, tokenizer, n: int, max_new_tokens: int, batch_size: 
 
 
 @torch.inference_mode()
-def sequence_log_probs(model, tokenizer, texts: Sequence[str], batch_size: int = 8192) -> torch.Tensor:
+def sequence_log_probs(model, tokenizer, texts: Sequence[str], batch_size: int = 8192,
+                       append_eos: bool = True) -> torch.Tensor:
     """Exact log-probability that the model, from the empty prompt, emits each text then ``<eos>``.
+
+    With ``append_eos=False``: the probability that its completion *starts* with the text (a sample cut at
+    ``max_new_tokens`` before any ``<eos>`` is such a prefix).
 
     Texts may differ in length: rows are right-padded and only each row's own tokens are summed (causal
     attention keeps real tokens independent of the pads after them).
@@ -81,7 +85,8 @@ def sequence_log_probs(model, tokenizer, texts: Sequence[str], batch_size: int =
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(texts), batch_size):
-        seqs = [s + [tokenizer.eos_token_id] for s in tokenizer(list(texts[start : start + batch_size])).input_ids]
+        eos = [tokenizer.eos_token_id] if append_eos else []
+        seqs = [s + eos for s in tokenizer(list(texts[start : start + batch_size])).input_ids]
         width = max(map(len, seqs))
         ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)

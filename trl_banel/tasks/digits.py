@@ -36,6 +36,16 @@ SOURCE_DIGIT = 0
 TARGET_DIGIT = 6
 SUCCESS_PROBABILITY = 0.9  # the success rule: P(6 | image) >= this; fixed before any prior was measured
 MAX_PRIOR = 2e-5
+# The task's settings for BaNEL: the addition attack's round (trl_banel.tasks.addition.BANEL_SETTINGS) with
+# completions of 64 pixels and <eos>, and smaller proposal/distillation batches (an image costs about 5x a query
+# to sample). A starting point, not tuned on this task.
+BANEL_SETTINGS = dict(
+    max_reward_evaluations=7500, evaluations_per_round=50, num_candidates=256, max_completion_length=PIXELS + 1,
+    rejection_threshold=0.97, failure_epochs=20, failure_learning_rate=3e-3, failure_batch_size=16,
+    distill_every=1, distill_samples=256, distill_steps=8, per_device_train_batch_size=64, learning_rate=1e-3,
+    failure_margin=0.0, failure_max_grad_norm=0.0, failure_warmup_steps=0, failure_heldout_fraction=0.0,
+    keep_failure_models=False,
+)
 
 
 # ----------------------------------------------------------------------------------------- images

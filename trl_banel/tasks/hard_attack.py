@@ -20,12 +20,15 @@ from typing import Optional, Sequence
 
 import torch
 
-from .addition import ATTACKER_DIR, AdditionOracle, answer_text, load_attacker, load_target, load_tokenizer
+from .addition import (ATTACKER_DIR, BANEL_SETTINGS as _ADDITION_BANEL_SETTINGS, AdditionOracle, answer_text,
+                       load_attacker, load_target, load_tokenizer)
 from .common import sequence_log_probs
 
 MODEL_DIR = Path(__file__).resolve().parent / "hard_attack_target"
 SUCCESS_FILE = "successes.txt"
 MAX_PRIOR = 2e-5
+# The task's settings for BaNEL: the addition attack's (same attacker, same query format), not tuned on this task.
+BANEL_SETTINGS = dict(_ADDITION_BANEL_SETTINGS)
 
 
 def all_queries(max_operand_digits: int = 3) -> list[str]:
@@ -55,6 +58,34 @@ def exact_success_probability(attacker, tokenizer, successes: Sequence[str]) -> 
     if not successes:
         return 0.0
     return float(torch.logsumexp(sequence_log_probs(attacker, tokenizer, successes), 0).exp())
+
+
+def posterior_success_probability(generator, tokenizer, successes: Sequence[str], known_failures: Sequence[str] = (),
+                                  max_completion_length: Optional[int] = None) -> tuple[float, float]:
+    """Exact success probability of a generator filtered by known failures (BaNEL's sampler without failure models).
+
+    BaNEL rejects a proposal whose text the ledger holds as a failure, so its sampler is the generator conditioned
+    on not writing one of ``known_failures`` (F); the success set S is disjoint from F, so
+    ``P(S | not F) = P(S) / (1 - P(F))``. Returns ``(P(S | not F), 1 - P(F))``, the second being the filter's
+    acceptance rate. A failure text of ``max_completion_length`` tokens or more was a sample cut before its
+    ``<eos>``: its probability is that of the prefix. (Exact up to completions holding a special token, which
+    decode to the same text; the shipped attacker essentially never writes one.)
+    """
+    numerator = exact_success_probability(generator, tokenizer, successes)
+    paid = set(successes)
+    failures = sorted({f for f in known_failures if f not in paid})
+    if not failures:
+        return numerator, 1.0
+    lengths = [len(ids) - 1 for ids in tokenizer(failures).input_ids]  # without <bos>
+    cut = max_completion_length is not None
+    ended = [f for f, n in zip(failures, lengths) if not cut or n < max_completion_length]
+    prefixes = [f for f, n in zip(failures, lengths) if cut and n >= max_completion_length]
+    log_p = [sequence_log_probs(generator, tokenizer, ended)] if ended else []
+    if prefixes:
+        log_p.append(sequence_log_probs(generator, tokenizer, prefixes, append_eos=False))
+    p_failures = min(float(torch.logsumexp(torch.cat(log_p), 0).exp()), 1.0)
+    accepted = 1.0 - p_failures
+    return (numerator / accepted if accepted > 0 else float("nan")), accepted
 
 
 def load_successes(path: Path = MODEL_DIR) -> list[str]:

@@ -1,0 +1,494 @@
+"""What the benchmarks share (`addition_attack.py`, `sparse.py`, `efficiency.py` import it; no script loads another).
+
+- the methods and the GRPO family's settings, default knobs and sweep grids;
+- `Task`: how to load a task (generator, tokenizer, oracle), how to estimate a sampler's success rate on it (Monte
+  Carlo with Clopper-Pearson, or exact), its GRPO completion length and its BaNEL settings (the task module's
+  `BANEL_SETTINGS`);
+- `run_one`: one (method, seed) run at a given NRE budget, with its success curve, best-point tracking and final and
+  best-point estimates; `cached_run` keeps one JSON file per run and skips it when present; `run_sweep` sweeps the
+  knobs on a seed kept apart;
+- summary statistics (median, interquartile range, seeds above 10x / 100x the pretrained rate, improvement over the
+  best baseline) and the success-against-NRE curves over seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback, set_seed
+from trl import GRPOConfig, GRPOTrainer
+
+from trl_banel import BaNELConfig, BaNELTrainer
+from trl_banel.baselines import (BudgetedReward, NSRConfig, NSRTrainer, PolicySuccessCurveCallback, RNDBonus,
+                                 SimHashCountBonus, StopOnBudgetCallback)
+from trl_banel.callbacks import SuccessCurveCallback
+from trl_banel.ledger import LEDGER_FILENAME
+from trl_banel.stats import ExactSuccess, SuccessEstimate
+
+METHODS = ["pretrained", "banel", "grpo", "grpo_rnd", "grpo_counts", "nsr"]
+BASELINES = ["grpo", "grpo_rnd", "grpo_counts", "nsr"]
+
+# how every benchmark run is executed (not a task's or a method's setting)
+RUN_SETTINGS = dict(use_cpu=True, bf16=False, report_to="none", save_strategy="no")
+# GRPO-family settings for a tiny model; the swept knobs (learning rate, bonus weight) come from the sweep file, the
+# completion length from the task.
+GRPO_COMMON = dict(num_generations=16, per_device_train_batch_size=64, max_completion_length=12, beta=0.0,
+                   temperature=1.0, loss_type="dapo", scale_rewards="group", num_iterations=1,
+                   lr_scheduler_type="constant", warmup_steps=0, use_cpu=True, bf16=False,
+                   gradient_checkpointing=False, report_to="none", save_strategy="no", logging_steps=50,
+                   disable_tqdm=True)
+DEFAULT_KNOBS = {"grpo": {"learning_rate": 3e-4}, "nsr": {"learning_rate": 3e-4},
+                 "grpo_rnd": {"learning_rate": 3e-4, "bonus_weight": 0.3},
+                 "grpo_counts": {"learning_rate": 3e-4, "bonus_weight": 0.3}, "banel": {}}
+SWEEP_GRID = {
+    "grpo": [{"learning_rate": lr} for lr in (1e-4, 3e-4, 1e-3)],
+    "nsr": [{"learning_rate": lr} for lr in (1e-4, 3e-4, 1e-3)],
+    "grpo_rnd": [{"learning_rate": lr, "bonus_weight": w} for lr in (1e-4, 3e-4, 1e-3) for w in (0.1, 1.0)],
+    "grpo_counts": [{"learning_rate": lr, "bonus_weight": w} for lr in (1e-4, 3e-4, 1e-3) for w in (0.1, 1.0)],
+    # the same tuning effort as the bonus baselines: two knobs, six runs (tau and the distillation learning rate)
+    "banel": [{"rejection_threshold": t, "learning_rate": lr} for t in (0.9, 0.97, 0.99) for lr in (3e-4, 1e-3)],
+}
+_NOT_SETTINGS = ("output_dir", "report_to", "logging_steps", "disable_tqdm", "save_strategy")
+
+
+def banel_settings(task_settings: dict, seed: int = 0) -> dict:
+    """A BaNELConfig's keyword arguments for a benchmark run: how runs execute, then the task's settings."""
+    return {**RUN_SETTINGS, **task_settings, "logging_steps": 10, "seed": seed}
+
+
+def state_hash(model) -> str:
+    """SHA-256 of a model's weights (names, dtypes, shapes, bytes): equal hashes, the same sampler."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------ tasks
+@dataclass
+class Task:
+    """A task as the runner sees it.
+
+    `load()` returns `(generator, tokenizer, oracle)`, a fresh pretrained generator each time. `estimate(model, tok,
+    oracle, n, seed)` estimates a plain sampler's success rate and `estimate_banel(trainer, n)` BaNEL's (its
+    posterior sampler); both return a `SuccessEstimate` or an `ExactSuccess` (whose `n` and seed are ignored).
+    `max_completion_length` is GRPO's; `banel` is the task's BaNEL settings. `eval_samples` and `curve_samples` are
+    its default estimate sizes (unused when exact).
+    """
+
+    name: str
+    load: Callable[[], tuple]
+    estimate: Callable
+    estimate_banel: Callable
+    max_completion_length: int
+    banel: dict
+    exact: bool = False
+    eval_samples: int = 100_000
+    curve_samples: int = 5000
+
+
+def addition_task(models_dir: Optional[Path] = None) -> Task:
+    from trl_banel.tasks.addition import BANEL_SETTINGS, MODELS_DIR, estimate_success_rate, load_addition_task
+
+    def estimate(model, tok, oracle, n, seed):
+        est = estimate_success_rate(model, tok, oracle, n, seed=seed)
+        return SuccessEstimate.from_counts(est.successes, est.n, oracle_calls=n)
+
+    return Task("addition", lambda: load_addition_task(models_dir=Path(models_dir or MODELS_DIR)), estimate,
+                lambda trainer, n: trainer.estimate_success_rate(n), 12, dict(BANEL_SETTINGS))
+
+
+def hard_attack_task() -> Task:
+    """The hard attack: every estimate is exact (the enumerated success set), without sampling or oracle calls."""
+    from trl_banel.tasks import hard_attack
+
+    successes = hard_attack.load_successes()
+
+    def estimate(model, tok, oracle, n=None, seed=None):
+        return ExactSuccess(hard_attack.exact_success_probability(model, tok, successes))
+
+    def estimate_banel(trainer, n=None):
+        if len(trainer.failures):
+            raise ValueError("the exact estimate of BaNEL's sampler needs its failure models cleared "
+                             "(keep_failure_models=False, measured after a distillation)")
+        generator = trainer.accelerator.unwrap_model(trainer.model)
+        failures = [r.completion for r in trainer.ledger.records if not r.success]
+        rate, accepted = hard_attack.posterior_success_probability(
+            generator, trainer.processing_class, successes, failures, trainer.args.max_completion_length)
+        return ExactSuccess(rate, acceptance_rate=accepted)
+
+    return Task("hard_attack", hard_attack.load_hard_attack_task, estimate, estimate_banel, 12,
+                dict(hard_attack.BANEL_SETTINGS), exact=True, eval_samples=0, curve_samples=0)
+
+
+def digits_task() -> Task:
+    """Digits 0-to-6: Monte Carlo estimates (about 5 ms per image on one thread), Clopper-Pearson intervals.
+
+    10,000 samples per final estimate: about 10 successes at the pretrained rate (9.6e-4), enough to tell a 10x gain."""
+    from trl_banel.tasks import digits
+
+    def estimate(model, tok, oracle, n, seed):
+        est, _ = digits.estimate_success_rate(model, tok, oracle, n, batch_size=min(n, 2048), seed=seed)
+        est.oracle_calls = n
+        return est
+
+    oracle = digits.DigitsOracle(digits.DigitClassifier.load())  # the shipped classifier, as the task's oracle's
+    draws = iter(range(1_000_000))
+
+    def estimate_banel(trainer, n):
+        """BaNEL's sampler when its only filter is the known failures (no failure model active, as after a
+        distillation): the generator's samples whose text the ledger holds as a failure are dropped. Drawn with the
+        package's KV-cached sampler (much faster than generate()); scored by the classifier, as the oracle does."""
+        if len(trainer.failures):
+            return trainer.estimate_success_rate(n)
+        from trl_banel.tasks.common import sample_token_ids
+
+        generator = trainer.accelerator.unwrap_model(trainer.model)
+        tok = trainer.processing_class
+        known = {r.completion for r in trainer.ledger.records if not r.success}
+        seed, kept, proposed, successes = 60_000 + 1000 * trainer.args.seed + next(draws), 0, 0, 0
+        while kept < n and proposed < 50 * n:
+            want = min(2048, max(n - kept, 1))
+            for tokens in sample_token_ids(generator, tok, want, digits.PIXELS + 1, want, seed=seed + proposed):
+                fresh = np.array([t not in known for t in tok.batch_decode(tokens, skip_special_tokens=True)])
+                rows = len(fresh) if fresh.sum() <= n - kept else int(np.searchsorted(np.cumsum(fresh), n - kept)) + 1
+                fresh, proposed = fresh[:rows], proposed + rows  # up to the n-th kept sample
+                images, ok = digits.ids_to_images(tokens[:rows], tok)
+                kept += int(fresh.sum())
+                use = fresh & ok
+                if use.any():
+                    successes += int(digits.is_success(oracle.classifier.probabilities(images[use])).sum())
+        generator.train(trainer.model.training)
+        return SuccessEstimate.from_counts(successes, kept, acceptance_rate=kept / max(proposed, 1), oracle_calls=kept)
+
+    return Task("digits", digits.load_digits_task, estimate, estimate_banel, digits.PIXELS + 1, dict(digits.BANEL_SETTINGS), eval_samples=10_000, curve_samples=1000)
+
+
+TASKS = {"hard_attack": hard_attack_task, "digits": digits_task, "addition": addition_task}
+
+
+# ------------------------------------------------------------------------------------------------------ one run
+class BestTrackingCurve(SuccessCurveCallback):
+    """BaNEL's success curve (through the task's estimator), plus a CPU copy of the generator at the best point."""
+
+    best_point, best_state = None, None
+
+    def __init__(self, trainer, every_rounds: int, num_samples: int, estimate: Callable):
+        super().__init__(trainer, every_rounds=every_rounds, num_samples=num_samples)
+        self.estimate = estimate
+
+    def measure(self):
+        t = self.trainer
+        est = self.estimate(t, self.num_samples)
+        self.evaluation_calls += est.oracle_calls
+        point = {"round": t.round, "nre": t.ledger.spent, **est.to_dict()}
+        self.points.append(point)
+        self._last_round = t.round
+        with open(os.path.join(t.args.output_dir, "success_curve.json"), "w") as f:
+            json.dump({"points": self.points, "evaluation_calls": self.evaluation_calls}, f, indent=1)
+        if self.best_point is None or point["rate"] > self.best_point["rate"]:
+            self.best_point = point
+            self.best_state = {k: v.detach().cpu().clone() for k, v in t.failures.policy_state_dict().items()}
+        return point
+
+
+class StopWhenIdleCallback(TrainerCallback):
+    """Stops a GRPO run after `patience` consecutive steps that spent no reward evaluation: the policy only repeats
+    completions already evaluated (free), so it has converged and would spend nothing more."""
+
+    def __init__(self, budgeted: BudgetedReward, patience: int):
+        self.budgeted, self.patience, self.idle, self.last = budgeted, patience, 0, 0
+        self.stopped = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        spent = self.budgeted.ledger.spent
+        self.idle = self.idle + 1 if spent == self.last else 0
+        self.last = spent
+        if self.idle >= self.patience:
+            control.should_training_stop = self.stopped = True
+
+
+def run_pretrained(task: Task, seed: int, eval_samples: int) -> dict:
+    start = time.time()
+    set_seed(seed)
+    model, tok, oracle = task.load()
+    est = task.estimate(model, tok, oracle, eval_samples, 40_000 + seed)
+    return {"method": "pretrained", "seed": seed, "task": task.name, "settings": {},
+            "final": {**est.to_dict(), "nre": 0}, "weights": state_hash(model), "minutes": (time.time() - start) / 60}
+
+
+def run_one(task: Task, method: str, seed: int, knobs: dict, budget: int, eval_samples: int, curve_every: int,
+            curve_samples: int, max_rounds_factor: float, workdir: str, idle_steps: Optional[int] = None,
+            pretrained: Optional[dict] = None) -> dict:
+    """One run of `method` on `task` from the pretrained generator, at `budget` NRE.
+
+    Returns the run's record: settings, final estimate (`eval_samples`), success curve (`curve_samples` every
+    `curve_every` NRE), the best curve point re-estimated on fresh samples, NRE, successes found, minutes.
+    `idle_steps`: a GRPO run also stops after that many steps without a new evaluation. `pretrained` (a
+    `run_pretrained` record): a GRPO-family policy that never saw a success and whose weights still hash to the
+    pretrained generator's reuses its estimate instead of paying for a new one.
+    """
+    if method == "pretrained":
+        return run_pretrained(task, seed, eval_samples)
+    set_seed(seed)
+    start, cpu_start = time.time(), time.process_time()
+    estimating = [0.0]  # seconds spent estimating (curve, final, best), apart from training
+
+    def timed(fn):
+        def wrapper(*a, **k):
+            t0 = time.time()
+            try:
+                return fn(*a, **k)
+            finally:
+                estimating[0] += time.time() - t0
+        return wrapper
+
+    task = dataclasses.replace(task, estimate=timed(task.estimate), estimate_banel=timed(task.estimate_banel))
+    generator, tok, oracle = task.load()
+    big_seed = 10_000 + seed  # the final and best-point estimates draw from seeds no curve point uses
+    shutil.rmtree(workdir, ignore_errors=True)  # a run restarts from the pretrained generator: its old ledger goes
+    os.makedirs(workdir, exist_ok=True)
+    reused = []
+    if method == "banel":
+        settings = {**banel_settings(task.banel, seed), **knobs, "max_reward_evaluations": budget}
+        settings["num_rounds"] = math.ceil(max_rounds_factor * budget / settings["evaluations_per_round"])
+        settings.update(output_dir=workdir, logging_steps=10_000, disable_tqdm=True)
+        trainer = BaNELTrainer(model=generator, reward_funcs=oracle, args=BaNELConfig(**settings),
+                               processing_class=tok, train_dataset=Dataset.from_dict({"prompt": [""]}))
+        every = max(1, curve_every // settings["evaluations_per_round"])
+        curve = BestTrackingCurve(trainer, every, curve_samples, task.estimate_banel)
+        trainer.add_callback(curve)
+        trainer.train()
+        final = task.estimate_banel(trainer, eval_samples)
+        nre, successes_found = trainer.ledger.spent, len(trainer.ledger.successes)
+        # the best point's generator, sampled through the posterior (rejecting the ledger's known failures)
+        trainer.failures.clear()
+        trainer.accelerator.unwrap_model(trainer.model).load_state_dict(curve.best_state)
+        fresh = task.estimate_banel(trainer, eval_samples)
+        steps = trainer.state.global_step
+        stop_reason = trainer.stop_reason
+        phase_seconds = {k: round(v, 2) for k, v in trainer.phase_seconds.items()}
+        settings = {k: v for k, v in settings.items() if k not in _NOT_SETTINGS}
+    else:
+        budgeted = BudgetedReward(oracle, budget, os.path.join(workdir, LEDGER_FILENAME))
+        reward_funcs, weights = [budgeted], [1.0]
+        if method == "grpo_rnd":
+            reward_funcs, weights = [budgeted, RNDBonus(seed=seed)], [1.0, knobs["bonus_weight"]]
+        elif method == "grpo_counts":
+            reward_funcs, weights = [budgeted, SimHashCountBonus(beta=knobs["bonus_weight"], seed=seed)], [1.0, 1.0]
+        gen_batch = GRPO_COMMON["per_device_train_batch_size"]
+        max_steps = math.ceil(max_rounds_factor * budget / gen_batch)
+        settings = {**GRPO_COMMON, "learning_rate": knobs["learning_rate"], "max_steps": max_steps, "seed": seed,
+                    "reward_weights": weights}
+        if task.max_completion_length != GRPO_COMMON["max_completion_length"]:
+            settings["max_completion_length"] = task.max_completion_length
+        config_cls, trainer_cls = (NSRConfig, NSRTrainer) if method == "nsr" else (GRPOConfig, GRPOTrainer)
+        config = config_cls(output_dir=workdir, **settings)
+        counter = iter(range(1_000_000))
+
+        def estimate(model, n, s):
+            if pretrained is not None and not budgeted.ledger.successes and state_hash(model) == pretrained["weights"]:
+                reused.append(n)  # the same weights as the pretrained generator, and nothing learned from a success
+                return _as_estimate(pretrained["final"])
+            return task.estimate(model, tok, oracle, n, s)
+
+        curve = PolicySuccessCurveCallback(
+            budgeted, lambda m: estimate(m, curve_samples, 30_000 + 1000 * seed + next(counter)),
+            every_nre=curve_every, path=os.path.join(workdir, "success_curve.json"))
+        callbacks = [StopOnBudgetCallback(budgeted), curve]
+        idle = StopWhenIdleCallback(budgeted, idle_steps) if idle_steps else None
+        callbacks += [idle] if idle else []
+        trainer = trainer_cls(model=generator, reward_funcs=reward_funcs, args=config, processing_class=tok,
+                              train_dataset=Dataset.from_dict({"prompt": [""] * 4096}), callbacks=callbacks)
+        trainer.train()
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        reused.clear()
+        final = estimate(model, eval_samples, big_seed)
+        final_reused = bool(reused)
+        fresh = estimate(curve.best_model(model), eval_samples, 20_000 + seed)
+        nre, successes_found, steps = budgeted.ledger.spent, len(budgeted.ledger.successes), trainer.state.global_step
+        phase_seconds = None
+        stop_reason = ("budget spent" if budgeted.exhausted else f"{idle_steps} idle steps" if idle and idle.stopped
+                       else f"max_steps={max_steps}")
+        settings = {k: v for k, v in settings.items() if k not in _NOT_SETTINGS}
+        settings.update({"bonus": {"grpo_rnd": "RNDBonus", "grpo_counts": "SimHashCountBonus"}.get(method),
+                         **{k: v for k, v in knobs.items() if k != "learning_rate"}})
+        if method == "nsr":
+            settings["nsr_positive_weight"] = config.nsr_positive_weight
+    record = {
+        "method": method, "seed": seed, "settings": settings,
+        "final": {**final.to_dict(), "nre": nre, "steps": steps, "successes_found_in_training": successes_found},
+        "best": {"point": curve.best_point, "estimate": fresh.to_dict(),
+                 "selection_oracle_calls": curve.evaluation_calls, "fresh_oracle_calls": fresh.oracle_calls},
+        "curve": curve.points, "minutes": (time.time() - start) / 60,
+    }
+    if pretrained is not None:  # the sparse benchmark's extra fields (the addition benchmark's records keep their shape)
+        record.update(task=task.name, stop_reason=stop_reason, phase_seconds=phase_seconds,
+                      estimate_minutes=estimating[0] / 60, cpu_minutes=(time.process_time() - cpu_start) / 60,
+                      reused_pretrained_estimate=method != "banel" and final_reused)
+    return record
+
+
+def _as_estimate(d: dict):
+    if d.get("exact"):
+        return ExactSuccess(d["rate"], d.get("acceptance_rate", 1.0), 0)
+    return SuccessEstimate(d["successes"], d["samples"], d["low"], d["high"], d["confidence"],
+                           d["acceptance_rate"], 0)
+
+
+# ------------------------------------------------------------------------------------------------------ caching
+def cached_run(path: str, knobs: dict, make: Callable[[], dict]) -> tuple[dict, bool]:
+    """The run in `path` if it exists and was made with `knobs`, else `make()` written there. Returns (run, made).
+
+    A run made with other knobs (e.g. before the sweep chose them) is set aside in `stale/` beside it (kept, not
+    reported) and redone."""
+    if os.path.exists(path):
+        run = json.loads(Path(path).read_text())
+        stale = {k: v for k, v in knobs.items() if run.get("settings", {}).get(k) != v}
+        if not stale:
+            return run, False
+        os.makedirs(os.path.join(os.path.dirname(path), "stale"), exist_ok=True)
+        os.replace(path, os.path.join(os.path.dirname(path), "stale", os.path.basename(path)))
+        print(f"[run] {os.path.basename(path)}: re-running with the swept {stale}", flush=True)
+    run = make()
+    tmp = path + ".tmp"
+    Path(tmp).write_text(json.dumps(run, indent=1))
+    os.replace(tmp, path)  # a run file is whole or absent
+    return run, True
+
+
+def load_runs(folder: str, pattern: str = "*.json") -> dict:
+    """Run records in `folder`, grouped by method."""
+    runs = {}
+    for path in sorted(Path(folder).glob(pattern)):
+        r = json.loads(path.read_text())
+        runs.setdefault(r["method"], []).append(r)
+    return runs
+
+
+def run_sweep(methods: list[str], run: Callable[[str, dict, str], dict], folder: str, seed: int, budget: int,
+              eval_samples: int, grid: dict = SWEEP_GRID) -> dict:
+    """Each method's grid on one seed kept apart; `run(method, knobs, workdir)` makes one run, cached in `folder`.
+
+    Chooses the knobs with the best final success rate (the best curve point breaks ties, then the first)."""
+    os.makedirs(folder, exist_ok=True)
+    sweep = {}
+    for method in [m for m in methods if m in grid]:
+        results = []
+        for knobs in grid[method]:
+            tag = "_".join(f"{k}{v:g}" for k, v in knobs.items())
+            path = os.path.join(folder, f"{method}_{tag}.json")
+            if not os.path.exists(path):
+                print(f"[sweep] {method} {knobs}", flush=True)
+            r, _ = cached_run(path, {}, lambda: run(method, knobs, f"sweep_{method}_{tag}"))
+            results.append({"knobs": knobs, "rate": r["final"]["rate"], "low": r["final"]["low"],
+                            "high": r["final"]["high"], "best_point_rate": r["best"]["point"]["rate"],
+                            "nre": r["final"]["nre"], "minutes": r["minutes"]})
+        chosen = max(results, key=lambda x: (x["rate"], x["best_point_rate"]))["knobs"]  # first (smallest) on ties
+        sweep[method] = {"seed": seed, "budget": budget, "eval_samples": eval_samples,
+                         "criterion": "final success rate on eval_samples fresh samples", "chosen": chosen,
+                         "results": results}
+        print(f"[sweep] {method}: chose {chosen}", flush=True)
+    return sweep
+
+
+# ------------------------------------------------------------------------------------------------------ summary
+def reference_rate(pretrained: dict) -> float:
+    """The rate multiples are taken against: the estimate, or its 95% upper bound when the estimate is 0."""
+    return pretrained["rate"] if pretrained["rate"] > 0 else pretrained["high"]
+
+
+def seed_stats(rates: list[float], reference: Optional[float]) -> dict:
+    """Median, quartiles, interquartile range and mean over seeds; seeds at >= 10x and >= 100x `reference`."""
+    q25, median, q75 = (float(x) for x in np.percentile(rates, [25, 50, 75]))
+    out = {"median": median, "q25": q25, "q75": q75, "iqr": q75 - q25, "mean": float(np.mean(rates)),
+           "min": float(min(rates)), "max": float(max(rates)), "n": len(rates)}
+    if reference:
+        out.update(seeds_10x=sum(r >= 10 * reference for r in rates), seeds_100x=sum(r >= 100 * reference for r in rates),
+                   median_vs_pretrained=median / reference)
+    return out
+
+
+def improvement_over_best_baseline(method_rates: list[float], baselines: dict) -> dict:
+    """`median(method) / median(best baseline)`, the best baseline being the one with the highest median.
+
+    `baselines`: per baseline, `{"rates": [...], "high": [...]}` (per-seed estimates and 95% upper bounds). When the
+    best baseline's median estimate is 0 the ratio is taken against the median of its upper bounds (a lower bound on
+    the improvement); when that is 0 too (an exact 0) the ratio is None and `exactly_zero` is True."""
+    if not baselines or not method_rates:
+        return {"best_baseline": None, "ratio": None}
+    name = max(baselines, key=lambda b: (float(np.median(baselines[b]["rates"])), -list(baselines).index(b)))
+    median = float(np.median(baselines[name]["rates"]))
+    against, denominator = ("estimate", median) if median > 0 else \
+        ("upper bound", float(np.median(baselines[name]["high"])))
+    mine = float(np.median(method_rates))
+    ratio = mine / denominator if denominator > 0 else None
+    return {"best_baseline": name, "against": against, "denominator": denominator, "ratio": ratio,
+            "exactly_zero": denominator == 0}
+
+
+def summarise_task(runs: dict, pretrained: Optional[dict], baselines: list[str] = BASELINES) -> dict:
+    """A task's summary from its run records: per method, per-seed lists and seed statistics of the final and the
+    best-point estimates, and each method's improvement over the best *other* baseline (BaNEL's over the best)."""
+    reference = reference_rate(pretrained) if pretrained else None
+    methods = {}
+    for name in sorted(runs, key=lambda m: (METHODS.index(m) if m in METHODS else len(METHODS), m)):
+        rs = runs[name]
+        if name == "pretrained" or not rs:
+            continue
+        rs = sorted(rs, key=lambda r: r["seed"])
+        final = [r["final"]["rate"] for r in rs]
+        best = [r["best"]["estimate"]["rate"] for r in rs]
+        methods[name] = {
+            "seeds": [r["seed"] for r in rs], "final": final, "best": best,
+            "final_low": [r["final"]["low"] for r in rs], "final_high": [r["final"]["high"] for r in rs],
+            "best_low": [r["best"]["estimate"]["low"] for r in rs],
+            "best_high": [r["best"]["estimate"]["high"] for r in rs],
+            "successes_found": [r["final"]["successes_found_in_training"] for r in rs],
+            "nre": [r["final"]["nre"] for r in rs], "minutes": [r["minutes"] for r in rs],
+            "estimate_minutes": [r.get("estimate_minutes") for r in rs],
+            "cpu_minutes": [r.get("cpu_minutes") for r in rs],
+            "reused_pretrained_estimate": [bool(r.get("reused_pretrained_estimate")) for r in rs],
+            "stop_reason": [r.get("stop_reason") for r in rs],
+            "settings": rs[0]["settings"],
+            "summary": {"final": seed_stats(final, reference), "best": seed_stats(best, reference)},
+        }
+    for name, m in methods.items():
+        for which in ("final", "best"):
+            others = {b: {"rates": methods[b][which], "high": methods[b][f"{which}_high"]}
+                      for b in baselines if b in methods and b != name}
+            m["summary"][which]["vs_best_baseline"] = improvement_over_best_baseline(m[which], others)
+    return {"methods": methods}
+
+
+def seed_curves(runs: dict, spread: tuple[float, float] = (25, 75), center: str = "median") -> dict:
+    """Per method, the success curve over seeds: at each NRE where some seed measured, each seed's last point at or
+    before it; the centre (median or mean) and the spread (percentiles, or min-max with `spread=(0, 100)`)."""
+    curves = {}
+    for name, rs in runs.items():
+        if name == "pretrained" or not rs:
+            continue
+        grid = sorted({p["nre"] for r in rs for p in r["curve"]})
+        pts = []
+        for x in grid:
+            vals = [max([p for p in r["curve"] if p["nre"] <= x], key=lambda p: (p["nre"], p.get("step", 0)))["rate"]
+                    for r in rs if any(p["nre"] <= x for p in r["curve"])]
+            mid = float(np.median(vals)) if center == "median" else float(np.mean(vals))
+            low, high = (float(np.percentile(vals, q)) for q in spread)
+            pts.append({"nre": x, "rate": mid, "low": low, "high": high, "seeds": len(vals)})
+        curves[name] = pts
+    return curves

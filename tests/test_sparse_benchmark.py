@@ -1,0 +1,188 @@
+"""benchmarks/sparse.py: the summary statistics on hand-made runs, the exact estimates, and --quick end to end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import (improvement_over_best_baseline, seed_curves, seed_stats, state_hash,  # noqa: E402
+                               summarise_task)
+from trl_banel.stats import ExactSuccess, SuccessEstimate  # noqa: E402
+
+
+def _run(method, seed, final, best=None, high=None, curve=((0, 0.0),)):
+    best = final if best is None else best
+    high = final if high is None else high
+    return {"method": method, "seed": seed, "settings": {"lr": 1},
+            "final": {"rate": final, "low": 0.0, "high": high, "nre": 7500, "successes_found_in_training": seed,
+                      "steps": 1},
+            "best": {"estimate": {"rate": best, "low": 0.0, "high": max(best, high)}, "point": {"nre": 0, "rate": best}},
+            "curve": [{"nre": n, "rate": r, "low": r, "high": r} for n, r in curve], "minutes": 1.0 + seed}
+
+
+def test_seed_stats_median_iqr_and_multiples():
+    rates = [0.0, 1e-5, 2e-5, 1e-4, 1e-3]
+    s = seed_stats(rates, reference=1e-6)
+    assert s["median"] == 2e-5 and s["q25"] == 1e-5 and s["q75"] == 1e-4 and s["iqr"] == pytest.approx(9e-5)
+    assert s["seeds_10x"] == 4 and s["seeds_100x"] == 2 and s["n"] == 5  # >= 1e-5 and >= 1e-4, boundaries included
+    assert s["median_vs_pretrained"] == pytest.approx(20)
+    assert "seeds_10x" not in seed_stats(rates, reference=None)
+
+
+def test_improvement_over_the_best_baseline_uses_its_upper_bound_when_it_is_zero():
+    mine = [1e-3, 2e-3, 3e-3]
+    # the best baseline by median is b (1e-4): the ratio is against its estimate
+    r = improvement_over_best_baseline(mine, {"a": {"rates": [0, 0, 5e-5], "high": [1e-3] * 3},
+                                              "b": {"rates": [1e-4] * 3, "high": [2e-4] * 3}})
+    assert r["best_baseline"] == "b" and r["against"] == "estimate" and r["ratio"] == pytest.approx(20)
+    # every baseline at 0: against the best one's 95% upper bound (the first on ties), a lower bound on the gain
+    r = improvement_over_best_baseline(mine, {"a": {"rates": [0, 0, 0], "high": [1e-4, 2e-4, 3e-4]},
+                                              "b": {"rates": [0, 0, 0], "high": [1e-3] * 3}})
+    assert r["best_baseline"] == "a" and r["against"] == "upper bound" and r["ratio"] == pytest.approx(10)
+    # an exact 0 (upper bound 0 too): no finite ratio, and it says so
+    r = improvement_over_best_baseline(mine, {"a": {"rates": [0.0], "high": [0.0]}})
+    assert r["ratio"] is None and r["exactly_zero"]
+    assert improvement_over_best_baseline(mine, {})["ratio"] is None
+
+
+def test_summarise_task_on_hand_made_runs():
+    runs = {"banel": [_run("banel", s, r) for s, r in enumerate([1e-2, 2e-2, 3e-5, 4e-2, 5e-2])],
+            "grpo": [_run("grpo", s, 0.0, high=3e-4) for s in range(3)],
+            "nsr": [_run("nsr", s, r) for s, r in enumerate([1e-5, 2e-5, 3e-5])]}
+    pre = {"rate": 1e-5, "low": 5e-6, "high": 2e-5}
+    out = summarise_task(runs, pre)["methods"]
+    assert list(out) == ["banel", "grpo", "nsr"]
+    b = out["banel"]
+    assert b["seeds"] == [0, 1, 2, 3, 4] and b["final"] == [1e-2, 2e-2, 3e-5, 4e-2, 5e-2] and b["best"] == b["final"]
+    assert b["successes_found"] == [0, 1, 2, 3, 4] and b["minutes"] == [1, 2, 3, 4, 5] and b["nre"] == [7500] * 5
+    s = b["summary"]["final"]
+    assert s["median"] == 2e-2 and s["iqr"] == pytest.approx(4e-2 - 1e-2)
+    assert s["seeds_10x"] == 4 and s["seeds_100x"] == 4  # 3e-5 is 3x the pretrained rate
+    vs = s["vs_best_baseline"]  # nsr's median 2e-5 beats grpo's 0: against nsr's estimate
+    assert vs["best_baseline"] == "nsr" and vs["against"] == "estimate" and vs["ratio"] == pytest.approx(1000)
+    # for a baseline, the best *other* one: nsr against grpo, whose median is 0, so against grpo's upper bound
+    vs = out["nsr"]["summary"]["final"]["vs_best_baseline"]
+    assert vs["best_baseline"] == "grpo" and vs["against"] == "upper bound" and vs["ratio"] == pytest.approx(2e-5 / 3e-4)
+    # a pretrained estimate of 0 is replaced by its upper bound as the reference of the multiples
+    s0 = summarise_task(runs, {"rate": 0.0, "low": 0.0, "high": 1e-3})["methods"]["banel"]["summary"]["final"]
+    assert s0["seeds_10x"] == 4 and s0["seeds_100x"] == 0
+
+
+def test_seed_curves_median_and_spread_take_each_seeds_last_point():
+    runs = {"m": [_run("m", 0, 0, curve=[(0, 1.0), (500, 3.0)]), _run("m", 1, 0, curve=[(0, 2.0), (400, 4.0)]),
+                  _run("m", 2, 0, curve=[(0, 0.0)])]}
+    pts = {p["nre"]: p for p in seed_curves(runs)["m"]}
+    assert sorted(pts) == [0, 400, 500]
+    assert pts[0]["rate"] == 1.0 and pts[400]["rate"] == 1.0 and pts[500]["rate"] == 3.0  # medians of (1,2,0) (1,4,0) (3,4,0)
+    assert pts[500]["low"] == pytest.approx(np.percentile([3, 4, 0], 25)) and pts[500]["seeds"] == 3
+    mean = {p["nre"]: p for p in seed_curves(runs, spread=(0, 100), center="mean")["m"]}
+    assert mean[400]["rate"] == pytest.approx(5 / 3) and (mean[400]["low"], mean[400]["high"]) == (0.0, 4.0)
+
+
+def test_exact_estimate_has_the_monte_carlo_dict_shape():
+    exact = ExactSuccess(3e-6, acceptance_rate=0.9).to_dict()
+    mc = SuccessEstimate.from_counts(3, 1000).to_dict()
+    assert set(mc) <= set(exact) and exact["low"] == exact["high"] == exact["rate"] == 3e-6 and exact["exact"]
+    assert exact["samples"] is None and exact["oracle_calls"] == 0
+
+
+def test_hard_attack_exact_estimates_and_weight_hash():
+    """The plain estimate is the exact prior; BaNEL's conditions on avoiding the known failures; the hash of the
+    weights sees any change and nothing else."""
+    import torch
+
+    from benchmarks.common import hard_attack_task
+    from trl_banel.tasks import hard_attack
+    from trl_banel.tasks.common import sequence_log_probs
+
+    task = hard_attack_task()
+    model, tok, oracle = task.load()
+    prior = task.estimate(model, tok, oracle, 0, 0).rate
+    cal = json.loads((ROOT / "benchmarks" / "results" / "hard_attack_calibration.json").read_text())
+    assert prior == pytest.approx(cal["exact_prior"], rel=1e-4)
+    successes = hard_attack.load_successes()
+    failures = ["1+1=", "12+34=", "5+5=", "123+456="]
+    rate, accepted = hard_attack.posterior_success_probability(model, tok, successes, failures + successes[:2], 12)
+    p_f = float(sequence_log_probs(model, tok, failures).exp().sum())  # a success listed as failure is ignored
+    assert accepted == pytest.approx(1 - p_f) and rate == pytest.approx(prior / (1 - p_f))
+    # a failure of max_completion_length tokens was cut before its <eos>: the probability of the prefix
+    cut = "1234567890+1"
+    _, acc_cut = hard_attack.posterior_success_probability(model, tok, successes, [cut], len(cut))
+    assert acc_cut == pytest.approx(1 - float(sequence_log_probs(model, tok, [cut], append_eos=False).exp()[0]))
+    other, _, _ = task.load()
+    assert state_hash(other) == state_hash(model)
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1e-3
+    assert state_hash(other) != state_hash(model)
+
+
+@pytest.mark.slow
+def test_sparse_benchmark_quick_end_to_end_and_resumed(tmp_path):
+    """--quick on both tasks writes sparse.json in the issue's shape; a second invocation reuses every run file."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, str(ROOT / "benchmarks" / "sparse.py"), "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "sparse.json").read_text())
+    assert result["budget"] == 100 and set(result["tasks"]) == {"hard_attack", "digits"}
+    for name, task in result["tasks"].items():
+        pre = task["pretrained"]
+        assert 0 <= pre["rate"] <= pre["upper"] <= 1
+        assert set(task["methods"]) == {"banel", "grpo", "grpo_rnd", "grpo_counts", "nsr"}
+        for m in task["methods"].values():
+            assert m["seeds"] == [0] and len(m["final"]) == len(m["best"]) == 1
+            assert all(0 <= x <= 1 for x in m["final"] + m["best"]) and m["nre"][0] <= 100
+            assert {"median", "iqr", "seeds_10x", "seeds_100x", "vs_best_baseline"} <= set(m["summary"]["final"])
+            assert len(m["final_high"]) == len(m["successes_found"]) == len(m["minutes"]) == 1
+    hard = result["tasks"]["hard_attack"]
+    assert hard["pretrained"]["exact"] and hard["pretrained"]["rate"] == hard["pretrained"]["upper"] > 0
+    assert all(m["final_low"] == m["final_high"] == m["final"] for m in hard["methods"].values())  # exact
+    # 100 samples at 3e-6 see no success: GRPO's weights never move and it reuses the pretrained estimate; a bonus
+    # moves them, so RND pays for its own
+    assert hard["methods"]["grpo"]["reused_pretrained_estimate"] == [True]
+    assert hard["methods"]["grpo"]["final"] == [hard["pretrained"]["rate"]]
+    assert hard["methods"]["grpo_rnd"]["reused_pretrained_estimate"] == [False]
+    assert (tmp_path / "sparse.md").exists() and (tmp_path / "sparse.png").exists()
+    files = sorted((tmp_path / "sparse_runs").glob("*.json"))
+    assert len(files) == 2 * 6  # 2 tasks x (pretrained + 5 methods)
+    mtimes = {f: f.stat().st_mtime_ns for f in files}
+
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[run]" not in again.stdout and "[sweep]" not in again.stdout  # nothing run, nothing estimated
+    assert {f: f.stat().st_mtime_ns for f in sorted((tmp_path / "sparse_runs").glob("*.json"))} == mtimes
+    assert json.loads((tmp_path / "sparse.json").read_text())["tasks"] == result["tasks"]
+
+
+def test_digits_banel_estimate_drops_known_failures():
+    """Without failure models, BaNEL's sampler on digits is the generator minus the ledger's known failures: with
+    none known it is the plain estimate on the same draw; with a draw's texts known, none of them is kept."""
+    from types import SimpleNamespace
+
+    from benchmarks.common import digits_task
+    from trl_banel.tasks import digits
+    from trl_banel.tasks.common import sample_token_ids
+
+    task = digits_task()
+    gen, tok, oracle = task.load()
+
+    def trainer(known):
+        records = [SimpleNamespace(completion=t, success=False) for t in known]
+        return SimpleNamespace(failures=[], accelerator=SimpleNamespace(unwrap_model=lambda m: m), model=gen,
+                               processing_class=tok, ledger=SimpleNamespace(records=records),
+                               args=SimpleNamespace(seed=0))
+
+    est = task.estimate_banel(trainer([]), 200)  # the first draw: seed 60,000
+    plain, _ = digits.estimate_success_rate(gen, tok, oracle, 200, batch_size=200, seed=60_000)
+    assert (est.successes, est.samples, est.acceptance_rate) == (plain.successes, 200, 1.0)
+    drawn = [t for b in sample_token_ids(gen, tok, 200, digits.PIXELS + 1, 200, seed=60_001)
+             for t in tok.batch_decode(b, skip_special_tokens=True)]
+    est = task.estimate_banel(trainer(drawn), 200)  # the second draw (seed 60,001) is entirely known
+    assert est.samples == 200 and est.acceptance_rate <= 0.5
