@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
 from benchmarks.common import (DEFAULT_KNOBS, GRPO_COMMON, METHODS, SWEEP_GRID, addition_task,  # noqa: E402,F401
-                               cached_run, load_runs, run_sweep as sweep_methods, seed_curves)
+                               cached_run, load_runs, run_identity, run_sweep as sweep_methods, seed_curves)
 from benchmarks.common import run_one as run_task  # noqa: E402
 from trl_banel.plotting import plot_success_curves  # noqa: E402
 from trl_banel.tasks.addition import MODELS_DIR  # noqa: E402
@@ -195,12 +195,13 @@ def main(args: Args):
     knobs, sweep = chosen_knobs(args.out)
     folder = os.path.join(args.out, "runs")
     os.makedirs(folder, exist_ok=True)
+    task = addition_task(args.models_dir)
     for seed in args.seeds:
         for method in [m for m in METHODS if m in args.methods]:
             path = os.path.join(folder, f"{method}_seed{seed}.json")
             if not os.path.exists(path):
                 print(f"[run] {method} seed {seed}", flush=True)
-            r, made = cached_run(path, knobs.get(method, {}), lambda: run_one(
+            r, made = cached_run(path, run_identity(task, method, knobs.get(method, {})), lambda: run_one(
                 method, seed, args, knobs.get(method, {}), args.budget, args.eval_samples,
                 os.path.join(args.out, "work", f"{method}_seed{seed}")))
             if made:

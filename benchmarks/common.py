@@ -351,6 +351,13 @@ def _as_estimate(d: dict):
 
 
 # ------------------------------------------------------------------------------------------------------ caching
+def run_identity(task: "Task", method: str, knobs: dict) -> dict:
+    """What a cached run must have been made with to be reused: its knobs and, for BaNEL, the task's settings (the
+    budget aside: it is checked, or set, by each script), so a run made before the task's settings changed is redone."""
+    settings = {k: v for k, v in task.banel.items() if k != "max_reward_evaluations"} if method == "banel" else {}
+    return {**settings, **knobs}
+
+
 def cached_run(path: str, knobs: dict, make: Callable[[], dict]) -> tuple[dict, bool]:
     """The run in `path` if it exists and was made with `knobs`, else `make()` written there. Returns (run, made).
 

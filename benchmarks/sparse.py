@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
 from benchmarks.common import (BASELINES, DEFAULT_KNOBS, SWEEP_GRID, TASKS, cached_run, reference_rate,  # noqa: E402
-                               run_one, run_sweep, seed_curves, summarise_task)
+                               run_identity, run_one, run_sweep, seed_curves, summarise_task)
 
 SPARSE_TASKS = ["hard_attack", "digits"]
 SPARSE_METHODS = ["banel", *BASELINES]
@@ -135,7 +135,7 @@ def run_task(task, args: Args, folder: str, pretrained: dict):
     for seed in seeds:  # seed-major: a partial benchmark has every method on its first seeds
         for method in [m for m in SPARSE_METHODS if m in args.methods and seed in seeds_for(m, args)]:
             path = os.path.join(folder, f"{task.name}_{method}_seed{seed}.json")
-            want = {**knobs.get(method, {}), "budget": args.budget, "eval_samples": n}
+            want = {**run_identity(task, method, knobs.get(method, {})), "budget": args.budget, "eval_samples": n}
             if not os.path.exists(path):
                 print(f"[run] {task.name} {method} seed {seed}", flush=True)
             r, made = cached_run(path, want, lambda: make_run(task, method, seed, knobs.get(method, {}), args.budget,

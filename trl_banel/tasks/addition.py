@@ -47,6 +47,9 @@ BANEL_SETTINGS = dict(
     # 20-epoch fit with no margin, clipping or warm-up, no held-out share, regions dropped at each distillation
     failure_margin=0.0, failure_max_grad_norm=0.0, failure_warmup_steps=0, failure_heldout_fraction=0.0,
     keep_failure_models=False,
+    # a success found is distilled (half of each distillation's samples), and the run stops once it holds 500: a
+    # generator that writes successes keeps finding new ones at a few per round, a crawl the user need not wait for
+    success_replay=0.5, stop_after_successes=500,
 )
 
 

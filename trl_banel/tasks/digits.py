@@ -44,7 +44,7 @@ BANEL_SETTINGS = dict(
     rejection_threshold=0.97, failure_epochs=20, failure_learning_rate=3e-3, failure_batch_size=16,
     distill_every=1, distill_samples=256, distill_steps=8, per_device_train_batch_size=64, learning_rate=1e-3,
     failure_margin=0.0, failure_max_grad_norm=0.0, failure_warmup_steps=0, failure_heldout_fraction=0.0,
-    keep_failure_models=False,
+    keep_failure_models=False, success_replay=0.5, stop_after_successes=500,
 )
 
 
