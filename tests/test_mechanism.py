@@ -281,3 +281,21 @@ def test_success_replay_is_validated():
         BaNELConfig(output_dir="x", use_cpu=True, success_replay=1.0)
     with pytest.raises(ValueError, match="success_replay.*baselined"):
         BaNELConfig(output_dir="x", use_cpu=True, success_replay=0.5, distill_objective="baselined")
+
+
+def test_success_replay_draws_among_all_successes_when_they_outnumber_its_share(tmp_path, char_tokenizer):
+    model = make_tiny_model(char_tokenizer, seed=1)  # spreads its mass: many distinct successes
+    trainer = BaNELTrainer(model=model, reward_funcs=RecordingOracle(success=lambda c: True),
+                           args=config(tmp_path, success_replay=0.5, max_reward_evaluations=64),
+                           train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
+    cands = trainer._propose(64)
+    trainer._evaluate(cands)
+    found = {r.completion for r in trainer.ledger.successes}
+    assert len(found) > 8
+    seen = set()
+    for trainer.round in range(10):
+        out = trainer._replay_successes(cands[:8])
+        replayed = [c["completion"] for c in out[4:]]
+        assert len(out) == 8 and set(replayed) <= found and len(set(replayed)) == 4
+        seen |= set(replayed)
+    assert len(seen) > 8, "only the first successes found are ever replayed"

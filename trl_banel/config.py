@@ -138,12 +138,13 @@ class BaNELConfig(_BaseConfig):
             never makes nor collapses. Needs a frozen copy of the pretrained generator (none for a LoRA generator: its
             adapter is disabled instead).
         success_replay (`float`, *optional*, defaults to `0.0`):
-            Share of each distillation's samples replaced by the successes found so far (cycled through, with the
-            `"posterior"` objective). BaNEL's posterior treats every output outside the rejection region alike; a known
-            success is more: it is a sample of the distribution the user wants (the generator conditioned on success),
-            so distilling on it is maximum likelihood towards that target. It turns a success found by exploration
-            into a generator that keeps producing it, instead of leaving it to the next rounds' drift. `0` distils
-            posterior samples only (the paper's method).
+            Share of each distillation's samples replaced by the successes found so far (all of them in turn, or a
+            seeded draw among them when there are more than the share holds; with the `"posterior"` objective). BaNEL's
+            posterior treats every output outside the rejection region alike; a known success is more: it is a sample
+            of the distribution the user wants (the generator conditioned on success), so distilling on it is maximum
+            likelihood towards that target. It turns a success found by exploration into a generator that keeps
+            producing it, instead of leaving it to the next rounds' drift. `0` distils posterior samples only (the
+            paper's method).
         save_best_generator (`bool`, *optional*, defaults to `True`):
             Keep the best round's generator: before each distillation, if the candidates evaluated since the last one
             have the highest success rate so far (by the lower end of its 95% Clopper-Pearson interval, at least one

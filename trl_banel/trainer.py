@@ -481,12 +481,17 @@ class BaNELTrainer(_BaseTrainer):
                 self._buffer[-1]["weight"] = torch.tensor([c["weight"] for c in chunk], device=self.accelerator.device)
 
     def _replay_successes(self, samples: list[dict]) -> list[dict]:
-        """Replace a `success_replay` share of the posterior samples by the successes found so far (cycled)."""
+        """Replace a `success_replay` share of the posterior samples by the successes found so far: each of them as
+        evenly as the share allows, a seeded draw among them when there are more than it holds."""
         found = self.ledger.successes
         n = int(round(self.args.success_replay * len(samples)))
         if not found or n == 0:
             return samples
-        replayed = [self._record_to_candidate(found[i % len(found)]) for i in range(n)]
+        if len(found) > n:  # the same draw on every process (same seed, same ledger)
+            picks = random.Random(self.args.seed + self.round).sample(range(len(found)), n)
+        else:
+            picks = [i % len(found) for i in range(n)]
+        replayed = [self._record_to_candidate(found[i]) for i in picks]
         self._metrics["distill/replayed_successes"].append(n)
         return samples[: len(samples) - n] + replayed
 
