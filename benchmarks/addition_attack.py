@@ -29,10 +29,10 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import HfArgumentParser  # noqa: E402
 
 from benchmarks.common import (DEFAULT_KNOBS, GRPO_COMMON, METHODS, SWEEP_GRID, addition_task,  # noqa: E402,F401
-                               cached_run, load_runs, run_identity, run_sweep as sweep_methods, seed_curves)
+                               cached_run, load_runs, parse_args, run_identity, run_sweep as sweep_methods,
+                               seed_curves)
 from benchmarks.common import run_one as run_task  # noqa: E402
 from trl_banel.plotting import plot_success_curves  # noqa: E402
 from trl_banel.tasks.addition import MODELS_DIR  # noqa: E402
@@ -211,14 +211,7 @@ def main(args: Args):
 
 
 def parse(argv=None) -> Args:
-    argv = sys.argv[1:] if argv is None else argv
-    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(argv)
-    if args.quick:
-        explicit = {a.lstrip("-").split("=")[0] for a in argv if a.startswith("--")}
-        for k, v in QUICK.items():
-            if k not in explicit:
-                setattr(args, k, v)
-    return args
+    return parse_args(Args, QUICK, argv)
 
 
 if __name__ == "__main__":

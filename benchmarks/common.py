@@ -27,13 +27,14 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback, set_seed
+from transformers import HfArgumentParser, TrainerCallback, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_banel import BaNELConfig, BaNELTrainer
 from trl_banel.baselines import (BudgetedReward, NSRConfig, NSRTrainer, PolicySuccessCurveCallback, RNDBonus,
                                  SimHashCountBonus, StopOnBudgetCallback)
 from trl_banel.callbacks import SuccessCurveCallback
+from trl_banel.cli import apply_quick
 from trl_banel.ledger import LEDGER_FILENAME
 from trl_banel.stats import ExactSuccess, SuccessEstimate
 
@@ -349,6 +350,14 @@ def _as_estimate(d: dict):
         return ExactSuccess(d["rate"], d.get("acceptance_rate", 1.0), 0)
     return SuccessEstimate(d["successes"], d["samples"], d["low"], d["high"], d["confidence"],
                            d["acceptance_rate"], 0)
+
+
+def parse_args(args_cls, quick: dict, argv=None):
+    """A benchmark's typed arguments from the command line; with `--quick`, `quick`'s values for those not given."""
+    (args,) = HfArgumentParser(args_cls).parse_args_into_dataclasses(argv)
+    if args.quick:
+        apply_quick(argv, quick, args)
+    return args
 
 
 # ------------------------------------------------------------------------------------------------------ caching

@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
-from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, set_seed  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, set_seed  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
@@ -59,7 +59,7 @@ from trl_banel.failure import FailureModels  # noqa: E402
 from trl_banel.ledger import LEDGER_FILENAME  # noqa: E402
 from trl_banel.posterior import Candidates, completion_nll, position_ids_from_mask  # noqa: E402
 from trl_banel.tasks.addition import BANEL_SETTINGS as ADDITION_BANEL_SETTINGS, load_addition_task  # noqa: E402
-from benchmarks.common import GRPO_COMMON, banel_settings as run_banel_settings  # noqa: E402
+from benchmarks.common import GRPO_COMMON, banel_settings as run_banel_settings, parse_args  # noqa: E402
 
 PHASES = ["propose", "filter", "oracle", "failure_fit", "distill"]
 
@@ -448,14 +448,7 @@ def main(args: Args) -> dict:
 
 
 def parse(argv=None) -> Args:
-    argv = sys.argv[1:] if argv is None else argv
-    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(argv)
-    if args.quick:
-        explicit = {a.lstrip("-").split("=")[0] for a in argv if a.startswith("--")}
-        for k, v in QUICK.items():
-            if k not in explicit:
-                setattr(args, k, v)
-    return args
+    return parse_args(Args, QUICK, argv)
 
 
 if __name__ == "__main__":

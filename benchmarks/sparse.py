@@ -35,10 +35,9 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import HfArgumentParser  # noqa: E402
 
 from benchmarks.common import (BASELINES, DEFAULT_KNOBS, SWEEP_GRID, TASKS, cached_run, reference_rate,  # noqa: E402
-                               run_identity, run_one, run_sweep, seed_curves, summarise_task)
+                               parse_args, run_identity, run_one, run_sweep, seed_curves, summarise_task)
 
 SPARSE_TASKS = ["hard_attack", "digits"]
 SPARSE_METHODS = ["banel", *BASELINES]
@@ -319,14 +318,7 @@ def main(args: Args):
 
 
 def parse(argv=None) -> Args:
-    argv = sys.argv[1:] if argv is None else argv
-    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(argv)
-    if args.quick:
-        explicit = {a.lstrip("-").split("=")[0] for a in argv if a.startswith("--")}
-        for k, v in QUICK.items():
-            if k not in explicit:
-                setattr(args, k, v)
-    return args
+    return parse_args(Args, QUICK, argv)
 
 
 if __name__ == "__main__":

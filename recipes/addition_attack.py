@@ -25,7 +25,7 @@ from trl import TrlParser  # noqa: E402
 
 from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
 from trl_banel.callbacks import SuccessCurveCallback  # noqa: E402
-from trl_banel.cli import script_help  # noqa: E402
+from trl_banel.cli import apply_quick, script_help  # noqa: E402
 from trl_banel.plotting import plot_success_curves  # noqa: E402
 from trl_banel.runs import refuse_rerun  # noqa: E402
 from trl_banel.stats import SuccessEstimate  # noqa: E402
@@ -163,10 +163,7 @@ def parse(argv=None):
     parser.set_defaults(**TASK_DEFAULTS)
     demo, config = parser.parse_args_and_config(argv)
     if demo.quick:
-        explicit = {a.lstrip("-").split("=")[0] for a in argv if a.startswith("--")}
-        for k, v in QUICK.items():
-            if k not in explicit:
-                setattr(demo if hasattr(demo, k) else config, k, v)
+        apply_quick(argv, QUICK, demo, config)
         config._validate()
     return demo, config
 

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
-from trl_banel.cli import script_help  # noqa: E402
+from trl_banel.cli import script_help, write_results  # noqa: E402
 from trl_banel.tasks.common import lm_batch, train_lm  # noqa: E402
 from trl_banel.tasks.digits import (MAX_PRIOR, MODELS_DIR, SOURCE_DIGIT, SUCCESS_PROBABILITY, TARGET_DIGIT,  # noqa: E402
                                     DigitsOracle, build_digits_tokenizer, estimate_success_rate, image_to_text,
@@ -141,9 +141,7 @@ def main(args: Args) -> dict:
         "machine": f"1 CPU thread of {os.cpu_count()}, torch {torch.__version__}",
         "settings": asdict(args),
     }
-    if args.results:
-        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.results).write_text(json.dumps(result, indent=1) + "\n")
+    write_results(result, args.results)
     print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=1))
     return result
 

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
-from trl_banel.cli import script_help  # noqa: E402
+from trl_banel.cli import script_help, write_results  # noqa: E402
 from trl_banel.tasks.addition import (ATTACKER_DIR, TARGET_DIR, AdditionOracle, answer_text, load_attacker,  # noqa: E402
                                       load_target, load_tokenizer, sample_operands)
 from trl_banel.tasks.common import lm_batch, train_lm  # noqa: E402
@@ -106,9 +106,7 @@ def main(args: Args) -> dict:
         "parameters": target.num_parameters(), "disk_bytes": sum(f.stat().st_size for f in out.iterdir()),
         "settings": asdict(args),
     }
-    if args.results:
-        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.results).write_text(json.dumps(result, indent=1) + "\n")
+    write_results(result, args.results)
     print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=1))
     return result
 

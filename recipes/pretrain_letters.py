@@ -8,7 +8,6 @@ The generator learns 8-letter strings from a random bigram chain in which ``a`` 
 stored in the model's config and in benchmarks/results/letters_calibration.json.
 """
 
-import json
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
-from trl_banel.cli import script_help  # noqa: E402
+from trl_banel.cli import script_help, write_results  # noqa: E402
 from trl_banel.tasks.letters import MAX_PRIOR, MODEL_DIR, choose_min_a, pretrain_generator  # noqa: E402
 
 
@@ -46,9 +45,7 @@ def main(args: Args) -> dict:
     tokenizer.save_pretrained(args.out)
     result = {"min_a": min_a, "exact_prior": prior, "max_prior": args.max_prior, "final_loss": sum(losses[-50:]) / 50,
               "settings": asdict(args)}
-    if args.results:
-        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.results).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(result, args.results, indent=2)
     print(f"min_a={min_a}: exact success probability of the pretrained generator {prior:.3g} "
           f"(at most {args.max_prior})")
     return result
