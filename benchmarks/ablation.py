@@ -68,6 +68,15 @@ CONFIGS = {
     # a success, once found, is distilled (half of each distillation's samples): kept instead of drifted away from
     "strong_keep_cumulative_replay": dict(**STRONG_FIT, keep_failure_models=True, cumulative_negatives=True,
                                           success_replay=0.5),
+    # the strong fit with regions kept, success replay, and the stop the tasks' settings use (run at 7,500 NRE: the
+    # sparse benchmark's budget)
+    "strong_keep_replay": dict(**STRONG_FIT, keep_failure_models=True, success_replay=0.5, stop_after_successes=500),
+    # negative evidence on prefixes shapes every proposal; the generator stays the prior until a first success,
+    # then success replay distils what was found
+    "evidence": dict(evidence_pseudo_count=1.0, distill_before_success=False, success_replay=0.5,
+                     stop_after_successes=500),
+    # the same with distillation from the start (the evidence then compounds with what the generator absorbed)
+    "evidence_distil": dict(evidence_pseudo_count=1.0, success_replay=0.5, stop_after_successes=500),
     # DESIGN.md section 6's fix measured outside this repo: a full copy fitted for 300 full-batch epochs (no margin
     # stop), regions kept for 3 rounds by distilling every third round
     "copy300_every3": dict(failure_model="copy", failure_batch_size=64, failure_epochs=300,

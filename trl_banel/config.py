@@ -323,6 +323,19 @@ class BaNELConfig(_BaseConfig):
         metadata={"help": "Share of each distillation's samples replaced by the successes found so far (0: posterior "
                           "samples only, the paper's distillation)."},
     )
+    evidence_pseudo_count: float = field(
+        default=0.0,
+        metadata={"help": "Negative evidence on prefixes: proposals are drawn with each next token's probability "
+                          "multiplied by k / (k + n), n the evaluated failures whose completion starts with that "
+                          "prefix and k this setting (a Beta prior's pseudo-counts per prefix), then renormalised. "
+                          "Moves what the oracle sees into the generator's untried branches; 0 disables it."},
+    )
+    distill_before_success: bool = field(
+        default=True,
+        metadata={"help": "Distil before the first success is found. False keeps the generator (the prior) fixed until "
+                          "the ledger holds a success: no self-distillation drift; the search is shaped by the filter "
+                          "and the prefix evidence alone."},
+    )
     save_best_generator: bool = field(
         default=True,
         metadata={"help": "Save the generator of the phase with the best success rate among its training evaluations "
@@ -427,7 +440,7 @@ class BaNELConfig(_BaseConfig):
                 bad(name, "a number with 0 <= beta < 1")
         if str(getattr(self.save_strategy, "value", self.save_strategy)) == "steps" and not self.save_steps > 0:
             bad("save_steps", "> 0 with save_strategy='steps' (or set save_strategy='no')")
-        for name in ("failure_margin", "failure_max_grad_norm", "distill_kl_coef"):
+        for name in ("failure_margin", "failure_max_grad_norm", "distill_kl_coef", "evidence_pseudo_count"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 bad(name, "a finite number >= 0")

@@ -24,7 +24,8 @@ from accelerate.utils import broadcast_object_list, gather_object
 from torch.nn.utils.rnn import pad_sequence
 from datasets import Dataset
 from peft import PeftConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -34,6 +35,7 @@ from trl.trainer.base_trainer import _BaseTrainer
 
 from .callbacks import BaNELProgressCallback
 from .config import BaNELConfig
+from .evidence import EvidenceLogitsProcessor, PrefixEvidence
 from .failure import FailureModels
 from .ledger import LEDGER_FILENAME, RewardFunctionError, RewardLedger
 from .oracle import RewardOracle
@@ -205,6 +207,8 @@ class BaNELTrainer(_BaseTrainer):
         self._probe = None  # (samples, their log q before) of the last distillation, to measure what it absorbed
         self._negatives: list[dict] = []  # all negatives as sampled (for cumulative_negatives)
         self._held_out: list[dict] = []  # last round's held-out negatives: a diagnostic, then part of the next fit
+        self.evidence = PrefixEvidence()  # failures per completion prefix, rebuilt from _negatives (see _update_evidence)
+        self._evidence_synced = 0  # how many of _negatives the evidence holds
         self._pending_state = None
         self._prompt_cache: dict[int, tuple] = {}
         self._buffer: list[dict] = []
@@ -453,6 +457,15 @@ class BaNELTrainer(_BaseTrainer):
             self._finished = True
             self._buffer = [{"skip": True} for _ in range(ga)]
             return
+        if not args.distill_before_success and not self.ledger.successes:
+            # the generator stays the prior until a success is found: no self-distillation drift, the search is
+            # shaped by the filter and the prefix evidence alone
+            if not args.keep_failure_models:
+                self.failures.clear()
+            self._rounds_in_phase = 0
+            self._metrics["distill/skipped_no_success"].append(1.0)
+            self._buffer = [{"skip": True} for _ in range(args.distill_steps * ga)]
+            return
         if args.distill_objective == "baselined":
             samples = self._weighted_proposals(args.distill_samples)
         else:
@@ -592,6 +605,7 @@ class BaNELTrainer(_BaseTrainer):
             "filter/ratio_rejected_rate": stats["ratio_rejected_fresh"] / fresh,
             "generator/entropy": stats["nll"] / max(stats["tokens"], 1),
             "generator/distinct": stats["distinct"] / proposed,
+            "generator/tried_prefix_share": stats["tried_prefix"] / proposed,
             **fit,
             "failure/num_models": len(self.failures),
         }
@@ -822,6 +836,7 @@ class BaNELTrainer(_BaseTrainer):
         # DeepSpeed's; failure adapters injected after the engine was built are not, so while any is present the
         # model generates with per-module gathering instead, the processes kept in step by `synced_gpus`.
         zero3 = self._zero3()
+        self._update_evidence()
         gather = not (zero3 and len(self.failures) and self.args.failure_model == "adapter")
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
                                          gather_deepspeed3_params=gather) as unwrapped:
@@ -835,8 +850,12 @@ class BaNELTrainer(_BaseTrainer):
                 for i, (_, ids) in enumerate(chunk):
                     input_ids[i, width - len(ids):] = torch.tensor(ids)
                     attention[i, width - len(ids):] = 1
+                processors = LogitsProcessorList()
+                if args.evidence_pseudo_count > 0:
+                    processors.append(EvidenceLogitsProcessor(self.evidence, [text for text, _ in chunk], width,
+                                                              args.evidence_pseudo_count))
                 out = unwrapped.generate(
-                    input_ids=input_ids.to(self.accelerator.device),
+                    input_ids=input_ids.to(self.accelerator.device), logits_processor=processors,
                     attention_mask=attention.to(self.accelerator.device),
                     do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=1.0,
                     max_new_tokens=args.max_completion_length, min_new_tokens=0,
@@ -851,6 +870,26 @@ class BaNELTrainer(_BaseTrainer):
         for part, row, prompt, (ptext, _), text in zip(parts, rows, prompts, encoded, texts):
             part.update(row=row, prompt=prompt, prompt_text=ptext, completion=text)
         return parts
+
+    def _update_evidence(self):
+        """Add the negatives recorded since the last call to the prefix counts (all of them after a resume)."""
+        for c in self._negatives[self._evidence_synced:]:
+            self.evidence.add(c["prompt_text"], c["completion_ids"])
+        self._evidence_synced = len(self._negatives)
+
+    def _tried_prefix_share(self, cands: list[dict]) -> float:
+        """Mean share of each proposal's tokens that lie on prefixes some failure already went through: how much of
+        what the generator proposes retraces evaluated failures (the prefix evidence lowers it)."""
+        shares = []
+        for c in cands:
+            node, depth = self.evidence.root(c["prompt_text"]), 0
+            for token in c["completion_ids"]:
+                node = None if node is None else node[1].get(int(token))
+                if node is None:
+                    break
+                depth += 1
+            shares.append(depth / max(len(c["completion_ids"]), 1))
+        return sum(shares) / max(len(shares), 1)
 
     # -- filter --------------------------------------------------------------------------------------------------
     def _filter(self, cands: list[dict]):
@@ -883,7 +922,8 @@ class BaNELTrainer(_BaseTrainer):
         lr_rej = min_ratio[reject & finite].tolist()
         stats = {"proposed": n, "accepted": len(keep), "known": int(known.sum()), "ratio_rejected": int(rejected.sum()),
                  "ratio_rejected_fresh": int((rejected & ~known).sum()), "nll": nll, "tokens": tokens,
-                 "distinct": len({(c["prompt_text"], c["completion"]) for c in cands})}
+                 "distinct": len({(c["prompt_text"], c["completion"]) for c in cands}),
+                 "tried_prefix": self._tried_prefix_share(cands) * n}
         return keep, stats, lr_acc, lr_rej
 
     # -- evaluate ------------------------------------------------------------------------------------------------

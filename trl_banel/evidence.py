@@ -1,0 +1,85 @@
+"""Negative evidence on prefixes: how many evaluated failures passed through each prefix of a completion, and the
+proposal distribution that discounts what they cover.
+
+A completion is a path in the tree of token prefixes. Every evaluated failure is evidence against each prefix on its
+path: give each prefix's success rate a Beta prior worth `k` pseudo-counts and the posterior predictive weight of a
+prefix that `n` failures went through is `k / (k + n)`. Sampling the generator with each next token's probability
+multiplied by that weight (then renormalised) moves proposals out of the part of the tree the failures have covered
+and into the generator's untried branches. A prefix with no failure keeps the generator's probability, so nothing
+leaves the generator's support; a heavily tried branch is only discounted, never forbidden. Repeated over rounds with
+a fixed generator, the visits of a node's children settle near the square root of the generator's probabilities (a
+tempering of the tree, bounded): the evidence spreads the search without the drift of repeated self-distillation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import LogitsProcessor
+
+
+class PrefixEvidence:
+    r"""Counts of evaluated failures per `(prompt, completion prefix)`, kept as a trie over token ids.
+
+    A node is `[count, children]`: `count` failures went through the prefix ending at this node, `children` maps the
+    next token id to its node.
+    """
+
+    def __init__(self):
+        self._roots: dict[str, list] = {}
+        self.failures = 0
+
+    def add(self, prompt_text: str, completion_ids: list[int]) -> None:
+        """Record one evaluated failure: every prefix of its completion (EOS included) gains one count."""
+        node = self._roots.setdefault(prompt_text, [0, {}])
+        node[0] += 1
+        for token in completion_ids:
+            node = node[1].setdefault(int(token), [0, {}])
+            node[0] += 1
+        self.failures += 1
+
+    def root(self, prompt_text: str) -> list | None:
+        return self._roots.get(prompt_text)
+
+    def count(self, prompt_text: str, prefix: list[int]) -> int:
+        """Failures whose completion starts with `prefix` (0 if none)."""
+        node = self._roots.get(prompt_text)
+        for token in prefix:
+            if node is None:
+                return 0
+            node = node[1].get(int(token))
+        return 0 if node is None else node[0]
+
+
+class EvidenceLogitsProcessor(LogitsProcessor):
+    r"""
+    Adds `log(k / (k + n))` to the logit of every next token whose prefix `n` evaluated failures went through.
+
+    Args:
+        evidence (`PrefixEvidence`): the failure counts.
+        prompt_texts (`list[str]`): the ledger key of each row's prompt.
+        prompt_width (`int`): the (left-padded) prompt length: generated tokens start at this column.
+        pseudo_count (`float`): `k`, the prior's weight per prefix (smaller discounts more).
+    """
+
+    def __init__(self, evidence: PrefixEvidence, prompt_texts: list[str], prompt_width: int, pseudo_count: float):
+        self.width = prompt_width
+        self.log_k = math.log(pseudo_count)
+        self.k = pseudo_count
+        self.nodes = [evidence.root(p) for p in prompt_texts]
+        self.discounted = 0  # next-token choices that were discounted (a sign the evidence acts)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] > self.width:  # follow each row down the trie by the token it just generated
+            last = input_ids[:, -1].tolist()
+            self.nodes = [None if node is None else node[1].get(token) for node, token in zip(self.nodes, last)]
+        for i, node in enumerate(self.nodes):
+            if node is None or not node[1]:
+                continue
+            tokens = list(node[1])
+            counts = torch.tensor([node[1][t][0] for t in tokens], dtype=scores.dtype, device=scores.device)
+            index = torch.tensor(tokens, device=scores.device)
+            scores[i, index] += self.log_k - torch.log(self.k + counts)
+            self.discounted += 1
+        return scores
