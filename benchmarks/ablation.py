@@ -21,7 +21,13 @@ Configurations (each a set of BaNELConfig overrides on top of `TASK_SETTINGS`):
 - strong_keep_cumulative_replay: strong_keep_cumulative with half of each distillation's samples replaced by the
   successes found so far (success_replay=0.5);
 - copy300_every3: a full-copy failure model fitted for 300 full-batch epochs at 1e-3 (no margin stop), distilled
-  every third round (DESIGN.md section 6: what fixed two failing seeds of a similar task outside this repo).
+  every third round (DESIGN.md section 6: what fixed two failing seeds of a similar task outside this repo);
+- strong_keep_replay: strong_keep with success replay and a stop at 500 successes (run at 7,500 NRE);
+- evidence_distil: the package's round plus negative evidence on prefixes (evidence_pseudo_count=1: every proposal
+  drawn with each tried next token discounted by 1 / (1 + n)), success replay and a stop at 500 successes;
+- evidence: the same with the generator kept fixed until a first success (distill_before_success=False);
+- evidence_distil_no_known: evidence_distil without exact known-failure rejection (the evidence alone);
+- evidence_kl: evidence_distil with a KL(q || pretrained) term of 0.1 in the distillation.
 
 Each run is cached in OUT/runs/{config}_seed{seed}.json (restartable, splittable between processes); the summary
 (ablation.json, .md, .png) is rebuilt from every cached run at the end.
@@ -43,7 +49,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import HfArgumentParser, TrainerCallback, set_seed  # noqa: E402
 
 from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
-from trl_banel.tasks.letters import exact_success_probability, load_letters_task  # noqa: E402
+from trl_banel.tasks.letters import exact_proposal_success_probability, exact_success_probability, load_letters_task  # noqa: E402
 
 # The task's settings: every configuration starts from these (the rest are the package defaults).
 TASK_SETTINGS = dict(
@@ -77,6 +83,12 @@ CONFIGS = {
                      stop_after_successes=500),
     # the same with distillation from the start (the evidence then compounds with what the generator absorbed)
     "evidence_distil": dict(evidence_pseudo_count=1.0, success_replay=0.5, stop_after_successes=500),
+    # evidence_distil anchored to the pretrained generator: the compounding discount spreads the generator over
+    # every token, strings of the wrong length included; a KL(q || pretrained) term keeps its support
+    "evidence_kl": dict(evidence_pseudo_count=1.0, success_replay=0.5, stop_after_successes=500, distill_kl_coef=0.1),
+    # the failure evidence alone: no exact known-failure rejection (a tried string is only discounted, k / (k + n))
+    "evidence_distil_no_known": dict(evidence_pseudo_count=1.0, success_replay=0.5, stop_after_successes=500,
+                                     reject_known_failures=False),
     # DESIGN.md section 6's fix measured outside this repo: a full copy fitted for 300 full-batch epochs (no margin
     # stop), regions kept for 3 rounds by distilling every third round
     "copy300_every3": dict(failure_model="copy", failure_batch_size=64, failure_epochs=300,
@@ -105,7 +117,13 @@ class ExactCurve(TrainerCallback):
             # failure adapters, when present, are disabled outside their fit: the model computes the generator
             model = self.trainer.accelerator.unwrap_model(self.trainer.model)
             p = exact_success_probability(model, self.trainer.processing_class, self.min_a)
-            self.points.append({"nre": self.trainer.ledger.spent, "round": self.trainer.round, "p": p})
+            point = {"nre": self.trainer.ledger.spent, "round": self.trainer.round, "p": p}
+            # what the oracle is offered, the evidence-discounted proposals (every 4th point: a few seconds each)
+            if args.evidence_pseudo_count > 0 and len(self.points) % 4 == 0:
+                self.trainer.update_evidence()
+                point["proposal_p"] = exact_proposal_success_probability(
+                    model, self.trainer.processing_class, self.min_a, self.trainer.evidence, args.evidence_pseudo_count)
+            self.points.append(point)
 
 
 def run_one(config: str, seed: int, args: Args, workdir: Path) -> dict:
@@ -163,6 +181,7 @@ def summarize(out: Path) -> dict:
             # runs from before save_best_generator have no "kept": their final generator is what they kept
             "kept_over_half_best": int(sum(max(r["final"], r.get("kept", 0.0)) >= 0.5 * r["best"] for r in rs)),
             "successes_found_median": float(np.median([r["successes_found"] for r in rs])),
+            "seeds_with_success": int(sum(r["successes_found"] > 0 for r in rs)),
             "wall_seconds_median": float(np.median([r["wall_seconds"] for r in rs])),
             "seconds_per_round": {k: float(np.mean([r["seconds_per_round"].get(k, 0) for r in rs]))
                                   for k in rs[0]["seconds_per_round"]},
@@ -170,12 +189,13 @@ def summarize(out: Path) -> dict:
             "settings": rs[0]["settings"],
         }
     (out / "ablation.json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = ["| config | seeds | median improvement | >= 10x | >= 100x | < 1x | final >= best/2 | kept >= best/2 | "
-             "fit log-ratio | fit steps | ratio-rejected | held-out rejected | entropy | s/round |", "|" + "---|" * 14]
+    lines = ["| config | seeds | found a success | median improvement | >= 10x | >= 100x | < 1x | final >= best/2 | "
+             "kept >= best/2 | fit log-ratio | fit steps | ratio-rejected | held-out rejected | entropy | s/round |",
+             "|" + "---|" * 15]
     for config, s in summary.items():
         m = s["means"]
         lines.append(
-            f"| {config} | {len(s['seeds'])} | {s['median_improvement']:.3g}x | {s['seeds_10x']} | {s['seeds_100x']} "
+            f"| {config} | {len(s['seeds'])} | {s['seeds_with_success']} | {s['median_improvement']:.3g}x | {s['seeds_10x']} | {s['seeds_100x']} "
             f"| {s['seeds_below_1x']} | {s['final_over_half_best']} | {s['kept_over_half_best']} "
             f"| {m.get('failure/fit_log_ratio', float('nan')):.2f} "
             f"| {m.get('failure/fit_steps', float('nan')):.0f} | {m.get('filter/ratio_rejected_rate', float('nan')):.3f} "

@@ -381,3 +381,41 @@ def test_distillation_starts_once_a_success_is_found(tmp_path, char_tokenizer, s
                    max_reward_evaluations=24, distill_before_success=False, success_replay=0.5)
     assert trainer.ledger.successes
     assert any(not torch.equal(before[k], v) for k, v in skewed_model.state_dict().items())
+
+
+def test_proposal_log_probs_are_the_processors_sampling_distribution(char_tokenizer):
+    """The exact log pi(y) (used by the letters task's exact estimate) is what generation with the processor samples."""
+    from transformers import LogitsProcessorList
+
+    from trl_banel.evidence import EvidenceLogitsProcessor, PrefixEvidence, proposal_log_probs
+    from trl_banel.posterior import completion_log_softmax, completion_mask_after_prompt
+
+    tok, model = char_tokenizer, make_tiny_model(char_tokenizer, seed=1)
+    eos = [tok.eos_token_id]
+
+    def sample(n, **kwargs):
+        torch.manual_seed(0)
+        start = torch.full((n, 1), tok.bos_token_id)
+        return model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_k=0,
+                              max_new_tokens=6, pad_token_id=tok.pad_token_id, eos_token_id=eos, **kwargs)
+
+    evidence = PrefixEvidence()
+    failures = sample(200)[:, 1:]
+    for row, keep in zip(failures, completion_mask_after_prompt(failures, eos, tok.pad_token_id)):
+        evidence.add("", row[keep.bool()].tolist())
+    proc = EvidenceLogitsProcessor(evidence, [""] * 16, prompt_width=1, pseudo_count=0.5)
+    out = sample(16, logits_processor=LogitsProcessorList([proc]), output_scores=True, return_dict_in_generate=True)
+    tokens = out.sequences[:, 1:]
+    mask = completion_mask_after_prompt(tokens, eos, tok.pad_token_id)
+    sampled = torch.stack(out.scores, 1).log_softmax(-1).gather(2, tokens[..., None]).squeeze(-1)
+    sampled = (sampled * mask).sum(1)
+    full_mask = torch.cat([torch.zeros(16, 1, dtype=torch.long), mask], 1)
+    log_probs, targets, cmask = completion_log_softmax(model, out.sequences, torch.ones_like(out.sequences),
+                                                        full_mask)
+    exact = proposal_log_probs(log_probs, targets, cmask, [""] * 16, evidence, 0.5)
+    assert proc.discounted > 0
+    assert torch.allclose(exact.float(), sampled, atol=1e-4), (exact, sampled)
+    # with no evidence it is the generator's own log-likelihood
+    plain = proposal_log_probs(log_probs, targets, cmask, [""] * 16, PrefixEvidence(), 0.5)
+    q = (log_probs.gather(2, targets[..., None]).squeeze(-1) * cmask).sum(1)
+    assert torch.allclose(plain.float(), q, atol=1e-5)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from transformers import LogitsProcessor
 
@@ -83,3 +84,42 @@ class EvidenceLogitsProcessor(LogitsProcessor):
             scores[i, index] += self.log_k - torch.log(self.k + counts)
             self.discounted += 1
         return scores
+
+
+def proposal_log_probs(log_probs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, prompt_texts: list[str],
+                       evidence: PrefixEvidence, pseudo_count: float) -> torch.Tensor:
+    r"""
+    Exact `log pi(y|c)` of completions under the evidence-discounted proposal distribution: at each position the
+    generator's next-token probabilities times `k / (k + n)`, renormalised over the vocabulary.
+
+    Args:
+        log_probs (`torch.Tensor` of shape `(N, C, V)`): the generator's next-token log-probabilities at each
+            completion position.
+        targets (`torch.Tensor` of shape `(N, C)`): the completion tokens.
+        mask (`torch.Tensor` of shape `(N, C)`): 1 on completion tokens.
+        prompt_texts (`list[str]`): each row's prompt key.
+        evidence (`PrefixEvidence`), pseudo_count (`float`): as in [`EvidenceLogitsProcessor`].
+    """
+    log_probs = log_probs.detach().double().cpu().numpy()
+    probs, targets, mask = np.exp(log_probs), targets.tolist(), mask.bool().tolist()
+    log_k = math.log(pseudo_count)
+    out = np.zeros(len(targets))
+    tried = {}  # id(node) -> (its tried children, g(n) - 1 of each)
+    for i, prompt in enumerate(prompt_texts):
+        node, total = evidence.root(prompt), 0.0
+        for t, token in enumerate(targets[i]):
+            if not mask[i][t]:
+                break
+            total += log_probs[i, t, token]
+            if node is not None and node[1]:
+                if id(node) not in tried:
+                    children = list(node[1])
+                    counts = np.array([node[1][v][0] for v in children], dtype=np.float64)
+                    tried[id(node)] = (children, pseudo_count / (pseudo_count + counts) - 1)
+                children, g_minus_1 = tried[id(node)]
+                log_z = math.log1p(float(probs[i, t, children] @ g_minus_1))
+                child = node[1].get(token)
+                total += (log_k - math.log(pseudo_count + child[0]) if child is not None else 0.0) - log_z
+            node = None if node is None else node[1].get(token)
+        out[i] = total
+    return torch.from_numpy(out)

@@ -207,7 +207,7 @@ class BaNELTrainer(_BaseTrainer):
         self._probe = None  # (samples, their log q before) of the last distillation, to measure what it absorbed
         self._negatives: list[dict] = []  # all negatives as sampled (for cumulative_negatives)
         self._held_out: list[dict] = []  # last round's held-out negatives: a diagnostic, then part of the next fit
-        self.evidence = PrefixEvidence()  # failures per completion prefix, rebuilt from _negatives (see _update_evidence)
+        self.evidence = PrefixEvidence()  # failures per completion prefix, rebuilt from _negatives (see update_evidence)
         self._evidence_synced = 0  # how many of _negatives the evidence holds
         self._pending_state = None
         self._prompt_cache: dict[int, tuple] = {}
@@ -836,7 +836,7 @@ class BaNELTrainer(_BaseTrainer):
         # DeepSpeed's; failure adapters injected after the engine was built are not, so while any is present the
         # model generates with per-module gathering instead, the processes kept in step by `synced_gpus`.
         zero3 = self._zero3()
-        self._update_evidence()
+        self.update_evidence()
         gather = not (zero3 and len(self.failures) and self.args.failure_model == "adapter")
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
                                          gather_deepspeed3_params=gather) as unwrapped:
@@ -871,8 +871,9 @@ class BaNELTrainer(_BaseTrainer):
             part.update(row=row, prompt=prompt, prompt_text=ptext, completion=text)
         return parts
 
-    def _update_evidence(self):
-        """Add the negatives recorded since the last call to the prefix counts (all of them after a resume)."""
+    def update_evidence(self):
+        """Bring `evidence` (failures per completion prefix) up to date with the negatives recorded so far (all of them
+        after a resume). Proposals call it; call it before reading `evidence` between rounds."""
         for c in self._negatives[self._evidence_synced:]:
             self.evidence.add(c["prompt_text"], c["completion_ids"])
         self._evidence_synced = len(self._negatives)

@@ -81,22 +81,30 @@ def sequence_log_probs(model, tokenizer, texts: Sequence[str], batch_size: int =
     Texts may differ in length: rows are right-padded and only each row's own tokens are summed (causal
     attention keeps real tokens independent of the pads after them).
     """
-    model.eval()
-    device = next(model.parameters()).device
     out = []
     for start in range(0, len(texts), batch_size):
-        eos = [tokenizer.eos_token_id] if append_eos else []
-        seqs = [s + eos for s in tokenizer(list(texts[start : start + batch_size])).input_ids]
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, seq in enumerate(seqs):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]
-        logp = logits.float().log_softmax(-1).gather(2, ids[:, 1:, None].to(device)).squeeze(-1).cpu()
-        out.append((logp * mask[:, 1:]).sum(1))
+        log_probs, targets, mask = next_token_log_probs(model, tokenizer, texts[start : start + batch_size],
+                                                        append_eos)
+        out.append((log_probs.gather(2, targets[..., None]).squeeze(-1) * mask).sum(1))
     return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def next_token_log_probs(model, tokenizer, texts: Sequence[str], append_eos: bool = True):
+    """The model's next-token log-probabilities at every token of each text (after ``<bos>``, then ``<eos>``):
+    ``(log_probs, targets, mask)`` of shapes ``(N, T, V)``, ``(N, T)``, ``(N, T)``, on the CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    eos = [tokenizer.eos_token_id] if append_eos else []
+    seqs = [s + eos for s in tokenizer(list(texts)).input_ids]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]
+    return logits.float().log_softmax(-1).cpu(), ids[:, 1:], mask[:, 1:]
 
 
 # ------------------------------------------------------------------------------ pretraining helpers

@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .common import build_tokenizer, sequence_log_probs
+from .common import build_tokenizer, next_token_log_probs, sequence_log_probs
 
 LETTERS = "abcdefgh"
 LENGTH = 8
@@ -95,6 +95,17 @@ def string_log_probs(model, tokenizer, strings: Sequence[str], batch_size: int =
 def exact_success_probability(model, tokenizer, min_a: int) -> float:
     """The generator's exact probability of emitting a success (sum over every success string)."""
     return float(torch.logsumexp(string_log_probs(model, tokenizer, success_strings(min_a)), 0).exp())
+
+
+def exact_proposal_success_probability(model, tokenizer, min_a: int, evidence, pseudo_count: float) -> float:
+    """The exact probability that the evidence-discounted proposal distribution (``evidence_pseudo_count``) emits a
+    success, before known failures are rejected (rejecting them only raises it): what the oracle is offered."""
+    from ..evidence import proposal_log_probs
+
+    strings = success_strings(min_a)
+    log_probs, targets, mask = next_token_log_probs(model, tokenizer, strings)
+    return float(torch.logsumexp(proposal_log_probs(log_probs, targets, mask, [""] * len(strings), evidence,
+                                                    pseudo_count), 0).exp())
 
 
 def choose_min_a(model, tokenizer, max_prior: float = MAX_PRIOR) -> tuple[int, float]:
