@@ -173,13 +173,13 @@ def measure_filter(name: str, args: Args, n: int, repeats: int, workdir: str, ta
             return trainer._filter(cand_dicts)
 
         def mixed():
-            fm._mergeable = lambda: False  # force peft's mixed-adapter batch
+            fm.scoring = "peft"  # peft's mixed-adapter batch
             try:
                 return trainer._filter(cand_dicts)
             finally:
-                del fm._mergeable
+                fm.scoring = "auto"
 
-        assert fm._mergeable(), "the benchmark should time the merged-weight path"
+        assert fm.scoring_path() == "merged", "the benchmark should time the merged-weight path"
         fast(), mixed(), bare_forward(bare_model, cands, batch_size)  # warm-up
         t = {"bare": [], "filter": [], "peft_mixed": []}
         start = time.perf_counter()

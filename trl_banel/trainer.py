@@ -34,6 +34,7 @@ from trl.trainer.base_trainer import _BaseTrainer
 
 from .callbacks import BaNELProgressCallback
 from .config import BaNELConfig
+from .adapters import gathered_copy
 from .failure import FailureModels
 from .ledger import LEDGER_FILENAME, RewardFunctionError, RewardLedger
 from .oracle import RewardOracle
@@ -969,17 +970,8 @@ class BaNELTrainer(_BaseTrainer):
                           [c["completion"] for c in cands], [c["row"] for c in cands])
 
     def _gathered_copy(self, policy):
-        """A full, unsharded copy of a ZeRO-3 generator (a deepcopy would copy the empty shards)."""
-        import deepspeed
-
-        if isinstance(policy, PeftModel):
-            raise ValueError("failure_model='copy' with a LoRA generator under ZeRO-3 is not supported; use "
-                             "failure_model='adapter' (the default), which needs no copy at all.")
-        with deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None):
-            state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-        model = type(policy)(policy.config)
-        model.load_state_dict(state)
-        return model.to(self.accelerator.device)
+        """A full, unsharded copy of a ZeRO-3 generator, on this process's device."""
+        return gathered_copy(policy, self.accelerator.device)
 
     def _zero3(self) -> bool:
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
