@@ -106,8 +106,7 @@ def addition_task(models_dir: Optional[Path] = None) -> Task:
     from trl_banel.tasks.addition import BANEL_SETTINGS, MODELS_DIR, estimate_success_rate, load_addition_task
 
     def estimate(model, tok, oracle, n, seed):
-        est = estimate_success_rate(model, tok, oracle, n, seed=seed)
-        return SuccessEstimate.from_counts(est.successes, est.n, oracle_calls=n)
+        return estimate_success_rate(model, tok, oracle, n, seed=seed)[0]
 
     return Task("addition", lambda: load_addition_task(models_dir=Path(models_dir or MODELS_DIR)), estimate,
                 lambda trainer, n: trainer.estimate_success_rate(n), 12, dict(BANEL_SETTINGS))

@@ -21,11 +21,12 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -41,8 +42,15 @@ from trl_banel.tasks.digits import (MAX_PRIOR, MODELS_DIR, SOURCE_DIGIT, SUCCESS
 @dataclass
 class Args:
     seed: int = 0
-    out: str = str(MODELS_DIR)  # gets generator/ and classifier/
-    results: str = "benchmarks/results/digits_calibration.json"
+    out: str = field(
+        default=str(MODELS_DIR),
+        metadata={"help": "Folder the generator/ and classifier/ models are written to. The default is the package's own "
+                          "folder: the run replaces the shipped generator/ and classifier/ models."},
+    )
+    results: str = field(
+        default=str(ROOT / "benchmarks/results/digits_calibration.json"),
+        metadata={"help": "Calibration results file (the repository's results folder by default)."},
+    )
     test_fraction: float = 0.2  # classifier's held-out share (stratified)
     classifier_epochs: int = 300
     steps: int = 3000  # generator: AdamW steps, warm-up then cosine decay (600 left 28% of its images malformed)

@@ -16,11 +16,12 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -39,8 +40,15 @@ class Args:
     seed: int = 0
     init: str = str(TARGET_DIR)  # the target to start from
     attacker: str = str(ATTACKER_DIR)
-    out: str = str(MODEL_DIR)
-    results: str = "benchmarks/results/hard_attack_calibration.json"
+    out: str = field(
+        default=str(MODEL_DIR),
+        metadata={"help": "Folder the target model is written to. The default is the package's own folder: the run "
+                          "replaces the shipped target model."},
+    )
+    results: str = field(
+        default=str(ROOT / "benchmarks/results/hard_attack_calibration.json"),
+        metadata={"help": "Calibration results file (the repository's results folder by default)."},
+    )
     steps: int = 100  # AdamW steps of batch_size queries, warm-up then cosine decay (300 and 2,000 steps: no error left)
     batch_size: int = 256
     lr: float = 1e-3

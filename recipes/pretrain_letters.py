@@ -10,11 +10,12 @@ stored in the model's config and in benchmarks/results/letters_calibration.json.
 
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
 import torch  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
@@ -30,8 +31,15 @@ class Args:
     concentration: float = 1.0  # Dirichlet concentration of the chain's rows (below 1: a peaked generator)
     rare_weight: float = 0.2  # the rare letter's transition probabilities are scaled by this
     max_prior: float = MAX_PRIOR  # the success rule is the smallest a-count whose exact prior is at most this
-    out: str = str(MODEL_DIR)
-    results: str = "benchmarks/results/letters_calibration.json"
+    out: str = field(
+        default=str(MODEL_DIR),
+        metadata={"help": "Folder the generator model is written to. The default is the package's own folder: the run "
+                          "replaces the shipped generator model."},
+    )
+    results: str = field(
+        default=str(ROOT / "benchmarks/results/letters_calibration.json"),
+        metadata={"help": "Calibration results file (the repository's results folder by default)."},
+    )
 
 
 def main(args: Args) -> dict:
