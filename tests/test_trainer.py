@@ -168,7 +168,7 @@ def test_the_method_finds_the_rare_string(tmp_path, char_tokenizer, skewed_model
 
 
 def test_model_card_names_the_method_and_paper(tmp_path, char_tokenizer, skewed_model):
-    trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(),
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=[RecordingOracle(), RecordingOracle()],
                            args=config(tmp_path, max_reward_evaluations=8, num_rounds=1),
                            train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
     trainer.train()
@@ -233,6 +233,34 @@ def test_success_estimate_matches_the_exact_probability_and_costs_no_budget(tmp_
     assert est.low <= exact <= est.high, (est, exact)
     assert est.oracle_calls == len(set(oracle.all_completions)) < 3000  # each distinct query scored once
     assert trainer.ledger.spent == 0 and not (tmp_path / "out" / LEDGER_FILENAME).exists()
+
+
+def test_success_estimate_with_other_reward_funcs_calls_them_as_the_trainer_does(tmp_path, char_tokenizer,
+                                                                               skewed_model):
+    """Other reward functions get the dataset's columns, the configured weights and the configured time-out."""
+    import time
+
+    seen = {}
+
+    def tagged(prompts, completions, tag, **kwargs):
+        seen["tag"] = set(tag)
+        return [1.0] * len(completions)
+
+    def slow(prompts, completions, **kwargs):
+        time.sleep(0.5)
+        return [1.0] * len(completions)
+
+    ds = Dataset.from_dict({"prompt": [""], "tag": ["t"]})
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=[RecordingOracle(), RecordingOracle()],
+                           args=config(tmp_path, reward_weights=[1.0, -1.0], reward_timeout=0.1, reward_retries=0),
+                           train_dataset=ds, processing_class=char_tokenizer)
+    # weights [1, -1]: every reward is 1 - 1 = 0, not above the threshold
+    est = trainer.estimate_success_rate(50, reward_funcs=[tagged, tagged], posterior=False)
+    assert seen["tag"] == {"t"} and est.successes == 0 and est.samples == 50
+    from trl_banel import RewardFunctionError
+
+    with pytest.raises(RewardFunctionError, match="slow"):
+        trainer.estimate_success_rate(10, reward_funcs=[slow, tagged], posterior=False)
 
 
 def test_a_failing_oracle_stops_the_run_after_saving_everything(tmp_path, char_tokenizer, skewed_model):

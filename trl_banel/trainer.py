@@ -747,10 +747,12 @@ class BaNELTrainer(_BaseTrainer):
 
         Args:
             num_samples (`int`): samples to score (summed over processes).
-            reward_funcs (*optional*): the oracle to score with; the trainer's by default.
+            reward_funcs (*optional*): the reward functions to score with, called as the trainer calls its own
+                (dataset columns, retries, `reward_timeout`, `reward_weights`); the trainer's by default.
         """
-        other = None if reward_funcs is None else RewardOracle(reward_funcs, retries=self.args.reward_retries,
-                                                               backoff=self.args.reward_retry_backoff)
+        other = None if reward_funcs is None else RewardOracle(
+            reward_funcs, self.args.reward_weights, self.args.reward_retries, self.args.reward_retry_backoff,
+            self.args.reward_timeout)
         world = self.accelerator.num_processes
         want = math.ceil(num_samples / world)
         samples, proposed = [], 0
@@ -773,8 +775,7 @@ class BaNELTrainer(_BaseTrainer):
         keys = list(todo)
         for start in range(0, len(keys), 4096):
             chunk = [todo[k] for k in keys[start : start + 4096]]
-            rewards = self._call_oracle(chunk) if other is None else other(
-                [c["prompt"] for c in chunk], [c["completion"] for c in chunk], {})
+            rewards = self._call_oracle(chunk, oracle=other)
             cache.update(zip(keys[start : start + 4096], rewards))
         scored = [cache[(c["prompt_text"], c["completion"])] for c in samples]
         successes = sum(1 for r in scored if r is not None and r > self.args.success_threshold)
@@ -923,7 +924,7 @@ class BaNELTrainer(_BaseTrainer):
             return cands
         return [c for c in cands if not self.ledger.is_unrecorded_lost(c["prompt_text"], c["completion"])]
 
-    def _call_oracle(self, cands: list[dict], require_a_score: bool = False) -> list[float | None]:
+    def _call_oracle(self, cands: list[dict], require_a_score: bool = False, oracle=None) -> list[float | None]:
         prompts = [c["prompt"] for c in cands]
         if cands and is_conversational({"prompt": prompts[0]}):
             completions = [[{"role": "assistant", "content": c["completion"]}] for c in cands]
@@ -935,7 +936,7 @@ class BaNELTrainer(_BaseTrainer):
                 columns[key] = [self.train_dataset[c["row"]][key] for c in cands]
         columns["completion_ids"] = [c["completion_ids"] for c in cands]
         columns["trainer_state"] = self.state
-        return self.oracle(prompts, completions, columns, require_a_score=require_a_score)
+        return (self.oracle if oracle is None else oracle)(prompts, completions, columns, require_a_score=require_a_score)
 
     def _sync_ledger_from_main(self):
         if self.accelerator.num_processes > 1:

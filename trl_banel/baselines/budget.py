@@ -16,17 +16,7 @@ from collections.abc import Callable
 from transformers import TrainerCallback
 
 from ..ledger import LEDGER_FILENAME, RewardLedger
-from ..oracle import RewardOracle
-
-
-def _text(x) -> str:
-    """A prompt or completion as ledger text (conversational ones: the concatenated message contents)."""
-    if isinstance(x, str):
-        return x
-    if isinstance(x, list):
-        return "".join(m.get("content", "") if isinstance(m.get("content"), str) else json.dumps(m["content"])
-                       for m in x)
-    return str(x)
+from ..oracle import RewardOracle, message_text
 
 
 class BudgetedReward:
@@ -80,7 +70,7 @@ class BudgetedReward:
             return self.oracle([prompts[i] for i in idx], [completions[i] for i in idx], columns)
 
         self.calls += 1
-        rewards = self.ledger.evaluate([_text(p) for p in prompts], [_text(c) for c in completions], call,
+        rewards = self.ledger.evaluate([message_text(p) for p in prompts], [message_text(c) for c in completions], call,
                                        round=self.calls)
         self.unscored += sum(r is None for r in rewards)
         log_metric = kwargs.get("log_metric")
