@@ -92,7 +92,7 @@ class ExactCurve(TrainerCallback):
         self.trainer, self.min_a, self.points = trainer, min_a, []
 
     def on_step_end(self, args, state, control, **kwargs):
-        if not self.trainer._buffer:  # a distillation has just been applied
+        if not self.trainer.distilling:  # a distillation has just been applied
             # failure adapters, when present, are disabled outside their fit: the model computes the generator
             model = self.trainer.accelerator.unwrap_model(self.trainer.model)
             p = exact_success_probability(model, self.trainer.processing_class, self.min_a)

@@ -183,30 +183,6 @@ TASKS = {"hard_attack": hard_attack_task, "digits": digits_task, "addition": add
 
 
 # ------------------------------------------------------------------------------------------------------ one run
-class BestTrackingCurve(SuccessCurveCallback):
-    """BaNEL's success curve (through the task's estimator), plus a CPU copy of the generator at the best point."""
-
-    best_point, best_state = None, None
-
-    def __init__(self, trainer, every_rounds: int, num_samples: int, estimate: Callable):
-        super().__init__(trainer, every_rounds=every_rounds, num_samples=num_samples)
-        self.estimate = estimate
-
-    def measure(self):
-        t = self.trainer
-        est = self.estimate(t, self.num_samples)
-        self.evaluation_calls += est.oracle_calls
-        point = {"round": t.round, "nre": t.ledger.spent, **est.to_dict()}
-        self.points.append(point)
-        self._last_round = t.round
-        with open(os.path.join(t.args.output_dir, "success_curve.json"), "w") as f:
-            json.dump({"points": self.points, "evaluation_calls": self.evaluation_calls}, f, indent=1)
-        if self.best_point is None or point["rate"] > self.best_point["rate"]:
-            self.best_point = point
-            self.best_state = {k: v.detach().cpu().clone() for k, v in t.failures.policy_state_dict().items()}
-        return point
-
-
 class StopWhenIdleCallback(TrainerCallback):
     """Stops a GRPO run after `patience` consecutive steps that spent no reward evaluation: the policy only repeats
     completions already evaluated (free), so it has converged and would spend nothing more."""
@@ -271,7 +247,7 @@ def run_one(task: Task, method: str, seed: int, knobs: dict, budget: int, eval_s
         trainer = BaNELTrainer(model=generator, reward_funcs=oracle, args=BaNELConfig(**settings),
                                processing_class=tok, train_dataset=Dataset.from_dict({"prompt": [""]}))
         every = max(1, curve_every // settings["evaluations_per_round"])
-        curve = BestTrackingCurve(trainer, every, curve_samples, task.estimate_banel)
+        curve = SuccessCurveCallback(trainer, every, curve_samples, estimate=task.estimate_banel, keep_best=True)
         trainer.add_callback(curve)
         trainer.train()
         final = task.estimate_banel(trainer, eval_samples)

@@ -227,6 +227,11 @@ class BaNELTrainer(_BaseTrainer):
     # ------------------------------------------------------------------------------------------------------------
     # Trainer hooks
     # ------------------------------------------------------------------------------------------------------------
+    @property
+    def distilling(self) -> bool:
+        """Whether steps of the current distillation are still to run (callbacks that measure the generator wait)."""
+        return bool(self._buffer)
+
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = ["prompt"]
