@@ -137,7 +137,7 @@ def parse(argv=None):
     demo, config = parser.parse_args_and_config(argv)
     if demo.quick:
         apply_quick(argv, QUICK, demo, config)
-        config._validate()
+        config.validate()
     return demo, config
 
 

@@ -331,8 +331,8 @@ def main(script_args: ScriptArguments, training_args: BaNELConfig, model_args: M
         target = float(row["target"])
         train_dataset = Dataset.from_list([{"prompt": prompt, "target": target, "question_id": qid}])
 
-        # Own run per question: own output folder (ledger, model, card), own Hub repo, fresh copy of the arguments
-        # (the trainer fills in max_steps), fresh base model, same seed whatever the order of the questions.
+        # Own run per question: own output folder (ledger, model, card), own Hub repo, fresh copy of the arguments,
+        # fresh base model, same seed whatever the order of the questions.
         args = copy.deepcopy(training_args)
         args.output_dir = os.path.join(training_args.output_dir, f"q{qid}")
         if training_args.run_name in (None, training_args.output_dir):

@@ -223,6 +223,14 @@ def test_columns_reach_the_reward_function(tmp_path, char_tokenizer):
     assert seen["answer"] and all({"ab": "x", "cd": "y"}[p] == a for p, a in zip(seen["prompts"], seen["answer"]))
 
 
+def test_the_trainer_leaves_its_arguments_as_given(tmp_path, char_tokenizer, skewed_model):
+    args = config(tmp_path)
+    before = args.to_dict()
+    BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(), args=args, train_dataset=UNCONDITIONAL,
+                 processing_class=char_tokenizer)
+    assert args.to_dict() == before
+
+
 def test_success_estimate_matches_the_exact_probability_and_costs_no_budget(tmp_path, char_tokenizer, skewed_model):
     exact = math.exp(string_log_prob(skewed_model, char_tokenizer, "bird"))
     oracle = RecordingOracle(success=lambda c: c == "bird")

@@ -147,12 +147,6 @@ class BaNELTrainer(_BaseTrainer):
             raise ValueError("The tokenizer has no EOS token: completions could never end. Set tokenizer.eos_token.")
         _check_dataset(train_dataset)
 
-        if args.max_steps is None or args.max_steps <= 0:
-            # An upper bound: the run really stops when the budget (or num_rounds) is reached.
-            max_rounds = args.num_rounds or (args.max_reward_evaluations + args.max_idle_rounds)
-            phases = max_rounds if args.distill_every == 0 else math.ceil(max_rounds / args.distill_every)
-            args.max_steps = phases * (1 if args.distill_every == 0 else args.distill_steps)
-
         self.oracle = RewardOracle(
             reward_funcs, args.reward_weights, args.reward_retries, args.reward_retry_backoff, args.reward_timeout
         )
