@@ -176,7 +176,8 @@ def digits_task() -> Task:
         generator.train(trainer.model.training)
         return SuccessEstimate.from_counts(successes, kept, acceptance_rate=kept / max(proposed, 1), oracle_calls=kept)
 
-    return Task("digits", digits.load_digits_task, estimate, estimate_banel, digits.PIXELS + 1, dict(digits.BANEL_SETTINGS), eval_samples=10_000, curve_samples=1000)
+    return Task("digits", digits.load_digits_task, estimate, estimate_banel, digits.PIXELS + 1,
+                dict(digits.BANEL_SETTINGS), eval_samples=10_000, curve_samples=1000)
 
 
 TASKS = {"hard_attack": hard_attack_task, "digits": digits_task, "addition": addition_task}
@@ -313,7 +314,8 @@ def run_one(task: Task, method: str, seed: int, knobs: dict, budget: int, eval_s
                  "selection_oracle_calls": curve.evaluation_calls, "fresh_oracle_calls": fresh.oracle_calls},
         "curve": curve.points, "minutes": (time.time() - start) / 60,
     }
-    if pretrained is not None:  # the sparse benchmark's extra fields (the addition benchmark's records keep their shape)
+    # the sparse benchmark's extra fields (the addition benchmark's records keep their shape)
+    if pretrained is not None:
         record.update(task=task.name, stop_reason=stop_reason, phase_seconds=phase_seconds,
                       estimate_minutes=estimating[0] / 60, cpu_minutes=(time.process_time() - cpu_start) / 60,
                       reused_pretrained_estimate=method != "banel" and final_reused)
@@ -338,7 +340,8 @@ def parse_args(args_cls, quick: dict, argv=None):
 # ------------------------------------------------------------------------------------------------------ caching
 def run_identity(task: "Task", method: str, knobs: dict) -> dict:
     """What a cached run must have been made with to be reused: its knobs and, for BaNEL, the task's settings (the
-    budget aside: it is checked, or set, by each script), so a run made before the task's settings changed is redone."""
+    budget aside: it is checked, or set, by each script), so a run made before the task's settings changed is
+    redone."""
     settings = {k: v for k, v in task.banel.items() if k != "max_reward_evaluations"} if method == "banel" else {}
     return {**settings, **knobs}
 
@@ -410,7 +413,8 @@ def seed_stats(rates: list[float], reference: Optional[float]) -> dict:
     out = {"median": median, "q25": q25, "q75": q75, "iqr": q75 - q25, "mean": float(np.mean(rates)),
            "min": float(min(rates)), "max": float(max(rates)), "n": len(rates)}
     if reference:
-        out.update(seeds_10x=sum(r >= 10 * reference for r in rates), seeds_100x=sum(r >= 100 * reference for r in rates),
+        out.update(seeds_10x=sum(r >= 10 * reference for r in rates),
+                   seeds_100x=sum(r >= 100 * reference for r in rates),
                    median_vs_pretrained=median / reference)
     return out
 

@@ -227,7 +227,8 @@ class GSMHardTrainer(BaNELTrainer):
     card_run_section: str = ""
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name or self.card_dataset_name, tags=tags)
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name or self.card_dataset_name,
+                                  tags=tags)
         if self.card_run_section and self.is_world_process_zero():
             with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as f:
                 f.write("\n" + self.card_run_section)
@@ -315,7 +316,8 @@ def main(script_args: ScriptArguments, training_args: BaNELConfig, model_args: M
     if model_args.load_in_4bit or model_args.load_in_8bit:
         raise ValueError("This recipe does not support quantized loading (--load_in_4bit / --load_in_8bit).")
     if script_args.eval_samples < 1:
-        raise ValueError(f"eval_samples={script_args.eval_samples}: the success-rate estimate needs at least 1 sample.")
+        raise ValueError(f"eval_samples={script_args.eval_samples}: the success-rate estimate needs at least 1 "
+                         "sample.")
     set_seed(training_args.seed)
     dataset = load_questions(script_args)
     tokenizer = AutoTokenizer.from_pretrained(model_id, revision=model_args.model_revision)

@@ -24,14 +24,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
-import numpy as np
-import torch
-from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from trl_banel.cli import script_help
+from trl_banel.cli import script_help  # noqa: E402
+from trl_banel.tasks.addition import (LONG_CARRY_CHAIN, MODELS_DIR, AdditionOracle, answer_text,  # noqa: E402
+                                      build_tokenizer, estimate_success_rate, longest_carry_chain, sample_operands)
 from trl_banel.tasks.common import lm_batch as batch, train_lm  # noqa: E402
-from trl_banel.tasks.addition import (LONG_CARRY_CHAIN, MODELS_DIR, AdditionOracle, answer_text, build_tokenizer,
-                                      estimate_success_rate, longest_carry_chain, sample_operands)
 
 
 @dataclass
@@ -163,12 +163,16 @@ def main(args: Args):
     est, kinds = estimate_success_rate(attacker, tokenizer, oracle, n=args.calibration_n, seed=args.seed)
     sample_time = time.time() - start
     n, low, high = est.samples, est.low, est.high
-    size = lambda d: sum(f.stat().st_size for f in (out / d).iterdir())
+
+    def size(d):
+        return sum(f.stat().st_size for f in (out / d).iterdir())
+
     result = {
         "seed": args.seed, "max_operand_digits": D, "answer_digits": "reversed (least significant first)",
         "target_exact_match_own_distribution": {"accuracy": own_acc, "n": own_n},
         "target_exact_match_leading_zeros": {"accuracy": lz_acc, "n": lz_n},
-        "target_exact_match_long_carry_chain": {"accuracy": cc_acc, "n": cc_n, "rule": f">= {LONG_CARRY_CHAIN} consecutive carries"},
+        "target_exact_match_long_carry_chain": {"accuracy": cc_acc, "n": cc_n,
+                                                "rule": f">= {LONG_CARRY_CHAIN} consecutive carries"},
         "attacker_success_rate": {"rate": est.rate, "successes": est.successes, "n": n,
                                   "ci95_clopper_pearson": [low, high], "sampling_seconds": round(sample_time, 1)},
         "attacker_off_distribution": {"leading_zero_rate": kinds["leading_zero"] / n,
@@ -184,14 +188,18 @@ def main(args: Args):
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
     results.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    pct = lambda x: f"{100 * x:.3f}%"
+
+    def pct(x):
+        return f"{100 * x:.3f}%"
+
     results.with_suffix(".md").write_text(
         f"# Addition task calibration (seed {args.seed}, operands 1-{D} digits, reversed answers)\n\n"
         "Regenerate: `python recipes/pretrain_addition.py --seed 0 --out trl_banel/tasks/addition_models`.\n\n"
         "| measure | value | n |\n| --- | --- | --- |\n"
         f"| target exact match, own distribution | {pct(own_acc)} | {own_n} |\n"
         f"| target exact match, leading-zero queries | {pct(lz_acc)} | {lz_n} |\n"
-        f"| target exact match, long carry chains (>= {LONG_CARRY_CHAIN} consecutive carries) | {pct(cc_acc)} | {cc_n} |\n"
+        f"| target exact match, long carry chains (>= {LONG_CARRY_CHAIN} consecutive carries) | {pct(cc_acc)} "
+        f"| {cc_n} |\n"
         f"| **pretrained attacker success rate** (95% Clopper-Pearson) | **{est.rate:.2e}** [{low:.2e}, {high:.2e}], "
         f"{est.successes} successes | {n} |\n"
         f"| attacker leading-zero queries | {pct(kinds['leading_zero'] / n)} | {n} |\n"

@@ -44,8 +44,8 @@ class Args:
     seed: int = 0
     out: str = field(
         default=str(MODELS_DIR),
-        metadata={"help": "Folder the generator/ and classifier/ models are written to. The default is the package's own "
-                          "folder: the run replaces the shipped generator/ and classifier/ models."},
+        metadata={"help": "Folder the generator/ and classifier/ models are written to. The default is the package's "
+                          "own folder: the run replaces the shipped generator/ and classifier/ models."},
     )
     results: str = field(
         default=str(ROOT / "benchmarks/results/digits_calibration.json"),
@@ -67,7 +67,8 @@ class Args:
 
 def main(args: Args) -> dict:
     if args.quick:
-        args.classifier_epochs, args.steps, args.n, args.hidden, args.layers, args.check_every = 20, 20, 2000, 16, 1, 10
+        args.classifier_epochs, args.steps, args.n = 20, 20, 2000
+        args.hidden, args.layers, args.check_every = 16, 1, 10
     torch.set_num_threads(1)
     from sklearn.model_selection import train_test_split
 
@@ -139,7 +140,8 @@ def main(args: Args) -> dict:
         "classifier": {
             "heldout_accuracy": accuracy, "heldout_n": len(test_y), "train_n": len(train_y),
             "heldout_paid_sixes": f"{int(paid[test_y == TARGET_DIGIT].sum())}/{int((test_y == TARGET_DIGIT).sum())}",
-            "heldout_paid_other_digits": f"{int(paid[test_y != TARGET_DIGIT].sum())}/{int((test_y != TARGET_DIGIT).sum())}",
+            "heldout_paid_other_digits":
+                f"{int(paid[test_y != TARGET_DIGIT].sum())}/{int((test_y != TARGET_DIGIT).sum())}",
             "parameters": sum(p.numel() for p in classifier.parameters()), "seconds": round(classifier_seconds, 1),
         },
         "generator": {"training_images": len(zeros), "heldout_images": len(heldout_zeros),

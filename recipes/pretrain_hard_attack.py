@@ -49,7 +49,8 @@ class Args:
         default=str(ROOT / "benchmarks/results/hard_attack_calibration.json"),
         metadata={"help": "Calibration results file (the repository's results folder by default)."},
     )
-    steps: int = 100  # AdamW steps of batch_size queries, warm-up then cosine decay (300 and 2,000 steps: no error left)
+    # AdamW steps of batch_size queries, warm-up then cosine decay (300 and 2,000 steps: no error left)
+    steps: int = 100
     batch_size: int = 256
     lr: float = 1e-3
     check_every: int = 500  # a sampled error rate on the training distribution, printed (the decision is exact)
@@ -109,7 +110,8 @@ def main(args: Args) -> dict:
         "query_space": len(queries), "successes": len(successes),
         "successes_by_operand_digits": dict(sorted(shapes.items())),
         "target_error_rate_uniform_over_queries": len(successes) / len(queries),
-        "pretraining": {"steps": steps, "seconds": round(train_seconds, 1), "enumeration_seconds": round(enum_seconds, 1),
+        "pretraining": {"steps": steps, "seconds": round(train_seconds, 1),
+                        "enumeration_seconds": round(enum_seconds, 1),
                         "machine": f"1 CPU thread of {os.cpu_count()}, torch {torch.__version__}"},
         "parameters": target.num_parameters(), "disk_bytes": sum(f.stat().st_size for f in out.iterdir()),
         "settings": asdict(args),

@@ -39,7 +39,8 @@ def render_demo(root: Path) -> str:
 
     result = json.loads((root / DEMO_DIR / "result.json").read_text())
     summary = demo_summary_text(result)
-    text = f"Output of `{result['command']}` (seed {result['seed']}; `{DEMO_DIR}/result.json`):\n\n```text\n{summary}\n```\n"
+    text = (f"Output of `{result['command']}` (seed {result['seed']}; `{DEMO_DIR}/result.json`):\n\n"
+            f"```text\n{summary}\n```\n")
     if (root / DEMO_DIR / "run_report.png").exists():
         text += f"\nIts run report (`{DEMO_DIR}/run_report.png`):\n\n![run report]({DEMO_DIR}/run_report.png)\n"
     return text

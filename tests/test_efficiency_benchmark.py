@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_efficiency_benchmark_quick(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "efficiency.py"), "--quick", "--ks", "1", "--nre", "50", "--repeats", "1",
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "efficiency.py"), "--quick", "--ks", "1", "--nre", "50",
+           "--repeats", "1",
            "--out", str(tmp_path)]
     # a ledger left in a work folder by an earlier run must not be resumed (it would re-spend nothing): the folders
     # are emptied first, else these corrupt ledgers would stop the run

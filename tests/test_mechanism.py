@@ -104,7 +104,8 @@ MECHANISM_METRICS = ["failure/fit_log_ratio", "failure/fit_steps", "failure/held
 
 def test_each_step_of_the_round_logs_what_it_did(tmp_path, char_tokenizer, skewed_model):
     trainer = _run(tmp_path, char_tokenizer, skewed_model, RecordingOracle(), max_reward_evaluations=40,
-                   evaluations_per_round=10, num_candidates=64, reject_known_failures=False, failure_heldout_fraction=0.2,
+                   evaluations_per_round=10, num_candidates=64, reject_known_failures=False,
+                   failure_heldout_fraction=0.2,
                    failure_margin=1.0, failure_epochs=300, failure_learning_rate=1e-3, failure_batch_size=64,
                    failure_max_grad_norm=1.0, failure_warmup_steps=10, keep_failure_models=True)
     full = [h for h in trainer.history if h["round_evaluated"] >= 5]  # rounds with a negative to hold out

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import SKEWED, make_tiny_model, string_log_prob
+from conftest import make_tiny_model, string_log_prob
 from datasets import Dataset
 from peft import LoraConfig
 
@@ -86,7 +86,7 @@ def test_budget_ledger_and_filter_with_an_always_failing_oracle(tmp_path, char_t
         assert not set(completions) & (seen[round_]["rejected"] - seen[round_]["accepted"])
     # the failure fit lowers its loss; from the second round on the filter rejects something
     fitted = [h["failure_losses"] for h in trainer.history if h.get("failure_losses")]
-    assert fitted and all(l[-1] < l[0] for l in fitted)
+    assert fitted and all(losses[-1] < losses[0] for losses in fitted)
     assert any(h["ratio_rejected"] + h["known_rejected"] > 0 for h in trainer.history[1:])
     # distillation changed the policy
     after = skewed_model.state_dict()
@@ -137,7 +137,8 @@ def test_lora_policy_trains_only_adapters(tmp_path, char_tokenizer, skewed_model
     adapters_before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_B" in k}
     trainer.train()
     state = trainer.model.state_dict()
-    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k}
+    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+            for k, v in state.items() if "lora_" not in k}
     assert set(base) == set(before)
     assert all(torch.equal(before[k], base[k]) for k in before), "base weights changed under LoRA"
     assert any(not torch.equal(adapters_before[k], state[k]) for k in adapters_before), "LoRA adapters did not train"
@@ -217,8 +218,9 @@ def test_columns_reach_the_reward_function(tmp_path, char_tokenizer):
         return [0.0] * len(completions)
 
     ds = Dataset.from_dict({"prompt": ["ab", "cd"], "answer": ["x", "y"]})
-    trainer = BaNELTrainer(model=model, reward_funcs=reward, args=config(tmp_path, max_reward_evaluations=4, evaluations_per_round=4,
-                           num_rounds=1), train_dataset=ds, processing_class=char_tokenizer)
+    args = config(tmp_path, max_reward_evaluations=4, evaluations_per_round=4, num_rounds=1)
+    trainer = BaNELTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds,
+                           processing_class=char_tokenizer)
     trainer.train()
     assert seen["answer"] and all({"ab": "x", "cd": "y"}[p] == a for p, a in zip(seen["prompts"], seen["answer"]))
 

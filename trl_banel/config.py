@@ -219,7 +219,8 @@ class BaNELConfig(_BaseConfig):
     )
     stop_after_successes: int | None = field(
         default=None,
-        metadata={"help": "Stop once this many successes are found (checked after each round); None spends the budget."},
+        metadata={"help": "Stop once this many successes are found (checked after each round); None spends the "
+                          "budget."},
     )
 
     # Generation
@@ -281,7 +282,8 @@ class BaNELConfig(_BaseConfig):
                           "the next fit."},
     )
     max_failure_models: int = field(
-        default=3, metadata={"help": "With keep_failure_models: the region is the union of at most this many recent models."}
+        default=3,
+        metadata={"help": "With keep_failure_models: the region is the union of at most this many recent models."},
     )
     keep_failure_models: bool = field(
         default=False,
@@ -351,8 +353,8 @@ class BaNELConfig(_BaseConfig):
     # Runtime
     torch_num_threads: int | None = field(
         default=None,
-        metadata={"help": "torch threads on the CPU; None: 1 for models under 10M parameters unless OMP_NUM_THREADS or "
-                          "torch.set_num_threads chose, else torch's default."},
+        metadata={"help": "torch threads on the CPU; None: 1 for models under 10M parameters unless OMP_NUM_THREADS "
+                          "or torch.set_num_threads chose, else torch's default."},
     )
 
     def __post_init__(self):
@@ -369,7 +371,8 @@ class BaNELConfig(_BaseConfig):
         it was not set by hand since.
         """
         self._check_fields()
-        if self.max_steps is None or self.max_steps <= 0 or self.max_steps == getattr(self, "_derived_max_steps", None):
+        derived = getattr(self, "_derived_max_steps", None)
+        if self.max_steps is None or self.max_steps <= 0 or self.max_steps == derived:
             max_rounds = self.num_rounds or (self.max_reward_evaluations + self.max_idle_rounds)
             phases = max_rounds if self.distill_every == 0 else math.ceil(max_rounds / self.distill_every)
             self.max_steps = self._derived_max_steps = phases * (1 if self.distill_every == 0 else self.distill_steps)

@@ -58,7 +58,8 @@ class RewardOracle:
             See [`BaNELConfig`] `reward_retries`, `reward_retry_backoff`, `reward_timeout`.
     """
 
-    def __init__(self, reward_funcs, weights=None, retries: int = 2, backoff: float = 1.0, timeout: float | None = None):
+    def __init__(self, reward_funcs, weights=None, retries: int = 2, backoff: float = 1.0,
+                 timeout: float | None = None):
         if not isinstance(reward_funcs, (list, tuple)):
             reward_funcs = [reward_funcs]
         if not reward_funcs:

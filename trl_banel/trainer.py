@@ -131,7 +131,8 @@ class BaNELTrainer(_BaseTrainer):
         if isinstance(model, str):
             model = AutoModelForCausalLM.from_pretrained(model)
         if not isinstance(model, (PreTrainedModel, PeftModel)):
-            raise TypeError(f"model must be a Hub id or path, a PreTrainedModel or a PeftModel; got {type(model).__name__}.")
+            raise TypeError("model must be a Hub id or path, a PreTrainedModel or a PeftModel; got "
+                            f"{type(model).__name__}.")
         if peft_config is not None:
             if isinstance(model, PeftModel):
                 raise ValueError("model is already a PeftModel: pass peft_config=None or the base model.")
@@ -141,7 +142,8 @@ class BaNELTrainer(_BaseTrainer):
         if processing_class.pad_token is None:
             if processing_class.eos_token is None:
                 raise ValueError("The tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token.")
-            logger.warning("The tokenizer has no pad token; using its EOS token %r for padding.", processing_class.eos_token)
+            logger.warning("The tokenizer has no pad token; using its EOS token %r for padding.",
+                           processing_class.eos_token)
             processing_class.pad_token = processing_class.eos_token
         if processing_class.eos_token_id is None:
             raise ValueError("The tokenizer has no EOS token: completions could never end. Set tokenizer.eos_token.")
@@ -302,7 +304,8 @@ class BaNELTrainer(_BaseTrainer):
         self.create_model_card(model_name=self._model_card_name())
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            folder = os.path.join(self._get_output_dir(trial=trial),
+                                  f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             save_state_last(self._banel_state(), folder)  # last and atomic: it marks the checkpoint complete
 
     def _save(self, output_dir: str | None = None, state_dict=None):
@@ -366,7 +369,8 @@ class BaNELTrainer(_BaseTrainer):
 
     def _reevaluate_lost(self):
         """Send again the evaluations a crash lost (charged again), as `reevaluate_interrupted` asks."""
-        lost = [r for r in self.ledger.unrecorded_lost() if "row" in r.meta and r.meta["row"] < len(self.train_dataset)]
+        lost = [r for r in self.ledger.unrecorded_lost()
+                if "row" in r.meta and r.meta["row"] < len(self.train_dataset)]
         if not lost:
             return
         if self.accelerator.is_main_process:
@@ -935,7 +939,8 @@ class BaNELTrainer(_BaseTrainer):
                 columns[key] = [self.train_dataset[c["row"]][key] for c in cands]
         columns["completion_ids"] = [c["completion_ids"] for c in cands]
         columns["trainer_state"] = self.state
-        return (self.oracle if oracle is None else oracle)(prompts, completions, columns, require_a_score=require_a_score)
+        oracle = self.oracle if oracle is None else oracle
+        return oracle(prompts, completions, columns, require_a_score=require_a_score)
 
     def _sync_ledger_from_main(self):
         if self.accelerator.num_processes > 1:

@@ -70,7 +70,8 @@ class BudgetedReward:
             return self.oracle([prompts[i] for i in idx], [completions[i] for i in idx], columns)
 
         self.calls += 1
-        rewards = self.ledger.evaluate([message_text(p) for p in prompts], [message_text(c) for c in completions], call,
+        rewards = self.ledger.evaluate([message_text(p) for p in prompts], [message_text(c) for c in completions],
+                                       call,
                                        round=self.calls)
         self.unscored += sum(r is None for r in rewards)
         log_metric = kwargs.get("log_metric")
