@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from trl_banel.cli import script_help  # noqa: E402
+from trl_banel.cli import output_field, results_field, parse_script_args  # noqa: E402
 from trl_banel.tasks.addition import (LONG_CARRY_CHAIN, MODELS_DIR, AdditionOracle, answer_text,  # noqa: E402
                                       build_tokenizer, estimate_success_rate, longest_carry_chain, sample_operands)
 from trl_banel.tasks.common import lm_batch as batch, train_lm  # noqa: E402
@@ -37,16 +37,9 @@ from trl_banel.tasks.common import lm_batch as batch, train_lm  # noqa: E402
 @dataclass
 class Args:
     seed: int = 0
-    out: str = field(
-        default=str(MODELS_DIR),
-        metadata={"help": "Folder the target/ and attacker/ models are written to. The default is the package's own "
-                          "folder: the run replaces the shipped target/ and attacker/ models."},
-    )
-    results: str = field(
-        default=str(ROOT / "benchmarks/results/addition_calibration"),
-        metadata={"help": "Calibration results: PATH.json and PATH.md are written (the repository's results folder by "
-                          "default)."},
-    )
+    out: str = output_field(MODELS_DIR, "target/ and attacker/ models are")
+    results: str = results_field(ROOT / "benchmarks/results/addition_calibration",
+                                 "Calibration results: PATH.json and PATH.md are written")
     quick: bool = False  # tiny models, a few seconds of training, small measurements (smoke test)
     threads: int = 1  # tiny ops gain nothing from more; two threads on shared cores can run 10x slower
     max_operand_digits: int = 3
@@ -212,4 +205,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(Args, **script_help(__doc__)).parse_args_into_dataclasses()[0])
+    main(parse_script_args(Args, __doc__))

@@ -17,11 +17,10 @@
    benchmarks/results/digits_calibration.json.
 """
 
-import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,9 +29,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import HfArgumentParser  # noqa: E402
 
-from trl_banel.cli import script_help, write_results  # noqa: E402
+from trl_banel.cli import output_field, results_field, parse_script_args, write_results  # noqa: E402
 from trl_banel.tasks.common import lm_batch, train_lm  # noqa: E402
 from trl_banel.tasks.digits import (MAX_PRIOR, MODELS_DIR, SOURCE_DIGIT, SUCCESS_PROBABILITY, TARGET_DIGIT,  # noqa: E402
                                     DigitsOracle, build_digits_tokenizer, estimate_success_rate, image_to_text,
@@ -42,15 +40,8 @@ from trl_banel.tasks.digits import (MAX_PRIOR, MODELS_DIR, SOURCE_DIGIT, SUCCESS
 @dataclass
 class Args:
     seed: int = 0
-    out: str = field(
-        default=str(MODELS_DIR),
-        metadata={"help": "Folder the generator/ and classifier/ models are written to. The default is the package's "
-                          "own folder: the run replaces the shipped generator/ and classifier/ models."},
-    )
-    results: str = field(
-        default=str(ROOT / "benchmarks/results/digits_calibration.json"),
-        metadata={"help": "Calibration results file (the repository's results folder by default)."},
-    )
+    out: str = output_field(MODELS_DIR, "generator/ and classifier/ models are")
+    results: str = results_field(ROOT / "benchmarks/results/digits_calibration.json")
     test_fraction: float = 0.2  # classifier's held-out share (stratified)
     classifier_epochs: int = 300
     steps: int = 3000  # generator: AdamW steps, warm-up then cosine decay (600 left 28% of its images malformed)
@@ -151,10 +142,9 @@ def main(args: Args) -> dict:
         "machine": f"1 CPU thread of {os.cpu_count()}, torch {torch.__version__}",
         "settings": asdict(args),
     }
-    write_results(result, args.results)
-    print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=1))
+    write_results(result, args.results, show=True)
     return result
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(Args, **script_help(__doc__)).parse_args_into_dataclasses()[0])
+    main(parse_script_args(Args, __doc__))

@@ -11,12 +11,11 @@ queries it gets wrong are the success set (``successes.txt``), and the attacker'
 writing one of them is the prior (benchmarks/results/hard_attack_calibration.json).
 """
 
-import json
 import os
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,9 +24,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import HfArgumentParser  # noqa: E402
 
-from trl_banel.cli import script_help, write_results  # noqa: E402
+from trl_banel.cli import output_field, results_field, parse_script_args, write_results  # noqa: E402
 from trl_banel.tasks.addition import (ATTACKER_DIR, TARGET_DIR, AdditionOracle, answer_text, load_attacker,  # noqa: E402
                                       load_target, load_tokenizer, sample_operands)
 from trl_banel.tasks.common import lm_batch, train_lm  # noqa: E402
@@ -40,15 +38,8 @@ class Args:
     seed: int = 0
     init: str = str(TARGET_DIR)  # the target to start from
     attacker: str = str(ATTACKER_DIR)
-    out: str = field(
-        default=str(MODEL_DIR),
-        metadata={"help": "Folder the target model is written to. The default is the package's own folder: the run "
-                          "replaces the shipped target model."},
-    )
-    results: str = field(
-        default=str(ROOT / "benchmarks/results/hard_attack_calibration.json"),
-        metadata={"help": "Calibration results file (the repository's results folder by default)."},
-    )
+    out: str = output_field(MODEL_DIR, "target model is")
+    results: str = results_field(ROOT / "benchmarks/results/hard_attack_calibration.json")
     # AdamW steps of batch_size queries, warm-up then cosine decay (300 and 2,000 steps: no error left)
     steps: int = 100
     batch_size: int = 256
@@ -116,10 +107,9 @@ def main(args: Args) -> dict:
         "parameters": target.num_parameters(), "disk_bytes": sum(f.stat().st_size for f in out.iterdir()),
         "settings": asdict(args),
     }
-    write_results(result, args.results)
-    print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=1))
+    write_results(result, args.results, show=True)
     return result
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(Args, **script_help(__doc__)).parse_args_into_dataclasses()[0])
+    main(parse_script_args(Args, __doc__))
