@@ -35,7 +35,6 @@ Each run is cached in OUT/runs/{config}_seed{seed}.json (restartable, splittable
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +112,7 @@ class ExactCurve(TrainerCallback):
         self.trainer, self.min_a, self.points = trainer, min_a, []
 
     def on_step_end(self, args, state, control, **kwargs):
-        if not self.trainer._buffer:  # a distillation has just been applied
+        if not self.trainer.distilling:  # a distillation has just been applied
             # failure adapters, when present, are disabled outside their fit: the model computes the generator
             model = self.trainer.accelerator.unwrap_model(self.trainer.model)
             p = exact_success_probability(model, self.trainer.processing_class, self.min_a)
@@ -122,7 +121,8 @@ class ExactCurve(TrainerCallback):
             if args.evidence_pseudo_count > 0 and len(self.points) % 4 == 0:
                 self.trainer.update_evidence()
                 point["proposal_p"] = exact_proposal_success_probability(
-                    model, self.trainer.processing_class, self.min_a, self.trainer.evidence, args.evidence_pseudo_count)
+                    model, self.trainer.processing_class, self.min_a, self.trainer.evidence,
+                    args.evidence_pseudo_count)
             self.points.append(point)
 
 
@@ -156,7 +156,8 @@ def run_one(config: str, seed: int, args: Args, workdir: Path) -> dict:
     rounds = max(len(trainer.history), 1)
     return {
         "config": config, "seed": seed, "prior": prior, "final": final, "best": best,
-        "improvement": final / prior, "best_improvement": best / prior, "kept": kept, "kept_improvement": kept / prior, "successes_found": len(trainer.ledger.successes),
+        "improvement": final / prior, "best_improvement": best / prior, "kept": kept, "kept_improvement": kept / prior,
+        "successes_found": len(trainer.ledger.successes),
         "nre": trainer.ledger.spent, "rounds": len(trainer.history), "wall_seconds": wall,
         "seconds_per_round": {k: v / rounds for k, v in trainer.phase_seconds.items()},
         "means": means, "curve": curve.points, "settings": {**settings, **CONFIGS[config]},
@@ -195,11 +196,14 @@ def summarize(out: Path) -> dict:
     for config, s in summary.items():
         m = s["means"]
         lines.append(
-            f"| {config} | {len(s['seeds'])} | {s['seeds_with_success']} | {s['median_improvement']:.3g}x | {s['seeds_10x']} | {s['seeds_100x']} "
+            f"| {config} | {len(s['seeds'])} | {s['seeds_with_success']} | {s['median_improvement']:.3g}x "
+            f"| {s['seeds_10x']} | {s['seeds_100x']} "
             f"| {s['seeds_below_1x']} | {s['final_over_half_best']} | {s['kept_over_half_best']} "
             f"| {m.get('failure/fit_log_ratio', float('nan')):.2f} "
-            f"| {m.get('failure/fit_steps', float('nan')):.0f} | {m.get('filter/ratio_rejected_rate', float('nan')):.3f} "
-            f"| {m.get('failure/heldout_rejected_rate', float('nan')):.3f} | {m.get('generator/entropy', float('nan')):.3f} "
+            f"| {m.get('failure/fit_steps', float('nan')):.0f} "
+            f"| {m.get('filter/ratio_rejected_rate', float('nan')):.3f} "
+            f"| {m.get('failure/heldout_rejected_rate', float('nan')):.3f} "
+            f"| {m.get('generator/entropy', float('nan')):.3f} "
             f"| {sum(s['seconds_per_round'].values()):.2f} |")
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -5,9 +5,10 @@
     python benchmarks/addition_attack.py --methods banel nsr     # a subset (e.g. one process per method)
     python benchmarks/addition_attack.py --quick --out /tmp/q    # a smoke test (one seed, budget 200)
 
-Methods: the pretrained attacker; BaNEL (the task's settings, trl_banel.tasks.addition.BANEL_SETTINGS, the demo's); GRPO with the
-sparse reward alone; GRPO + RND bonus; GRPO + SimHash count bonus; NSR (every failure gets advantage -1). Every
-baseline's oracle calls go through the same RewardLedger as BaNEL's (hard budget, free exact repeats, jsonl log).
+Methods: the pretrained attacker; BaNEL (the task's settings, trl_banel.tasks.addition.BANEL_SETTINGS, the demo's);
+GRPO with the sparse reward alone; GRPO + RND bonus; GRPO + SimHash count bonus; NSR (every failure gets advantage
+-1). Every baseline's oracle calls go through the same RewardLedger as BaNEL's (hard budget, free exact repeats,
+jsonl log).
 
 For each (method, seed): the final sampler's success rate on `eval_samples` fresh samples (Clopper-Pearson), the
 success curve against NRE (`curve_samples` per point, every `curve_every` NRE), and the best curve point's sampler
@@ -126,7 +127,7 @@ def write_outputs(summary: dict, runs: dict, out: str):
              "(mean) | 95% CI width (mean) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, m in ms.items():
         best = m.get("best", {})
-        width = np.mean([h - l for l, h in zip(m["final"]["low"], m["final"]["high"])])
+        width = np.mean([hi - lo for lo, hi in zip(m["final"]["low"], m["final"]["high"])])
         lines.append(f"| {name} | {fmt(m['mean'])} | {fmt(m['median'])} | {fmt(m['std'])} | {imp(m['improvement'])} | "
                      f"{fmt(best.get('mean'))} | {imp(best.get('improvement'))} | {len(m['success_rates'])} | "
                      f"{np.mean(m['final']['nre']):.0f} | {width:.5f} |")
@@ -137,7 +138,8 @@ def write_outputs(summary: dict, runs: dict, out: str):
               "bonuses (RND, counts) never call the oracle. BaNEL's `best` re-samples the best point's generator "
               "through its posterior filter with the final ledger's known failures.",
               "", "## Evaluation oracle calls (not charged)", "",
-              "| method | final estimates | best: selection (curve) | best: fresh estimate |", "| --- | --- | --- | --- |"]
+              "| method | final estimates | best: selection (curve) | best: fresh estimate |",
+              "| --- | --- | --- | --- |"]
     for name, m in ms.items():
         if "best" in m:
             lines.append(f"| {name} | {sum(m['final']['oracle_calls'])} | {sum(m['best']['selection_oracle_calls'])} "
@@ -175,9 +177,9 @@ def run_sweep(args: Args):
     budget = args.sweep_budget or args.budget
     folder = os.path.join(args.out, "sweep_runs", f"budget{budget}")
     sweep = sweep_methods(
-        args.methods, lambda method, knobs, work: run_one(method, args.sweep_seed, args, {**DEFAULT_KNOBS[method],
-                                                                                          **knobs}, budget,
-                                                          args.sweep_eval_samples, os.path.join(args.out, "work", work)),
+        args.methods,
+        lambda method, knobs, work: run_one(method, args.sweep_seed, args, {**DEFAULT_KNOBS[method], **knobs}, budget,
+                                            args.sweep_eval_samples, os.path.join(args.out, "work", work)),
         folder, args.sweep_seed, budget, args.sweep_eval_samples)
     path = os.path.join(args.out, "addition_attack_sweep.json")
     old = json.loads(Path(path).read_text()) if os.path.exists(path) else {}

@@ -106,8 +106,7 @@ def addition_task(models_dir: Optional[Path] = None) -> Task:
     from trl_banel.tasks.addition import BANEL_SETTINGS, MODELS_DIR, estimate_success_rate, load_addition_task
 
     def estimate(model, tok, oracle, n, seed):
-        est = estimate_success_rate(model, tok, oracle, n, seed=seed)
-        return SuccessEstimate.from_counts(est.successes, est.n, oracle_calls=n)
+        return estimate_success_rate(model, tok, oracle, n, seed=seed)[0]
 
     return Task("addition", lambda: load_addition_task(models_dir=Path(models_dir or MODELS_DIR)), estimate,
                 lambda trainer, n: trainer.estimate_success_rate(n), 12, dict(BANEL_SETTINGS))
@@ -177,37 +176,14 @@ def digits_task() -> Task:
         generator.train(trainer.model.training)
         return SuccessEstimate.from_counts(successes, kept, acceptance_rate=kept / max(proposed, 1), oracle_calls=kept)
 
-    return Task("digits", digits.load_digits_task, estimate, estimate_banel, digits.PIXELS + 1, dict(digits.BANEL_SETTINGS), eval_samples=10_000, curve_samples=1000)
+    return Task("digits", digits.load_digits_task, estimate, estimate_banel, digits.PIXELS + 1,
+                dict(digits.BANEL_SETTINGS), eval_samples=10_000, curve_samples=1000)
 
 
 TASKS = {"hard_attack": hard_attack_task, "digits": digits_task, "addition": addition_task}
 
 
 # ------------------------------------------------------------------------------------------------------ one run
-class BestTrackingCurve(SuccessCurveCallback):
-    """BaNEL's success curve (through the task's estimator), plus a CPU copy of the generator at the best point."""
-
-    best_point, best_state = None, None
-
-    def __init__(self, trainer, every_rounds: int, num_samples: int, estimate: Callable):
-        super().__init__(trainer, every_rounds=every_rounds, num_samples=num_samples)
-        self.estimate = estimate
-
-    def measure(self):
-        t = self.trainer
-        est = self.estimate(t, self.num_samples)
-        self.evaluation_calls += est.oracle_calls
-        point = {"round": t.round, "nre": t.ledger.spent, **est.to_dict()}
-        self.points.append(point)
-        self._last_round = t.round
-        with open(os.path.join(t.args.output_dir, "success_curve.json"), "w") as f:
-            json.dump({"points": self.points, "evaluation_calls": self.evaluation_calls}, f, indent=1)
-        if self.best_point is None or point["rate"] > self.best_point["rate"]:
-            self.best_point = point
-            self.best_state = {k: v.detach().cpu().clone() for k, v in t.failures.policy_state_dict().items()}
-        return point
-
-
 class StopWhenIdleCallback(TrainerCallback):
     """Stops a GRPO run after `patience` consecutive steps that spent no reward evaluation: the policy only repeats
     completions already evaluated (free), so it has converged and would spend nothing more."""
@@ -272,7 +248,7 @@ def run_one(task: Task, method: str, seed: int, knobs: dict, budget: int, eval_s
         trainer = BaNELTrainer(model=generator, reward_funcs=oracle, args=BaNELConfig(**settings),
                                processing_class=tok, train_dataset=Dataset.from_dict({"prompt": [""]}))
         every = max(1, curve_every // settings["evaluations_per_round"])
-        curve = BestTrackingCurve(trainer, every, curve_samples, task.estimate_banel)
+        curve = SuccessCurveCallback(trainer, every, curve_samples, estimate=task.estimate_banel, keep_best=True)
         trainer.add_callback(curve)
         trainer.train()
         final = task.estimate_banel(trainer, eval_samples)
@@ -338,7 +314,8 @@ def run_one(task: Task, method: str, seed: int, knobs: dict, budget: int, eval_s
                  "selection_oracle_calls": curve.evaluation_calls, "fresh_oracle_calls": fresh.oracle_calls},
         "curve": curve.points, "minutes": (time.time() - start) / 60,
     }
-    if pretrained is not None:  # the sparse benchmark's extra fields (the addition benchmark's records keep their shape)
+    # the sparse benchmark's extra fields (the addition benchmark's records keep their shape)
+    if pretrained is not None:
         record.update(task=task.name, stop_reason=stop_reason, phase_seconds=phase_seconds,
                       estimate_minutes=estimating[0] / 60, cpu_minutes=(time.process_time() - cpu_start) / 60,
                       reused_pretrained_estimate=method != "banel" and final_reused)
@@ -363,7 +340,8 @@ def parse_args(args_cls, quick: dict, argv=None):
 # ------------------------------------------------------------------------------------------------------ caching
 def run_identity(task: "Task", method: str, knobs: dict) -> dict:
     """What a cached run must have been made with to be reused: its knobs and, for BaNEL, the task's settings (the
-    budget aside: it is checked, or set, by each script), so a run made before the task's settings changed is redone."""
+    budget aside: it is checked, or set, by each script), so a run made before the task's settings changed is
+    redone."""
     settings = {k: v for k, v in task.banel.items() if k != "max_reward_evaluations"} if method == "banel" else {}
     return {**settings, **knobs}
 
@@ -435,7 +413,8 @@ def seed_stats(rates: list[float], reference: Optional[float]) -> dict:
     out = {"median": median, "q25": q25, "q75": q75, "iqr": q75 - q25, "mean": float(np.mean(rates)),
            "min": float(min(rates)), "max": float(max(rates)), "n": len(rates)}
     if reference:
-        out.update(seeds_10x=sum(r >= 10 * reference for r in rates), seeds_100x=sum(r >= 100 * reference for r in rates),
+        out.update(seeds_10x=sum(r >= 10 * reference for r in rates),
+                   seeds_100x=sum(r >= 100 * reference for r in rates),
                    median_vs_pretrained=median / reference)
     return out
 

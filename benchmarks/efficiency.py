@@ -84,7 +84,8 @@ class Args:
     probe: str | None = field(default=None, metadata={"help": "Internal: one memory measurement MODEL:MODE:K."})
 
 
-QUICK = dict(repeats=2, min_seconds=0.0, addition_candidates=64, llama_candidates=8, llama_completion_length=8, nre=100, llama_nre=16,
+QUICK = dict(repeats=2, min_seconds=0.0, addition_candidates=64, llama_candidates=8, llama_completion_length=8,
+             nre=100, llama_nre=16,
              ks=[1, 2])
 LLAMA = dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=8, max_position_embeddings=256)
@@ -121,7 +122,8 @@ def build(name: str, args: Args):
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(**config, bos_token_id=1, eos_token_id=2, pad_token_id=0))
         g = torch.Generator().manual_seed(0)
-        prompts = [" ".join(f"t{int(i)}" for i in torch.randint(0, config["vocab_size"] - 4, (args.llama_prompt_length - 1,), generator=g))
+        prompts = [" ".join(f"t{int(i)}" for i in torch.randint(0, config["vocab_size"] - 4,
+                                                                  (args.llama_prompt_length - 1,), generator=g))
                    for _ in range(32)]
         return (model, tok, rare_word_oracle, Dataset.from_dict({"prompt": prompts}), args.llama_prompt_length,
                 args.llama_completion_length, args.llama_candidates)
@@ -173,13 +175,13 @@ def measure_filter(name: str, args: Args, n: int, repeats: int, workdir: str, ta
             return trainer._filter(cand_dicts)
 
         def mixed():
-            fm._mergeable = lambda: False  # force peft's mixed-adapter batch
+            fm.scoring = "peft"  # peft's mixed-adapter batch
             try:
                 return trainer._filter(cand_dicts)
             finally:
-                del fm._mergeable
+                fm.scoring = "auto"
 
-        assert fm._mergeable(), "the benchmark should time the merged-weight path"
+        assert fm.scoring_path() == "merged", "the benchmark should time the merged-weight path"
         fast(), mixed(), bare_forward(bare_model, cands, batch_size)  # warm-up
         t = {"bare": [], "filter": [], "peft_mixed": []}
         start = time.perf_counter()
@@ -229,7 +231,8 @@ def memory_probe(spec: str, args: Args) -> dict:
     model.train()
     for start in (0, 16):
         batch = torch.arange(start, start + 16) % len(cands)  # (wraps around when there are fewer candidates)
-        completion_nll(model, cands.input_ids[batch], cands.attention_mask[batch], cands.completion_mask[batch]).backward()
+        nll = completion_nll(model, cands.input_ids[batch], cands.attention_mask[batch], cands.completion_mask[batch])
+        nll.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
@@ -399,8 +402,8 @@ def plot(result: dict, path: str):
     axes[0].legend(fontsize=7)
     bottom = [0.0] * len(names)
     for phase in PHASES + ["other"]:
-        values = [result["models"][n]["banel"]["round_breakdown"][phase] / result["models"][n]["banel"]["round_breakdown"]["total"]
-                  for n in names]
+        breakdowns = [result["models"][n]["banel"]["round_breakdown"] for n in names]
+        values = [b[phase] / b["total"] for b in breakdowns]
         axes[1].bar(names, values, bottom=bottom, label=phase)
         bottom = [b + v for b, v in zip(bottom, values)]
     axes[1].set(ylabel="share of a round's wall time", title="Where a round's time goes")
@@ -438,7 +441,8 @@ def main(args: Args) -> dict:
         "filter_ratio": {n: {k: r["filter_ratio"] for k, r in m["filter"].items()} for n, m in models_.items()},
         "memory_ratio_adapter": {n: {k: m["memory"][k]["memory_ratio_adapter"] for k in args.ks}
                                  for n, m in models_.items()},
-        "memory_ratio_copy": {n: {k: m["memory"][k]["memory_ratio_copy"] for k in args.ks} for n, m in models_.items()},
+        "memory_ratio_copy": {n: {k: m["memory"][k]["memory_ratio_copy"] for k in args.ks}
+                              for n, m in models_.items()},
         "round_breakdown": {n: m["banel"]["round_breakdown"] for n, m in models_.items()},
         "banel_vs_grpo_wall_ratio": {n: m["banel_vs_grpo_wall_ratio"] for n, m in models_.items()},
         "minutes": (time.time() - start) / 60,

@@ -17,7 +17,6 @@ Results: benchmarks/results/filter_lift.{json,md,png}.
 """
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field

@@ -1,6 +1,6 @@
 """BaNEL against the baselines on the sparse tasks (digits 0-to-6, the hard attack), at one NRE budget: one command.
 
-    python benchmarks/sparse.py --sweep                         # tune the baselines' knobs on seed 100, per task (first)
+    python benchmarks/sparse.py --sweep                         # tune the baselines' knobs on seed 100, per task
     python benchmarks/sparse.py                                 # every task x method x seed with the swept knobs
     python benchmarks/sparse.py --tasks hard_attack --methods banel   # a piece (e.g. one process per task/method)
     python benchmarks/sparse.py --quick --out /tmp/s            # a smoke test (one seed, budget 100, small estimates)
@@ -211,13 +211,14 @@ def write_outputs(summary: dict, all_runs: dict, out: str):
         lines += ["**Quick mode (smoke test): the budget is far too small for any figure here to mean anything.**", ""]
     lines += ["Per method: the final sampler's success rate over seeds (median, interquartile range), the seeds at "
               ">= 10x and >= 100x the pretrained rate (its 95% upper bound if the estimate is 0), the best curve "
-              "point re-estimated on fresh samples, and the ratio of the median to the best baseline's median (against "
-              "that baseline's 95% upper bound when its median is 0; for BaNEL the best of all baselines, for a "
-              "baseline the best other one). Hard attack: exact probabilities; digits: Monte Carlo.", ""]
+              "point re-estimated on fresh samples, and the ratio of the median to the best baseline's median "
+              "(against that baseline's 95% upper bound when its median is 0; for BaNEL the best of all baselines, "
+              "for a baseline the best other one). Hard attack: exact probabilities; digits: Monte Carlo.", ""]
     for name, t in summary["tasks"].items():
         pre = t["pretrained"]
         pre_text = (f"{fmt_rate(pre['rate'])} (exact)" if pre["exact"] else
-                    f"{fmt_rate(pre['rate'])} [{fmt_rate(pre['low'])}, {fmt_rate(pre['upper'])}] (n={pre['samples']:,})")
+                    f"{fmt_rate(pre['rate'])} [{fmt_rate(pre['low'])}, {fmt_rate(pre['upper'])}] "
+                    f"(n={pre['samples']:,})")
         lines += [f"## {name}", "", f"Pretrained success rate: {pre_text}.", "",
                   "| method | seeds | final: median | IQR | >= 10x | >= 100x | best: median | vs best baseline | "
                   "successes found (median) | NRE (median) | min/run (median) |",
@@ -253,8 +254,8 @@ def write_outputs(summary: dict, all_runs: dict, out: str):
             lines += ["Sweep (seed kept apart; the chosen knobs are used above):", ""]
             for m, sw in t["sweep"].items():
                 tried = "; ".join(f"{json.dumps(r['knobs'])}: {fmt_rate(r['rate'])}" for r in sw["results"])
-                lines.append(f"- **{m}** (seed {sw['seed']}, budget {sw['budget']}) chose `{json.dumps(sw['chosen'])}` "
-                             f"from {tried}")
+                lines.append(f"- **{m}** (seed {sw['seed']}, budget {sw['budget']}) chose "
+                             f"`{json.dumps(sw['chosen'])}` from {tried}")
             lines.append("")
     with open(os.path.join(out, "sparse.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -28,9 +28,8 @@ from trl_banel.callbacks import SuccessCurveCallback  # noqa: E402
 from trl_banel.cli import apply_quick, script_help  # noqa: E402
 from trl_banel.plotting import plot_success_curves  # noqa: E402
 from trl_banel.runs import refuse_rerun  # noqa: E402
-from trl_banel.stats import SuccessEstimate  # noqa: E402
-from trl_banel.tasks.addition import (BANEL_SETTINGS, classify_query, estimate_success_rate,  # noqa: E402
-                                     load_addition_task)
+from trl_banel.tasks.addition import (BANEL_SETTINGS, classify_query, demo_summary_text,  # noqa: E402
+                                     estimate_success_rate, load_addition_task)
 
 
 @dataclass
@@ -59,31 +58,6 @@ QUICK_NOTE = ("quick mode checks that the demo runs end to end (shipped models, 
               "(about 10 minutes on 2 CPU cores).")
 
 
-def summary_text(result: dict) -> str:
-    """The demo's printed summary, from its `result.json` (the README's example output is rendered by this too)."""
-    pre, final = result["pretrained"], result["banel"]
-    rows = [
-        ("pretrained success rate", f"{pre['rate']:.5f} [{pre['low']:.5f}, {pre['high']:.5f}] (n={pre['samples']})"),
-        ("BaNEL success rate", f"{final['rate']:.5f} [{final['low']:.5f}, {final['high']:.5f}] (n={final['samples']})"),
-        ("improvement", f"{result['improvement']:.1f}x" + (" (quick mode: not meaningful)" if result["quick"] else "")),
-        ("reward evaluations (training)", f"{result['nre']} of {result['budget']}"),
-        ("successes found in training", f"{result['successes_found']}"),
-        ("final acceptance rate", f"{final['acceptance_rate']:.3f}"),
-        ("evaluation-only oracle calls", f"{result['evaluation_calls']} (not charged)"),
-        ("wall time", f"{result['minutes']:.1f} min ({result['hardware']})"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    lines = [f"{k:<{width}}  {v}" for k, v in rows]
-    examples = result["successes_examples"]
-    if examples:
-        lines += ["", "successful queries found in training, by kind:"]
-        for kind, count in sorted(result["successes_by_kind"].items(), key=lambda kv: (-kv[1], kv[0])):
-            lines.append(f"  {kind:<14} {count:>5}  e.g. {', '.join(examples[kind])}")
-    else:
-        lines += ["", "successful queries found in training: none"]
-    return "\n".join(lines)
-
-
 def hardware() -> str:
     import psutil
 
@@ -103,9 +77,8 @@ def main(demo: DemoArguments, config: BaNELConfig, command: str = "python recipe
     start = time.time()
     attacker, tokenizer, oracle = load_addition_task()
 
-    pre = estimate_success_rate(attacker, tokenizer, oracle, n=demo.eval_samples, seed=config.seed + 1)
-    pre_est = SuccessEstimate.from_counts(pre.successes, pre.n)
-    print(f"pretrained attacker: {pre_est}  (leading-zero queries: {pre.leading_zero / pre.n:.4%})")
+    pre_est, kinds = estimate_success_rate(attacker, tokenizer, oracle, n=demo.eval_samples, seed=config.seed + 1)
+    print(f"pretrained attacker: {pre_est}  (leading-zero queries: {kinds['leading_zero'] / pre_est.samples:.4%})")
 
     trainer = BaNELTrainer(model=attacker, reward_funcs=oracle, args=config, processing_class=tokenizer,
                            train_dataset=Dataset.from_dict({"prompt": [""]}))
@@ -136,7 +109,7 @@ def main(demo: DemoArguments, config: BaNELConfig, command: str = "python recipe
     }
     with open(os.path.join(config.output_dir, "result.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print("\n" + summary_text(result))
+    print("\n" + demo_summary_text(result))
     report = os.path.join(config.output_dir, "run_report.png")
     print(f"\nsuccess rate against NRE: {plot_path}\nrun report: {report}\n"
           f"result: {os.path.join(config.output_dir, 'result.json')}\n"
@@ -164,7 +137,7 @@ def parse(argv=None):
     demo, config = parser.parse_args_and_config(argv)
     if demo.quick:
         apply_quick(argv, QUICK, demo, config)
-        config._validate()
+        config.validate()
     return demo, config
 
 

@@ -39,16 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
 from datasets import Dataset, load_dataset
-from scipy.stats import binomtest
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import ModelConfig, TrlParser, get_peft_config
-from trl.data_utils import maybe_apply_chat_template
-from trl.models.utils import unwrap_model_for_generation
 
 from trl_banel import BaNELConfig, BaNELTrainer
 from trl_banel.cli import script_help
+from trl_banel.oracle import message_text
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 DEFAULT_DATASET = "reasoning-machines/gsm-hard"
@@ -191,26 +188,9 @@ def answers_match(pred: float | None, target) -> bool:
     return math.isclose(pred, target, rel_tol=1e-4, abs_tol=1e-6)
 
 
-def completion_text(completion) -> str:
-    """The text of a completion: a string, or a conversation [{"role": "assistant", "content": ...}, ...]."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict):
-        completion = [completion]
-    parts = []
-    for message in completion or []:
-        content = message.get("content", "") if isinstance(message, dict) else message
-        if isinstance(content, list):  # multimodal-style content parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        role = message.get("role", "assistant") if isinstance(message, dict) else "assistant"
-        if isinstance(content, str) and role == "assistant":
-            parts.append(content)
-    return "\n".join(parts)
-
-
 def gsm_hard_reward(prompts, completions, target, **kwargs) -> list[float]:
     """1.0 when the completion's final number equals the target, else 0.0 (a completion with no number fails)."""
-    return [1.0 if answers_match(extract_answer(completion_text(c)), t) else 0.0 for c, t in zip(completions, target)]
+    return [1.0 if answers_match(extract_answer(message_text(c)), t) else 0.0 for c, t in zip(completions, target)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,7 +227,8 @@ class GSMHardTrainer(BaNELTrainer):
     card_run_section: str = ""
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name or self.card_dataset_name, tags=tags)
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name or self.card_dataset_name,
+                                  tags=tags)
         if self.card_run_section and self.is_world_process_zero():
             with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as f:
                 f.write("\n" + self.card_run_section)
@@ -288,42 +269,13 @@ def run_section(question_id, row, model_id, dataset_name, args, result, peft_con
     ])
 
 
-@torch.no_grad()
-def estimate_success_rate(trainer: BaNELTrainer, prompt, target, n: int, seed: int) -> dict:
-    """Sample `n` completions from the trained generator, score them with the reward function directly (not through
-    the trainer's ledger: nothing is charged to the budget or recorded), and give a 95% Clopper-Pearson interval."""
-    acc, tok, args = trainer.accelerator, trainer.processing_class, trainer.args
-    # The prompt exactly as the trainer feeds it to the generator (chat template, no extra special tokens).
-    text = maybe_apply_chat_template({"prompt": prompt}, tok)["prompt"]
-    ids = tok(text=text, add_special_tokens=False)["input_ids"]
-    per_rank = math.ceil(n / acc.num_processes)  # equal work per rank: generate() may sync ranks under ZeRO-3
-    torch.manual_seed(seed + 1_000_003 * (acc.process_index + 1))  # a stream of its own, apart from training
-    completions = []
-    with unwrap_model_for_generation(trainer.model_wrapped, acc) as model:  # gathers ZeRO-3 weights once
-        was_training = model.training
-        model.eval()
-        for start in range(0, per_rank, args.generation_batch_size):
-            batch = torch.tensor([ids] * min(args.generation_batch_size, per_rank - start), device=acc.device)
-            out = model.generate(
-                input_ids=batch, attention_mask=torch.ones_like(batch), do_sample=True,
-                temperature=args.temperature, top_k=args.top_k, top_p=1.0, max_new_tokens=args.max_completion_length,
-                pad_token_id=tok.pad_token_id, eos_token_id=[tok.eos_token_id],
-            )
-            for row in out[:, len(ids) :].tolist():
-                if tok.eos_token_id in row:
-                    row = row[: row.index(tok.eos_token_id)]
-                completions.append(tok.decode(row, skip_special_tokens=True))
-        model.train(was_training)
-    completions = gather_object(completions)[:n]
-    rewards = gsm_hard_reward(
-        prompts=[prompt] * len(completions),
-        completions=[[{"role": "assistant", "content": c}] for c in completions],
-        target=[target] * len(completions),
-    )
-    k = sum(1 for r in rewards if r > args.success_threshold)
-    ci = binomtest(k, len(completions)).proportion_ci(confidence_level=0.95, method="exact")
-    return {"eval_samples": len(completions), "eval_successes": k, "success_rate": k / len(completions),
-            "ci_low": float(ci.low), "ci_high": float(ci.high)}
+def estimate_success_rate(trainer: BaNELTrainer, n: int, seed: int) -> dict:
+    """The trained generator's success rate on its question over `n` fresh samples, scored by the trainer's own oracle
+    outside its ledger (nothing is charged to the budget or recorded), with a 95% Clopper-Pearson interval."""
+    torch.manual_seed(seed + 1_000_003 * (trainer.accelerator.process_index + 1))  # a stream apart from training's
+    est = trainer.estimate_success_rate(n, posterior=False)
+    return {"eval_samples": est.samples, "eval_successes": est.successes, "success_rate": est.rate,
+            "ci_low": est.low, "ci_high": est.high}
 
 
 def write_json(path: str, obj):
@@ -364,7 +316,8 @@ def main(script_args: ScriptArguments, training_args: BaNELConfig, model_args: M
     if model_args.load_in_4bit or model_args.load_in_8bit:
         raise ValueError("This recipe does not support quantized loading (--load_in_4bit / --load_in_8bit).")
     if script_args.eval_samples < 1:
-        raise ValueError(f"eval_samples={script_args.eval_samples}: the success-rate estimate needs at least 1 sample.")
+        raise ValueError(f"eval_samples={script_args.eval_samples}: the success-rate estimate needs at least 1 "
+                         "sample.")
     set_seed(training_args.seed)
     dataset = load_questions(script_args)
     tokenizer = AutoTokenizer.from_pretrained(model_id, revision=model_args.model_revision)
@@ -380,8 +333,8 @@ def main(script_args: ScriptArguments, training_args: BaNELConfig, model_args: M
         target = float(row["target"])
         train_dataset = Dataset.from_list([{"prompt": prompt, "target": target, "question_id": qid}])
 
-        # Own run per question: own output folder (ledger, model, card), own Hub repo, fresh copy of the arguments
-        # (the trainer fills in max_steps), fresh base model, same seed whatever the order of the questions.
+        # Own run per question: own output folder (ledger, model, card), own Hub repo, fresh copy of the arguments,
+        # fresh base model, same seed whatever the order of the questions.
         args = copy.deepcopy(training_args)
         args.output_dir = os.path.join(training_args.output_dir, f"q{qid}")
         if training_args.run_name in (None, training_args.output_dir):
@@ -412,7 +365,7 @@ def main(script_args: ScriptArguments, training_args: BaNELConfig, model_args: M
                   "budget": args.max_reward_evaluations, "successes_found": len(trainer.ledger.successes),
                   "rounds": trainer.round, "num_processes": trainer.accelerator.num_processes,
                   "output_dir": args.output_dir}
-        result.update(estimate_success_rate(trainer, prompt, target, script_args.eval_samples, args.seed))
+        result.update(estimate_success_rate(trainer, script_args.eval_samples, args.seed))
         result["ci_method"] = "Clopper-Pearson, 95%"
 
         main_process = trainer.accelerator.is_main_process

@@ -21,23 +21,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
-import numpy as np
-import torch
-from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from trl_banel.cli import script_help
+from trl_banel.cli import output_field, results_field, parse_script_args  # noqa: E402
+from trl_banel.tasks.addition import (LONG_CARRY_CHAIN, MODELS_DIR, AdditionOracle, answer_text,  # noqa: E402
+                                      build_tokenizer, estimate_success_rate, longest_carry_chain, sample_operands)
 from trl_banel.tasks.common import lm_batch as batch, train_lm  # noqa: E402
-from trl_banel.tasks.addition import (LONG_CARRY_CHAIN, AdditionOracle, answer_text, build_tokenizer,
-                                      estimate_success_rate, longest_carry_chain, sample_operands)
 
 
 @dataclass
 class Args:
     seed: int = 0
-    out: str = "trl_banel/tasks/addition_models"  # gets target/ and attacker/
-    results: str = "benchmarks/results/addition_calibration"  # .json and .md are written
+    out: str = output_field(MODELS_DIR, "target/ and attacker/ models are")
+    results: str = results_field(ROOT / "benchmarks/results/addition_calibration",
+                                 "Calibration results: PATH.json and PATH.md are written")
     quick: bool = False  # tiny models, a few seconds of training, small measurements (smoke test)
     threads: int = 1  # tiny ops gain nothing from more; two threads on shared cores can run 10x slower
     max_operand_digits: int = 3
@@ -151,19 +153,23 @@ def main(args: Args):
     cc_acc, cc_n = exact_match(oracle, [x for x, _ in chains], [y for _, y in chains]) if chains else (float("nan"), 0)
 
     start = time.time()
-    est = estimate_success_rate(attacker, tokenizer, oracle, n=args.calibration_n, seed=args.seed)
+    est, kinds = estimate_success_rate(attacker, tokenizer, oracle, n=args.calibration_n, seed=args.seed)
     sample_time = time.time() - start
-    low, high = est.interval()
-    size = lambda d: sum(f.stat().st_size for f in (out / d).iterdir())
+    n, low, high = est.samples, est.low, est.high
+
+    def size(d):
+        return sum(f.stat().st_size for f in (out / d).iterdir())
+
     result = {
         "seed": args.seed, "max_operand_digits": D, "answer_digits": "reversed (least significant first)",
         "target_exact_match_own_distribution": {"accuracy": own_acc, "n": own_n},
         "target_exact_match_leading_zeros": {"accuracy": lz_acc, "n": lz_n},
-        "target_exact_match_long_carry_chain": {"accuracy": cc_acc, "n": cc_n, "rule": f">= {LONG_CARRY_CHAIN} consecutive carries"},
-        "attacker_success_rate": {"rate": est.rate, "successes": est.successes, "n": est.n,
+        "target_exact_match_long_carry_chain": {"accuracy": cc_acc, "n": cc_n,
+                                                "rule": f">= {LONG_CARRY_CHAIN} consecutive carries"},
+        "attacker_success_rate": {"rate": est.rate, "successes": est.successes, "n": n,
                                   "ci95_clopper_pearson": [low, high], "sampling_seconds": round(sample_time, 1)},
-        "attacker_off_distribution": {"leading_zero_rate": est.leading_zero / est.n,
-                                      "malformed_rate": est.malformed / est.n, "n": est.n},
+        "attacker_off_distribution": {"leading_zero_rate": kinds["leading_zero"] / n,
+                                      "malformed_rate": kinds["malformed"] / n, "n": n},
         "parameters": {"target": target.num_parameters(), "attacker": attacker.num_parameters()},
         "pretraining": {"target_steps": target_steps, "target_seconds": round(target_time, 1),
                         "attacker_steps": attacker_steps, "attacker_seconds": round(attacker_time, 1),
@@ -175,18 +181,22 @@ def main(args: Args):
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
     results.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    pct = lambda x: f"{100 * x:.3f}%"
+
+    def pct(x):
+        return f"{100 * x:.3f}%"
+
     results.with_suffix(".md").write_text(
         f"# Addition task calibration (seed {args.seed}, operands 1-{D} digits, reversed answers)\n\n"
         "Regenerate: `python recipes/pretrain_addition.py --seed 0 --out trl_banel/tasks/addition_models`.\n\n"
         "| measure | value | n |\n| --- | --- | --- |\n"
         f"| target exact match, own distribution | {pct(own_acc)} | {own_n} |\n"
         f"| target exact match, leading-zero queries | {pct(lz_acc)} | {lz_n} |\n"
-        f"| target exact match, long carry chains (>= {LONG_CARRY_CHAIN} consecutive carries) | {pct(cc_acc)} | {cc_n} |\n"
+        f"| target exact match, long carry chains (>= {LONG_CARRY_CHAIN} consecutive carries) | {pct(cc_acc)} "
+        f"| {cc_n} |\n"
         f"| **pretrained attacker success rate** (95% Clopper-Pearson) | **{est.rate:.2e}** [{low:.2e}, {high:.2e}], "
-        f"{est.successes} successes | {est.n} |\n"
-        f"| attacker leading-zero queries | {pct(est.leading_zero / est.n)} | {est.n} |\n"
-        f"| attacker malformed queries | {pct(est.malformed / est.n)} | {est.n} |\n"
+        f"{est.successes} successes | {n} |\n"
+        f"| attacker leading-zero queries | {pct(kinds['leading_zero'] / n)} | {n} |\n"
+        f"| attacker malformed queries | {pct(kinds['malformed'] / n)} | {n} |\n"
         f"| parameters, target / attacker | {target.num_parameters():,} / {attacker.num_parameters():,} | |\n"
         f"| pretraining time, target / attacker | {target_time:.0f} s ({target_steps} steps) / "
         f"{attacker_time:.0f} s ({attacker_steps} steps) on {args.threads} CPU thread(s) | |\n"
@@ -195,4 +205,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(Args, **script_help(__doc__)).parse_args_into_dataclasses()[0])
+    main(parse_script_args(Args, __doc__))

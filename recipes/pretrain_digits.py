@@ -17,7 +17,6 @@
    benchmarks/results/digits_calibration.json.
 """
 
-import json
 import os
 import sys
 import time
@@ -25,13 +24,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import HfArgumentParser  # noqa: E402
 
-from trl_banel.cli import script_help, write_results  # noqa: E402
+from trl_banel.cli import output_field, results_field, parse_script_args, write_results  # noqa: E402
 from trl_banel.tasks.common import lm_batch, train_lm  # noqa: E402
 from trl_banel.tasks.digits import (MAX_PRIOR, MODELS_DIR, SOURCE_DIGIT, SUCCESS_PROBABILITY, TARGET_DIGIT,  # noqa: E402
                                     DigitsOracle, build_digits_tokenizer, estimate_success_rate, image_to_text,
@@ -41,8 +40,8 @@ from trl_banel.tasks.digits import (MAX_PRIOR, MODELS_DIR, SOURCE_DIGIT, SUCCESS
 @dataclass
 class Args:
     seed: int = 0
-    out: str = str(MODELS_DIR)  # gets generator/ and classifier/
-    results: str = "benchmarks/results/digits_calibration.json"
+    out: str = output_field(MODELS_DIR, "generator/ and classifier/ models are")
+    results: str = results_field(ROOT / "benchmarks/results/digits_calibration.json")
     test_fraction: float = 0.2  # classifier's held-out share (stratified)
     classifier_epochs: int = 300
     steps: int = 3000  # generator: AdamW steps, warm-up then cosine decay (600 left 28% of its images malformed)
@@ -59,7 +58,8 @@ class Args:
 
 def main(args: Args) -> dict:
     if args.quick:
-        args.classifier_epochs, args.steps, args.n, args.hidden, args.layers, args.check_every = 20, 20, 2000, 16, 1, 10
+        args.classifier_epochs, args.steps, args.n = 20, 20, 2000
+        args.hidden, args.layers, args.check_every = 16, 1, 10
     torch.set_num_threads(1)
     from sklearn.model_selection import train_test_split
 
@@ -131,7 +131,8 @@ def main(args: Args) -> dict:
         "classifier": {
             "heldout_accuracy": accuracy, "heldout_n": len(test_y), "train_n": len(train_y),
             "heldout_paid_sixes": f"{int(paid[test_y == TARGET_DIGIT].sum())}/{int((test_y == TARGET_DIGIT).sum())}",
-            "heldout_paid_other_digits": f"{int(paid[test_y != TARGET_DIGIT].sum())}/{int((test_y != TARGET_DIGIT).sum())}",
+            "heldout_paid_other_digits":
+                f"{int(paid[test_y != TARGET_DIGIT].sum())}/{int((test_y != TARGET_DIGIT).sum())}",
             "parameters": sum(p.numel() for p in classifier.parameters()), "seconds": round(classifier_seconds, 1),
         },
         "generator": {"training_images": len(zeros), "heldout_images": len(heldout_zeros),
@@ -141,10 +142,9 @@ def main(args: Args) -> dict:
         "machine": f"1 CPU thread of {os.cpu_count()}, torch {torch.__version__}",
         "settings": asdict(args),
     }
-    write_results(result, args.results)
-    print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=1))
+    write_results(result, args.results, show=True)
     return result
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(Args, **script_help(__doc__)).parse_args_into_dataclasses()[0])
+    main(parse_script_args(Args, __doc__))

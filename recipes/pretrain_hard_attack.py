@@ -11,7 +11,6 @@ queries it gets wrong are the success set (``successes.txt``), and the attacker'
 writing one of them is the prior (benchmarks/results/hard_attack_calibration.json).
 """
 
-import json
 import os
 import sys
 import time
@@ -20,13 +19,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import HfArgumentParser  # noqa: E402
 
-from trl_banel.cli import script_help, write_results  # noqa: E402
+from trl_banel.cli import output_field, results_field, parse_script_args, write_results  # noqa: E402
 from trl_banel.tasks.addition import (ATTACKER_DIR, TARGET_DIR, AdditionOracle, answer_text, load_attacker,  # noqa: E402
                                       load_target, load_tokenizer, sample_operands)
 from trl_banel.tasks.common import lm_batch, train_lm  # noqa: E402
@@ -39,9 +38,10 @@ class Args:
     seed: int = 0
     init: str = str(TARGET_DIR)  # the target to start from
     attacker: str = str(ATTACKER_DIR)
-    out: str = str(MODEL_DIR)
-    results: str = "benchmarks/results/hard_attack_calibration.json"
-    steps: int = 100  # AdamW steps of batch_size queries, warm-up then cosine decay (300 and 2,000 steps: no error left)
+    out: str = output_field(MODEL_DIR, "target model is")
+    results: str = results_field(ROOT / "benchmarks/results/hard_attack_calibration.json")
+    # AdamW steps of batch_size queries, warm-up then cosine decay (300 and 2,000 steps: no error left)
+    steps: int = 100
     batch_size: int = 256
     lr: float = 1e-3
     check_every: int = 500  # a sampled error rate on the training distribution, printed (the decision is exact)
@@ -101,15 +101,15 @@ def main(args: Args) -> dict:
         "query_space": len(queries), "successes": len(successes),
         "successes_by_operand_digits": dict(sorted(shapes.items())),
         "target_error_rate_uniform_over_queries": len(successes) / len(queries),
-        "pretraining": {"steps": steps, "seconds": round(train_seconds, 1), "enumeration_seconds": round(enum_seconds, 1),
+        "pretraining": {"steps": steps, "seconds": round(train_seconds, 1),
+                        "enumeration_seconds": round(enum_seconds, 1),
                         "machine": f"1 CPU thread of {os.cpu_count()}, torch {torch.__version__}"},
         "parameters": target.num_parameters(), "disk_bytes": sum(f.stat().st_size for f in out.iterdir()),
         "settings": asdict(args),
     }
-    write_results(result, args.results)
-    print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=1))
+    write_results(result, args.results, show=True)
     return result
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(Args, **script_help(__doc__)).parse_args_into_dataclasses()[0])
+    main(parse_script_args(Args, __doc__))

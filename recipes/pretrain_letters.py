@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
 import torch  # noqa: E402
-from transformers import HfArgumentParser  # noqa: E402
 
-from trl_banel.cli import script_help, write_results  # noqa: E402
+from trl_banel.cli import output_field, results_field, parse_script_args, write_results  # noqa: E402
 from trl_banel.tasks.letters import MAX_PRIOR, MODEL_DIR, choose_min_a, pretrain_generator  # noqa: E402
 
 
@@ -30,8 +30,8 @@ class Args:
     concentration: float = 1.0  # Dirichlet concentration of the chain's rows (below 1: a peaked generator)
     rare_weight: float = 0.2  # the rare letter's transition probabilities are scaled by this
     max_prior: float = MAX_PRIOR  # the success rule is the smallest a-count whose exact prior is at most this
-    out: str = str(MODEL_DIR)
-    results: str = "benchmarks/results/letters_calibration.json"
+    out: str = output_field(MODEL_DIR, "generator model is")
+    results: str = results_field(ROOT / "benchmarks/results/letters_calibration.json")
 
 
 def main(args: Args) -> dict:
@@ -52,4 +52,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(Args, **script_help(__doc__)).parse_args_into_dataclasses()[0])
+    main(parse_script_args(Args, __doc__))

@@ -13,7 +13,6 @@ whenever a block and its results file disagree.
 
 import argparse
 import difflib
-import importlib.util
 import json
 import re
 import shutil
@@ -34,17 +33,14 @@ class Block:
     render: Callable[[Path], str]
 
 
-def _load_demo_module():
-    spec = importlib.util.spec_from_file_location("addition_attack_demo", ROOT / "recipes" / "addition_attack.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def render_demo(root: Path) -> str:
+    sys.path.insert(0, str(root))
+    from trl_banel.tasks.addition import demo_summary_text
+
     result = json.loads((root / DEMO_DIR / "result.json").read_text())
-    summary = _load_demo_module().summary_text(result)
-    text = f"Output of `{result['command']}` (seed {result['seed']}; `{DEMO_DIR}/result.json`):\n\n```text\n{summary}\n```\n"
+    summary = demo_summary_text(result)
+    text = (f"Output of `{result['command']}` (seed {result['seed']}; `{DEMO_DIR}/result.json`):\n\n"
+            f"```text\n{summary}\n```\n")
     if (root / DEMO_DIR / "run_report.png").exists():
         text += f"\nIts run report (`{DEMO_DIR}/run_report.png`):\n\n![run report]({DEMO_DIR}/run_report.png)\n"
     return text

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from trl_banel.stats import SuccessEstimate, clopper_pearson
 from trl_banel.tasks.addition import (
-    AdditionOracle, SuccessEstimate, answer_text, build_tokenizer, classify_query, estimate_success_rate,
+    AdditionOracle, answer_text, build_tokenizer, classify_query, estimate_success_rate,
     load_addition_task, load_attacker, load_target, load_tokenizer, longest_carry_chain, parse_query,
     sample_operands, sample_queries,
 )
@@ -147,12 +148,11 @@ def test_sample_queries_and_estimate(task):
     assert queries != sample_queries(attacker, tok, 300, batch_size=128, seed=4)
     kinds = [classify_query(q, oracle.max_operand_digits) for q in queries]
     assert kinds.count("malformed") <= 3 and kinds.count("leading zeros") <= 3  # a trained attacker
-    est = estimate_success_rate(attacker, tok, oracle, n=300, batch_size=128, seed=3)
-    assert isinstance(est, SuccessEstimate) and est.n == 300
+    est, counts = estimate_success_rate(attacker, tok, oracle, n=300, batch_size=128, seed=3)
+    assert isinstance(est, SuccessEstimate) and est.samples == 300 and est.oracle_calls == 300
     assert est.successes == int(sum(oracle(None, queries)))
-    assert est.malformed == kinds.count("malformed") and est.leading_zero == kinds.count("leading zeros")
-    low, high = est.interval()
-    assert 0.0 <= low <= est.rate <= high <= 1.0 and high > 0.0
+    assert counts == {"malformed": kinds.count("malformed"), "leading_zero": kinds.count("leading zeros")}
+    assert (est.low, est.high) == clopper_pearson(est.successes, 300)
 
 
 def test_shipped_calibration_is_in_window():

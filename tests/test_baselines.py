@@ -133,11 +133,12 @@ def test_grpo_with_budgeted_reward_and_bonus_stops_at_budget(tmp_path, tiny_poli
     tok = tiny_policy[0]
     oracle = CountingOracle()
     budgeted = BudgetedReward(oracle, budget=20, path=str(tmp_path / "evaluations.jsonl"))
-    estimates = []
+    successes = [1, 6, 2, 0, 3, 3, 3, 3]  # the second point is the best
+    snapshots = []
 
     def estimate(model):
-        estimates.append(model.training)
-        return SuccessEstimate.from_counts(0, 10, oracle_calls=10)
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return SuccessEstimate.from_counts(successes[len(snapshots) - 1], 10, oracle_calls=10)
 
     curve = PolicySuccessCurveCallback(budgeted, estimate, every_nre=8)
     trainer = GRPOTrainer(
@@ -150,7 +151,13 @@ def test_grpo_with_budgeted_reward_and_bonus_stops_at_budget(tmp_path, tiny_poli
     lines = (tmp_path / "evaluations.jsonl").read_text().splitlines()
     assert len(lines) == oracle.scored == budgeted.ledger.spent == 20
     assert len(curve.points) >= 3 and curve.points[0]["nre"] == 0 and curve.evaluation_calls == 10 * len(curve.points)
-    assert curve.best_state is not None and curve.best_model(trainer.model) is not trainer.model
+    # the best point keeps the weights it was measured on, not the last ones
+    assert curve.best_point is curve.points[1] and curve.best_point["rate"] == 0.6
+    best = curve.best_model(trainer.model)
+    assert best is not trainer.model
+    for key, value in best.state_dict().items():
+        torch.testing.assert_close(value, snapshots[1][key], rtol=0, atol=0)
+    assert any(not torch.equal(snapshots[1][k], v) for k, v in trainer.model.state_dict().items())
 
 
 # ------------------------------------------------------------------------------------------ benchmark --quick

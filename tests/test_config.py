@@ -19,17 +19,18 @@ from trl_banel import BaNELConfig
 ])
 def test_invalid_values_name_the_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=f"BaNELConfig.{field}="):
-        BaNELConfig(output_dir=str(tmp_path), **{field: value})
+        BaNELConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **{field: value})
 
 
 def test_the_message_says_what_would_be_valid(tmp_path):
     with pytest.raises(ValueError, match=r"BaNELConfig.learning_rate=0 is invalid: it must be a finite number > 0"):
-        BaNELConfig(output_dir=str(tmp_path), learning_rate=0)
+        BaNELConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, learning_rate=0)
 
 
 def test_evaluations_per_round_above_budget(tmp_path):
     with pytest.raises(ValueError, match="evaluations_per_round=100 .* at most max_reward_evaluations=10"):
-        BaNELConfig(output_dir=str(tmp_path), max_reward_evaluations=10, evaluations_per_round=100)
+        BaNELConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, max_reward_evaluations=10,
+                    evaluations_per_round=100)
 
 
 def test_every_field_has_help_text():
@@ -39,19 +40,19 @@ def test_every_field_has_help_text():
     assert not missing, missing
 
 
-def test_cpu_friendly_settings(tmp_path):
-    c = BaNELConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False)
-    assert c.use_cpu and not c.bf16 and not c.gradient_checkpointing
+def test_max_steps_is_derived_from_the_budget_and_follows_it(tmp_path):
+    def make(**kw):
+        return BaNELConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **kw)
 
-
-def test_untested_trl_is_refused(monkeypatch):
-    import importlib.metadata
-
-    import trl_banel
-
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.0.0")
-    with pytest.raises(ImportError, match="tested with trl>=1.16,<1.17 but trl 9.0.0"):
-        trl_banel._check_trl()
+    c = make(max_reward_evaluations=100, max_idle_rounds=5, distill_every=2, distill_steps=3)
+    assert c.max_steps == 53 * 3  # ceil((100 + 5) rounds / 2) distillations of 3 steps: an upper bound
+    c.max_reward_evaluations, c.evaluations_per_round = 10, 5
+    c.validate()  # after changing a built config: derived again
+    assert c.max_steps == 8 * 3
+    assert make(num_rounds=4, distill_every=0).max_steps == 4  # one (empty) step per round without distillation
+    given = make(max_steps=7)
+    given.validate()
+    assert given.max_steps == 7  # set by hand: kept
 
 
 def test_help_renders_for_every_field():

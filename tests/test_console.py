@@ -73,7 +73,8 @@ def test_stop_after_successes(tmp_path, char_tokenizer, skewed_model, capsys):
     assert trainer.stop_reason == "1 success found (stop_after_successes=1)"
     assert "stop_after_successes=1" in capsys.readouterr().out
 
-    # a run resumed on this ledger (as after a crash: no banel_run.json) counts the successes it loads: it spends nothing
+    # a run resumed on this ledger (as after a crash: no banel_run.json) counts the successes it loads: it spends
+    # nothing
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copy(tmp_path / "out" / "evaluations.jsonl", resumed / "evaluations.jsonl")

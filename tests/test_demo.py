@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from trl_banel.stats import clopper_pearson
+from trl_banel.tasks.addition import demo_summary_text
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "trl_banel" / "tasks" / "addition_models"
 
@@ -30,7 +33,9 @@ def test_quick_demo_end_to_end(tmp_path):
     lines = (out / "evaluations.jsonl").read_text().splitlines()
     assert len(lines) == result["nre"]
     banel = result["banel"]
-    assert banel["low"] <= banel["rate"] <= banel["high"] and banel["samples"] == 5000
+    assert banel["samples"] == 5000 and banel["rate"] == banel["successes"] / 5000
+    assert (banel["low"], banel["high"]) == pytest.approx(clopper_pearson(banel["successes"], 5000))
+    assert demo_summary_text(result) in proc.stdout  # what it printed is what the README renders from result.json
     assert (out / "success_rate.png").stat().st_size > 1000
     assert len(result["curve"]) >= 2 and result["curve"][0]["nre"] == 0
 

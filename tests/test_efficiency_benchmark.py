@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_efficiency_benchmark_quick(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "efficiency.py"), "--quick", "--ks", "1", "--nre", "50", "--repeats", "1",
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "efficiency.py"), "--quick", "--ks", "1", "--nre", "50",
+           "--repeats", "1",
            "--out", str(tmp_path)]
     # a ledger left in a work folder by an earlier run must not be resumed (it would re-spend nothing): the folders
     # are emptied first, else these corrupt ledgers would stop the run
@@ -29,10 +30,13 @@ def test_efficiency_benchmark_quick(tmp_path):
         assert set(result[key]) == {"addition", "random_llama"}, key
     for name, m in result["models"].items():
         assert 0 < result["filter_ratio"][name]["1"] < 5
-        # every memory probe ran and measured something (at these toy sizes the differences between them are
-        # allocator noise: the full benchmark's 34M-parameter model is where the ratios mean something)
-        mem = m["memory"]
-        assert mem["policy_mib"] > 1 and mem["1"]["adapter_mib"] > 1 and mem["1"]["copy_mib"] > 1
+        # every memory probe holds at least what it must: the generator's float32 weights, gradients and AdamW's
+        # two moments, and in copy mode a full copy of the weights besides (at these toy sizes the differences
+        # between adapter and copy are otherwise allocator noise: the full benchmark's 34M-parameter model is where
+        # the ratios mean something)
+        mem, weights_mib = m["memory"], m["parameters"] * 4 / 2**20
+        assert mem["policy_mib"] >= 4 * weights_mib and mem["1"]["adapter_mib"] >= 4 * weights_mib
+        assert mem["1"]["copy_mib"] >= 5 * weights_mib
         assert mem["1"]["memory_ratio_copy"] == pytest.approx(mem["1"]["copy_mib"] / mem["policy_mib"])
         # both trainers spent exactly the same reward evaluations
         assert m["banel"]["nre"] == m["grpo"]["nre"] == (50 if name == "addition" else 16)

@@ -46,11 +46,12 @@ def generator(tokenizer, lora: bool, seed: int):
 
 def peft_reference(fm, cands):
     """The same scores through peft's own mixed-adapter forward."""
-    fm._mergeable = lambda: False
+    fm.scoring = "peft"
     try:
+        assert fm.scoring_path() == "peft"
         return fm.score(cands, batch_size=8)
     finally:
-        del fm._mergeable
+        fm.scoring = "auto"
 
 
 @pytest.mark.parametrize("lora_policy", [False, True])
@@ -58,7 +59,7 @@ def test_merged_scoring_equals_peft_forward(char_tokenizer, lora_policy):
     policy = generator(char_tokenizer, lora_policy, seed=1)
     fm = failure_models(policy, k=3)
     cands = candidates(char_tokenizer)
-    assert fm._mergeable()
+    assert fm.scoring_path() == "merged"
     policy_lp, failure_lp = fm.score(cands, batch_size=8)
     ref_policy, ref_failure = peft_reference(fm, cands)
     assert failure_lp.shape == (3, len(cands))
@@ -85,4 +86,12 @@ def test_a_new_failure_model_starts_at_log_ratio_exactly_zero(char_tokenizer, lo
 def test_half_precision_weights_use_peft_forward(char_tokenizer):
     policy = make_tiny_model(char_tokenizer).to(torch.bfloat16)
     fm = failure_models(policy, k=1, perturb=False)
-    assert not fm._mergeable()  # a small B @ A added to bf16 weights would round away
+    assert fm.scoring_path() == "peft"  # a small B @ A added to bf16 weights would round away
+    fm.scoring = "merged"
+    with pytest.raises(ValueError, match="scoring='merged'"):
+        fm.score(candidates(char_tokenizer), batch_size=8)
+
+
+def test_unknown_scoring_choice_is_refused(char_tokenizer):
+    with pytest.raises(ValueError, match="scoring="):
+        FailureModels(make_tiny_model(char_tokenizer), scoring="fast")

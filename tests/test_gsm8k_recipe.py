@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from trl_banel.ledger import LEDGER_FILENAME  # noqa: E402
+from trl_banel.oracle import message_text  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -274,7 +275,7 @@ def test_main_end_to_end_lora(tiny_model_dir, tmp_path, monkeypatch):
 
     def easy_reward(prompts, completions, target, **kwargs):
         calls.append(len(completions))
-        return [1.0 if any(ch.isdigit() for ch in recipe.completion_text(c)) else 0.0 for c in completions]
+        return [1.0 if any(ch.isdigit() for ch in message_text(c)) else 0.0 for c in completions]
 
     monkeypatch.setattr(recipe, "gsm_hard_reward", easy_reward)
     out = tmp_path / "run"

@@ -44,7 +44,6 @@ def test_success_strings_are_exactly_the_paid_ones():
 def test_exact_success_probability_matches_sampling(task, prior_at_4):
     """string_log_probs is an exact likelihood: a sample's empirical frequency of successes matches it."""
     model, tok, oracle = task
-    rng = torch.Generator().manual_seed(0)
     ids = torch.full((20000, 1), tok.bos_token_id)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=LENGTH + 1,

@@ -104,7 +104,8 @@ MECHANISM_METRICS = ["failure/fit_log_ratio", "failure/fit_steps", "failure/held
 
 def test_each_step_of_the_round_logs_what_it_did(tmp_path, char_tokenizer, skewed_model):
     trainer = _run(tmp_path, char_tokenizer, skewed_model, RecordingOracle(), max_reward_evaluations=40,
-                   evaluations_per_round=10, num_candidates=64, reject_known_failures=False, failure_heldout_fraction=0.2,
+                   evaluations_per_round=10, num_candidates=64, reject_known_failures=False,
+                   failure_heldout_fraction=0.2,
                    failure_margin=1.0, failure_epochs=300, failure_learning_rate=1e-3, failure_batch_size=64,
                    failure_max_grad_norm=1.0, failure_warmup_steps=10, keep_failure_models=True)
     full = [h for h in trainer.history if h["round_evaluated"] >= 5]  # rounds with a negative to hold out
@@ -384,7 +385,7 @@ def test_distillation_starts_once_a_success_is_found(tmp_path, char_tokenizer, s
 
 
 def test_proposal_log_probs_are_the_processors_sampling_distribution(char_tokenizer):
-    """The exact log pi(y) (used by the letters task's exact estimate) is what generation with the processor samples."""
+    """The exact log pi(y) (used by the letters task's exact estimate) is the distribution generation samples."""
     from transformers import LogitsProcessorList
 
     from trl_banel.evidence import EvidenceLogitsProcessor, PrefixEvidence, proposal_log_probs

@@ -72,3 +72,16 @@ def test_none_async_and_weights(tmp_path):
     ledger, out = run(RewardOracle([judge, bonus], weights=[2.0, 1.0]), ["a", "skip"], tmp_path)
     assert out == [2.5, None]
     assert ledger.spent == 1 and not ledger.is_known_failure("p", "skip")
+
+
+def test_message_text_reads_every_format_trl_passes():
+    from trl_banel.oracle import message_text
+
+    assert message_text("12+3=") == "12+3="
+    assert message_text([{"role": "assistant", "content": "42"}]) == "42"
+    assert message_text({"role": "assistant", "content": "42"}) == "42"
+    assert message_text([{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "Hi"}]) == \
+        "Be brief. Hi"
+    assert message_text([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image"},
+                                                      {"type": "text", "text": "b"}]}]) == "ab"
+    assert message_text([{"role": "tool", "content": {"x": 1}}]) == '{"x": 1}'

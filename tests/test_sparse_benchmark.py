@@ -23,7 +23,8 @@ def _run(method, seed, final, best=None, high=None, curve=((0, 0.0),)):
     return {"method": method, "seed": seed, "settings": {"lr": 1},
             "final": {"rate": final, "low": 0.0, "high": high, "nre": 7500, "successes_found_in_training": seed,
                       "steps": 1},
-            "best": {"estimate": {"rate": best, "low": 0.0, "high": max(best, high)}, "point": {"nre": 0, "rate": best}},
+            "best": {"estimate": {"rate": best, "low": 0.0, "high": max(best, high)},
+                     "point": {"nre": 0, "rate": best}},
             "curve": [{"nre": n, "rate": r, "low": r, "high": r} for n, r in curve], "minutes": 1.0 + seed}
 
 
@@ -69,7 +70,8 @@ def test_summarise_task_on_hand_made_runs():
     assert vs["best_baseline"] == "nsr" and vs["against"] == "estimate" and vs["ratio"] == pytest.approx(1000)
     # for a baseline, the best *other* one: nsr against grpo, whose median is 0, so against grpo's upper bound
     vs = out["nsr"]["summary"]["final"]["vs_best_baseline"]
-    assert vs["best_baseline"] == "grpo" and vs["against"] == "upper bound" and vs["ratio"] == pytest.approx(2e-5 / 3e-4)
+    assert vs["best_baseline"] == "grpo" and vs["against"] == "upper bound"
+    assert vs["ratio"] == pytest.approx(2e-5 / 3e-4)
     # a pretrained estimate of 0 is replaced by its upper bound as the reference of the multiples
     s0 = summarise_task(runs, {"rate": 0.0, "low": 0.0, "high": 1e-3})["methods"]["banel"]["summary"]["final"]
     assert s0["seeds_10x"] == 4 and s0["seeds_100x"] == 0
@@ -80,7 +82,8 @@ def test_seed_curves_median_and_spread_take_each_seeds_last_point():
                   _run("m", 2, 0, curve=[(0, 0.0)])]}
     pts = {p["nre"]: p for p in seed_curves(runs)["m"]}
     assert sorted(pts) == [0, 400, 500]
-    assert pts[0]["rate"] == 1.0 and pts[400]["rate"] == 1.0 and pts[500]["rate"] == 3.0  # medians of (1,2,0) (1,4,0) (3,4,0)
+    # medians of (1,2,0) (1,4,0) (3,4,0)
+    assert pts[0]["rate"] == 1.0 and pts[400]["rate"] == 1.0 and pts[500]["rate"] == 3.0
     assert pts[500]["low"] == pytest.approx(np.percentile([3, 4, 0], 25)) and pts[500]["seeds"] == 3
     mean = {p["nre"]: p for p in seed_curves(runs, spread=(0, 100), center="mean")["m"]}
     assert mean[400]["rate"] == pytest.approx(5 / 3) and (mean[400]["low"], mean[400]["high"]) == (0.0, 4.0)

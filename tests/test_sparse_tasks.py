@@ -1,4 +1,5 @@
-"""The two shipped sparse tasks: digits 0-to-6 and the hard addition attack (oracles, estimators, calibration, wheel)."""
+"""The two shipped sparse tasks: digits 0-to-6 and the hard addition attack (oracles, estimators, calibration,
+wheel)."""
 
 import json
 import os
@@ -225,7 +226,8 @@ def test_tasks_load_from_an_installed_wheel(tmp_path):
         shutil.copy(REPO / name, src / name)
     shutil.copytree(REPO / "trl_banel", src / "trl_banel", ignore=shutil.ignore_patterns("__pycache__"))
     wheels, target = tmp_path / "wheels", tmp_path / "site"
-    for cmd in ([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-w", str(wheels)],):
+    for cmd in ([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-w",
+                 str(wheels)],):
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
     wheel = next(wheels.glob("trl_banel-*.whl"))

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import SKEWED, make_tiny_model, string_log_prob
+from conftest import make_tiny_model, string_log_prob
 from datasets import Dataset
 from peft import LoraConfig
 
@@ -86,7 +86,7 @@ def test_budget_ledger_and_filter_with_an_always_failing_oracle(tmp_path, char_t
         assert not set(completions) & (seen[round_]["rejected"] - seen[round_]["accepted"])
     # the failure fit lowers its loss; from the second round on the filter rejects something
     fitted = [h["failure_losses"] for h in trainer.history if h.get("failure_losses")]
-    assert fitted and all(l[-1] < l[0] for l in fitted)
+    assert fitted and all(losses[-1] < losses[0] for losses in fitted)
     assert any(h["ratio_rejected"] + h["known_rejected"] > 0 for h in trainer.history[1:])
     # distillation changed the policy
     after = skewed_model.state_dict()
@@ -137,7 +137,8 @@ def test_lora_policy_trains_only_adapters(tmp_path, char_tokenizer, skewed_model
     adapters_before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_B" in k}
     trainer.train()
     state = trainer.model.state_dict()
-    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k}
+    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+            for k, v in state.items() if "lora_" not in k}
     assert set(base) == set(before)
     assert all(torch.equal(before[k], base[k]) for k in before), "base weights changed under LoRA"
     assert any(not torch.equal(adapters_before[k], state[k]) for k in adapters_before), "LoRA adapters did not train"
@@ -168,7 +169,7 @@ def test_the_method_finds_the_rare_string(tmp_path, char_tokenizer, skewed_model
 
 
 def test_model_card_names_the_method_and_paper(tmp_path, char_tokenizer, skewed_model):
-    trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(),
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=[RecordingOracle(), RecordingOracle()],
                            args=config(tmp_path, max_reward_evaluations=8, num_rounds=1),
                            train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
     trainer.train()
@@ -217,10 +218,19 @@ def test_columns_reach_the_reward_function(tmp_path, char_tokenizer):
         return [0.0] * len(completions)
 
     ds = Dataset.from_dict({"prompt": ["ab", "cd"], "answer": ["x", "y"]})
-    trainer = BaNELTrainer(model=model, reward_funcs=reward, args=config(tmp_path, max_reward_evaluations=4, evaluations_per_round=4,
-                           num_rounds=1), train_dataset=ds, processing_class=char_tokenizer)
+    args = config(tmp_path, max_reward_evaluations=4, evaluations_per_round=4, num_rounds=1)
+    trainer = BaNELTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds,
+                           processing_class=char_tokenizer)
     trainer.train()
     assert seen["answer"] and all({"ab": "x", "cd": "y"}[p] == a for p, a in zip(seen["prompts"], seen["answer"]))
+
+
+def test_the_trainer_leaves_its_arguments_as_given(tmp_path, char_tokenizer, skewed_model):
+    args = config(tmp_path)
+    before = args.to_dict()
+    BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(), args=args, train_dataset=UNCONDITIONAL,
+                 processing_class=char_tokenizer)
+    assert args.to_dict() == before
 
 
 def test_success_estimate_matches_the_exact_probability_and_costs_no_budget(tmp_path, char_tokenizer, skewed_model):
@@ -233,6 +243,34 @@ def test_success_estimate_matches_the_exact_probability_and_costs_no_budget(tmp_
     assert est.low <= exact <= est.high, (est, exact)
     assert est.oracle_calls == len(set(oracle.all_completions)) < 3000  # each distinct query scored once
     assert trainer.ledger.spent == 0 and not (tmp_path / "out" / LEDGER_FILENAME).exists()
+
+
+def test_success_estimate_with_other_reward_funcs_calls_them_as_the_trainer_does(tmp_path, char_tokenizer,
+                                                                               skewed_model):
+    """Other reward functions get the dataset's columns, the configured weights and the configured time-out."""
+    import time
+
+    seen = {}
+
+    def tagged(prompts, completions, tag, **kwargs):
+        seen["tag"] = set(tag)
+        return [1.0] * len(completions)
+
+    def slow(prompts, completions, **kwargs):
+        time.sleep(0.5)
+        return [1.0] * len(completions)
+
+    ds = Dataset.from_dict({"prompt": [""], "tag": ["t"]})
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=[RecordingOracle(), RecordingOracle()],
+                           args=config(tmp_path, reward_weights=[1.0, -1.0], reward_timeout=0.1, reward_retries=0),
+                           train_dataset=ds, processing_class=char_tokenizer)
+    # weights [1, -1]: every reward is 1 - 1 = 0, not above the threshold
+    est = trainer.estimate_success_rate(50, reward_funcs=[tagged, tagged], posterior=False)
+    assert seen["tag"] == {"t"} and est.successes == 0 and est.samples == 50
+    from trl_banel import RewardFunctionError
+
+    with pytest.raises(RewardFunctionError, match="slow"):
+        trainer.estimate_success_rate(10, reward_funcs=[slow, tagged], posterior=False)
 
 
 def test_a_failing_oracle_stops_the_run_after_saving_everything(tmp_path, char_tokenizer, skewed_model):

@@ -48,7 +48,8 @@ def test_a_model_object_without_a_tokenizer_says_pass_processing_class(tmp_path,
 
 def test_a_model_folder_without_tokenizer_files_says_pass_processing_class(tmp_path, char_tokenizer):
     make_tiny_model(char_tokenizer).save_pretrained(tmp_path / "model")
-    with pytest.raises(ValueError, match=r"No tokenizer could be loaded from .*model.*Pass processing_class=tokenizer"):
+    with pytest.raises(ValueError,
+                       match=r"No tokenizer could be loaded from .*model.*Pass processing_class=tokenizer"):
         BaNELTrainer(model=str(tmp_path / "model"), reward_funcs=lambda prompts, completions, **kw: [0.0],
                      args=config(tmp_path), train_dataset=UNCONDITIONAL)
 

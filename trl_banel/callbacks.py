@@ -100,34 +100,64 @@ class BaNELProgressCallback(TrainerCallback):
             self.bar = None
 
 
-class SuccessCurveCallback(TrainerCallback):
+class SuccessCurveRecorder(TrainerCallback):
+    r"""
+    What the success curves share: the points (each a success estimate with where it was measured), the oracle calls
+    the estimates made (`evaluation_calls`, never charged to a training budget), the best point and, with
+    `keep_best`, a CPU copy of the weights it was measured on (`best_state`), and the JSON file they are written to.
+    """
+
+    def __init__(self, keep_best: bool = False, path: str | None = None):
+        self.keep_best = keep_best
+        self.path = path
+        self.points: list[dict] = []
+        self.evaluation_calls = 0
+        self.best_point: dict | None = None
+        self.best_state: dict | None = None
+
+    def record(self, where: dict, estimate, state_dict) -> dict:
+        """Add the point `{**where, **estimate.to_dict()}`; `state_dict()` gives the weights kept if it is the best."""
+        self.evaluation_calls += estimate.oracle_calls
+        point = {**where, **estimate.to_dict()}
+        self.points.append(point)
+        if self.best_point is None or point["rate"] > self.best_point["rate"]:
+            self.best_point = point
+            if self.keep_best:
+                self.best_state = {k: v.detach().cpu().clone() for k, v in state_dict().items()}
+        if self.path is not None:
+            with open(self.path, "w") as f:
+                json.dump({"points": self.points, "evaluation_calls": self.evaluation_calls}, f, indent=1)
+        return point
+
+
+class SuccessCurveCallback(SuccessCurveRecorder):
     r"""
     Records the sampler's success rate against the NRE spent, every `every_rounds` rounds, for plots.
 
-    Each point is an estimate over `num_samples` samples (see [`BaNELTrainer.estimate_success_rate`]); its oracle
-    calls are counted in `evaluation_calls` and never charged to the training budget. The curve is written to
-    `output_dir/success_curve.json` and logged as `eval/success_rate`.
+    Each point is an estimate over `num_samples` samples, by default [`BaNELTrainer.estimate_success_rate`] (the
+    posterior sampler); its oracle calls are counted in `evaluation_calls` and never charged to the training budget.
+    The curve is written to `output_dir/success_curve.json` and logged as `eval/success_rate`.
+
+    Args:
+        estimate (`Callable[[trainer, int], SuccessEstimate]`, *optional*): another estimator (a task's exact one).
+        keep_best (`bool`): keep a CPU copy of the generator at the best point (`best_state`).
     """
 
-    def __init__(self, trainer, every_rounds: int = 5, num_samples: int = 2000):
+    def __init__(self, trainer, every_rounds: int = 5, num_samples: int = 2000, estimate=None,
+                 keep_best: bool = False):
+        path = os.path.join(trainer.args.output_dir, "success_curve.json")
+        super().__init__(keep_best, path if trainer.accelerator.is_main_process else None)
         self.trainer = trainer
         self.every_rounds = every_rounds
         self.num_samples = num_samples
-        self.points: list[dict] = []
-        self.evaluation_calls = 0
+        self.estimate = estimate or (lambda t, n: t.estimate_success_rate(n))
         self._last_round = None
 
     def measure(self):
         t = self.trainer
-        est = t.estimate_success_rate(self.num_samples)
-        self.evaluation_calls += est.oracle_calls
-        point = {"round": t.round, "nre": t.ledger.spent, **est.to_dict()}
-        self.points.append(point)
         self._last_round = t.round
-        if t.accelerator.is_main_process:
-            with open(os.path.join(t.args.output_dir, "success_curve.json"), "w") as f:
-                json.dump({"points": self.points, "evaluation_calls": self.evaluation_calls}, f, indent=1)
-        return point
+        return self.record({"round": t.round, "nre": t.ledger.spent}, self.estimate(t, self.num_samples),
+                           t.failures.policy_state_dict)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not self.points:
@@ -135,7 +165,7 @@ class SuccessCurveCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         t = self.trainer
-        if t._buffer and args.distill_every:  # mid-distillation: wait for the distilled generator
+        if t.distilling and args.distill_every:  # mid-distillation: wait for the distilled generator
             return
         if t.round - self._last_round >= self.every_rounds:
             point = self.measure()

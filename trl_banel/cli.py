@@ -1,6 +1,7 @@
 """Command-line helpers shared by the recipes and benchmarks."""
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -27,8 +28,31 @@ def apply_quick(argv: Optional[Sequence[str]], quick: dict, *targets) -> None:
             setattr(next(t for t in targets if hasattr(t, key)), key, value)
 
 
-def write_results(result: dict, path: Optional[str], indent: int = 1) -> None:
-    """Write a script's results file (its folder created), if a path is given."""
+def write_results(result: dict, path: Optional[str], indent: int = 1, show: bool = False) -> None:
+    """Write a script's results file (its folder created), if a path is given; `show` also prints it (without its
+    `settings`)."""
+    if show:
+        print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=1))
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(result, indent=indent) + "\n")
+
+
+def output_field(default, what: str):
+    """A pretraining recipe's `--out`: where the models go; the default, the package's own folder, said in `--help`."""
+    return dataclasses.field(default=str(default), metadata={
+        "help": f"Folder the {what} written to. The default is the package's own folder: the run replaces the shipped "
+                "models."})
+
+
+def results_field(default, what: str = "Calibration results file"):
+    """A recipe's `--results`: where its measurements go (by default the repository's results folder)."""
+    return dataclasses.field(default=str(default), metadata={
+        "help": f"{what} (the repository's results folder by default)."})
+
+
+def parse_script_args(args_cls, doc: str):
+    """A script's typed arguments from the command line, its `--help` starting with `doc` (see `script_help`)."""
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(args_cls, **script_help(doc)).parse_args_into_dataclasses()[0]

@@ -63,8 +63,7 @@ class BaNELConfig(_BaseConfig):
 
         rejection_threshold (`float`, *optional*, defaults to `0.97`):
             tau, as a ratio in (0, 1]: a candidate is rejected when, for any active failure model `p`,
-            `q(y|c) / p(y|c) < tau`. The prototype needed tau close to 1 (the paper's factors `f = 1/tau` range from
-            1.032 to 16).
+            `q(y|c) / p(y|c) < tau`. The paper's factors `f = 1/tau` range from 1.032 to 16.
         reject_known_failures (`bool`, *optional*, defaults to `True`):
             Reject outright any candidate whose exact `(prompt, completion)` the ledger holds as a failure: known
             failures are in the rejection region by definition, and rejecting them is free.
@@ -80,9 +79,7 @@ class BaNELConfig(_BaseConfig):
         failure_margin (`float`, *optional*, defaults to `0.0`):
             When above 0, fit each failure model until the mean over its negatives of `log p_fail - log q` reaches
             this many nats, capped at half of `KL(empirical || q)` (the most any model reaches on these negatives),
-            or until `failure_epochs` run out; `0` fits every epoch. A fit to a margin of 1 with
-            `failure_epochs=300`, `failure_learning_rate=1e-3`, full batches, clipping and warm-up reaches it in
-            about 30 steps on the rare-letters task, where the fixed default fit reaches about 0.8 nats.
+            or until `failure_epochs` run out; `0` fits every epoch.
         failure_epochs (`int`, *optional*, defaults to `20`):
             Epochs (at most, with `failure_margin`) of maximum-likelihood fitting over the negatives per failure
             model. Many epochs over the same negatives are how BaNEL spends compute instead of oracle calls.
@@ -222,7 +219,8 @@ class BaNELConfig(_BaseConfig):
     )
     stop_after_successes: int | None = field(
         default=None,
-        metadata={"help": "Stop once this many successes are found (checked after each round); None spends the budget."},
+        metadata={"help": "Stop once this many successes are found (checked after each round); None spends the "
+                          "budget."},
     )
 
     # Generation
@@ -284,7 +282,8 @@ class BaNELConfig(_BaseConfig):
                           "the next fit."},
     )
     max_failure_models: int = field(
-        default=3, metadata={"help": "With keep_failure_models: the region is the union of at most this many recent models."}
+        default=3,
+        metadata={"help": "With keep_failure_models: the region is the union of at most this many recent models."},
     )
     keep_failure_models: bool = field(
         default=False,
@@ -332,9 +331,9 @@ class BaNELConfig(_BaseConfig):
     )
     distill_before_success: bool = field(
         default=True,
-        metadata={"help": "Distil before the first success is found. False keeps the generator (the prior) fixed until "
-                          "the ledger holds a success: no self-distillation drift; the search is shaped by the filter "
-                          "and the prefix evidence alone."},
+        metadata={"help": "Distil before the first success is found. False keeps the generator (the prior) fixed "
+                          "until the ledger holds a success: no self-distillation drift; the search is shaped by the "
+                          "filter and the prefix evidence alone."},
     )
     save_best_generator: bool = field(
         default=True,
@@ -367,15 +366,31 @@ class BaNELConfig(_BaseConfig):
     # Runtime
     torch_num_threads: int | None = field(
         default=None,
-        metadata={"help": "torch threads on the CPU; None: 1 for models under 10M parameters unless OMP_NUM_THREADS or "
-                          "torch.set_num_threads chose, else torch's default."},
+        metadata={"help": "torch threads on the CPU; None: 1 for models under 10M parameters unless OMP_NUM_THREADS "
+                          "or torch.set_num_threads chose, else torch's default."},
     )
 
     def __post_init__(self):
-        self._validate()
         super().__post_init__()
+        self.validate()
 
-    def _validate(self):
+    def validate(self):
+        r"""
+        Check every BaNEL setting (and the TrainingArguments ones that could not train) and set the derived fields.
+
+        Called by `__post_init__`; call it again after changing fields of a built config. Raises a `ValueError` naming
+        the field. Derived: `max_steps`, when not given, is an upper bound on the distillation steps (the run stops
+        when the budget, `num_rounds` or `max_idle_rounds` says so, usually much earlier); re-derived here as long as
+        it was not set by hand since.
+        """
+        self._check_fields()
+        derived = getattr(self, "_derived_max_steps", None)
+        if self.max_steps is None or self.max_steps <= 0 or self.max_steps == derived:
+            max_rounds = self.num_rounds or (self.max_reward_evaluations + self.max_idle_rounds)
+            phases = max_rounds if self.distill_every == 0 else math.ceil(max_rounds / self.distill_every)
+            self.max_steps = self._derived_max_steps = phases * (1 if self.distill_every == 0 else self.distill_steps)
+
+    def _check_fields(self):
         def bad(name, valid):
             value = getattr(self, name)
             raise ValueError(f"BaNELConfig.{name}={value!r} is invalid: it must be {valid}.")

@@ -8,11 +8,11 @@ fitted by maximum likelihood on negatives. Two storage modes:
   for a LoRA generator it starts as a copy of the generator's adapter. Scoring runs one forward per model, each LoRA
   layer using `W + s * B @ A` built on the fly (one layer at a time, freed after), so a failure model's forward costs
   what the bare model's does; where that does not apply (ZeRO-3 sharded weights, DoRA or other LoRA variants,
-  transposed weights) all models are scored in one mixed-adapter batch (peft's `adapter_names`).
+  transposed weights) all models are scored in one mixed-adapter batch (peft's `adapter_names`). `scoring` chooses
+  the path explicitly.
 - `"copy"`: `p_k` is a full copy of the generator, the fallback for models peft cannot wrap.
 """
 
-import contextlib
 import copy
 import logging
 import math
@@ -20,11 +20,9 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from peft import LoraConfig, PeftModel
-from peft.tuners.lora import Linear as LoraLinear
-from peft.tuners.lora import LoraLayer, LoraModel
+from peft import PeftModel
 
+from . import adapters
 from .posterior import Candidates, completion_nll, sequence_log_probs
 
 logger = logging.getLogger(__name__)
@@ -52,12 +50,19 @@ class FailureModels:
             The generator `q`, unwrapped (a `PreTrainedModel` or a LoRA `PeftModel`).
         mode (`str`): `"adapter"` or `"copy"`.
         lora_r, lora_alpha, target_modules: the failure adapters' LoRA settings (plain generators only).
+        scoring (`str`, *optional*, defaults to `"auto"`):
+            How `"adapter"` failure models are scored: `"merged"`, one forward per model with each LoRA layer's
+            merged weight built on the fly (plain float32 linear LoRA only); `"peft"`, one mixed-adapter batch through
+            peft's own forward; `"auto"`, merged wherever it applies. Both compute the same scores.
     """
 
     def __init__(self, policy, mode: str = "adapter", lora_r: int = 16, lora_alpha: int = 32,
-                 target_modules="all-linear", copy_policy=None, prepare_copy=None):
+                 target_modules="all-linear", copy_policy=None, prepare_copy=None, scoring: str = "auto"):
+        if scoring not in adapters.SCORING_CHOICES:
+            raise ValueError(f"scoring={scoring!r}: must be one of {adapters.SCORING_CHOICES}.")
         self.policy = policy
         self.mode = mode
+        self.scoring = scoring
         # how to copy the generator (a plain deepcopy unless its weights are sharded), and how to store a fitted copy
         # (for example sharded with DeepSpeed); the trainer supplies both under ZeRO-3
         self.copy_policy = copy_policy or copy.deepcopy
@@ -69,17 +74,9 @@ class FailureModels:
         self._layers: list | None = None  # the LoRA layers, found once per set of adapters
         self.policy_adapter = None
         if mode == "adapter" and isinstance(policy, PeftModel):
-            if not isinstance(policy.base_model, LoraModel):
-                raise ValueError(
-                    f"failure_model='adapter' needs a plain or LoRA generator; got a {type(policy.base_model).__name__}"
-                    " PEFT model. Use failure_model='copy'."
-                )
-            self.policy_adapter = policy.active_adapter
-            self.lora_config = copy.deepcopy(policy.peft_config[self.policy_adapter])
-            self.lora_config.inference_mode = False
+            self.policy_adapter, self.lora_config = adapters.generator_lora_config(policy)
         else:
-            self.lora_config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules,
-                                          lora_dropout=0.0)
+            self.lora_config = adapters.new_lora_config(lora_r, lora_alpha, target_modules)
 
     def __len__(self):
         return len(self.copies) if self.mode == "copy" else len(self.names)
@@ -101,19 +98,13 @@ class FailureModels:
         if self.policy_adapter is not None:
             self._peft = self.policy
             self.policy.add_adapter(name, config)
-            for module in self.policy.modules():
-                if isinstance(module, LoraLayer) and name in module.lora_A:
-                    module.lora_A[name].weight.data.copy_(module.lora_A[self.policy_adapter].weight.data)
-                    module.lora_B[name].weight.data.copy_(module.lora_B[self.policy_adapter].weight.data)
+            adapters.copy_adapter_weights(self.policy, self.policy_adapter, name)
             self.policy.set_adapter(self.policy_adapter)
         elif self._peft is None:
-            # A PeftModel over the generator injects LoRA layers in place: the generator object and its parameters
-            # stay the same objects (the Trainer's optimizer keeps working), and peft routes mixed-adapter batches.
-            self._peft = PeftModel(self.policy, config, name)
-            self._peft.base_model.disable_adapter_layers()
+            self._peft = adapters.inject(self.policy, config, name)
         else:
             self._peft.add_adapter(name, config)
-            self._peft.base_model.disable_adapter_layers()
+            adapters.set_adapter_layers(self._peft, enabled=False)
         self._restore_flags(flags)
         self.names.append(name)
         return name
@@ -133,7 +124,7 @@ class FailureModels:
         if self.policy_adapter is not None:
             self.policy.set_adapter(self.policy_adapter)
         else:
-            self._peft.base_model.disable_adapter_layers()
+            adapters.set_adapter_layers(self._peft, enabled=False)
         self._restore_flags(flags)
 
     def _restore_flags(self, flags):
@@ -152,7 +143,7 @@ class FailureModels:
                     self.policy.delete_adapter(name)
                 self.policy.set_adapter(self.policy_adapter)
             else:
-                self._peft.base_model.unload()  # swaps the LoRA layers back for the original modules
+                adapters.unload(self._peft)
                 self._peft = None
             self._restore_flags(flags)
         self.names.clear()
@@ -163,14 +154,14 @@ class FailureModels:
         state = self.policy.state_dict()
         if self.mode == "copy" or self._peft is None or self.policy_adapter is not None:
             return state
-        return {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+        return adapters.without_adapters(state)
 
     def state_dict(self) -> list[dict]:
         """The failure models' own weights (adapters, or full copies), to rebuild them on resume."""
         if self.mode == "copy":
             return [{k: v.cpu() for k, v in m.state_dict().items()} for m in self.copies]
         state = self.policy.state_dict()
-        return [{k: v.cpu() for k, v in state.items() if f".{name}." in k} for name in self.names]
+        return [{k: v.cpu() for k, v in adapters.adapter_state(state, name).items()} for name in self.names]
 
     def load_state_dict(self, states: list[dict]):
         """Rebuild failure models saved by `state_dict` on top of the current generator."""
@@ -180,8 +171,7 @@ class FailureModels:
             if self.mode == "copy":
                 self.copies[-1].load_state_dict(state)
             else:
-                saved_name = next(iter(state)).split(".lora_")[1].split(".")[1] if state else name
-                own = {k.replace(f".{saved_name}.", f".{name}."): v for k, v in state.items()}
+                saved_name, own = adapters.renamed_adapter_state(state, name)
                 result = self.policy.load_state_dict(own, strict=False)
                 if result.unexpected_keys:
                     raise RuntimeError(f"failure adapter {saved_name} does not fit the generator: "
@@ -298,7 +288,7 @@ class FailureModels:
             return model, params, restore
         flags = {p: p.requires_grad for p in self.policy.parameters()}
         was_training = self.policy.training
-        self._peft.base_model.enable_adapter_layers()
+        adapters.set_adapter_layers(self._peft, enabled=True)
         self._peft.base_model.set_adapter(name)
         params = []
         for n, p in self.policy.named_parameters():
@@ -311,7 +301,7 @@ class FailureModels:
             if self.policy_adapter is not None:
                 self.policy.set_adapter(self.policy_adapter)
             else:
-                self._peft.base_model.disable_adapter_layers()
+                adapters.set_adapter_layers(self._peft, enabled=False)
             self._restore_flags(flags)
             self.policy.train(was_training)
 
@@ -339,17 +329,17 @@ class FailureModels:
                 policy_lp = sequence_log_probs(self.policy, ids, att, comp, batch_size, length_normalize)
                 failure_lp = [sequence_log_probs(m, ids, att, comp, batch_size, length_normalize) for m in self.copies]
                 return policy_lp, torch.stack(failure_lp) if failure_lp else policy_lp.new_zeros((0, n))
-            if self._mergeable():
+            if self.scoring_path() == "merged":
                 # one forward per model over the same tokens, each at the bare model's cost
                 lps = []
                 for name in [self.policy_adapter] + self.names:
-                    with self._merged(name):
+                    with adapters.merged(self._lora_layers(), name):
                         lps.append(sequence_log_probs(self._peft, ids, att, comp, batch_size, length_normalize))
                 return lps[0], torch.stack(lps[1:])
             # one mixed-adapter pass: each sequence repeated once per model, each copy routed to its adapter
             base = self.policy_adapter or "__base__"
             names = [name for name in [base] + self.names for _ in range(n)]
-            self._peft.base_model.enable_adapter_layers()
+            adapters.set_adapter_layers(self._peft, enabled=True)
             try:
                 lp = sequence_log_probs(
                     self._peft,
@@ -358,7 +348,7 @@ class FailureModels:
                 )
             finally:
                 if self.policy_adapter is None:
-                    self._peft.base_model.disable_adapter_layers()
+                    adapters.set_adapter_layers(self._peft, enabled=False)
             lp = lp.view(k + 1, n)
             return lp[0], lp[1:]
         finally:
@@ -366,42 +356,19 @@ class FailureModels:
 
     def _lora_layers(self) -> list:
         if self._layers is None:
-            self._layers = [m for m in self.policy.modules() if isinstance(m, LoraLayer)]
+            self._layers = adapters.lora_layers(self.policy)
         return self._layers
 
-    def _mergeable(self) -> bool:
-        """Whether every LoRA layer is a plain linear LoRA whose merged weight can be built on the fly."""
-        for m in self._lora_layers():
-            base = m.get_base_layer()
-            if (not isinstance(m, LoraLinear) or m.fan_in_fan_out or any(m.lora_variant.values())
-                    or any(getattr(m, "lora_bias", {}).values()) or hasattr(base.weight, "ds_id")
-                    or not isinstance(base, torch.nn.Linear) or base.weight.dtype != torch.float32):
-                # DoRA & co, transposed or biased LoRA, ZeRO-3 sharded weights, and half-precision weights (a small
-                # B @ A added to a bf16 W would be rounded away): peft's own forward
-                return False
-        return True
+    def scoring_path(self) -> str:
+        """The path `score` takes with the current adapters: `"merged"` or `"peft"` (`"copy"` in copy mode).
 
-    @contextlib.contextmanager
-    def _merged(self, name: str | None):
-        """
-        Inside, the model computes failure model (or LoRA generator) `name`: each LoRA layer holding it runs one linear
-        with `W + scale * B @ A`, built per call and freed after (no weight is modified, no copy is kept). `None` is
-        the plain generator: adapter layers stay disabled.
-        """
-        patched = []
-        for m in self._lora_layers() if name is not None else []:
-            if name not in m.lora_A:
-                continue
-            base = m.get_base_layer()
-            lora_a, lora_b, scale = m.lora_A[name].weight, m.lora_B[name].weight, m.scaling[name]
-
-            def forward(x, *args, _base=base, _a=lora_a, _b=lora_b, _s=scale, **kwargs):
-                return F.linear(x, torch.addmm(_base.weight, _b.to(x.dtype), _a.to(x.dtype), alpha=_s), _base.bias)
-
-            m.forward = forward  # an instance attribute shadows the class's forward until deleted
-            patched.append(m)
-        try:
-            yield
-        finally:
-            for m in patched:
-                del m.forward
+        Raises a `ValueError` when `scoring="merged"` was asked for adapters it cannot merge."""
+        if self.mode == "copy":
+            return "copy"
+        if self.scoring == "peft":
+            return "peft"
+        can_merge = adapters.mergeable(self._lora_layers())
+        if self.scoring == "merged" and not can_merge:
+            raise ValueError("scoring='merged' needs plain float32 linear LoRA layers on unsharded weights; use "
+                             "scoring='auto' or 'peft'.")
+        return "merged" if can_merge else "peft"

@@ -88,7 +88,8 @@ class RewardLedger:
                     obj["prompt"], obj["completion"], float(obj["reward"]), int(obj["round"]), bool(obj["success"])
                 )
             except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{self.path}: record {i + 1} is not an evaluation ({e!r}); refusing to guess.") from e
+                raise ValueError(f"{self.path}: record {i + 1} is not an evaluation ({e!r}); refusing to "
+                                 "guess.") from e
             self._add(record)
 
     def _add(self, record: Evaluation):

@@ -10,15 +10,35 @@ the index. `None` means "not scored".
 import asyncio
 import concurrent.futures
 import inspect
+import json
 import logging
 import math
 import numbers
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from .ledger import RewardFunctionError
 
 logger = logging.getLogger(__name__)
+
+
+def message_text(x) -> str:
+    """The text of a prompt or completion in TRL's formats: a string as it is; a conversation (a list of messages, or
+    one message) as its messages' contents concatenated, multimodal content parts by their `"text"` parts, any other
+    content as JSON. One rule for the ledger's keys, the baselines' features and the recipes' reward functions."""
+    if isinstance(x, str):
+        return x
+    if isinstance(x, dict):
+        x = [x]
+    if not isinstance(x, list):
+        return str(x)
+    parts = []
+    for message in x:
+        content = message.get("content", "") if isinstance(message, dict) else message
+        if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+            content = "".join(p.get("text", "") for p in content)
+        parts.append(content if isinstance(content, str) else json.dumps(content))
+    return "".join(parts)
 
 
 def reward_func_name(func) -> str:
@@ -38,7 +58,8 @@ class RewardOracle:
             See [`BaNELConfig`] `reward_retries`, `reward_retry_backoff`, `reward_timeout`.
     """
 
-    def __init__(self, reward_funcs, weights=None, retries: int = 2, backoff: float = 1.0, timeout: float | None = None):
+    def __init__(self, reward_funcs, weights=None, retries: int = 2, backoff: float = 1.0,
+                 timeout: float | None = None):
         if not isinstance(reward_funcs, (list, tuple)):
             reward_funcs = [reward_funcs]
         if not reward_funcs:

@@ -8,7 +8,6 @@ position ids that skip padding exactly as generation did.
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass

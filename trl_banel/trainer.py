@@ -35,6 +35,7 @@ from trl.trainer.base_trainer import _BaseTrainer
 
 from .callbacks import BaNELProgressCallback
 from .config import BaNELConfig
+from .adapters import gathered_copy
 from .evidence import EvidenceLogitsProcessor, PrefixEvidence
 from .failure import FailureModels
 from .ledger import LEDGER_FILENAME, RewardFunctionError, RewardLedger
@@ -132,7 +133,8 @@ class BaNELTrainer(_BaseTrainer):
         if isinstance(model, str):
             model = AutoModelForCausalLM.from_pretrained(model)
         if not isinstance(model, (PreTrainedModel, PeftModel)):
-            raise TypeError(f"model must be a Hub id or path, a PreTrainedModel or a PeftModel; got {type(model).__name__}.")
+            raise TypeError("model must be a Hub id or path, a PreTrainedModel or a PeftModel; got "
+                            f"{type(model).__name__}.")
         if peft_config is not None:
             if isinstance(model, PeftModel):
                 raise ValueError("model is already a PeftModel: pass peft_config=None or the base model.")
@@ -142,17 +144,12 @@ class BaNELTrainer(_BaseTrainer):
         if processing_class.pad_token is None:
             if processing_class.eos_token is None:
                 raise ValueError("The tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token.")
-            logger.warning("The tokenizer has no pad token; using its EOS token %r for padding.", processing_class.eos_token)
+            logger.warning("The tokenizer has no pad token; using its EOS token %r for padding.",
+                           processing_class.eos_token)
             processing_class.pad_token = processing_class.eos_token
         if processing_class.eos_token_id is None:
             raise ValueError("The tokenizer has no EOS token: completions could never end. Set tokenizer.eos_token.")
         _check_dataset(train_dataset)
-
-        if args.max_steps is None or args.max_steps <= 0:
-            # An upper bound: the run really stops when the budget (or num_rounds) is reached.
-            max_rounds = args.num_rounds or (args.max_reward_evaluations + args.max_idle_rounds)
-            phases = max_rounds if args.distill_every == 0 else math.ceil(max_rounds / args.distill_every)
-            args.max_steps = phases * (1 if args.distill_every == 0 else args.distill_steps)
 
         self.oracle = RewardOracle(
             reward_funcs, args.reward_weights, args.reward_retries, args.reward_retry_backoff, args.reward_timeout
@@ -230,6 +227,11 @@ class BaNELTrainer(_BaseTrainer):
     # ------------------------------------------------------------------------------------------------------------
     # Trainer hooks
     # ------------------------------------------------------------------------------------------------------------
+    @property
+    def distilling(self) -> bool:
+        """Whether steps of the current distillation are still to run (callbacks that measure the generator wait)."""
+        return bool(self._buffer)
+
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = ["prompt"]
@@ -306,7 +308,8 @@ class BaNELTrainer(_BaseTrainer):
         self.create_model_card(model_name=self._model_card_name())
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            folder = os.path.join(self._get_output_dir(trial=trial),
+                                  f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             save_state_last(self._banel_state(), folder)  # last and atomic: it marks the checkpoint complete
 
     def _save(self, output_dir: str | None = None, state_dict=None):
@@ -370,7 +373,8 @@ class BaNELTrainer(_BaseTrainer):
 
     def _reevaluate_lost(self):
         """Send again the evaluations a crash lost (charged again), as `reevaluate_interrupted` asks."""
-        lost = [r for r in self.ledger.unrecorded_lost() if "row" in r.meta and r.meta["row"] < len(self.train_dataset)]
+        lost = [r for r in self.ledger.unrecorded_lost()
+                if "row" in r.meta and r.meta["row"] < len(self.train_dataset)]
         if not lost:
             return
         if self.accelerator.is_main_process:
@@ -760,10 +764,12 @@ class BaNELTrainer(_BaseTrainer):
 
         Args:
             num_samples (`int`): samples to score (summed over processes).
-            reward_funcs (*optional*): the oracle to score with; the trainer's by default.
+            reward_funcs (*optional*): the reward functions to score with, called as the trainer calls its own
+                (dataset columns, retries, `reward_timeout`, `reward_weights`); the trainer's by default.
         """
-        other = None if reward_funcs is None else RewardOracle(reward_funcs, retries=self.args.reward_retries,
-                                                               backoff=self.args.reward_retry_backoff)
+        other = None if reward_funcs is None else RewardOracle(
+            reward_funcs, self.args.reward_weights, self.args.reward_retries, self.args.reward_retry_backoff,
+            self.args.reward_timeout)
         world = self.accelerator.num_processes
         want = math.ceil(num_samples / world)
         samples, proposed = [], 0
@@ -786,8 +792,7 @@ class BaNELTrainer(_BaseTrainer):
         keys = list(todo)
         for start in range(0, len(keys), 4096):
             chunk = [todo[k] for k in keys[start : start + 4096]]
-            rewards = self._call_oracle(chunk) if other is None else other(
-                [c["prompt"] for c in chunk], [c["completion"] for c in chunk], {})
+            rewards = self._call_oracle(chunk, oracle=other)
             cache.update(zip(keys[start : start + 4096], rewards))
         scored = [cache[(c["prompt_text"], c["completion"])] for c in samples]
         successes = sum(1 for r in scored if r is not None and r > self.args.success_threshold)
@@ -963,7 +968,7 @@ class BaNELTrainer(_BaseTrainer):
             return cands
         return [c for c in cands if not self.ledger.is_unrecorded_lost(c["prompt_text"], c["completion"])]
 
-    def _call_oracle(self, cands: list[dict], require_a_score: bool = False) -> list[float | None]:
+    def _call_oracle(self, cands: list[dict], require_a_score: bool = False, oracle=None) -> list[float | None]:
         prompts = [c["prompt"] for c in cands]
         if cands and is_conversational({"prompt": prompts[0]}):
             completions = [[{"role": "assistant", "content": c["completion"]}] for c in cands]
@@ -975,7 +980,8 @@ class BaNELTrainer(_BaseTrainer):
                 columns[key] = [self.train_dataset[c["row"]][key] for c in cands]
         columns["completion_ids"] = [c["completion_ids"] for c in cands]
         columns["trainer_state"] = self.state
-        return self.oracle(prompts, completions, columns, require_a_score=require_a_score)
+        oracle = self.oracle if oracle is None else oracle
+        return oracle(prompts, completions, columns, require_a_score=require_a_score)
 
     def _sync_ledger_from_main(self):
         if self.accelerator.num_processes > 1:
@@ -1010,17 +1016,8 @@ class BaNELTrainer(_BaseTrainer):
                           [c["completion"] for c in cands], [c["row"] for c in cands])
 
     def _gathered_copy(self, policy):
-        """A full, unsharded copy of a ZeRO-3 generator (a deepcopy would copy the empty shards)."""
-        import deepspeed
-
-        if isinstance(policy, PeftModel):
-            raise ValueError("failure_model='copy' with a LoRA generator under ZeRO-3 is not supported; use "
-                             "failure_model='adapter' (the default), which needs no copy at all.")
-        with deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None):
-            state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-        model = type(policy)(policy.config)
-        model.load_state_dict(state)
-        return model.to(self.accelerator.device)
+        """A full, unsharded copy of a ZeRO-3 generator, on this process's device."""
+        return gathered_copy(policy, self.accelerator.device)
 
     def _zero3(self) -> bool:
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)

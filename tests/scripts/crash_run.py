@@ -1,9 +1,10 @@
 """A BaNEL run to be SIGKILLed from outside and resumed, over and over (tests/test_crash.py).
 
 What it tells the test, through files that outlive the processes:
-- `COUNT_FILE`: the reward function appends `begin <call> <items as JSON>` (fsynced) as soon as it is called, then works
-  for `ORACLE_SECONDS`, then appends `end <call>`. Every (prompt, completion) passed to it is in a `begin` line, so
-  the test counts what was paid for without trusting the trainer. It always answers (never None, never raises).
+- `COUNT_FILE`: the reward function appends `begin <call> <items as JSON>` (fsynced) as soon as it is called, then
+  works for `ORACLE_SECONDS`, then appends `end <call>`. Every (prompt, completion) passed to it is in a `begin`
+  line, so the test counts what was paid for without trusting the trainer.
+  It always answers (never None, never raises).
 - `PHASE_FILE`: on the main process, the phase the run is in (propose, filter, oracle, failure_fit, distill,
   checkpoint, other), rewritten at every change, so the test can aim a kill at a phase.
 - `OUT/done.json` at the end: what the trainer reports; `OUT/final`: the saved model.

@@ -54,7 +54,8 @@ def main():
         keep_failure_models=os.environ.get("KEEP_FAILURE_MODELS") == "1", max_failure_models=2,
         failure_margin=float(os.environ.get("FAILURE_MARGIN", "0")),
     )
-    trainer = BaNELTrainer(model=model, reward_funcs=oracle, args=args, train_dataset=Dataset.from_dict({"prompt": [""]}),
+    trainer = BaNELTrainer(model=model, reward_funcs=oracle, args=args,
+                           train_dataset=Dataset.from_dict({"prompt": [""]}),
                            processing_class=tok)
     resume = get_last_checkpoint(OUT) if os.path.isdir(OUT) else None
     trainer.train(resume_from_checkpoint=resume)

@@ -9,24 +9,14 @@ the weights of the best point for a later, separately counted, re-estimate.
 """
 
 import copy
-import json
 import os
 from collections.abc import Callable
 
 from transformers import TrainerCallback
 
+from ..callbacks import SuccessCurveRecorder
 from ..ledger import LEDGER_FILENAME, RewardLedger
-from ..oracle import RewardOracle
-
-
-def _text(x) -> str:
-    """A prompt or completion as ledger text (conversational ones: the concatenated message contents)."""
-    if isinstance(x, str):
-        return x
-    if isinstance(x, list):
-        return "".join(m.get("content", "") if isinstance(m.get("content"), str) else json.dumps(m["content"])
-                       for m in x)
-    return str(x)
+from ..oracle import RewardOracle, message_text
 
 
 class BudgetedReward:
@@ -80,7 +70,8 @@ class BudgetedReward:
             return self.oracle([prompts[i] for i in idx], [completions[i] for i in idx], columns)
 
         self.calls += 1
-        rewards = self.ledger.evaluate([_text(p) for p in prompts], [_text(c) for c in completions], call,
+        rewards = self.ledger.evaluate([message_text(p) for p in prompts], [message_text(c) for c in completions],
+                                       call,
                                        round=self.calls)
         self.unscored += sum(r is None for r in rewards)
         log_metric = kwargs.get("log_metric")
@@ -109,7 +100,7 @@ class StopOnBudgetCallback(TrainerCallback):
         self.on_step_end(args, state, control)
 
 
-class PolicySuccessCurveCallback(TrainerCallback):
+class PolicySuccessCurveCallback(SuccessCurveRecorder):
     r"""
     The policy's success rate against the NRE spent: at the start, every `every_nre` reward evaluations, and at the
     end. The GRPO-side twin of [`~trl_banel.callbacks.SuccessCurveCallback`].
@@ -126,32 +117,18 @@ class PolicySuccessCurveCallback(TrainerCallback):
 
     def __init__(self, budgeted: BudgetedReward, estimate: Callable, every_nre: int = 500, keep_best: bool = True,
                  path: str | None = None):
+        super().__init__(keep_best, path)
         self.budgeted = budgeted
         self.estimate = estimate
         self.every_nre = every_nre
-        self.keep_best = keep_best
-        self.path = path
-        self.points: list[dict] = []
-        self.evaluation_calls = 0
-        self.best_point: dict | None = None
-        self.best_state: dict | None = None
         self._next = 0
 
     def measure(self, model, step: int) -> dict:
         was_training = model.training
         est = self.estimate(model)
         model.train(was_training)
-        self.evaluation_calls += est.oracle_calls
-        point = {"step": step, "nre": self.budgeted.ledger.spent, **est.to_dict()}
-        self.points.append(point)
-        if self.best_point is None or point["rate"] > self.best_point["rate"]:
-            self.best_point = point
-            if self.keep_best:
-                self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        point = self.record({"step": step, "nre": self.budgeted.ledger.spent}, est, model.state_dict)
         self._next = point["nre"] + self.every_nre
-        if self.path is not None:
-            with open(self.path, "w") as f:
-                json.dump({"points": self.points, "evaluation_calls": self.evaluation_calls}, f, indent=1)
         return point
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):

@@ -18,7 +18,8 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 
-def nsr_advantages(rewards: torch.Tensor, positive_weight: float = 0.0, success_threshold: float = 0.0) -> torch.Tensor:
+def nsr_advantages(rewards: torch.Tensor, positive_weight: float = 0.0,
+                   success_threshold: float = 0.0) -> torch.Tensor:
     """-1 for a failure (reward <= threshold), `positive_weight` for a success, 0 for an unscored (NaN) reward."""
     adv = torch.where(rewards > success_threshold, torch.full_like(rewards, positive_weight),
                       torch.full_like(rewards, -1.0))

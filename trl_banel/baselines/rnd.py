@@ -13,6 +13,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from ..oracle import message_text
+
 
 @lru_cache(maxsize=200_000)
 def _ngram_buckets(text: str, dim: int, ngram_sizes: tuple[int, ...]) -> tuple[tuple[int, float], ...]:
@@ -29,15 +31,6 @@ def _ngram_buckets(text: str, dim: int, ngram_sizes: tuple[int, ...]) -> tuple[t
     return tuple((b, v * scale) for b, v in counts.items())
 
 
-def completion_text(completion) -> str:
-    """The text of a completion: a string, or the contents of a conversational completion's messages."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, list):
-        return "".join(str(m.get("content", "")) for m in completion)
-    return str(completion)
-
-
 def ngram_features(completions, dim: int = 256, ngram_sizes: tuple[int, ...] = (1, 2, 3)) -> torch.Tensor:
     r"""
     Hashed, signed character n-gram counts of each completion (with begin/end markers), scaled by 1/sqrt(#n-grams):
@@ -45,7 +38,7 @@ def ngram_features(completions, dim: int = 256, ngram_sizes: tuple[int, ...] = (
     """
     out = torch.zeros(len(completions), dim)
     for row, c in enumerate(completions):
-        for bucket, value in _ngram_buckets(completion_text(c), dim, tuple(ngram_sizes)):
+        for bucket, value in _ngram_buckets(message_text(c), dim, tuple(ngram_sizes)):
             out[row, bucket] = value
     return out
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from ..stats import SuccessEstimate
 from .common import SPECIAL_TOKENS, sample_token_ids  # noqa: F401 (SPECIAL_TOKENS: public name kept)
 from .common import build_tokenizer as _build_tokenizer
 
@@ -207,37 +208,46 @@ def sample_queries(model, tokenizer, n: int, batch_size: int = 4096, temperature
     return out
 
 
-class SuccessEstimate(NamedTuple):
-    """Attack success count out of ``n`` samples, plus how many queries left the training distribution."""
+def estimate_success_rate(attacker, tokenizer, oracle: AdditionOracle, n: int = 100_000, batch_size: int = 4096,
+                          temperature: float = 1.0, seed: int = 0) -> tuple[SuccessEstimate, dict]:
+    """Samples ``n`` queries from ``attacker`` and scores every one with ``oracle`` (``n`` oracle calls).
 
-    successes: int
-    n: int
-    leading_zero: int
-    malformed: int
-
-    @property
-    def rate(self) -> float:
-        return self.successes / self.n
-
-    @property
-    def off_distribution(self) -> int:
-        return self.leading_zero + self.malformed
-
-    def interval(self, confidence: float = 0.95) -> tuple[float, float]:
-        """Clopper-Pearson (exact) interval for the success rate."""
-        from scipy.stats import binomtest
-
-        ci = binomtest(self.successes, self.n).proportion_ci(confidence, method="exact")
-        return ci.low, ci.high
-
-
-def estimate_success_rate(attacker, tokenizer, oracle: AdditionOracle, n: int = 100_000,
-                          batch_size: int = 4096, temperature: float = 1.0, seed: int = 0) -> SuccessEstimate:
-    """Samples ``n`` queries from ``attacker`` and scores them with ``oracle``."""
+    Returns the estimate (Clopper-Pearson interval) and how many queries left the training distribution:
+    ``leading_zero`` and ``malformed`` counts.
+    """
     queries = sample_queries(attacker, tokenizer, n, batch_size=batch_size, temperature=temperature, seed=seed)
     rewards = oracle(None, queries)
     kinds = [classify_query(q, oracle.max_operand_digits) for q in queries]
-    return SuccessEstimate(int(sum(rewards)), n, kinds.count("leading zeros"), kinds.count("malformed"))
+    estimate = SuccessEstimate.from_counts(int(sum(rewards)), n, oracle_calls=n)
+    return estimate, {"leading_zero": kinds.count("leading zeros"), "malformed": kinds.count("malformed")}
+
+
+def demo_summary_text(result: dict) -> str:
+    """The demo's printed summary (``recipes/addition_attack.py``), from its ``result.json``; the README's example
+    output is rendered by this too."""
+    pre, final = result["pretrained"], result["banel"]
+    rows = [
+        ("pretrained success rate", f"{pre['rate']:.5f} [{pre['low']:.5f}, {pre['high']:.5f}] (n={pre['samples']})"),
+        ("BaNEL success rate",
+         f"{final['rate']:.5f} [{final['low']:.5f}, {final['high']:.5f}] (n={final['samples']})"),
+        ("improvement",
+         f"{result['improvement']:.1f}x" + (" (quick mode: not meaningful)" if result["quick"] else "")),
+        ("reward evaluations (training)", f"{result['nre']} of {result['budget']}"),
+        ("successes found in training", f"{result['successes_found']}"),
+        ("final acceptance rate", f"{final['acceptance_rate']:.3f}"),
+        ("evaluation-only oracle calls", f"{result['evaluation_calls']} (not charged)"),
+        ("wall time", f"{result['minutes']:.1f} min ({result['hardware']})"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    examples = result["successes_examples"]
+    if examples:
+        lines += ["", "successful queries found in training, by kind:"]
+        for kind, count in sorted(result["successes_by_kind"].items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"  {kind:<14} {count:>5}  e.g. {', '.join(examples[kind])}")
+    else:
+        lines += ["", "successful queries found in training: none"]
+    return "\n".join(lines)
 
 
 def _load_model(path: Path, device: str):
