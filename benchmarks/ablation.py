@@ -218,7 +218,8 @@ def _plot(runs, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    colors = dict(zip(CONFIGS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    palette = plt.get_cmap("tab20")  # more configurations than the default cycle's 10 colours
+    colors = {config: palette(i % 20) for i, config in enumerate(CONFIGS)}
     for r in runs:
         xs = [0] + [p["nre"] for p in r["curve"]]
         ys = [r["prior"]] + [p["p"] for p in r["curve"]]
