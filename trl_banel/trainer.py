@@ -600,6 +600,8 @@ class BaNELTrainer(_BaseTrainer):
         evaluated = sum(1 for r in rewards if r is not None)
         proposed = max(stats["proposed"], 1)
         fresh = max(stats["proposed"] - stats["known"], 1)
+        if args.evidence_pseudo_count > 0:
+            fit = {**fit, "generator/tried_prefix_share": stats["tried_prefix"] / proposed}
         record = {
             "round": self.round, "nre": self.ledger.spent, "successes": len(self.ledger.successes),
             "proposed": stats["proposed"], "accepted": stats["accepted"], "ratio_rejected": stats["ratio_rejected"],
@@ -609,7 +611,6 @@ class BaNELTrainer(_BaseTrainer):
             "filter/ratio_rejected_rate": stats["ratio_rejected_fresh"] / fresh,
             "generator/entropy": stats["nll"] / max(stats["tokens"], 1),
             "generator/distinct": stats["distinct"] / proposed,
-            "generator/tried_prefix_share": stats["tried_prefix"] / proposed,
             **fit,
             "failure/num_models": len(self.failures),
         }
@@ -878,7 +879,10 @@ class BaNELTrainer(_BaseTrainer):
 
     def update_evidence(self):
         """Bring `evidence` (failures per completion prefix) up to date with the negatives recorded so far (all of them
-        after a resume). Proposals call it; call it before reading `evidence` between rounds."""
+        after a resume). Proposals call it; call it before reading `evidence` between rounds. Kept only with
+        `evidence_pseudo_count > 0`: a trie of long completions is large."""
+        if not self.args.evidence_pseudo_count > 0:
+            return
         for c in self._negatives[self._evidence_synced:]:
             self.evidence.add(c["prompt_text"], c["completion_ids"])
         self._evidence_synced = len(self._negatives)
@@ -929,7 +933,7 @@ class BaNELTrainer(_BaseTrainer):
         stats = {"proposed": n, "accepted": len(keep), "known": int(known.sum()), "ratio_rejected": int(rejected.sum()),
                  "ratio_rejected_fresh": int((rejected & ~known).sum()), "nll": nll, "tokens": tokens,
                  "distinct": len({(c["prompt_text"], c["completion"]) for c in cands}),
-                 "tried_prefix": self._tried_prefix_share(cands) * n}
+                 "tried_prefix": self._tried_prefix_share(cands) * n if args.evidence_pseudo_count > 0 else 0.0}
         return keep, stats, lr_acc, lr_rej
 
     # -- evaluate ------------------------------------------------------------------------------------------------
