@@ -74,9 +74,13 @@ def main():
             models = trainer.history[-1]["failure/num_models"] if trainer.history else 0
             f.write(f"{trainer.accelerator.num_processes} {trainer.ledger.spent} {trainer.round} {models} "
                     f"{estimate.samples}\n")
-    # leave the process group before exit: left to interpreter shutdown, its threads can abort a rank (SIGABRT)
+    # Every output is written and closed. Under ZeRO-3 a rank sometimes aborts while C++ objects are torn down at exit
+    # ("terminate called without an active exception", SIGABRT), even after leaving the process group: once all ranks
+    # are here, exit without that teardown.
     trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
