@@ -43,14 +43,26 @@ class PrefixEvidence:
     def root(self, prompt_text: str) -> list | None:
         return self._roots.get(prompt_text)
 
+    def _walk(self, prompt_text: str, tokens: list[int]):
+        """The nodes of the prefixes of `tokens`, shortest first, as far as failures went through them."""
+        node = self._roots.get(prompt_text)
+        for token in tokens:
+            node = None if node is None else node[1].get(int(token))
+            if node is None:
+                return
+            yield node
+
     def count(self, prompt_text: str, prefix: list[int]) -> int:
         """Failures whose completion starts with `prefix` (0 if none)."""
-        node = self._roots.get(prompt_text)
-        for token in prefix:
-            if node is None:
-                return 0
-            node = node[1].get(int(token))
-        return 0 if node is None else node[0]
+        if not prefix:
+            root = self._roots.get(prompt_text)
+            return 0 if root is None else root[0]
+        nodes = list(self._walk(prompt_text, prefix))
+        return nodes[-1][0] if len(nodes) == len(prefix) else 0
+
+    def tried_depth(self, prompt_text: str, completion_ids: list[int]) -> int:
+        """How many leading tokens of a completion lie on prefixes some failure went through."""
+        return sum(1 for _ in self._walk(prompt_text, completion_ids))
 
 
 class EvidenceLogitsProcessor(LogitsProcessor):

@@ -890,15 +890,8 @@ class BaNELTrainer(_BaseTrainer):
     def _tried_prefix_share(self, cands: list[dict]) -> float:
         """Mean share of each proposal's tokens that lie on prefixes some failure already went through: how much of
         what the generator proposes retraces evaluated failures (the prefix evidence lowers it)."""
-        shares = []
-        for c in cands:
-            node, depth = self.evidence.root(c["prompt_text"]), 0
-            for token in c["completion_ids"]:
-                node = None if node is None else node[1].get(int(token))
-                if node is None:
-                    break
-                depth += 1
-            shares.append(depth / max(len(c["completion_ids"]), 1))
+        shares = [self.evidence.tried_depth(c["prompt_text"], c["completion_ids"]) / max(len(c["completion_ids"]), 1)
+                  for c in cands]
         return sum(shares) / max(len(shares), 1)
 
     # -- filter --------------------------------------------------------------------------------------------------

@@ -83,9 +83,10 @@ def sequence_log_probs(model, tokenizer, texts: Sequence[str], batch_size: int =
     """
     out = []
     for start in range(0, len(texts), batch_size):
-        log_probs, targets, mask = next_token_log_probs(model, tokenizer, texts[start : start + batch_size],
-                                                        append_eos)
-        out.append((log_probs.gather(2, targets[..., None]).squeeze(-1) * mask).sum(1))
+        log_probs, targets, mask = _next_token_log_probs(model, tokenizer, texts[start : start + batch_size],
+                                                         append_eos)
+        # gathered where the model runs: only the (N, T) log-probabilities leave its device
+        out.append((log_probs.gather(2, targets[..., None]).squeeze(-1) * mask).sum(1).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -93,6 +94,12 @@ def sequence_log_probs(model, tokenizer, texts: Sequence[str], batch_size: int =
 def next_token_log_probs(model, tokenizer, texts: Sequence[str], append_eos: bool = True):
     """The model's next-token log-probabilities at every token of each text (after ``<bos>``, then ``<eos>``):
     ``(log_probs, targets, mask)`` of shapes ``(N, T, V)``, ``(N, T)``, ``(N, T)``, on the CPU."""
+    return tuple(t.cpu() for t in _next_token_log_probs(model, tokenizer, texts, append_eos))
+
+
+@torch.no_grad()
+def _next_token_log_probs(model, tokenizer, texts: Sequence[str], append_eos: bool):
+    """As :func:`next_token_log_probs`, on the model's device."""
     model.eval()
     device = next(model.parameters()).device
     eos = [tokenizer.eos_token_id] if append_eos else []
@@ -103,8 +110,9 @@ def next_token_log_probs(model, tokenizer, texts: Sequence[str], append_eos: boo
     for row, seq in enumerate(seqs):
         ids[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]
-    return logits.float().log_softmax(-1).cpu(), ids[:, 1:], mask[:, 1:]
+    ids, mask = ids.to(device), mask.to(device)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    return logits.float().log_softmax(-1), ids[:, 1:], mask[:, 1:]
 
 
 # ------------------------------------------------------------------------------ pretraining helpers
