@@ -74,8 +74,15 @@ def test_a_margin_of_zero_fits_every_epoch(tmp_path, char_tokenizer, skewed_mode
                            train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
     negatives = _negatives(trainer, 16)
     models.add()
-    result = models.fit(negatives, max_epochs=7, learning_rate=1e-3, batch_size=8, margin=0.0)
+    result = models.fit(negatives, max_epochs=7, learning_rate=1e-3, batch_size=8, margin=0.0,
+                        min_log_ratio=-math.log(0.97))
     assert result.steps == 14 and len(result.losses) == 7
+    # without a margin the target is what the ratio test needs, and `reached` can fail
+    assert result.target == pytest.approx(-math.log(0.97)) and result.reached == (result.log_ratio >= result.target)
+    models.add()
+    idle = models.fit(negatives, max_epochs=2, learning_rate=1e-12, batch_size=8, margin=0.0,
+                      min_log_ratio=-math.log(0.97))
+    assert abs(idle.log_ratio) < 1e-3 and not idle.reached, "a fit that moved nothing must not report its margin"
 
 
 def test_drop_oldest_keeps_the_most_recent_adapters(tmp_path, char_tokenizer, skewed_model):
@@ -120,6 +127,20 @@ def test_each_step_of_the_round_logs_what_it_did(tmp_path, char_tokenizer, skewe
     assert all(h["filter/ratio_rejected_rate"] > 0 for h in trainer.history[1:])
     assert any("distill/log_prob_gain" in h for h in trainer.history)
     assert not any("lora_" in k for k in skewed_model.state_dict()), "failure adapters left inside the generator"
+
+
+@pytest.mark.parametrize("fit_lr, reached", [(1e-2, True), (1e-12, False)])
+def test_without_a_margin_the_round_reports_whether_the_fit_beat_the_ratio_test(tmp_path, char_tokenizer, fit_lr,
+                                                                                reached):
+    """failure_margin=0 (the default) fits a fixed number of epochs; `failure/margin_reached` then says whether the
+    fit raised its negatives above log(1 / tau), and a fit that moves nothing must say no."""
+    model = make_tiny_model(char_tokenizer, seed=1)  # untrained: every negative is new, the margin is reachable
+    trainer = _run(tmp_path, char_tokenizer, model, RecordingOracle(), max_reward_evaluations=24,
+                   evaluations_per_round=8, num_candidates=48, failure_learning_rate=fit_lr)
+    fits = [h for h in trainer.history if "failure/fit_target" in h]
+    assert fits and all(h["failure/fit_target"] == pytest.approx(-math.log(0.97)) for h in fits)
+    assert all(h["failure/margin_reached"] == float(reached) for h in fits)
+    assert all((h["failure/fit_log_ratio"] >= h["failure/fit_target"]) == reached for h in fits)
 
 
 def test_dropping_regions_at_distillation_leaves_the_oracle_unfiltered(tmp_path, char_tokenizer, skewed_model):

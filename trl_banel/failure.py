@@ -180,14 +180,16 @@ class FailureModels:
     # -- fitting ---------------------------------------------------------------------------------------------------
     def fit(self, negatives: Candidates, max_epochs: int, learning_rate: float, batch_size: int,
             margin: float = 0.0, max_grad_norm: float | None = 1.0, warmup_steps: int = 0, seed: int = 0,
-            rank: int = 0, world_size: int = 1) -> "FitResult":
+            rank: int = 0, world_size: int = 1, min_log_ratio: float = 0.0) -> "FitResult":
         r"""
         Fit the newest failure model by maximum likelihood on `negatives` (as sampled, repeats included), until the
         mean over the negatives of `log p_fail - log q` reaches its target or `max_epochs` epochs have run.
 
         The target is `margin` nats, capped at half the most any model could reach on these negatives: their
         empirical distribution `p_emp` scores `KL(p_emp || q)` (per prompt), which is small where the generator is
-        already sharp (a few completions repeated) and large where every negative is new.
+        already sharp (a few completions repeated) and large where every negative is new. With `margin=0` every epoch
+        runs and the target is `min_log_ratio` (the trainer passes `log(1 / rejection_threshold)`, what the ratio
+        test needs to reject the average negative): `reached` then says whether the fixed fit did its job.
 
         The negatives are samples of `q` itself, so the likelihood gradient on them is finite-sample noise: the
         model has to learn these particular failures, which takes many small stable steps (AdamW with gradient
@@ -207,7 +209,10 @@ class FailureModels:
         device = next(model.parameters()).device
         log_ratio, steps = 0.0, 0
         log_q = self._log_q(model, negatives, device)  # the new model starts as q
-        target = min(margin, 0.5 * self._achievable_log_ratio(negatives, log_q)) if margin > 0 else 0.0
+        if margin > 0:
+            target = min(margin, 0.5 * self._achievable_log_ratio(negatives, log_q))
+        else:
+            target = min_log_ratio
         try:
             model.train()
             for _ in range(max_epochs):
@@ -253,7 +258,7 @@ class FailureModels:
             restore()
         if self.mode == "copy" and self.prepare_copy is not None:
             self.copies[-1] = self.prepare_copy(self.copies[-1])
-        return FitResult(losses, steps, log_ratio, target, margin <= 0 or log_ratio >= target)
+        return FitResult(losses, steps, log_ratio, target, log_ratio >= target)
 
     @staticmethod
     @torch.no_grad()

@@ -659,6 +659,7 @@ class BaNELTrainer(_BaseTrainer):
                 margin=args.failure_margin, max_grad_norm=args.failure_max_grad_norm,
                 warmup_steps=args.failure_warmup_steps, seed=args.seed + self.round,
                 rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
+                min_log_ratio=-math.log(args.rejection_threshold),
             )
             while args.keep_failure_models and len(self.failures) > args.max_failure_models:
                 self.failures.drop_oldest()
@@ -667,14 +668,16 @@ class BaNELTrainer(_BaseTrainer):
             policy_lp, failure_lp = self.failures.score(scored, args.scoring_batch_size, args.length_normalize)
             log_ratio = (failure_lp[-1] - policy_lp).cpu()
             rejected = rejection_mask(policy_lp.cpu(), failure_lp[-1:].cpu(), args.rejection_threshold)[0]
+        fit_log_ratio = log_ratio[: len(fit_on)].mean().item()
         out = {
             "failure_losses": result.losses,
             "failure/loss_first_epoch": result.losses[0], "failure/loss": result.losses[-1],
             "failure/fit_steps": result.steps,
-            "failure/fit_log_ratio": log_ratio[: len(fit_on)].mean().item(),
+            "failure/fit_log_ratio": fit_log_ratio,
             "failure/fit_rejected_rate": rejected[: len(fit_on)].float().mean().item(),
             "failure/fit_target": result.target,
-            "failure/margin_reached": float(result.reached),
+            # judged on the exact log-ratio after the fit (the fit's own value is one step stale)
+            "failure/margin_reached": float(fit_log_ratio >= result.target),
         }
         if held_out:
             out["failure/heldout_rejected_rate"] = rejected[len(fit_on):].float().mean().item()
