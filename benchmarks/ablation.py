@@ -48,14 +48,18 @@ from datasets import Dataset  # noqa: E402
 from transformers import HfArgumentParser, TrainerCallback, set_seed  # noqa: E402
 
 from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
-from trl_banel.tasks.letters import exact_proposal_success_probability, exact_success_probability, load_letters_task  # noqa: E402
+from trl_banel.tasks.letters import (BANEL_SETTINGS, exact_proposal_success_probability,  # noqa: E402
+                                     exact_success_probability, load_letters_task)
 
-# The task's settings: every configuration starts from these (the rest are the package defaults).
+# What the evidence_distil configuration adds to the task's base settings (together: the task's BANEL_SETTINGS).
+EVIDENCE_DISTIL = {k: BANEL_SETTINGS[k] for k in ("evidence_pseudo_count", "success_replay", "stop_after_successes")}
+# The base every configuration starts from (the rest are the package defaults): the task's settings without the
+# evidence_distil parts, at a 2,000-NRE budget unless --budget says otherwise.
 TASK_SETTINGS = dict(
     use_cpu=True, bf16=False, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=10_000,
-    max_reward_evaluations=2000, evaluations_per_round=50, num_candidates=512, max_completion_length=9,
-    per_device_train_batch_size=64, learning_rate=1e-3,
+    **{k: v for k, v in BANEL_SETTINGS.items() if k not in EVIDENCE_DISTIL},
 )
+TASK_SETTINGS["max_reward_evaluations"] = 2000
 STRONG_FIT = dict(failure_margin=1.0, failure_epochs=300, failure_learning_rate=1e-3, failure_batch_size=64,
                   failure_max_grad_norm=1.0, failure_warmup_steps=10)
 CONFIGS = {
@@ -81,7 +85,7 @@ CONFIGS = {
     "evidence": dict(evidence_pseudo_count=1.0, distill_before_success=False, success_replay=0.5,
                      stop_after_successes=500),
     # the same with distillation from the start (the evidence then compounds with what the generator absorbed)
-    "evidence_distil": dict(evidence_pseudo_count=1.0, success_replay=0.5, stop_after_successes=500),
+    "evidence_distil": EVIDENCE_DISTIL,  # the task's settings (trl_banel.tasks.letters.BANEL_SETTINGS)
     # evidence_distil anchored to the pretrained generator: the compounding discount spreads the generator over
     # every token, strings of the wrong length included; a KL(q || pretrained) term keeps its support
     "evidence_kl": dict(evidence_pseudo_count=1.0, success_replay=0.5, stop_after_successes=500, distill_kl_coef=0.1),

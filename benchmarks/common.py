@@ -180,7 +180,25 @@ def digits_task() -> Task:
                 dict(digits.BANEL_SETTINGS), eval_samples=10_000, curve_samples=1000)
 
 
-TASKS = {"hard_attack": hard_attack_task, "digits": digits_task, "addition": addition_task}
+def letters_task() -> Task:
+    """Rare letters: exact estimates of the generator's success probability (every success string enumerated). BaNEL's
+    estimate is its generator's, the model it saves (its proposals avoid the tried prefixes and known failures, which
+    only raises their rate): the same figure as benchmarks/ablation.py's."""
+    from trl_banel.tasks import letters
+
+    def estimate(model, tok, oracle, n=None, seed=None):
+        return ExactSuccess(letters.exact_success_probability(model, tok, oracle.min_a))
+
+    def estimate_banel(trainer, n=None):
+        generator = trainer.accelerator.unwrap_model(trainer.model)  # its config keeps the task's min_a
+        min_a = generator.config.letters_min_a
+        return ExactSuccess(letters.exact_success_probability(generator, trainer.processing_class, min_a))
+
+    return Task("letters", letters.load_letters_task, estimate, estimate_banel, letters.LENGTH + 1,
+                dict(letters.BANEL_SETTINGS), exact=True, eval_samples=0, curve_samples=0)
+
+
+TASKS = {"hard_attack": hard_attack_task, "digits": digits_task, "letters": letters_task, "addition": addition_task}
 
 
 # ------------------------------------------------------------------------------------------------------ one run

@@ -1,4 +1,4 @@
-"""BaNEL against the baselines on the sparse tasks (digits 0-to-6, the hard attack), at one NRE budget: one command.
+"""BaNEL against the baselines on the sparse tasks (rare letters, the hard attack, digits 0-to-6), at one NRE budget.
 
     python benchmarks/sparse.py --sweep                         # tune the baselines' knobs on seed 100, per task
     python benchmarks/sparse.py                                 # every task x method x seed with the swept knobs
@@ -10,10 +10,12 @@ SimHash counts, NSR; every oracle call of training goes through the same budgete
 baselines 0-4 (`--seeds` sets both). Each baseline's learning rate (and bonus weight) is swept on seed 100, kept apart
 (`--sweep`; BaNEL's tau and learning rate too with `--sweep_banel`).
 
-Estimates: the hard attack's are exact (the attacker's probability of the enumerated success set; BaNEL's sampler is
-its generator conditioned on avoiding the ledger's known failures), with no sampling and no oracle call; digits' are
-Monte Carlo (Clopper-Pearson). A GRPO-family policy that never saw a success and whose weights still hash to the
-pretrained generator's reuses the pretrained estimate. None of these oracle calls is charged to the training budget.
+Estimates: rare letters' are exact (the generator's probability of the enumerated success strings; for BaNEL its
+generator's, as in benchmarks/ablation.py); the hard attack's are exact (the attacker's probability of the enumerated
+success set; BaNEL's sampler is its generator conditioned on avoiding the ledger's known failures), with no sampling
+and no oracle call; digits' are Monte Carlo (Clopper-Pearson). A GRPO-family policy that never saw a success and
+whose weights still hash to the pretrained generator's reuses the pretrained estimate. None of these oracle calls is
+charged to the training budget.
 
 Runs stop at the budget, when converged (BaNEL: `max_idle_rounds`; GRPO family: `idle_steps` steps without a new
 evaluation) or after `max_rounds_factor` x budget / (NRE per round or step). Each run is written to
@@ -39,7 +41,7 @@ import torch  # noqa: E402
 from benchmarks.common import (BASELINES, DEFAULT_KNOBS, SWEEP_GRID, TASKS, cached_run, reference_rate,  # noqa: E402
                                parse_args, run_identity, run_one, run_sweep, seed_curves, summarise_task)
 
-SPARSE_TASKS = ["hard_attack", "digits"]
+SPARSE_TASKS = ["letters", "hard_attack", "digits"]
 SPARSE_METHODS = ["banel", *BASELINES]
 BANEL_SEEDS = list(range(10))
 BASELINE_SEEDS = list(range(5))
@@ -213,7 +215,8 @@ def write_outputs(summary: dict, all_runs: dict, out: str):
               ">= 10x and >= 100x the pretrained rate (its 95% upper bound if the estimate is 0), the best curve "
               "point re-estimated on fresh samples, and the ratio of the median to the best baseline's median "
               "(against that baseline's 95% upper bound when its median is 0; for BaNEL the best of all baselines, "
-              "for a baseline the best other one). Hard attack: exact probabilities; digits: Monte Carlo.", ""]
+              "for a baseline the best other one). Rare letters, hard attack: exact probabilities; digits: Monte "
+              "Carlo.", ""]
     for name, t in summary["tasks"].items():
         pre = t["pretrained"]
         pre_text = (f"{fmt_rate(pre['rate'])} (exact)" if pre["exact"] else

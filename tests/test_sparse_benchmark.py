@@ -128,13 +128,13 @@ def test_hard_attack_exact_estimates_and_weight_hash():
 
 @pytest.mark.slow
 def test_sparse_benchmark_quick_end_to_end_and_resumed(tmp_path):
-    """--quick on both tasks writes sparse.json in the issue's shape; a second invocation reuses every run file."""
+    """--quick on every task writes sparse.json in the issue's shape; a second invocation reuses every run file."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, str(ROOT / "benchmarks" / "sparse.py"), "--quick", "--out", str(tmp_path)]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "sparse.json").read_text())
-    assert result["budget"] == 100 and set(result["tasks"]) == {"hard_attack", "digits"}
+    assert result["budget"] == 100 and set(result["tasks"]) == {"letters", "hard_attack", "digits"}
     for name, task in result["tasks"].items():
         pre = task["pretrained"]
         assert 0 <= pre["rate"] <= pre["upper"] <= 1
@@ -147,6 +147,9 @@ def test_sparse_benchmark_quick_end_to_end_and_resumed(tmp_path):
     hard = result["tasks"]["hard_attack"]
     assert hard["pretrained"]["exact"] and hard["pretrained"]["rate"] == hard["pretrained"]["upper"] > 0
     assert all(m["final_low"] == m["final_high"] == m["final"] for m in hard["methods"].values())  # exact
+    letters = result["tasks"]["letters"]  # exact too; the prior is the shipped generator's
+    assert letters["pretrained"]["exact"] and 1e-6 < letters["pretrained"]["rate"] <= 2e-5
+    assert all(m["final_low"] == m["final_high"] == m["final"] for m in letters["methods"].values())
     # 100 samples at 3e-6 see no success: GRPO's weights never move and it reuses the pretrained estimate; a bonus
     # moves them, so RND pays for its own
     assert hard["methods"]["grpo"]["reused_pretrained_estimate"] == [True]
@@ -154,7 +157,7 @@ def test_sparse_benchmark_quick_end_to_end_and_resumed(tmp_path):
     assert hard["methods"]["grpo_rnd"]["reused_pretrained_estimate"] == [False]
     assert (tmp_path / "sparse.md").exists() and (tmp_path / "sparse.png").exists()
     files = sorted((tmp_path / "sparse_runs").glob("*.json"))
-    assert len(files) == 2 * 6  # 2 tasks x (pretrained + 5 methods)
+    assert len(files) == 3 * 6  # 3 tasks x (pretrained + 5 methods)
     mtimes = {f: f.stat().st_mtime_ns for f in files}
 
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
