@@ -80,6 +80,31 @@ def table_from(path: str) -> Callable[[Path], str]:
     return lambda root: first_table((root / path).read_text())
 
 
+def render_ablation_seeds(root: Path) -> str:
+    """Per configuration of the 7,500-NRE ablation, each seed's final improvement (exact), seed order."""
+    runs = root / "benchmarks" / "results" / "ablation_7500" / "runs"
+    by_config: dict[str, list[dict]] = {}
+    for f in sorted(runs.glob("*_seed*.json")):
+        run = json.loads(f.read_text())
+        by_config.setdefault(run["config"], []).append(run)
+    lines = []
+    for config, rs in by_config.items():
+        rs.sort(key=lambda r: r["seed"])
+        lifts = ", ".join(f"{r['improvement']:,.0f}x" if r["improvement"] >= 10 else f"{r['improvement']:.2g}x"
+                          for r in rs)
+        found = sum(r["successes_found"] > 0 for r in rs)
+        lines.append(f"- `{config}`, seeds {', '.join(str(r['seed']) for r in rs)}: {lifts} ({found} of {len(rs)} "
+                     f"found successes; first at {_first_success_nre(rs)} evaluations)")
+    return "\n".join(lines) + "\n"
+
+
+def _first_success_nre(runs: list[dict]) -> str:
+    """The range over runs of the NRE at which the ledger first held a success (from the rounds' history)."""
+    firsts = [next((h["nre"] for h in r["history"] if h["successes"] > 0), None) for r in runs]
+    firsts = [x for x in firsts if x is not None]
+    return f"{min(firsts):,}-{max(firsts):,}" if firsts else "none"
+
+
 def render_config_table(root: Path) -> str:
     """BaNEL's own fields and the TrainingArguments defaults it changes, from the dataclass itself."""
     sys.path.insert(0, str(root))
@@ -105,6 +130,9 @@ BLOCKS: dict[str, Block] = {
     "filter-lift-table": Block(["benchmarks/results/filter_lift.md"], table_from("benchmarks/results/filter_lift.md")),
     "ablation-table": Block(["benchmarks/results/ablation/ablation.md"],
                             table_from("benchmarks/results/ablation/ablation.md")),
+    "ablation-7500-table": Block(["benchmarks/results/ablation_7500/ablation.md"],
+                                 table_from("benchmarks/results/ablation_7500/ablation.md")),
+    "ablation-7500-seeds": Block(["benchmarks/results/ablation_7500/runs/*_seed*.json"], render_ablation_seeds),
     "config-table": Block(["trl_banel/config.py"], render_config_table),
 }
 
