@@ -369,10 +369,24 @@ def write_outputs(result: dict, out: str):
             lines.append(f"| {name} | {k} | {mem['policy_mib']:.1f} | {r['adapter_mib']:.1f} | "
                          f"{r['memory_ratio_adapter']:.2f} | {r['copy_mib']:.1f} | {r['memory_ratio_copy']:.2f} |")
     lines += ["", "## One round, wall seconds by phase (mean over the BaNEL run below)", "",
-              "| model | " + " | ".join(PHASES) + " | other | total |", "|" + " --- |" * (len(PHASES) + 3)]
+              "The failure fit's optimiser steps per round and the mean log-ratio `log p_fail - log q` they reached "
+              "on the round's negatives stand beside its seconds (the ratio test needs log(1/0.97) = 0.030 nats to "
+              "reject the average negative); `previous` rows are the results file this run replaced.", "",
+              "| model | run | " + " | ".join(PHASES) + " | other | total | fit steps | fit log-ratio |",
+              "|" + " --- |" * (len(PHASES) + 6)]
+
+    def fit_cells(fit):
+        return f"{fit['fit_steps']:.0f} | {fit['fit_log_ratio']:.3f}" if fit else "n/a | n/a"
+
     for name, m in result["models"].items():
         b = m["banel"]["round_breakdown"]
-        lines.append(f"| {name} | " + " | ".join(f"{b[p]:.2f}" for p in PHASES + ["other", "total"]) + " |")
+        lines.append(f"| {name} | this | " + " | ".join(f"{b[p]:.2f}" for p in PHASES + ["other", "total"])
+                     + f" | {fit_cells(m['banel'].get('failure_fit'))} |")
+        old = result.get("previous", {}).get(name)
+        if old:
+            lines.append(f"| {name} | previous | "
+                         + " | ".join(f"{old['round_breakdown'][p]:.2f}" for p in PHASES + ["other", "total"])
+                         + f" | {fit_cells(old.get('failure_fit'))} |")
     lines += ["", "## Wall time to spend the same reward evaluations", "",
               "| model | NRE | BaNEL (s) | GRPO (s) | banel_vs_grpo_wall_ratio |", "| --- | --- | --- | --- | --- |"]
     for name, m in result["models"].items():
@@ -447,6 +461,12 @@ def main(args: Args) -> dict:
         "banel_vs_grpo_wall_ratio": {n: m["banel_vs_grpo_wall_ratio"] for n, m in models_.items()},
         "minutes": (time.time() - start) / 60,
     })
+    previous = Path(args.out, "efficiency.json")
+    if previous.exists():  # the round breakdown this run replaces, kept beside the new one
+        old = json.loads(previous.read_text())
+        result["previous"] = {n: {"round_breakdown": m["banel"]["round_breakdown"],
+                                  "failure_fit": m["banel"].get("failure_fit")}
+                              for n, m in old.get("models", {}).items() if "banel" in m}
     write_outputs(json.loads(json.dumps(result)), args.out)  # json round trip: K keys become strings, as on disk
     return result
 

@@ -22,6 +22,11 @@ def test_efficiency_benchmark_quick(tmp_path):
     for run in ("addition_banel", "addition_grpo"):
         (tmp_path / "work" / "efficiency" / run).mkdir(parents=True)
         (tmp_path / "work" / "efficiency" / run / "evaluations.jsonl").write_text("not json\nnot json\n")
+    # the results file a run replaces: its round breakdown is quoted beside the new one
+    old_breakdown = {"propose": 0.41, "filter": 0.44, "oracle": 0.02, "failure_fit": 1.42, "distill": 0.24,
+                     "other": 0.05, "total": 2.58}
+    (tmp_path / "efficiency.json").write_text(json.dumps({"models": {"addition": {"banel": {
+        "round_breakdown": old_breakdown}}}}))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "efficiency.json").read_text())
@@ -44,6 +49,10 @@ def test_efficiency_benchmark_quick(tmp_path):
         b = m["banel"]["round_breakdown"]
         assert all(b[p] > 0 for p in ("propose", "filter", "failure_fit", "distill"))
         assert b["total"] == pytest.approx(sum(v for k, v in b.items() if k != "total"))
+        fit = m["banel"]["failure_fit"]  # what the fit's seconds bought
+        assert fit["fit_steps"] > 0 and fit["fit_log_ratio"] > 0
     md = (tmp_path / "efficiency.md").read_text()
     assert "filter_ratio" in md and "banel_vs_grpo_wall_ratio" in md
+    assert "| addition | previous | 0.41 | 0.44 | 0.02 | 1.42 | 0.24 | 0.05 | 2.58 | n/a | n/a |" in md
+    assert result["previous"] == {"addition": {"round_breakdown": old_breakdown, "failure_fit": None}}
     assert (tmp_path / "efficiency.png").stat().st_size > 0
