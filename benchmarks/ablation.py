@@ -27,7 +27,9 @@ Configurations (each a set of BaNELConfig overrides on top of `TASK_SETTINGS`):
   drawn with each tried next token discounted by 1 / (1 + n)), success replay and a stop at 500 successes;
 - evidence: the same with the generator kept fixed until a first success (distill_before_success=False);
 - evidence_distil_no_known: evidence_distil without exact known-failure rejection (the evidence alone);
-- evidence_kl: evidence_distil with a KL(q || pretrained) term of 0.1 in the distillation.
+- evidence_kl: evidence_distil with a KL(q || pretrained) term of 0.1 in the distillation;
+- fit_epochs_1, _5, _50, _100: evidence_distil (20 epochs) with that many failure-model epochs per round: the
+  compute-scaling curve (scaling.{json,md,png}, written when any of them has runs).
 
 Each run is cached in OUT/runs/{config}_seed{seed}.json (restartable, splittable between processes); the summary
 (ablation.json, .md, .png) is rebuilt from every cached run at the end.
@@ -92,6 +94,9 @@ CONFIGS = {
     # the failure evidence alone: no exact known-failure rejection (a tried string is only discounted, k / (k + n))
     "evidence_distil_no_known": dict(evidence_pseudo_count=1.0, success_replay=0.5, stop_after_successes=500,
                                      reject_known_failures=False),
+    # the compute-scaling curve (the paper's Fig. 10): the task's settings with 1 to 100 epochs of failure-model fit
+    # per round (evidence_distil itself is 20, the package default)
+    **{f"fit_epochs_{n}": {**EVIDENCE_DISTIL, "failure_epochs": n} for n in (1, 5, 50, 100)},
     # DESIGN.md section 6's fix measured outside this repo: a full copy fitted for 300 full-batch epochs (no margin
     # stop), regions kept for 3 rounds by distilling every third round
     "copy300_every3": dict(failure_model="copy", failure_batch_size=64, failure_epochs=300,
@@ -212,7 +217,65 @@ def summarize(out: Path) -> dict:
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot(runs, out / "ablation.png")
+    summarize_scaling(runs, out)
     return summary
+
+
+SCALING = {1: "fit_epochs_1", 5: "fit_epochs_5", 20: "evidence_distil", 50: "fit_epochs_50", 100: "fit_epochs_100"}
+
+
+def first_success_nre(run: dict) -> int | None:
+    return next((h["nre"] for h in run["history"] if h["successes"] > 0), None)
+
+
+def summarize_scaling(runs: list[dict], out: Path) -> list[dict]:
+    """The compute-scaling table and plot: improvement against failure-model epochs per round, same seeds."""
+    rows = []
+    for epochs, config in SCALING.items():
+        rs = sorted((r for r in runs if r["config"] == config), key=lambda r: r["seed"])
+        if not rs:
+            continue
+        firsts = [first_success_nre(r) for r in rs]
+        rows.append({
+            "epochs": epochs, "config": config, "seeds": [r["seed"] for r in rs],
+            "improvement": [r["improvement"] for r in rs],
+            "median_improvement": float(np.median([r["improvement"] for r in rs])),
+            "seeds_with_success": sum(f is not None for f in firsts), "first_success_nre": firsts,
+            "fit_steps": float(np.mean([r["means"].get("failure/fit_steps", np.nan) for r in rs])),
+            "fit_log_ratio": float(np.mean([r["means"].get("failure/fit_log_ratio", np.nan) for r in rs])),
+            "fit_seconds_per_round": float(np.mean([r["seconds_per_round"].get("failure_fit", 0) for r in rs])),
+            "seconds_per_round": float(np.mean([sum(r["seconds_per_round"].values()) for r in rs])),
+        })
+    if not rows:
+        return rows
+    (out / "scaling.json").write_text(json.dumps(rows, indent=1) + "\n")
+    lines = ["| fit epochs per round | seeds | found a success | median improvement | first success (NRE, median) "
+             "| fit steps | fit log-ratio | fit s/round | s/round |", "|" + "---|" * 9]
+    for row in rows:
+        found = [f for f in row["first_success_nre"] if f is not None]
+        lines.append(f"| {row['epochs']} | {len(row['seeds'])} | {row['seeds_with_success']} "
+                     f"| {row['median_improvement']:.3g}x | {np.median(found) if found else float('nan'):.0f} "
+                     f"| {row['fit_steps']:.0f} | {row['fit_log_ratio']:.2f} | {row['fit_seconds_per_round']:.2f} "
+                     f"| {row['seconds_per_round']:.2f} |")
+    (out / "scaling.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        ax.scatter([row["epochs"]] * len(row["improvement"]), row["improvement"], color="C0", alpha=0.5)
+    ax.plot([r["epochs"] for r in rows], [r["median_improvement"] for r in rows], "o-", color="C1", label="median")
+    ax.set(xscale="log", yscale="log", xlabel="failure-model epochs per round",
+           ylabel="final improvement over pretrained", title="Rare letters: compute scaling (one dot per seed)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "scaling.png", dpi=120)
+    plt.close(fig)
+    return rows
 
 
 def _plot(runs, path):
