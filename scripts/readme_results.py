@@ -105,6 +105,39 @@ def _first_success_nre(runs: list[dict]) -> str:
     return f"{min(firsts):,}-{max(firsts):,}" if firsts else "none"
 
 
+def render_regimes(root: Path) -> str:
+    """One row per task: the pretrained rate, BaNEL's and the best baseline's median final success over seeds, and
+    how many seeds each put at 100x the pretrained rate or more (the addition benchmark and the sparse one)."""
+    rows = ["| task | pretrained | BaNEL: median final (seeds >= 100x) | best baseline: median final (seeds >= 100x) "
+            "| BaNEL / best baseline |", "| --- | --- | --- | --- | --- |"]
+
+    def cells(finals, reference):
+        return f"{statistics.median(finals):.3g} ({sum(f >= 100 * reference for f in finals)} of {len(finals)})"
+
+    addition = json.loads((root / "benchmarks" / "results" / "addition_attack.json").read_text())["methods"]
+    pre = addition["pretrained"]["mean"]
+    base = {m: v["success_rates"] for m, v in addition.items() if m not in ("pretrained", "banel")}
+    best = max(base, key=lambda m: statistics.median(base[m]))
+    banel = addition["banel"]["success_rates"]
+    rows.append(f"| addition attack (7,500 NRE) | {pre:.2g} | {cells(banel, pre)} | {best}: {cells(base[best], pre)} "
+                f"| {statistics.median(banel) / statistics.median(base[best]):.2g}x |")
+    sparse = json.loads((root / "benchmarks" / "results" / "sparse.json").read_text())
+    for name, task in sparse["tasks"].items():
+        methods = task["methods"]
+        if "banel" not in methods:
+            continue
+        ref = task["pretrained"]["reference"]
+        base = {m: v["final"] for m, v in methods.items() if m != "banel"}
+        if not base:
+            continue
+        best = max(base, key=lambda m: statistics.median(base[m]))
+        banel = methods["banel"]["final"]
+        ratio = statistics.median(banel) / max(statistics.median(base[best]), 1e-300)
+        rows.append(f"| {name.replace('_', ' ')} ({sparse['budget']:,} NRE) | {task['pretrained']['rate']:.2g} "
+                    f"| {cells(banel, ref)} | {best}: {cells(base[best], ref)} | {ratio:.2g}x |")
+    return "\n".join(rows) + "\n"
+
+
 def render_config_table(root: Path) -> str:
     """BaNEL's own fields and the TrainingArguments defaults it changes, from the dataclass itself."""
     sys.path.insert(0, str(root))

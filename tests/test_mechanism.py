@@ -218,6 +218,26 @@ def test_a_learning_rate_too_small_to_move_the_generator_is_reported(tmp_path, c
     assert "Raise learning_rate" in caplog.text
 
 
+def test_a_run_without_success_at_the_default_round_says_which_settings_to_change(tmp_path, char_tokenizer,
+                                                                                    skewed_model, caplog):
+    with caplog.at_level(logging.WARNING, logger="trl_banel.callbacks"):
+        _run(tmp_path, char_tokenizer, skewed_model, RecordingOracle(), max_reward_evaluations=16,
+             evaluations_per_round=8)
+    assert "No success in 16 reward evaluations" in caplog.text and "evidence_pseudo_count=1" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trl_banel.callbacks"):  # with evidence on: nothing to advise
+        _run(tmp_path / "evidence", char_tokenizer, skewed_model, RecordingOracle(), max_reward_evaluations=16,
+             evaluations_per_round=8, evidence_pseudo_count=1.0, success_replay=0.5)
+    assert "No success" not in caplog.text and "success_replay=0.5" not in caplog.text
+
+
+def test_a_found_success_without_replay_is_pointed_at_success_replay(tmp_path, char_tokenizer, skewed_model, caplog):
+    with caplog.at_level(logging.WARNING, logger="trl_banel.callbacks"):
+        _run(tmp_path, char_tokenizer, skewed_model, RecordingOracle(success=lambda c: c == "cat"),
+             max_reward_evaluations=16, evaluations_per_round=8)
+    assert "set success_replay=0.5" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------------ best generator
 def test_the_best_phase_generator_is_saved_from_training_evaluations_alone(tmp_path, char_tokenizer, skewed_model):
     """Round 1's candidates all succeed, round 3's one in eight: the generator that proposed round 1 is saved (and
