@@ -133,7 +133,8 @@ def render_regimes(root: Path) -> str:
         best = max(base, key=lambda m: statistics.median(base[m]))
         banel = methods["banel"]["final"]
         ratio = statistics.median(banel) / max(statistics.median(base[best]), 1e-300)
-        rows.append(f"| {name.replace('_', ' ')} ({sparse['budget']:,} NRE) | {task['pretrained']['rate']:.2g} "
+        label = {"letters": "rare letters"}.get(name, name.replace("_", " "))
+        rows.append(f"| {label} ({sparse['budget']:,} NRE) | {task['pretrained']['rate']:.2g} "
                     f"| {cells(banel, ref)} | {best}: {cells(base[best], ref)} | {ratio:.2g}x |")
     return "\n".join(rows) + "\n"
 
@@ -166,6 +167,7 @@ BLOCKS: dict[str, Block] = {
     "ablation-7500-table": Block(["benchmarks/results/ablation_7500/ablation.md"],
                                  table_from("benchmarks/results/ablation_7500/ablation.md")),
     "ablation-7500-seeds": Block(["benchmarks/results/ablation_7500/runs/*_seed*.json"], render_ablation_seeds),
+    "regimes": Block(["benchmarks/results/addition_attack.json", "benchmarks/results/sparse.json"], render_regimes),
     "config-table": Block(["trl_banel/config.py"], render_config_table),
 }
 
