@@ -28,6 +28,8 @@ Configurations (each a set of BaNELConfig overrides on top of `TASK_SETTINGS`):
 - evidence: the same with the generator kept fixed until a first success (distill_before_success=False);
 - evidence_distil_no_known: evidence_distil without exact known-failure rejection (the evidence alone);
 - evidence_kl: evidence_distil with a KL(q || pretrained) term of 0.1 in the distillation;
+- evidence_no_replay, replay_no_evidence: the task's settings (evidence_distil) without success replay, without
+  prefix evidence;
 - fit_epochs_1, _5, _50, _100: evidence_distil (20 epochs) with that many failure-model epochs per round: the
   compute-scaling curve (scaling.{json,md,png}, written when any of them has runs).
 
@@ -94,6 +96,9 @@ CONFIGS = {
     # the failure evidence alone: no exact known-failure rejection (a tried string is only discounted, k / (k + n))
     "evidence_distil_no_known": dict(evidence_pseudo_count=1.0, success_replay=0.5, stop_after_successes=500,
                                      reject_known_failures=False),
+    # the task's settings with one part switched off: no success replay; no prefix evidence
+    "evidence_no_replay": {**EVIDENCE_DISTIL, "success_replay": 0.0},
+    "replay_no_evidence": {**EVIDENCE_DISTIL, "evidence_pseudo_count": 0.0},
     # the compute-scaling curve (the paper's Fig. 10): the task's settings with 1 to 100 epochs of failure-model fit
     # per round (evidence_distil itself is 20, the package default)
     **{f"fit_epochs_{n}": {**EVIDENCE_DISTIL, "failure_epochs": n} for n in (1, 5, 50, 100)},
