@@ -167,6 +167,8 @@ BLOCKS: dict[str, Block] = {
     "ablation-7500-table": Block(["benchmarks/results/ablation_7500/ablation.md"],
                                  table_from("benchmarks/results/ablation_7500/ablation.md")),
     "ablation-7500-seeds": Block(["benchmarks/results/ablation_7500/runs/*_seed*.json"], render_ablation_seeds),
+    "scaling-table": Block(["benchmarks/results/ablation_7500/scaling.md"],
+                           table_from("benchmarks/results/ablation_7500/scaling.md")),
     "regimes": Block(["benchmarks/results/addition_attack.json", "benchmarks/results/sparse.json"], render_regimes),
     "config-table": Block(["trl_banel/config.py"], render_config_table),
 }
