@@ -4,11 +4,13 @@
     python benchmarks/addition_attack.py                         # 5 seeds x 6 methods at 7,500 NRE each
     python benchmarks/addition_attack.py --methods banel nsr     # a subset (e.g. one process per method)
     python benchmarks/addition_attack.py --quick --out /tmp/q    # a smoke test (one seed, budget 200)
+    python benchmarks/addition_attack.py --methods banel_no_replay banel_no_known   # the ablation (asked by name)
 
 Methods: the pretrained attacker; BaNEL (the task's settings, trl_banel.tasks.addition.BANEL_SETTINGS, the demo's);
 GRPO with the sparse reward alone; GRPO + RND bonus; GRPO + SimHash count bonus; NSR (every failure gets advantage
--1). Every baseline's oracle calls go through the same RewardLedger as BaNEL's (hard budget, free exact repeats,
-jsonl log).
+-1). The ablation rows, run only when named: BaNEL at the task's settings without success replay
+(`banel_no_replay`) and without exact known-failure rejection (`banel_no_known`). Every baseline's oracle calls go
+through the same RewardLedger as BaNEL's (hard budget, free exact repeats, jsonl log).
 
 For each (method, seed): the final sampler's success rate on `eval_samples` fresh samples (Clopper-Pearson), the
 success curve against NRE (`curve_samples` per point, every `curve_every` NRE), and the best curve point's sampler
@@ -31,12 +33,15 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import (DEFAULT_KNOBS, GRPO_COMMON, METHODS, SWEEP_GRID, addition_task,  # noqa: E402,F401
+from benchmarks.common import (BANEL_VARIANTS, DEFAULT_KNOBS, GRPO_COMMON, METHODS, SWEEP_GRID, addition_task,  # noqa: E402,F401
                                cached_run, load_runs, parse_args, run_identity, run_sweep as sweep_methods,
                                seed_curves)
 from benchmarks.common import run_one as run_task  # noqa: E402
 from trl_banel.plotting import plot_success_curves  # noqa: E402
 from trl_banel.tasks.addition import MODELS_DIR  # noqa: E402
+
+
+ALL_METHODS = METHODS + list(BANEL_VARIANTS)
 
 
 @dataclass
@@ -83,7 +88,7 @@ def summarise(runs: dict, args: Args, sweep: dict | None) -> dict:
     if runs.get("pretrained"):
         base = float(np.mean([r["final"]["rate"] for r in runs["pretrained"]]))
     methods = {}
-    for name in METHODS:
+    for name in ALL_METHODS:
         rs = sorted(runs.get(name, []), key=lambda r: r["seed"])
         if not rs:
             continue
@@ -188,9 +193,9 @@ def run_sweep(args: Args):
 
 def main(args: Args):
     torch.set_num_threads(args.threads)
-    unknown = set(args.methods) - set(METHODS)
+    unknown = set(args.methods) - set(ALL_METHODS)
     if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {ALL_METHODS}")
     os.makedirs(args.out, exist_ok=True)
     if args.sweep:
         return run_sweep(args)
@@ -199,12 +204,13 @@ def main(args: Args):
     os.makedirs(folder, exist_ok=True)
     task = addition_task(args.models_dir)
     for seed in args.seeds:
-        for method in [m for m in METHODS if m in args.methods]:
+        for method in [m for m in ALL_METHODS if m in args.methods]:
             path = os.path.join(folder, f"{method}_seed{seed}.json")
             if not os.path.exists(path):
                 print(f"[run] {method} seed {seed}", flush=True)
-            r, made = cached_run(path, run_identity(task, method, knobs.get(method, {})), lambda: run_one(
-                method, seed, args, knobs.get(method, {}), args.budget, args.eval_samples,
+            chosen = knobs.get("banel" if method in BANEL_VARIANTS else method, {})
+            r, made = cached_run(path, run_identity(task, method, chosen), lambda: run_one(
+                method, seed, args, chosen, args.budget, args.eval_samples,
                 os.path.join(args.out, "work", f"{method}_seed{seed}")))
             if made:
                 print(f"[run] {method} seed {seed}: {r['final']['rate']:.5f} in {r['minutes']:.1f} min", flush=True)

@@ -40,6 +40,13 @@ from trl_banel.stats import ExactSuccess, SuccessEstimate
 
 METHODS = ["pretrained", "banel", "grpo", "grpo_rnd", "grpo_counts", "nsr"]
 BASELINES = ["grpo", "grpo_rnd", "grpo_counts", "nsr"]
+# BaNEL at the task's settings with one part switched off (the ablation on a task that is not exactly computable);
+# run only when asked for by name (`--methods banel_no_replay`), each reported as its own row
+BANEL_VARIANTS = {"banel_no_replay": {"success_replay": 0.0}, "banel_no_known": {"reject_known_failures": False}}
+
+
+def is_banel(method: str) -> bool:
+    return method == "banel" or method in BANEL_VARIANTS
 
 # how every benchmark run is executed (not a task's or a method's setting)
 RUN_SETTINGS = dict(use_cpu=True, bf16=False, report_to="none", save_strategy="no")
@@ -259,8 +266,9 @@ def run_one(task: Task, method: str, seed: int, knobs: dict, budget: int, eval_s
     shutil.rmtree(workdir, ignore_errors=True)  # a run restarts from the pretrained generator: its old ledger goes
     os.makedirs(workdir, exist_ok=True)
     reused = []
-    if method == "banel":
-        settings = {**banel_settings(task.banel, seed), **knobs, "max_reward_evaluations": budget}
+    if is_banel(method):
+        settings = {**banel_settings(task.banel, seed), **knobs, **BANEL_VARIANTS.get(method, {}),
+                    "max_reward_evaluations": budget}
         settings["num_rounds"] = math.ceil(max_rounds_factor * budget / settings["evaluations_per_round"])
         settings.update(output_dir=workdir, logging_steps=10_000, disable_tqdm=True)
         trainer = BaNELTrainer(model=generator, reward_funcs=oracle, args=BaNELConfig(**settings),
@@ -336,7 +344,7 @@ def run_one(task: Task, method: str, seed: int, knobs: dict, budget: int, eval_s
     if pretrained is not None:
         record.update(task=task.name, stop_reason=stop_reason, phase_seconds=phase_seconds,
                       estimate_minutes=estimating[0] / 60, cpu_minutes=(time.process_time() - cpu_start) / 60,
-                      reused_pretrained_estimate=method != "banel" and final_reused)
+                      reused_pretrained_estimate=not is_banel(method) and final_reused)
     return record
 
 
@@ -360,8 +368,8 @@ def run_identity(task: "Task", method: str, knobs: dict) -> dict:
     """What a cached run must have been made with to be reused: its knobs and, for BaNEL, the task's settings (the
     budget aside: it is checked, or set, by each script), so a run made before the task's settings changed is
     redone."""
-    settings = {k: v for k, v in task.banel.items() if k != "max_reward_evaluations"} if method == "banel" else {}
-    return {**settings, **knobs}
+    settings = {k: v for k, v in task.banel.items() if k != "max_reward_evaluations"} if is_banel(method) else {}
+    return {**settings, **knobs, **BANEL_VARIANTS.get(method, {})}
 
 
 def cached_run(path: str, knobs: dict, make: Callable[[], dict]) -> tuple[dict, bool]:

@@ -192,3 +192,20 @@ def test_digits_banel_estimate_drops_known_failures():
              for t in tok.batch_decode(b, skip_special_tokens=True)]
     est = task.estimate_banel(trainer(drawn), 200)  # the second draw (seed 60,001) is entirely known
     assert est.samples == 200 and est.acceptance_rate <= 0.5
+
+
+def test_a_banel_variant_runs_the_tasks_settings_with_one_part_off_and_is_cached_apart(tmp_path):
+    from benchmarks.common import BANEL_VARIANTS, Task, cached_run, run_identity
+
+    task = Task("t", None, None, None, 12, {"max_reward_evaluations": 10, "success_replay": 0.5, "tau": 0.97})
+    assert run_identity(task, "banel", {}) == {"success_replay": 0.5, "tau": 0.97}
+    assert run_identity(task, "banel_no_replay", {}) == {"success_replay": 0.0, "tau": 0.97}
+    assert run_identity(task, "banel_no_known", {})["reject_known_failures"] is False
+    assert run_identity(task, "grpo", {"learning_rate": 1}) == {"learning_rate": 1}
+    assert set(BANEL_VARIANTS) == {"banel_no_replay", "banel_no_known"}
+    # a BaNEL run cached under the variant's name is redone: it was not made with replay off
+    path = str(tmp_path / "banel_no_replay_seed0.json")
+    Path(path).write_text(json.dumps({"settings": {"success_replay": 0.5, "tau": 0.97}}))
+    run, made = cached_run(path, run_identity(task, "banel_no_replay", {}),
+                           lambda: {"settings": {"success_replay": 0.0, "tau": 0.97}})
+    assert made and run["settings"]["success_replay"] == 0.0
