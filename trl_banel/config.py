@@ -127,7 +127,12 @@ class BaNELConfig(_BaseConfig):
             Both have the gradient of `-KL(posterior || generator)` in expectation, but maximum likelihood on the
             generator's own samples is also a random walk (finite samples, even where the filter rejects nothing),
             while the baselined weights are all 0 where nothing is rejected: the generator moves only where the
-            failure models act.
+            failure models act. `"exact"`: the posterior's log-likelihood split into the proposal distribution's
+            (each sampled token replaced by its expectation: a per-token cross-entropy to the proposal distribution),
+            minus the known failures' (their exact probability mass, drawn in proportion to it) and the ratio-rejected
+            proposals' (`trl_banel.distil`). Same expected gradient as `"posterior"`, without its sampling drift:
+            with no region and no prefix evidence the gradient is exactly 0. Keeps each distillation's next-token
+            distributions (`distill_samples` x completion length x vocabulary): for small vocabularies.
         distill_kl_coef (`float`, *optional*, defaults to `0.0`):
             Weight of a per-token `KL(generator || pretrained)` term in the distillation loss, on the posterior
             samples' positions (TRL's `beta`): it keeps the generator on the pretrained model's support and rewards its
@@ -311,7 +316,10 @@ class BaNELConfig(_BaseConfig):
         default="posterior",
         metadata={"help": "'posterior': MLE on posterior samples; 'baselined': every proposal weighted "
                           "1/Z - 1 if accepted, -1 if rejected (same expected gradient, no drift where nothing is "
-                          "rejected).", "choices": ["posterior", "baselined"]},
+                          "rejected); 'exact': the posterior's log-likelihood with each part computed exactly "
+                          "where it can be (per-token expectations under the proposal distribution, the known "
+                          "failures' exact mass; trl_banel.distil), no sampling drift.",
+                  "choices": ["posterior", "baselined", "exact"]},
     )
     distill_kl_coef: float = field(
         default=0.0,
@@ -429,12 +437,13 @@ class BaNELConfig(_BaseConfig):
             bad("temperature", "> 0")
         if self.top_k < 0:
             bad("top_k", ">= 0 (0 disables top-k)")
-        if self.distill_objective not in ("posterior", "baselined"):
-            bad("distill_objective", "'posterior' or 'baselined'")
+        if self.distill_objective not in ("posterior", "baselined", "exact"):
+            bad("distill_objective", "'posterior', 'baselined' or 'exact'")
         if not isinstance(self.success_replay, (int, float)) or not 0 <= self.success_replay < 1:
             bad("success_replay", "a share with 0 <= share < 1 (0 disables it)")
-        if self.success_replay > 0 and self.distill_objective != "posterior":
-            bad("success_replay", "0 with distill_objective='baselined' (replay needs the 'posterior' objective)")
+        if self.success_replay > 0 and self.distill_objective == "baselined":
+            bad("success_replay", "0 with distill_objective='baselined' (replay needs the 'posterior' or 'exact' "
+                                  "objective)")
         if self.failure_model not in ("adapter", "copy"):
             bad("failure_model", "'adapter' or 'copy'")
         # TrainingArguments fields that transformers accepts but that cannot train: refused here, by name, rather

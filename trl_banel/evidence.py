@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from transformers import LogitsProcessor
 
@@ -98,40 +97,53 @@ class EvidenceLogitsProcessor(LogitsProcessor):
         return scores
 
 
+def discounted_log_probs(log_probs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, prompt_texts: list[str],
+                         evidence: PrefixEvidence, pseudo_count: float) -> torch.Tensor:
+    r"""
+    The evidence-discounted proposal distribution `log pi(. | c, y_<t)` at every completion position of given
+    completions: the generator's next-token log-probabilities plus `log(k / (k + n))` on each tried next token,
+    renormalised over the vocabulary (what [`EvidenceLogitsProcessor`] samples from).
+
+    Args:
+        log_probs (`torch.Tensor` of shape `(N, C, V)`): the generator's next-token log-probabilities at each
+            completion position.
+        targets (`torch.Tensor` of shape `(N, C)`): the completion tokens (they say which prefix each position is).
+        mask (`torch.Tensor` of shape `(N, C)`): 1 on completion tokens.
+        prompt_texts (`list[str]`): each row's prompt key.
+        evidence (`PrefixEvidence`), pseudo_count (`float`): as in [`EvidenceLogitsProcessor`].
+
+    Returns:
+        `torch.Tensor` of shape `(N, C, V)` (float64, on the CPU): positions outside `mask` hold the generator's own.
+    """
+    adjusted = log_probs.detach().double().cpu().clone()
+    targets, mask = targets.tolist(), mask.bool().tolist()
+    log_k = math.log(pseudo_count)
+    tried = {}  # id(node) -> (its tried children, log(k / (k + n)) of each)
+    for i, prompt in enumerate(prompt_texts):
+        node = evidence.root(prompt)
+        for t, token in enumerate(targets[i]):
+            if node is None or not mask[i][t]:
+                break
+            if node[1]:
+                if id(node) not in tried:
+                    children = list(node[1])
+                    counts = torch.tensor([node[1][v][0] for v in children], dtype=torch.float64)
+                    tried[id(node)] = (torch.tensor(children), log_k - torch.log(pseudo_count + counts))
+                children, discount = tried[id(node)]
+                adjusted[i, t, children] += discount
+                adjusted[i, t] -= torch.logsumexp(adjusted[i, t], 0)
+            node = node[1].get(token)
+    return adjusted
+
+
 def proposal_log_probs(log_probs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, prompt_texts: list[str],
                        evidence: PrefixEvidence, pseudo_count: float) -> torch.Tensor:
     r"""
     Exact `log pi(y|c)` of completions under the evidence-discounted proposal distribution: at each position the
     generator's next-token probabilities times `k / (k + n)`, renormalised over the vocabulary.
 
-    Args:
-        log_probs (`torch.Tensor` of shape `(N, C, V)`): the generator's next-token log-probabilities at each
-            completion position.
-        targets (`torch.Tensor` of shape `(N, C)`): the completion tokens.
-        mask (`torch.Tensor` of shape `(N, C)`): 1 on completion tokens.
-        prompt_texts (`list[str]`): each row's prompt key.
-        evidence (`PrefixEvidence`), pseudo_count (`float`): as in [`EvidenceLogitsProcessor`].
+    Arguments as in [`discounted_log_probs`]; returns a `(N,)` float64 tensor.
     """
-    log_probs = log_probs.detach().double().cpu().numpy()
-    probs, targets, mask = np.exp(log_probs), targets.tolist(), mask.bool().tolist()
-    log_k = math.log(pseudo_count)
-    out = np.zeros(len(targets))
-    tried = {}  # id(node) -> (its tried children, g(n) - 1 of each)
-    for i, prompt in enumerate(prompt_texts):
-        node, total = evidence.root(prompt), 0.0
-        for t, token in enumerate(targets[i]):
-            if not mask[i][t]:
-                break
-            total += log_probs[i, t, token]
-            if node is not None and node[1]:
-                if id(node) not in tried:
-                    children = list(node[1])
-                    counts = np.array([node[1][v][0] for v in children], dtype=np.float64)
-                    tried[id(node)] = (children, pseudo_count / (pseudo_count + counts) - 1)
-                children, g_minus_1 = tried[id(node)]
-                log_z = math.log1p(float(probs[i, t, children] @ g_minus_1))
-                child = node[1].get(token)
-                total += (log_k - math.log(pseudo_count + child[0]) if child is not None else 0.0) - log_z
-            node = None if node is None else node[1].get(token)
-        out[i] = total
-    return torch.from_numpy(out)
+    discounted = discounted_log_probs(log_probs, targets, mask, prompt_texts, evidence, pseudo_count)
+    token = torch.gather(discounted, 2, targets.cpu().long().unsqueeze(-1)).squeeze(-1)
+    return (token * mask.cpu().double()).sum(1)

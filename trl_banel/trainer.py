@@ -35,6 +35,7 @@ from trl.trainer.base_trainer import _BaseTrainer
 
 from .callbacks import BaNELProgressCallback
 from .config import BaNELConfig
+from .distil import ExactTargets, exact_loss, micro_batches, proposal_distribution, sequence_mass
 from .adapters import gathered_copy
 from .evidence import EvidenceLogitsProcessor, PrefixEvidence
 from .failure import FailureModels
@@ -267,13 +268,21 @@ class BaNELTrainer(_BaseTrainer):
             # No distillation this step (distill_every=0, or an empty posterior): nothing to update.
             return torch.zeros((), device=self.accelerator.device, requires_grad=True)
         ids, att, comp = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
-        log_probs, targets, mask = completion_log_softmax(model, ids, att, comp)
-        token_lp = torch.gather(log_probs, 2, targets.unsqueeze(-1)).squeeze(-1)
-        weight = inputs.get("weight")  # the baselined objective's per-sequence weights
-        weighted = token_lp * mask if weight is None else token_lp * mask * weight.unsqueeze(1)
-        loss = -weighted.sum() / mask.sum().clamp(min=1)
+        if "teacher_log_probs" in inputs:  # the exact objective
+            loss, parts = exact_loss(model, inputs)
+            for key, value in parts.items():
+                self._metrics[key].append(value)
+            log_probs = None
+        else:
+            log_probs, targets, mask = completion_log_softmax(model, ids, att, comp)
+            token_lp = torch.gather(log_probs, 2, targets.unsqueeze(-1)).squeeze(-1)
+            weight = inputs.get("weight")  # the baselined objective's per-sequence weights
+            weighted = token_lp * mask if weight is None else token_lp * mask * weight.unsqueeze(1)
+            loss = -weighted.sum() / mask.sum().clamp(min=1)
         self._metrics["distill/loss"].append(self.accelerator.gather(loss.detach()).mean().item())
         if self.args.distill_kl_coef > 0:
+            if log_probs is None:
+                log_probs, _, mask = completion_log_softmax(model, ids, att, comp)
             with torch.no_grad(), self._reference_model() as reference:
                 reference_log_probs = completion_log_softmax(reference, ids, att, comp)[0]
             kl = token_kl(log_probs, reference_log_probs, mask)
@@ -470,6 +479,8 @@ class BaNELTrainer(_BaseTrainer):
             self._metrics["distill/skipped_no_success"].append(1.0)
             self._buffer = [{"skip": True} for _ in range(args.distill_steps * ga)]
             return
+        if args.distill_objective == "exact":
+            return self._fill_exact_buffer()
         if args.distill_objective == "baselined":
             samples = self._weighted_proposals(args.distill_samples)
         else:
@@ -496,6 +507,59 @@ class BaNELTrainer(_BaseTrainer):
                                  for k in ("input_ids", "attention_mask", "completion_mask")})
             if args.distill_objective == "baselined":
                 self._buffer[-1]["weight"] = torch.tensor([c["weight"] for c in chunk], device=self.accelerator.device)
+
+    def _fill_exact_buffer(self):
+        """The exact objective's distillation (trl_banel.distil): its targets are made while this phase's failure
+        models are active (their region is part of the posterior), then the models are dropped as usual."""
+        args = self.args
+        targets = self._exact_targets()
+        if not args.keep_failure_models:
+            self.failures.clear()
+        self._keep_best_generator()
+        self._rounds_in_phase = 0
+        accepted = (~targets.rejected).nonzero().flatten()[:64]
+        probe = targets.proposals.select(accepted if len(accepted) else [0])
+        self._probe = (probe, self._generator_log_probs(probe))
+        seed = args.seed + 1000 * self.round + self.accelerator.process_index
+        policy, k = self.failures.policy, args.evidence_pseudo_count
+        was_training = policy.training
+        policy.eval()
+        try:
+            batches = micro_batches(targets, args.distill_steps * self.current_gradient_accumulation_steps,
+                                    args.per_device_train_batch_size, args.success_replay, seed,
+                                    lambda b: proposal_distribution(policy, b, self.evidence, k, len(b)))
+        finally:
+            policy.train(was_training)
+        self._buffer = [_to_device(b, self.accelerator.device) for b in batches]
+
+    def _exact_targets(self) -> ExactTargets:
+        """Proposals with their filter outcome and `log pi`, the known failures with `pi(f)`, the successes."""
+        args = self.args
+        cands = self._propose(max(1, math.ceil(args.distill_samples / self.accelerator.num_processes)))
+        keep, stats, _, _ = self._filter(cands)
+        kept = {id(c) for c in keep}
+        records = [self.ledger.lookup(c["prompt_text"], c["completion"]) for c in cands]
+        known = [args.reject_known_failures and r is not None and not r.success for r in records]
+        rejected = torch.tensor([id(c) not in kept and not k for c, k in zip(cands, known)])
+        acceptance = self._sum_over_ranks(len(keep)) / max(self._sum_over_ranks(len(cands)), 1)
+        self._metrics["distill/acceptance_rate"].append(acceptance)
+        policy, k = self.failures.policy, args.evidence_pseudo_count
+        was_training = policy.training
+        policy.eval()
+        try:
+            proposals = self._collate(cands)
+            failures, mass = None, torch.zeros(0)
+            negatives = [r for r in self.ledger.records if not r.success] if args.reject_known_failures else []
+            if negatives:
+                failures = self._collate([self._record_to_candidate(r) for r in negatives])
+                mass = sequence_mass(proposal_distribution(policy, failures, self.evidence, k,
+                                                           args.scoring_batch_size), failures)
+                self._metrics["distill/known_failure_mass"].append(float(mass.sum()))
+        finally:
+            policy.train(was_training)
+        found = self.ledger.successes
+        successes = self._collate([self._record_to_candidate(r) for r in found]) if found else None
+        return ExactTargets(proposals, rejected, acceptance, failures, mass, successes)
 
     def _replay_successes(self, samples: list[dict]) -> list[dict]:
         """Replace a `success_replay` share of the posterior samples by the successes found so far: each of them as
@@ -1034,6 +1098,13 @@ def _mean_over_ranks(trainer, values: list[float]) -> float:
     total = trainer._sum_over_ranks(sum(values))
     count = trainer._sum_over_ranks(len(values))
     return total / count if count else float("nan")
+
+
+def _to_device(item, device):
+    """A micro-batch (nested dicts of tensors) on `device`."""
+    if isinstance(item, dict):
+        return {k: _to_device(v, device) for k, v in item.items()}
+    return item.to(device)
 
 
 def _plural(n: int, word: str) -> str:

@@ -1,0 +1,120 @@
+"""The exact distillation objective (trl_banel.distil): no pull towards the generator's own samples, the known
+failures' exact mass, and a trainer that moves only where the region says."""
+
+import math
+
+import pytest
+import torch
+from conftest import SKEWED, string_log_prob
+from datasets import Dataset
+from test_trainer import RecordingOracle, config
+
+from trl_banel import BaNELTrainer
+from trl_banel.distil import ExactTargets, exact_loss, micro_batches, proposal_distribution, sequence_mass
+from trl_banel.evidence import PrefixEvidence, proposal_log_probs
+from trl_banel.posterior import Candidates, completion_log_softmax
+
+UNCONDITIONAL = Dataset.from_dict({"prompt": [""]})
+
+
+def candidates(tok, strings) -> Candidates:
+    """Each string as a completion of the empty prompt ([bos]), right-padded, EOS included."""
+    rows = [tok(s, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for s in strings]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), 1 + width), tok.pad_token_id)
+    comp = torch.zeros_like(ids)
+    ids[:, 0] = tok.bos_token_id
+    for i, r in enumerate(rows):
+        ids[i, 1: 1 + len(r)] = torch.tensor(r)
+        comp[i, 1: 1 + len(r)] = 1
+    att = comp.clone()
+    att[:, 0] = 1
+    return Candidates(ids, att, comp, 1, [""] * len(rows), [""] * len(rows), list(strings), [0] * len(rows))
+
+
+def _batches(model, batch, rejected=None, failures=None, evidence=None, k=0.0):
+    mass = torch.zeros(0)
+    if failures is not None:
+        mass = sequence_mass(proposal_distribution(model, failures, evidence, k, 64), failures)
+    targets = ExactTargets(batch, torch.zeros(len(batch), dtype=torch.bool) if rejected is None else rejected, 1.0,
+                           failures, mass, None)
+    return micro_batches(targets, 1, len(batch), 0.0, 0, lambda b: proposal_distribution(model, b, evidence, k,
+                                                                                         len(b)))
+
+
+def _grad_norm(model, loss) -> float:
+    model.zero_grad()
+    loss.backward()
+    return sum(float(p.grad.abs().sum()) for p in model.parameters() if p.grad is not None)
+
+
+def test_with_no_region_the_exact_gradient_is_zero_where_maximum_likelihood_random_walks(char_tokenizer,
+                                                                                         skewed_model):
+    batch = candidates(char_tokenizer, ["cat", "cat", "dog", "bird", "cat", "dog"])  # the generator's own samples
+    item = _batches(skewed_model, batch)[0]
+    assert _grad_norm(skewed_model, exact_loss(skewed_model, item)[0]) == 0.0
+    # the posterior objective (maximum likelihood on the same samples) pulls the generator towards them
+    log_probs, targets, mask = completion_log_softmax(skewed_model, batch.input_ids, batch.attention_mask,
+                                                      batch.completion_mask)
+    mle = -(torch.gather(log_probs, 2, targets.unsqueeze(-1)).squeeze(-1) * mask).sum() / mask.sum()
+    assert _grad_norm(skewed_model, mle) > 1e-2
+
+
+def test_known_failure_mass_is_the_proposal_distributions_exact_probability(char_tokenizer, skewed_model):
+    failures = candidates(char_tokenizer, SKEWED)
+    plain = sequence_mass(proposal_distribution(skewed_model, failures, PrefixEvidence(), 0.0, 2), failures)
+    exact = torch.tensor([string_log_prob(skewed_model, char_tokenizer, s) for s in SKEWED]).double().exp()
+    assert torch.allclose(plain, exact, rtol=1e-4)
+    evidence = PrefixEvidence()
+    for s in ["cat", "cat", "dog"]:
+        evidence.add("", char_tokenizer(s, add_special_tokens=False)["input_ids"] + [char_tokenizer.eos_token_id])
+    discounted = sequence_mass(proposal_distribution(skewed_model, failures, evidence, 1.0, 64), failures)
+    log_probs, targets, mask = completion_log_softmax(skewed_model, failures.input_ids, failures.attention_mask,
+                                                      failures.completion_mask)
+    expected = proposal_log_probs(log_probs, targets, mask, [""] * 4, evidence, 1.0).exp()
+    assert torch.allclose(discounted, expected, rtol=1e-4)
+    assert discounted[0] < 0.9 * plain[0] and discounted[3] > plain[3]  # tried "cat" discounted, untried "zebra" not
+
+
+def test_the_known_failure_term_moves_mass_off_the_failures_onto_the_rest(char_tokenizer, skewed_model):
+    batch = candidates(char_tokenizer, ["cat", "dog", "bird", "zebra"])
+    failures = candidates(char_tokenizer, ["cat"])
+    before = {s: string_log_prob(skewed_model, char_tokenizer, s) for s in SKEWED}
+    optimizer = torch.optim.SGD(skewed_model.parameters(), lr=0.05)
+    for _ in range(10):
+        item = _batches(skewed_model, batch, failures=failures, evidence=PrefixEvidence())[0]
+        optimizer.zero_grad()
+        exact_loss(skewed_model, item)[0].backward()
+        optimizer.step()
+    after = {s: string_log_prob(skewed_model, char_tokenizer, s) for s in SKEWED}
+    assert after["cat"] < before["cat"] - 0.05
+    rest = ["dog", "bird", "zebra"]
+    assert sum(math.exp(after[s]) for s in rest) > 1.2 * sum(math.exp(before[s]) for s in rest), (before, after)
+
+
+def test_a_trainer_with_the_exact_objective_and_no_region_leaves_the_generator_unchanged(tmp_path, char_tokenizer,
+                                                                                        skewed_model):
+    before = {k: v.clone() for k, v in skewed_model.state_dict().items()}
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(), train_dataset=UNCONDITIONAL,
+                           processing_class=char_tokenizer,
+                           args=config(tmp_path, max_reward_evaluations=24, evaluations_per_round=8,
+                                       distill_objective="exact", reject_known_failures=False,
+                                       rejection_threshold=1e-30, learning_rate=1e-2))
+    trainer.train()
+    assert trainer.state.global_step > 0
+    assert all(torch.equal(before[k], v) for k, v in skewed_model.state_dict().items())
+
+
+@pytest.mark.parametrize("objective", ["exact", "posterior"])
+def test_known_failure_rejection_distilled_lowers_the_failures(tmp_path, char_tokenizer, skewed_model, objective):
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(), train_dataset=UNCONDITIONAL,
+                           processing_class=char_tokenizer,
+                           args=config(tmp_path, max_reward_evaluations=16, evaluations_per_round=8,
+                                       distill_objective=objective, rejection_threshold=1e-30, learning_rate=1e-2))
+    before = string_log_prob(skewed_model, char_tokenizer, "cat")
+    trainer.train()
+    assert "cat" in {r.completion for r in trainer.ledger.records}
+    assert string_log_prob(skewed_model, char_tokenizer, "cat") < before - 0.1
+    if objective == "exact":
+        mass = [v for log in trainer.state.log_history for k, v in log.items() if k == "distill/known_failure_mass"]
+        assert mass and all(0 < m <= 1 for m in mass)

@@ -1,0 +1,155 @@
+r"""The exact distillation objective: the posterior's log-likelihood with every part that can be computed exactly
+taken exactly, so that distilling moves the generator only where the rejection region says, with no sampling drift.
+
+The posterior of a round is `pi(y|c) * 1[y outside the region] / Z`, where `pi` is the proposal distribution (the
+generator, or its evidence-discounted form with `evidence_pseudo_count > 0`) and `Z` its acceptance rate. Distilling
+it maximises `E_post[log q(y|c)]`, which splits into three parts:
+
+    Z * E_post[log q] = E_pi[log q]  -  sum over known failures f of pi(f) log q(f)  -  E_pi[1[ratio-rejected] log q]
+
+- `E_pi[log q]` is estimated on proposals `y ~ pi` with each position's sampled token replaced by its expectation
+  under `pi` (a per-token cross-entropy to `pi`'s next-token distribution on the sampled prefix). Same expectation as
+  maximum likelihood on the samples, far less variance, and with no evidence its gradient is exactly 0 at the start:
+  the generator is not pulled towards the few hundred strings it happened to sample, which is what drives repeated
+  self-distillation onto a shrinking set (DESIGN.md section 6: the drift and collapse).
+- The known failures' term is exact: their `pi(f)` is computed, and a fixed number of them, drawn in proportion to it,
+  enter each step (an unbiased estimate of the sum that does not grow with the ledger).
+- Only the ratio test's region, which has no closed form, is estimated from the proposals it rejected.
+
+With `success_replay`, `(1 - rho) * posterior + rho * successes` as in the posterior objective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .evidence import discounted_log_probs
+from .posterior import Candidates, completion_log_softmax
+
+# The soft targets of one distillation are kept whole: refuse sizes that would not fit comfortably in memory.
+MAX_TEACHER_ELEMENTS = 64_000_000
+
+
+@dataclass
+class ExactTargets:
+    r"""One distillation's targets, on the CPU.
+
+    Attributes:
+        proposals (`Candidates`): completions drawn from the proposal distribution `pi`, accepted or not.
+        rejected (`torch.Tensor` of shape `(N,)`): rejected by the ratio test and not a known failure.
+        acceptance (`float`): `Z`, the share of the proposals that passed the filter.
+        failures (`Candidates` or `None`): the ledger's known failures for the proposals' prompts.
+        failure_mass (`torch.Tensor` of shape `(F,)`): `pi(f)` of each known failure.
+        successes (`Candidates` or `None`): the successes to replay.
+    """
+
+    proposals: Candidates
+    rejected: torch.Tensor
+    acceptance: float
+    failures: Candidates | None
+    failure_mass: torch.Tensor
+    successes: Candidates | None
+
+
+def proposal_distribution(model, batch: Candidates, evidence, pseudo_count: float, batch_size: int) -> torch.Tensor:
+    """`log pi` at every completion position of `batch` (the generator's, discounted by the prefix evidence)."""
+    if len(batch) * batch.completion_mask.sum(1).max().item() * model.config.vocab_size > MAX_TEACHER_ELEMENTS:
+        raise ValueError(
+            f"distill_objective='exact' keeps the proposal distribution of every distillation sample "
+            f"({len(batch)} samples x vocabulary {model.config.vocab_size}): too large for this vocabulary; use "
+            f"distill_objective='posterior' or fewer distill_samples.")
+    device = next(model.parameters()).device
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(batch), batch_size):
+            chunk = batch.select(range(start, min(start + batch_size, len(batch))))
+            log_probs, targets, mask = completion_log_softmax(
+                model, chunk.input_ids.to(device), chunk.attention_mask.to(device), chunk.completion_mask.to(device))
+            if pseudo_count > 0:
+                log_probs = discounted_log_probs(log_probs, targets, mask, chunk.prompt_texts, evidence, pseudo_count)
+            parts.append(log_probs.float().cpu())
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, 0, 0, width - p.shape[1])) for p in parts])
+
+
+def sequence_mass(teacher: torch.Tensor, batch: Candidates) -> torch.Tensor:
+    """`pi(y)` of each completion of `batch`, from its `log pi` at every position."""
+    mask = batch.completion_mask[:, batch.prompt_width:]
+    targets = batch.input_ids[:, batch.prompt_width:]
+    width = teacher.shape[1]
+    token = torch.gather(teacher, 2, targets[:, :width].unsqueeze(-1)).squeeze(-1)
+    return torch.exp((token * mask[:, :width]).sum(1).double())
+
+
+def micro_batches(targets: ExactTargets, n_micro: int, batch_size: int, replay: float, seed: int,
+                  teacher: Callable[[Candidates], torch.Tensor]) -> list[dict]:
+    """The distillation's micro-batches: proposals cycled `batch_size` at a time with `teacher(batch)`, their `log pi`
+    at every position, each with `batch_size` known failures drawn in proportion to `pi(f)` (weight: the failures'
+    total mass over the draw) and the successes to replay.
+
+    The teacher is computed on exactly the rows, order and shapes the loss will see, so that where `pi` is the
+    generator itself the first step's gradient is exactly 0 (not float noise, which Adam would scale to full steps)."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(targets.proposals)
+    total_mass = float(targets.failure_mass.sum()) if targets.failures is not None else 0.0
+    out = []
+    for s in range(n_micro):
+        proposals = targets.proposals.select([(s * batch_size + j) % n for j in range(min(batch_size, n))])
+        rows = torch.tensor([(s * batch_size + j) % n for j in range(min(batch_size, n))])
+        item = {**_tensors(proposals), "teacher_log_probs": teacher(proposals),
+                "rejected": targets.rejected[rows].float(), "acceptance": torch.tensor(targets.acceptance),
+                "replay": torch.tensor(replay if targets.successes is not None else 0.0)}
+        if total_mass > 0:
+            picks = torch.multinomial(targets.failure_mass.float(), batch_size, replacement=True, generator=g)
+            item["failures"] = _tensors(targets.failures.select(picks.tolist()))
+            item["failure_weight"] = torch.tensor(total_mass / batch_size)
+        if targets.successes is not None:
+            item["successes"] = _tensors(targets.successes.select(
+                [(s * batch_size + j) % len(targets.successes) for j in range(batch_size)]))
+        out.append(item)
+    return out
+
+
+def _tensors(batch: Candidates) -> dict:
+    return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+            "completion_mask": batch.completion_mask}
+
+
+def _sequence_log_likelihood(model, batch: dict) -> torch.Tensor:
+    log_probs, targets, mask = completion_log_softmax(
+        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    return (torch.gather(log_probs, 2, targets.unsqueeze(-1)).squeeze(-1) * mask).sum(1)
+
+
+def exact_loss(model, inputs: dict) -> tuple[torch.Tensor, dict]:
+    r"""The negative posterior log-likelihood of one micro-batch (see the module's docstring), per completion token
+    of the proposals, and its parts (for the logs).
+
+    `(1 - rho) / Z * [CE(pi, q) + mean over rejected proposals of log q + mass(F) * mean over the drawn known failures
+    of log q] - rho * mean over the replayed successes of log q`.
+    """
+    log_probs, targets, mask = completion_log_softmax(
+        model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+    teacher = inputs["teacher_log_probs"][:, : log_probs.shape[1]].to(log_probs.dtype).exp()
+    n = log_probs.shape[0]
+    with torch.no_grad():
+        cross_entropy = -((teacher * log_probs).sum(-1) * mask).sum() / n  # for the logs
+    # the cross-entropy's gradient, q - pi per position, taken as a difference: exactly 0 where pi is the generator
+    # itself (the same forward pass), instead of the float noise of -sum(pi log q), which Adam would scale up
+    surrogate = (((log_probs.exp() - teacher).detach() * log_probs).sum(-1) * mask).sum() / n
+    token_lp = (torch.gather(log_probs, 2, targets.unsqueeze(-1)).squeeze(-1) * mask).sum(1)
+    rejected = (token_lp * inputs["rejected"]).sum() / n
+    failures = torch.zeros((), device=log_probs.device)
+    if "failures" in inputs:
+        failures = inputs["failure_weight"] * _sequence_log_likelihood(model, inputs["failures"]).mean()
+    posterior = (surrogate + rejected + failures) / inputs["acceptance"].clamp(min=1e-3)
+    rho = float(inputs["replay"])
+    loss = (1 - rho) * posterior
+    if rho > 0:
+        loss = loss - rho * _sequence_log_likelihood(model, inputs["successes"]).mean()
+    per_token = mask.sum().clamp(min=1) / n  # so that the loss is on the posterior objective's per-token scale
+    parts = {"distill/cross_entropy": cross_entropy.item(), "distill/known_failure_term": failures.item()}
+    return loss / per_token, parts
