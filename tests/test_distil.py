@@ -37,9 +37,8 @@ def _batches(model, batch, rejected=None, failures=None, evidence=None, k=0.0):
     if failures is not None:
         mass = sequence_mass(proposal_distribution(model, failures, evidence, k, 64), failures)
     targets = ExactTargets(batch, torch.zeros(len(batch), dtype=torch.bool) if rejected is None else rejected, 1.0,
-                           failures, mass, None)
-    return micro_batches(targets, 1, len(batch), 0.0, 0, lambda b: proposal_distribution(model, b, evidence, k,
-                                                                                         len(b)))
+                           failures, mass)
+    return micro_batches(targets, 1, len(batch), 0, lambda b: proposal_distribution(model, b, evidence, k, len(b)))
 
 
 def _grad_norm(model, loss) -> float:
@@ -118,3 +117,18 @@ def test_known_failure_rejection_distilled_lowers_the_failures(tmp_path, char_to
     if objective == "exact":
         mass = [v for log in trainer.state.log_history for k, v in log.items() if k == "distill/known_failure_mass"]
         assert mass and all(0 < m <= 1 for m in mass)
+
+
+def test_once_a_success_is_found_the_exact_objective_hands_over_to_replayed_maximum_likelihood(tmp_path,
+                                                                                              char_tokenizer,
+                                                                                              skewed_model):
+    before = string_log_prob(skewed_model, char_tokenizer, "dog")
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(success=lambda c: c == "dog"),
+                           train_dataset=UNCONDITIONAL, processing_class=char_tokenizer,
+                           args=config(tmp_path, max_reward_evaluations=24, evaluations_per_round=8, distill_steps=4,
+                                       distill_objective="exact", success_replay=0.5, learning_rate=1e-2))
+    trainer.train()
+    assert [r.completion for r in trainer.ledger.successes] == ["dog"]
+    replayed = [v for log in trainer.state.log_history for k, v in log.items() if k == "distill/replayed_successes"]
+    assert replayed and all(v > 0 for v in replayed)
+    assert string_log_prob(skewed_model, char_tokenizer, "dog") > before + 0.5

@@ -16,7 +16,11 @@ it maximises `E_post[log q(y|c)]`, which splits into three parts:
   enter each step (an unbiased estimate of the sum that does not grow with the ledger).
 - Only the ratio test's region, which has no closed form, is estimated from the proposals it rejected.
 
-With `success_replay`, `(1 - rho) * posterior + rho * successes` as in the posterior objective.
+The objective serves the search, while the ledger holds no success; from the first success on, the trainer distils
+with the posterior objective (maximum likelihood on accepted samples, with `success_replay`). Measured why: replaying
+successes through this loss concentrates the generator until it proposes little but known failures, where the
+known failures' term `pi(f) log q(f)` saturates (its gradient vanishes as `q(f)` nears 1) and nothing sampled outside
+the region pulls the generator back; maximum likelihood on the accepted samples does.
 """
 
 from __future__ import annotations
@@ -43,7 +47,6 @@ class ExactTargets:
         acceptance (`float`): `Z`, the share of the proposals that passed the filter.
         failures (`Candidates` or `None`): the ledger's known failures for the proposals' prompts.
         failure_mass (`torch.Tensor` of shape `(F,)`): `pi(f)` of each known failure.
-        successes (`Candidates` or `None`): the successes to replay.
     """
 
     proposals: Candidates
@@ -51,7 +54,6 @@ class ExactTargets:
     acceptance: float
     failures: Candidates | None
     failure_mass: torch.Tensor
-    successes: Candidates | None
 
 
 def proposal_distribution(model, batch: Candidates, evidence, pseudo_count: float, batch_size: int) -> torch.Tensor:
@@ -84,11 +86,11 @@ def sequence_mass(teacher: torch.Tensor, batch: Candidates) -> torch.Tensor:
     return torch.exp((token * mask[:, :width]).sum(1).double())
 
 
-def micro_batches(targets: ExactTargets, n_micro: int, batch_size: int, replay: float, seed: int,
+def micro_batches(targets: ExactTargets, n_micro: int, batch_size: int, seed: int,
                   teacher: Callable[[Candidates], torch.Tensor]) -> list[dict]:
     """The distillation's micro-batches: proposals cycled `batch_size` at a time with `teacher(batch)`, their `log pi`
     at every position, each with `batch_size` known failures drawn in proportion to `pi(f)` (weight: the failures'
-    total mass over the draw) and the successes to replay.
+    total mass over the draw).
 
     The teacher is computed on exactly the rows, order and shapes the loss will see, so that where `pi` is the
     generator itself the first step's gradient is exactly 0 (not float noise, which Adam would scale to full steps)."""
@@ -97,18 +99,15 @@ def micro_batches(targets: ExactTargets, n_micro: int, batch_size: int, replay: 
     total_mass = float(targets.failure_mass.sum()) if targets.failures is not None else 0.0
     out = []
     for s in range(n_micro):
-        proposals = targets.proposals.select([(s * batch_size + j) % n for j in range(min(batch_size, n))])
-        rows = torch.tensor([(s * batch_size + j) % n for j in range(min(batch_size, n))])
+        rows = [(s * batch_size + j) % n for j in range(min(batch_size, n))]
+        proposals = targets.proposals.select(rows)
         item = {**_tensors(proposals), "teacher_log_probs": teacher(proposals),
-                "rejected": targets.rejected[rows].float(), "acceptance": torch.tensor(targets.acceptance),
-                "replay": torch.tensor(replay if targets.successes is not None else 0.0)}
+                "rejected": targets.rejected[torch.tensor(rows)].float(),
+                "acceptance": torch.tensor(targets.acceptance)}
         if total_mass > 0:
             picks = torch.multinomial(targets.failure_mass.float(), batch_size, replacement=True, generator=g)
             item["failures"] = _tensors(targets.failures.select(picks.tolist()))
             item["failure_weight"] = torch.tensor(total_mass / batch_size)
-        if targets.successes is not None:
-            item["successes"] = _tensors(targets.successes.select(
-                [(s * batch_size + j) % len(targets.successes) for j in range(batch_size)]))
         out.append(item)
     return out
 
@@ -126,10 +125,9 @@ def _sequence_log_likelihood(model, batch: dict) -> torch.Tensor:
 
 def exact_loss(model, inputs: dict) -> tuple[torch.Tensor, dict]:
     r"""The negative posterior log-likelihood of one micro-batch (see the module's docstring), per completion token
-    of the proposals, and its parts (for the logs).
-
-    `(1 - rho) / Z * [CE(pi, q) + mean over rejected proposals of log q + mass(F) * mean over the drawn known failures
-    of log q] - rho * mean over the replayed successes of log q`.
+    of the proposals, and its parts (for the logs):
+    `1 / Z * [CE(pi, q) + mean over the rejected proposals of log q + mass(F) * mean over the drawn known failures of
+    log q]`.
     """
     log_probs, targets, mask = completion_log_softmax(
         model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
@@ -145,11 +143,7 @@ def exact_loss(model, inputs: dict) -> tuple[torch.Tensor, dict]:
     failures = torch.zeros((), device=log_probs.device)
     if "failures" in inputs:
         failures = inputs["failure_weight"] * _sequence_log_likelihood(model, inputs["failures"]).mean()
-    posterior = (surrogate + rejected + failures) / inputs["acceptance"].clamp(min=1e-3)
-    rho = float(inputs["replay"])
-    loss = (1 - rho) * posterior
-    if rho > 0:
-        loss = loss - rho * _sequence_log_likelihood(model, inputs["successes"]).mean()
+    loss = (surrogate + rejected + failures) / inputs["acceptance"].clamp(min=1e-3)
     per_token = mask.sum().clamp(min=1) / n  # so that the loss is on the posterior objective's per-token scale
     parts = {"distill/cross_entropy": cross_entropy.item(), "distill/known_failure_term": failures.item()}
     return loss / per_token, parts

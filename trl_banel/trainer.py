@@ -479,7 +479,7 @@ class BaNELTrainer(_BaseTrainer):
             self._metrics["distill/skipped_no_success"].append(1.0)
             self._buffer = [{"skip": True} for _ in range(args.distill_steps * ga)]
             return
-        if args.distill_objective == "exact":
+        if args.distill_objective == "exact" and not self.ledger.successes:
             return self._fill_exact_buffer()
         if args.distill_objective == "baselined":
             samples = self._weighted_proposals(args.distill_samples)
@@ -509,8 +509,9 @@ class BaNELTrainer(_BaseTrainer):
                 self._buffer[-1]["weight"] = torch.tensor([c["weight"] for c in chunk], device=self.accelerator.device)
 
     def _fill_exact_buffer(self):
-        """The exact objective's distillation (trl_banel.distil): its targets are made while this phase's failure
-        models are active (their region is part of the posterior), then the models are dropped as usual."""
+        """The exact objective's distillation (trl_banel.distil), while the ledger holds no success: its targets are
+        made while this phase's failure models are active (their region is part of the posterior), then the models
+        are dropped as usual."""
         args = self.args
         targets = self._exact_targets()
         if not args.keep_failure_models:
@@ -526,14 +527,14 @@ class BaNELTrainer(_BaseTrainer):
         policy.eval()
         try:
             batches = micro_batches(targets, args.distill_steps * self.current_gradient_accumulation_steps,
-                                    args.per_device_train_batch_size, args.success_replay, seed,
+                                    args.per_device_train_batch_size, seed,
                                     lambda b: proposal_distribution(policy, b, self.evidence, k, len(b)))
         finally:
             policy.train(was_training)
         self._buffer = [_to_device(b, self.accelerator.device) for b in batches]
 
     def _exact_targets(self) -> ExactTargets:
-        """Proposals with their filter outcome and `log pi`, the known failures with `pi(f)`, the successes."""
+        """Proposals with their filter outcome, the known failures with their `pi(f)`."""
         args = self.args
         cands = self._propose(max(1, math.ceil(args.distill_samples / self.accelerator.num_processes)))
         keep, stats, _, _ = self._filter(cands)
@@ -557,9 +558,7 @@ class BaNELTrainer(_BaseTrainer):
                 self._metrics["distill/known_failure_mass"].append(float(mass.sum()))
         finally:
             policy.train(was_training)
-        found = self.ledger.successes
-        successes = self._collate([self._record_to_candidate(r) for r in found]) if found else None
-        return ExactTargets(proposals, rejected, acceptance, failures, mass, successes)
+        return ExactTargets(proposals, rejected, acceptance, failures, mass)
 
     def _replay_successes(self, samples: list[dict]) -> list[dict]:
         """Replace a `success_replay` share of the posterior samples by the successes found so far: each of them as
