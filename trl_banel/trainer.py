@@ -207,6 +207,8 @@ class BaNELTrainer(_BaseTrainer):
         self._held_out: list[dict] = []  # last round's held-out negatives: a diagnostic, then part of the next fit
         self.evidence = PrefixEvidence()  # failures per completion prefix, rebuilt from _negatives (see update_evidence)
         self._evidence_synced = 0  # how many of _negatives the evidence holds
+        self._known_failures: list[dict] = []  # the ledger's failures as candidates (the exact objective's region)
+        self._known_synced = 0  # how many of ledger.records they cover
         self._pending_state = None
         self._prompt_cache: dict[int, tuple] = {}
         self._buffer: list[dict] = []
@@ -550,9 +552,12 @@ class BaNELTrainer(_BaseTrainer):
         try:
             proposals = self._collate(cands)
             failures, mass = None, torch.zeros(0)
-            negatives = [r for r in self.ledger.records if not r.success] if args.reject_known_failures else []
-            if negatives:
-                failures = self._collate([self._record_to_candidate(r) for r in negatives])
+            if args.reject_known_failures:  # tokenised once each: the ledger only grows
+                fresh = self.ledger.records[self._known_synced:]
+                self._known_failures += [self._record_to_candidate(r) for r in fresh if not r.success]
+                self._known_synced += len(fresh)
+            if self._known_failures:
+                failures = self._collate(self._known_failures)
                 mass = sequence_mass(proposal_distribution(policy, failures, self.evidence, k,
                                                            args.scoring_batch_size), failures)
                 self._metrics["distill/known_failure_mass"].append(float(mass.sum()))
