@@ -115,6 +115,15 @@ def read_finished(output_dir: str) -> dict | None:
         return json.load(f)
 
 
+def finished_info(output_dir: str, global_step: int, ledger, rounds: int) -> dict:
+    """What `banel_run.json` says of a run that ended at `global_step`: its final checkpoint (if one was saved at that
+    step), the budget spent and the successes."""
+    final = last_complete_checkpoint(output_dir)
+    final = os.path.basename(final) if final and final.endswith(f"-{global_step}") else None
+    return {"global_step": global_step, "checkpoint": final, "spent": ledger.spent, "budget": ledger.budget,
+            "lost": len(ledger.lost), "rounds": rounds, "successes": len(ledger.successes)}
+
+
 def mark_finished(output_dir: str, info: dict):
     """Record (atomically) that the run in `output_dir` finished, and at which step."""
     os.makedirs(output_dir, exist_ok=True)
