@@ -103,6 +103,22 @@ class BaNELProgressCallback(TrainerCallback):
             self.bar = None
 
 
+def add_banel_callbacks(trainer):
+    """The run report, BaNEL's console in place of `transformers`' progress bar and printer, and the stop at the end
+    of the budget."""
+    from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
+    from transformers.trainer_callback import PrinterCallback
+
+    from .report import RunReportCallback
+
+    trainer.add_callback(RunReportCallback(trainer))  # rounds.jsonl and run_report.png in output_dir
+    # the console counts reward evaluations and prints one line per round, not a metrics dict per step
+    printer = trainer.callback_handler.pop_callback(PrinterCallback)
+    if trainer.callback_handler.pop_callback(DEFAULT_PROGRESS_CALLBACK) is not None or printer is not None:
+        trainer.add_callback(BaNELProgressCallback(trainer, bar=printer is None))
+    trainer.add_callback(StopWhenDone(trainer))
+
+
 class StopWhenDone(TrainerCallback):
     """Ends `train()` once the budget (or round limit) is reached and the last distillation has been applied."""
 

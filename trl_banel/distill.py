@@ -4,15 +4,61 @@ The optimisation steps themselves are the Trainer's (`BaNELTrainer.compute_loss`
 and the measurement around them.
 """
 
+import contextlib
+import copy
 import logging
+import random
 
 import torch
+from trl.models.utils import prepare_deepspeed
 
+from .adapters import gathered_copy
 from .distributed import mean_over_ranks
-from .posterior import sequence_log_probs
+from .posterior import completion_log_softmax, sequence_log_probs, token_kl
 from .stats import clopper_pearson
 
 logger = logging.getLogger(__name__)
+
+
+def distillation_loss(model, inputs: dict, kl_coef: float = 0.0, reference=None):
+    r"""
+    The distillation objective on a micro-batch: the mean token negative log-likelihood of the samples (weighted per
+    sequence by `inputs["weight"]`, the baselined objective's), plus `kl_coef` times the token KL to the pretrained
+    generator.
+
+    Returns `(loss, nll, kl)`: `kl` is `None` without `kl_coef`. `reference` opens the pretrained generator (a
+    context manager, see [`pretrained_generator`]).
+    """
+    ids, att, comp = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+    log_probs, targets, mask = completion_log_softmax(model, ids, att, comp)
+    token_lp = torch.gather(log_probs, 2, targets.unsqueeze(-1)).squeeze(-1)
+    weight = inputs.get("weight")
+    weighted = token_lp * mask if weight is None else token_lp * mask * weight.unsqueeze(1)
+    nll = -weighted.sum() / mask.sum().clamp(min=1)
+    if not kl_coef > 0:
+        return nll, nll, None
+    with torch.no_grad(), reference() as pretrained:
+        reference_log_probs = completion_log_softmax(pretrained, ids, att, comp)[0]
+    kl = token_kl(log_probs, reference_log_probs, mask)
+    return nll + kl_coef * kl, nll, kl
+
+
+def frozen_copy(policy, accelerator, zero3: bool):
+    """A frozen copy of the pretrained generator, made at start (sharded again under ZeRO-3)."""
+    if zero3:
+        return prepare_deepspeed(gathered_copy(policy, accelerator.device), accelerator)
+    return copy.deepcopy(policy).eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def pretrained_generator(model, policy, frozen=None):
+    """The pretrained generator: `frozen` if there is one, else the LoRA generator `model` (whose unwrapped form is
+    `policy`) with its adapter disabled."""
+    if frozen is not None:
+        yield frozen
+        return
+    with policy.disable_adapter():
+        yield model
 
 
 def _plural(n: int, word: str) -> str:
@@ -105,3 +151,43 @@ class DistillationProbe:
                 "failure models learn. Raise learning_rate (a small model may need 1e-4 to 1e-3) or distill_steps.",
                 max(gains), self.args.distill_steps, self.args.learning_rate)
         return gain
+
+
+class Distiller:
+    r"""
+    The distillation that ends a phase: its samples (posterior samples with successes replayed, or the baselined
+    objective's weighted proposals) as micro-batches, and the probe that measures what it absorbed.
+
+    Args:
+        sampler ([`~trl_banel.sampler.Sampler`]), failures ([`~trl_banel.failure.FailureModels`]): the round's.
+        args ([`BaNELConfig`]), accelerator: the run's configuration and `Accelerator`.
+    """
+
+    def __init__(self, sampler, failures, args, accelerator):
+        self.sampler, self.failures, self.args = sampler, failures, args
+        self.probe = DistillationProbe(failures.policy, args, accelerator)
+
+    def batches(self, round: int, n_micro: int, keep_best) -> list[dict]:
+        """End the phase that ran up to `round`: draw the samples, drop the failure models (unless kept), call
+        `keep_best` (the generator as it proposed this phase, without them); the samples as `n_micro` micro-batches
+        (skipped steps when there is nothing to distil)."""
+        args, sampler = self.args, self.sampler
+        if args.distill_objective == "baselined":
+            samples = sampler.weighted_proposals(args.distill_samples)
+        else:
+            samples = sampler.replay_successes(sampler.sample_posterior(args.distill_samples), args.seed + round)
+        if not args.keep_failure_models:
+            self.failures.clear()
+        keep_best()
+        if not samples:
+            logger.warning("Nothing to distil (no posterior sample survived the filter, or, with the baselined "
+                           "objective, the filter rejected nothing): skipping this distillation.")
+            return skipped(n_micro)
+        random.Random(args.seed + round).shuffle(samples)
+        self.probe.start(sampler.collate([c for c in samples if c.weight > 0][:64] or samples[:1]))
+        return sampler.micro_batches(samples, n_micro, weighted=args.distill_objective == "baselined")
+
+
+def skipped(n: int) -> list[dict]:
+    """`n` micro-batches of steps that update nothing."""
+    return [{"skip": True} for _ in range(n)]

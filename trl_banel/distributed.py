@@ -43,6 +43,7 @@ class PhaseTimer:
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
+        self._logged: dict[str, float] = {}
 
     @contextlib.contextmanager
     def timed(self, phase: str):
@@ -53,6 +54,21 @@ class PhaseTimer:
         finally:
             self.seconds[phase] += time.perf_counter() - start
 
+    @contextlib.contextmanager
+    def outside(self, phase: str):
+        """Add the enclosed wall time to `phase`, less what the other phases timed inside it took (nothing when the
+        enclosed code raises)."""
+        start, before = time.perf_counter(), self.total()
+        yield
+        inside = self.total() - before
+        self.seconds[phase] += time.perf_counter() - start - inside
+
     def total(self) -> float:
         """Seconds over all phases so far."""
         return sum(self.seconds.values())
+
+    def since_last_log(self) -> dict[str, float]:
+        """`time/<phase>`: the seconds of each phase since the previous call."""
+        logs = {f"time/{phase}": total - self._logged.get(phase, 0.0) for phase, total in self.seconds.items()}
+        self._logged = dict(self.seconds)
+        return logs

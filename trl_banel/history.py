@@ -4,6 +4,8 @@ An entry is what the console line, `rounds.jsonl` and the run report read: the b
 mechanism step by step (what the filter rejected and why, what the generator proposes, how the failure fit went).
 """
 
+import math
+
 
 def round_record(round: int, ledger, stats, rewards: list, threshold: float, fit: dict, num_models: int,
                  evidence: bool) -> dict:
@@ -26,6 +28,16 @@ def round_record(round: int, ledger, stats, rewards: list, threshold: float, fit
         **fit,
         "failure/num_models": num_models,
     }
+
+
+def metric_means(metrics: dict[str, list]) -> dict[str, float]:
+    """The mean of each metric's values since the last log (missing and NaN values left out)."""
+    means = {}
+    for key, values in metrics.items():
+        valid = [v for v in values if v is not None and not math.isnan(v)]
+        if valid:
+            means[key] = sum(valid) / len(valid)
+    return means
 
 
 def log_round(metrics: dict, record: dict, stats, log_ratios: list[float], spent: int, ledger):

@@ -11,6 +11,11 @@ from .config import BaNELConfig
 logger = logging.getLogger(__name__)
 
 
+def identity(rows):
+    """The data collator: the rounds draw their own prompts, so the Trainer's batches are not used."""
+    return rows
+
+
 def resolve_args(model, args: BaNELConfig | None) -> BaNELConfig:
     """`args`, or the default `BaNELConfig(f"{model_name}-BaNEL")`."""
     if args is None:

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import time
+from pathlib import Path
 
 import torch
 
@@ -91,6 +92,20 @@ def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str | bool | Non
     logger.warning("%s is incomplete (no %s: a crash cut its writing short); resuming from %s instead.", path,
                    BANEL_STATE_NAME, earlier[-1])
     return earlier[-1]
+
+
+def copy_model_card(output_dir: str, folder: str):
+    """Copy the model card of `output_dir` into `folder` (a model saved elsewhere), if there is one."""
+    card = os.path.join(output_dir, "README.md")
+    if os.path.abspath(folder) != os.path.abspath(output_dir) and os.path.exists(card):
+        Path(folder, "README.md").write_text(Path(card).read_text())
+
+
+def load_state(checkpoint: str | None) -> dict | None:
+    """The BaNEL state saved in `checkpoint` (`None` without one)."""
+    if checkpoint is None:
+        return None
+    return torch.load(os.path.join(checkpoint, BANEL_STATE_NAME), weights_only=False)
 
 
 def save_state_last(state: dict, folder: str):

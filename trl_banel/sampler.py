@@ -197,6 +197,21 @@ class Sampler:
         comp_mask = completion_mask_after_prompt(completion, eos_ids, tok.pad_token_id)
         return [completion[i][comp_mask[i].bool()].tolist() for i in range(len(chunk))]
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the sampler: the state of its prompt draws and the negatives."""
+        return {"rng": self.rng.bit_generator.state, "negatives": [c.to_dict() for c in self.negatives]}
+
+    def load_state_dict(self, state: dict, same_round: bool):
+        """Restore a checkpoint's negatives, and those the ledger recorded after it (re-tokenised from the ledger);
+        with `same_round` (the checkpoint is of the last round run), the state of the prompt draws too."""
+        if same_round:
+            self.rng.bit_generator.state = state["rng"]
+        self.negatives = [Candidate.from_dict(c) for c in state["negatives"]]
+        known = {(c.prompt_text, c.completion) for c in self.negatives}
+        for r in self.ledger.records:
+            if not r.success and (r.prompt, r.completion) not in known:
+                self.negatives.append(self.record_to_candidate(r))
+
     def update_evidence(self):
         """Bring `evidence` up to date with the negatives recorded so far (kept only with `evidence_pseudo_count > 0`:
         a trie of long completions is large)."""

@@ -4,21 +4,16 @@ One round: propose -> filter (posterior rejection) -> evaluate (ledger) -> fit a
 Every `distill_every` rounds: draw posterior samples and distil them into the generator with ordinary Trainer
 optimisation steps, then drop the failure models. The rounds run inside `_prepare_inputs` whenever the distillation
 buffer is empty, the way TRL's online trainers generate there, so `train()`, checkpoints, logging, gradient
-accumulation and DeepSpeed all come from `transformers.Trainer`.
-
-The steps live in their own modules: `sampler` (propose, filter, collate, posterior samples), `oracle_gate` (the
-ledger, shared by every process), `region` (the failure fit), `distributed` (sums over processes, phase timing).
+accumulation and DeepSpeed all come from `transformers.Trainer`. Each step has its module: `sampler`, `oracle_gate`,
+`region` (the failure fit), `distill`, `history`; `distributed` keeps the processes in step and times the phases.
 """
 
-import contextlib
-import copy
 import logging
 import math
 import os
-import random
 import textwrap
-import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,40 +22,30 @@ from accelerate.utils import gather_object
 from datasets import Dataset
 from peft import PeftConfig, PeftModel
 from transformers import PreTrainedTokenizerBase
-from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
-from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from trl.models.utils import prepare_deepspeed
 from trl.trainer.base_trainer import _BaseTrainer
 
-from .adapters import gathered_copy
-from .callbacks import BaNELProgressCallback, StopWhenDone
+from .callbacks import add_banel_callbacks
 from .config import BaNELConfig
-from .distill import DistillationProbe, better_phase, stop_reason
+from .distill import (Distiller, better_phase, distillation_loss, frozen_copy, pretrained_generator, skipped,
+                      stop_reason)
 from .distributed import PhaseTimer, is_zero3, mean_over_ranks, sum_over_ranks
 from .failure import FailureModels
-from .history import log_round, round_record
-from .inputs import check_dataset, load_model, prepare_tokenizer, resolve_args
+from .history import log_round, metric_means, round_record
+from .inputs import check_dataset, identity, load_model, prepare_tokenizer, resolve_args
 from .ledger import LEDGER_FILENAME, RewardFunctionError, RewardLedger
 from .oracle import RewardOracle
 from .oracle_gate import OracleGate
-from .posterior import completion_log_softmax, token_kl
 from .region import FailureRegion
-from .report import RunReportCallback
-from .runs import (BANEL_STATE_NAME, describe_resume, finished_info, mark_finished, refuse_rerun, resolve_checkpoint,
+from .runs import (copy_model_card, describe_resume, finished_info, load_state, mark_finished, refuse_rerun, resolve_checkpoint,
                    save_state_last)
-from .sampler import Candidate, FilterStats, Sampler
+from .sampler import Candidate, Sampler
 from .stats import SuccessEstimate
 from .threads import configure_cpu_threads
 
 logger = logging.getLogger(__name__)
 
-
 BEST_GENERATOR_DIR = "best_generator"
-
-
-def identity(x):
-    return x
 
 
 class BaNELTrainer(_BaseTrainer):
@@ -103,32 +88,19 @@ class BaNELTrainer(_BaseTrainer):
     }
     loss_is_scaled_for_ga = False
 
-    def __init__(
-        self,
-        model,
-        reward_funcs,
-        args: BaNELConfig | None = None,
-        train_dataset: Dataset | None = None,
-        processing_class: PreTrainedTokenizerBase | None = None,
-        peft_config: PeftConfig | None = None,
-        callbacks=None,
-        optimizers=(None, None),
-    ):
+    def __init__(self, model, reward_funcs, args: BaNELConfig | None = None, train_dataset: Dataset | None = None,
+                 processing_class: PreTrainedTokenizerBase | None = None, peft_config: PeftConfig | None = None,
+                 callbacks=None, optimizers=(None, None)):
         args = resolve_args(model, args)
         model = load_model(model, peft_config)
         processing_class = prepare_tokenizer(processing_class, model)
         check_dataset(train_dataset)
-        self.oracle = self._reward_oracle(reward_funcs, args)
+        self.oracle = RewardOracle.from_config(reward_funcs, args)
         super().__init__(model=model, args=args, data_collator=identity, train_dataset=train_dataset,
                          processing_class=processing_class, callbacks=callbacks, optimizers=optimizers)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
-        self.add_callback(RunReportCallback(self))  # rounds.jsonl and run_report.png in output_dir
-        # the console counts reward evaluations and prints one line per round, not a metrics dict per step
-        printer = self.callback_handler.pop_callback(PrinterCallback)
-        if self.callback_handler.pop_callback(DEFAULT_PROGRESS_CALLBACK) is not None or printer is not None:
-            self.add_callback(BaNELProgressCallback(self, bar=printer is None))
-        self.add_callback(StopWhenDone(self))
+        add_banel_callbacks(self)
         if self.accelerator.device.type == "cpu":
             configure_cpu_threads(model, args.torch_num_threads)
         self._metrics = defaultdict(list)
@@ -150,46 +122,28 @@ class BaNELTrainer(_BaseTrainer):
         self.gate = OracleGate(self.ledger, self.oracle, self.train_dataset, accelerator, lambda: self.state)
         self.gate.sync_from_main()
         self.round = max((r.round for r in self.ledger.records), default=-1) + 1
-        self._build_failure_models()
+        zero3 = is_zero3(accelerator, self.is_deepspeed_enabled)
+        self._build_failure_models(zero3)
         # wall seconds per phase (see PhaseTimer), logged as `time/<phase>` (seconds since the previous log)
         self.timer = PhaseTimer()
         self.phase_seconds = self.timer.seconds
-        self._logged_seconds: dict[str, float] = {}
         policy = accelerator.unwrap_model(self.model)
         self.sampler = Sampler(args, self.processing_class, self.train_dataset, accelerator, self.failures,
-                               self.ledger, lambda: self.model_wrapped, self._zero3(), self.timer, self._metrics,
+                               self.ledger, lambda: self.model_wrapped, zero3, self.timer, self._metrics,
                                np.random.default_rng(args.seed + accelerator.process_index),
                                getattr(policy.config, "max_position_embeddings", None))
         self.region = FailureRegion(self.failures, args, accelerator, self.sampler.collate, self.timer)
-        self.probe = DistillationProbe(self.failures.policy, args, accelerator)  # what a distillation absorbed
+        self.distiller = Distiller(self.sampler, self.failures, args, accelerator)
 
-    def _build_failure_models(self):
+    def _build_failure_models(self, zero3: bool):
         """The failure models, and the frozen pretrained generator that `distill_kl_coef` needs."""
-        args, zero3 = self.args, self._zero3()
-        policy = self.accelerator.unwrap_model(self.model)
-        self.failures = FailureModels(
-            policy, args.failure_model, args.failure_lora_r, args.failure_lora_alpha, args.failure_lora_target_modules,
-            copy_policy=self._gathered_copy if zero3 else None,
-            prepare_copy=(lambda m: prepare_deepspeed(m, self.accelerator)) if zero3 else None,
-        )
-        if zero3 and args.keep_failure_models and args.failure_model == "adapter":
-            # adapters injected after DeepSpeed built its engine are not DeepSpeed's: its ZeRO-3 hooks fail on them in
-            # the distillation steps, so they cannot stay in the generator across a distillation
-            raise ValueError("keep_failure_models=True with failure_model='adapter' is not supported under DeepSpeed "
-                             "ZeRO-3; use failure_model='copy', ZeRO-2, or keep_failure_models=False.")
+        args, policy = self.args, self.accelerator.unwrap_model(self.model)
+        self.failures = FailureModels.from_config(policy, args, self.accelerator, zero3)
         self._reference = None  # the pretrained generator, for distill_kl_coef (a LoRA generator needs no copy)
         if args.distill_kl_coef > 0 and not isinstance(policy, PeftModel):
-            self._reference = (prepare_deepspeed(self._gathered_copy(policy), self.accelerator) if zero3
-                               else copy.deepcopy(policy).eval().requires_grad_(False))
+            self._reference = frozen_copy(policy, self.accelerator, zero3)
 
-    @staticmethod
-    def _reward_oracle(reward_funcs, args) -> RewardOracle:
-        return RewardOracle(reward_funcs, args.reward_weights, args.reward_retries, args.reward_retry_backoff,
-                            args.reward_timeout)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Trainer hooks
-    # ------------------------------------------------------------------------------------------------------------
+    # -- Trainer hooks -------------------------------------------------------------------------------------------
     @property
     def distilling(self) -> bool:
         """Whether steps of the current distillation are still to run (callbacks that measure the generator wait)."""
@@ -219,11 +173,8 @@ class BaNELTrainer(_BaseTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # a step = (a round when the buffer is empty, timed by phase inside) + one distillation micro-batch
-        start, before = time.perf_counter(), self.timer.total()
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        inside = self.timer.total() - before
-        self.phase_seconds["distill"] += time.perf_counter() - start - inside
-        return loss
+        with self.timer.outside("distill"):
+            return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
@@ -231,41 +182,20 @@ class BaNELTrainer(_BaseTrainer):
         if inputs.get("skip"):
             # No distillation this step (distill_every=0, or an empty posterior): nothing to update.
             return torch.zeros((), device=self.accelerator.device, requires_grad=True)
-        ids, att, comp = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
-        log_probs, targets, mask = completion_log_softmax(model, ids, att, comp)
-        token_lp = torch.gather(log_probs, 2, targets.unsqueeze(-1)).squeeze(-1)
-        weight = inputs.get("weight")  # the baselined objective's per-sequence weights
-        weighted = token_lp * mask if weight is None else token_lp * mask * weight.unsqueeze(1)
-        loss = -weighted.sum() / mask.sum().clamp(min=1)
-        self._metrics["distill/loss"].append(self.accelerator.gather(loss.detach()).mean().item())
-        if self.args.distill_kl_coef > 0:
-            with torch.no_grad(), self._reference_model() as reference:
-                reference_log_probs = completion_log_softmax(reference, ids, att, comp)[0]
-            kl = token_kl(log_probs, reference_log_probs, mask)
+        reference = partial(pretrained_generator, self.model, self.accelerator.unwrap_model(self.model),
+                            self._reference)
+        loss, nll, kl = distillation_loss(model, inputs, self.args.distill_kl_coef, reference)
+        self._metrics["distill/loss"].append(self.accelerator.gather(nll.detach()).mean().item())
+        if kl is not None:
             self._metrics["distill/kl_to_pretrained"].append(self.accelerator.gather(kl.detach()).mean().item())
-            loss = loss + self.args.distill_kl_coef * kl
         return loss
 
-    @contextlib.contextmanager
-    def _reference_model(self):
-        """The pretrained generator: a LoRA generator with its adapter disabled, else the frozen copy made at start."""
-        if self._reference is None:
-            with self.accelerator.unwrap_model(self.model).disable_adapter():
-                yield self.model
-        else:
-            yield self._reference
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        for key, values in self._metrics.items():
-            valid = [v for v in values if v is not None and not math.isnan(v)]
-            if valid:
-                logs[key] = sum(valid) / len(valid)
+        logs.update(metric_means(self._metrics))
         logs["nre/spent"] = self.ledger.spent
         logs["successes/found"] = len(self.ledger.successes)
         logs["round"] = self.round
-        for phase, total in self.phase_seconds.items():
-            logs[f"time/{phase}"] = total - self._logged_seconds.get(phase, 0.0)
-        self._logged_seconds = dict(self.phase_seconds)
+        logs.update(self.timer.since_last_log())
         super().log(logs, start_time)
         self._metrics.clear()
 
@@ -293,9 +223,8 @@ class BaNELTrainer(_BaseTrainer):
         """What a resumed run needs beyond the model, the optimizer and the ledger."""
         return {
             "round": self.round, "history": self.history, "rounds_in_phase": self._rounds_in_phase,
-            "idle_rounds": self._idle_rounds, "rng": self.sampler.rng.bit_generator.state,
-            "negatives": [c.to_dict() for c in self.sampler.negatives],
-            "failure_models": self.failures.state_dict(), "buffer": self._buffer, "finished": self._finished,
+            "idle_rounds": self._idle_rounds, **self.sampler.state_dict(), "failure_models": self.failures.state_dict(),
+            "buffer": self._buffer, "finished": self._finished,
             "held_out": [c.to_dict() for c in self.region.held_out], "best_generator": self.best_generator,
         }
 
@@ -312,9 +241,7 @@ class BaNELTrainer(_BaseTrainer):
         output_dir = self.args.output_dir
         checkpoint = resolve_checkpoint(output_dir, resume_from_checkpoint)
         refuse_rerun(output_dir, checkpoint)
-        if checkpoint is not None:
-            # restored on the first step, once the Trainer has loaded the generator's weights
-            self._pending_state = torch.load(os.path.join(checkpoint, BANEL_STATE_NAME), weights_only=False)
+        self._pending_state = load_state(checkpoint)  # restored on the first step, once the generator is loaded
         found = describe_resume(output_dir, self.ledger, self.round, checkpoint)
         if found and self.accelerator.is_main_process:
             logger.warning(found)  # at the default level: a resumed run must never look like a new one
@@ -340,36 +267,27 @@ class BaNELTrainer(_BaseTrainer):
             self.history = state["history"]
             self._rounds_in_phase = state["rounds_in_phase"]
             self._idle_rounds = state["idle_rounds"]
-            self.sampler.rng.bit_generator.state = state["rng"]
             self._buffer = state["buffer"]
             self._finished = state["finished"]
             self.region.held_out = [Candidate.from_dict(c) for c in state.get("held_out", [])]
             if state["failure_models"]:
                 self.failures.load_state_dict(state["failure_models"])
         self.best_generator = state.get("best_generator", self.best_generator)
-        negatives = self.sampler.negatives = [Candidate.from_dict(c) for c in state["negatives"]]
-        known = {(c.prompt_text, c.completion) for c in negatives}
-        for r in self.ledger.records:  # negatives evaluated after the checkpoint, re-tokenised from the ledger
-            if not r.success and (r.prompt, r.completion) not in known:
-                negatives.append(self.sampler.record_to_candidate(r))
+        self.sampler.load_state_dict(state, same_round=state["round"] == self.round)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
         if not _internal_call and self.accelerator.is_main_process:
             self.create_model_card(model_name=self._model_card_name())
-            if output_dir is not None and os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir):
-                card = os.path.join(self.args.output_dir, "README.md")
-                if os.path.exists(card):
-                    Path(output_dir, "README.md").write_text(Path(card).read_text())
+            if output_dir is not None:
+                copy_model_card(self.args.output_dir, output_dir)
 
     def _model_card_name(self):
         if self.args.hub_model_id is None:
             return Path(self.args.output_dir).name
         return self.args.hub_model_id.split("/")[-1]
 
-    # ------------------------------------------------------------------------------------------------------------
-    # The algorithm
-    # ------------------------------------------------------------------------------------------------------------
+    # -- the algorithm -------------------------------------------------------------------------------------------
     def _done(self) -> bool:
         reason = stop_reason(self.args, self.ledger, self.round, self._idle_rounds)
         if reason is not None:
@@ -383,14 +301,14 @@ class BaNELTrainer(_BaseTrainer):
             if not self._done():
                 self._run_round()
             self._finished = self._done()
-            self._buffer = [{"skip": True} for _ in range(ga)]
+            self._buffer = skipped(ga)
             return
         while self._rounds_in_phase < args.distill_every and not self._done():
             self._run_round()
         self._finished = self._done()
         if self._rounds_in_phase == 0:  # nothing new to distil (e.g. resumed with the budget spent)
             self._finished = True
-            self._buffer = [{"skip": True} for _ in range(ga)]
+            self._buffer = skipped(ga)
         elif not args.distill_before_success and not self.ledger.successes:
             # the generator stays the prior until a success is found: no self-distillation drift, the search is
             # shaped by the filter and the prefix evidence alone
@@ -398,34 +316,13 @@ class BaNELTrainer(_BaseTrainer):
                 self.failures.clear()
             self._rounds_in_phase = 0
             self._metrics["distill/skipped_no_success"].append(1.0)
-            self._buffer = [{"skip": True} for _ in range(args.distill_steps * ga)]
+            self._buffer = skipped(args.distill_steps * ga)
         else:
-            self._buffer = self._distillation_batches(args.distill_steps * ga)
-
-    def _distillation_batches(self, n_micro: int) -> list[dict]:
-        """End the phase: draw the posterior samples, drop the failure models, keep the best generator; the samples
-        as `n_micro` micro-batches."""
-        args = self.args
-        if args.distill_objective == "baselined":
-            samples = self.sampler.weighted_proposals(args.distill_samples)
-        else:
-            samples = self.sampler.sample_posterior(args.distill_samples)
-            samples = self.sampler.replay_successes(samples, args.seed + self.round)
-        if not args.keep_failure_models:
-            self.failures.clear()
-        self._keep_best_generator()  # the generator as it proposed this phase (the failure models are not part of it)
-        self._rounds_in_phase = 0
-        if not samples:
-            logger.warning("Nothing to distil (no posterior sample survived the filter, or, with the baselined "
-                           "objective, the filter rejected nothing): skipping this distillation.")
-            return [{"skip": True} for _ in range(n_micro)]
-        random.Random(args.seed + self.round).shuffle(samples)
-        self.probe.start(self.sampler.collate([c for c in samples if c.weight > 0][:64] or samples[:1]))
-        return self.sampler.micro_batches(samples, n_micro, weighted=args.distill_objective == "baselined")
+            self._buffer = self.distiller.batches(self.round, args.distill_steps * ga, self._keep_best_generator)
+            self._rounds_in_phase = 0
 
     def _keep_best_generator(self):
-        """Before a distillation: save the generator if its phase's evaluations have the best success rate so far (see
-        `distill.better_phase`)."""
+        """Before a distillation: save the generator if its phase's evaluations are the best so far (`better_phase`)."""
         better = self.args.save_best_generator and better_phase(self.history, self._rounds_in_phase, self.round,
                                                                 self.best_generator)
         if better:
@@ -434,7 +331,7 @@ class BaNELTrainer(_BaseTrainer):
             self.best_generator = {**better, "nre": self.ledger.spent, "path": path}
 
     def _measure_distillation(self):
-        gain = self.probe.measure(self.history)
+        gain = self.distiller.probe.measure(self.history)
         if gain is not None:
             self._metrics["distill/log_prob_gain"].append(gain)
 
@@ -457,7 +354,12 @@ class BaNELTrainer(_BaseTrainer):
         negatives = [c for c, r in zip(to_evaluate, rewards) if r is not None and not r > args.success_threshold]
         self.sampler.negatives.extend(negatives)
         fit = self.region.fit(negatives, self.sampler.negatives, self.round)
-        self._record_round(proposals.stats, log_ratios, rewards, spent, fit)
+        record = round_record(self.round, self.ledger, proposals.stats, rewards, args.success_threshold, fit,
+                              len(self.failures), args.evidence_pseudo_count > 0)
+        log_round(self._metrics, record, proposals.stats, log_ratios, spent, self.ledger)
+        self.history.append(record)
+        self.round += 1
+        self._rounds_in_phase += 1
 
     def _evaluate(self, cands: list[Candidate]) -> list[float | None]:
         """The round's rewards; a failing oracle stops the run with a checkpoint to resume from."""
@@ -465,23 +367,12 @@ class BaNELTrainer(_BaseTrainer):
             with self.timer.timed("oracle"):
                 return self.gate.evaluate(cands, self.round)
         except RewardFunctionError:
-            # Every evaluation made so far is already durable in the ledger; save the rest of the state too, so
-            # that the run resumes (train(resume_from_checkpoint=True)) once the oracle is fixed.
+            # every evaluation made is durable in the ledger: save the rest too, to resume once the oracle is fixed
             if self.args.save_strategy != "no":
                 logger.error("The reward oracle failed: saving a checkpoint before stopping.")
                 self._save_checkpoint(self.model, trial=None)
             raise
 
-    def _record_round(self, stats: FilterStats, log_ratios: list[float], rewards: list, spent: int, fit: dict):
-        """The round's entry of `history`, and its metrics to log."""
-        record = round_record(self.round, self.ledger, stats, rewards, self.args.success_threshold, fit,
-                              len(self.failures), self.args.evidence_pseudo_count > 0)
-        log_round(self._metrics, record, stats, log_ratios, spent, self.ledger)
-        self.history.append(record)
-        self.round += 1
-        self._rounds_in_phase += 1
-
-    # -- estimate ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def estimate_success_rate(self, num_samples: int, reward_funcs=None, confidence: float = 0.95,
                               posterior: bool = True) -> SuccessEstimate:
@@ -498,7 +389,7 @@ class BaNELTrainer(_BaseTrainer):
             reward_funcs (*optional*): the reward functions to score with, called as the trainer calls its own
                 (dataset columns, retries, `reward_timeout`, `reward_weights`); the trainer's by default.
         """
-        other = None if reward_funcs is None else self._reward_oracle(reward_funcs, self.args)
+        other = None if reward_funcs is None else RewardOracle.from_config(reward_funcs, self.args)
         samples, proposed = self.sampler.draw(num_samples, posterior)
         scored, calls = self.gate.score_once(samples, oracle=other)
         successes = sum(1 for r in scored if r is not None and r > self.args.success_threshold)
@@ -506,12 +397,3 @@ class BaNELTrainer(_BaseTrainer):
         total = [sum_over_ranks(self.accelerator, x) for x in (successes, n, len(samples), proposed, calls)]
         return SuccessEstimate.from_counts(int(total[0]), int(total[1]), confidence,
                                            acceptance_rate=total[2] / max(total[3], 1), oracle_calls=int(total[4]))
-
-    # -- helpers -------------------------------------------------------------------------------------------------
-    def _gathered_copy(self, policy):
-        """A full, unsharded copy of a ZeRO-3 generator, on this process's device."""
-        return gathered_copy(policy, self.accelerator.device)
-
-    def _zero3(self) -> bool:
-        return is_zero3(self.accelerator, self.is_deepspeed_enabled)
-
