@@ -200,7 +200,7 @@ def measure_filter(name: str, args: Args, n: int, repeats: int, workdir: str, ta
             "filter_ratio": (k + 1) * med["bare"] / med["filter"],
             "peft_mixed_ratio": (k + 1) * med["bare"] / med["peft_mixed"],
             "filter_ratio_of_medians": (k + 1) * statistics.median(t["bare"]) / statistics.median(t["filter"]),
-            "accepted": len(fast()[0]), "repetitions": len(t["bare"]),
+            "accepted": len(fast().accepted), "repetitions": len(t["bare"]),
         }
         print(f"  filter K={k}: bare {med['bare'] * 1e3:.1f} ms, filter {med['filter'] * 1e3:.1f} ms "
               f"(ratio {rows[k]['filter_ratio']:.2f}), peft mixed batch {med['peft_mixed'] * 1e3:.1f} ms "
