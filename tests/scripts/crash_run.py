@@ -34,6 +34,7 @@ from transformers import TrainerCallback  # noqa: E402
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint  # noqa: E402
 
 from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
+from trl_banel.runs import last_complete_checkpoint  # noqa: E402
 
 OUT = sys.argv[1]
 COUNT_FILE = os.environ["COUNT_FILE"]
@@ -125,7 +126,10 @@ def main():
     trainer = BaNELTrainer(model=model, reward_funcs=oracle, args=args, processing_class=tok,
                            train_dataset=Dataset.from_dict({"prompt": [""]}))
     Phases(trainer)
-    trainer.train(resume_from_checkpoint=get_last_checkpoint(OUT) if os.path.isdir(OUT) else None)
+    # as a script would, with transformers' last checkpoint (the trainer falls back from an incomplete one to the last
+    # complete one before it); a kill in the first checkpoint leaves none complete: start again from the ledger
+    resume = os.path.isdir(OUT) and last_complete_checkpoint(OUT) is not None
+    trainer.train(resume_from_checkpoint=get_last_checkpoint(OUT) if resume else None)
     trainer.save_model(os.path.join(OUT, "final"))
     if trainer.accelerator.is_main_process:
         ledger = trainer.ledger
