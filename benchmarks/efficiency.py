@@ -6,7 +6,7 @@
 Two models: the addition task's attacker (133k parameters, the benchmark's generator) and a randomly initialised
 Llama built from a config (~34M parameters, vocabulary 8,192), so that the figures mean something on a CPU.
 
-1. Filter throughput. The trainer's filter (`BaNELTrainer._filter`: collation, scores under the generator and K
+1. Filter throughput. The trainer's filter (`trainer.sampler.filter`: collation, scores under the generator and K
    failure adapters, the rejection test, the known-failure lookup) on candidates the trainer proposed. Against the
    limit, one bare forward pass per model over the same tokens:
    `filter_ratio = (K + 1) x bare_seconds / filter_seconds` (1.0 = at the limit). The bare pass is the plain model
@@ -157,14 +157,14 @@ def time_once(fn, timings: list):
 
 def measure_filter(name: str, args: Args, n: int, repeats: int, workdir: str, tau: float = 0.97):
     """The trainer's own filter (collation, scoring under every model, rejection test, known-failure lookup) on
-    candidates its own `_propose` drew, against the bare forward over the same tokens."""
+    candidates its own `sampler.propose` drew, against the bare forward over the same tokens."""
     model, tok, oracle, dataset, _, length, _ = build(name, args)
     bare_model = copy.deepcopy(model).eval()  # no adapter layers ever injected into this one
     config = BaNELConfig(output_dir=fresh(workdir), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
                          max_completion_length=length, rejection_threshold=tau, seed=0, disable_tqdm=True)
     trainer = BaNELTrainer(model=model, reward_funcs=oracle, args=config, processing_class=tok, train_dataset=dataset)
-    cand_dicts = trainer._propose(n)
-    cands = trainer._collate(cand_dicts)
+    proposals = trainer.sampler.propose(n)
+    cands = trainer.sampler.collate(proposals)
     batch_size, fm = config.scoring_batch_size, trainer.failures
     rows = {}
     for k in args.ks:
@@ -172,12 +172,12 @@ def measure_filter(name: str, args: Args, n: int, repeats: int, workdir: str, ta
             perturb_adapters(fm.policy, fm.add(), seed=len(fm))
 
         def fast():
-            return trainer._filter(cand_dicts)
+            return trainer.sampler.filter(proposals)
 
         def mixed():
             fm.scoring = "peft"  # peft's mixed-adapter batch
             try:
-                return trainer._filter(cand_dicts)
+                return trainer.sampler.filter(proposals)
             finally:
                 fm.scoring = "auto"
 
@@ -200,7 +200,7 @@ def measure_filter(name: str, args: Args, n: int, repeats: int, workdir: str, ta
             "filter_ratio": (k + 1) * med["bare"] / med["filter"],
             "peft_mixed_ratio": (k + 1) * med["bare"] / med["peft_mixed"],
             "filter_ratio_of_medians": (k + 1) * statistics.median(t["bare"]) / statistics.median(t["filter"]),
-            "accepted": len(fast()[0]), "repetitions": len(t["bare"]),
+            "accepted": len(fast().accepted), "repetitions": len(t["bare"]),
         }
         print(f"  filter K={k}: bare {med['bare'] * 1e3:.1f} ms, filter {med['filter'] * 1e3:.1f} ms "
               f"(ratio {rows[k]['filter_ratio']:.2f}), peft mixed batch {med['peft_mixed'] * 1e3:.1f} ms "

@@ -32,6 +32,7 @@ from transformers import HfArgumentParser, set_seed  # noqa: E402
 
 from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
 from trl_banel.posterior import rejection_mask  # noqa: E402
+from trl_banel.sampler import Candidate  # noqa: E402
 from trl_banel.tasks.letters import load_letters_task, success_strings  # noqa: E402
 
 SETTINGS = {
@@ -53,9 +54,10 @@ class Args:
 
 def as_candidates(trainer, strings):
     tok = trainer.processing_class
-    return trainer._collate([{"prompt_ids": [tok.bos_token_id], "row": 0, "prompt": "", "prompt_text": "",
-                              "completion": s, "completion_ids": tok(s, add_special_tokens=False)["input_ids"]
-                              + [tok.eos_token_id]} for s in strings])
+    return trainer.sampler.collate([Candidate(prompt="", prompt_text="", completion=s, row=0,
+                                              completion_ids=tok(s, add_special_tokens=False)["input_ids"]
+                                              + [tok.eos_token_id], prompt_ids=[tok.bos_token_id])
+                                    for s in strings])
 
 
 def main(args: Args) -> dict:
@@ -68,12 +70,12 @@ def main(args: Args) -> dict:
                            args=BaNELConfig(output_dir="/tmp/filter_lift", use_cpu=True, report_to="none",
                                             max_completion_length=9, seed=0, disable_tqdm=True))
     successes = as_candidates(trainer, success_strings(oracle.min_a))
-    fresh = trainer._collate(trainer._propose(args.fresh))
+    fresh = trainer.sampler.collate(trainer.sampler.propose(args.fresh))
     rows = []
     for name, fit in SETTINGS.items():
         for n in args.negatives:
             for draw in range(args.draws):
-                negatives = trainer._collate(trainer._propose(n))
+                negatives = trainer.sampler.collate(trainer.sampler.propose(n))
                 trainer.failures.add()
                 start = time.perf_counter()
                 result = trainer.failures.fit(negatives, seed=draw, **fit)

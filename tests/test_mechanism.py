@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import make_tiny_model, string_log_prob
 from datasets import Dataset
+from transformers import TrainerCallback
 from test_trainer import RecordingOracle, config, spy_filter
 
 from trl_banel import BaNELConfig, BaNELTrainer
@@ -35,7 +36,7 @@ def test_rejection_mask_rejects_exactly_where_a_failure_model_explains_the_candi
 
 # ------------------------------------------------------------------------------------------------ failure fit
 def _negatives(trainer, n=40):
-    return trainer._collate(trainer._propose(n))
+    return trainer.sampler.collate(trainer.sampler.propose(n))
 
 
 @pytest.mark.parametrize("mode", ["adapter", "copy"])
@@ -175,17 +176,18 @@ def test_a_known_success_is_never_rejected(tmp_path, char_tokenizer, skewed_mode
     trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(success=lambda c: c == "cat"),
                            args=config(tmp_path, rejection_threshold=1.0), train_dataset=UNCONDITIONAL,
                            processing_class=char_tokenizer)
-    cands = trainer._propose(64)
-    cat = [c for c in cands if c["completion"] == "cat"]
+    cands = trainer.sampler.propose(64)
+    cat = [c for c in cands if c.completion == "cat"]
     assert cat, "the skewed model proposes 'cat' 70% of the time"
-    trainer._evaluate(cat[:1] + [c for c in cands if c["completion"] == "dog"][:1])
+    trainer.gate.evaluate(cat[:1] + [c for c in cands if c.completion == "dog"][:1], trainer.round)
     trainer.failures.add()
-    trainer.failures.fit(trainer._collate(cat * 3), 30, 1e-2, 64)  # a failure model that explains 'cat' well
-    policy_lp, failure_lp = trainer.failures.score(trainer._collate(cat[:1]), 8)
+    trainer.failures.fit(trainer.sampler.collate(cat * 3), 30, 1e-2, 64)  # a failure model that explains 'cat' well
+    policy_lp, failure_lp = trainer.failures.score(trainer.sampler.collate(cat[:1]), 8)
     assert (failure_lp[-1] - policy_lp).item() > 0, "the fit should raise 'cat' above q"
-    keep, stats, _, _ = trainer._filter(cat)
-    assert len(keep) == len(cat) and stats["ratio_rejected"] == 0
-    assert stats["known"] == 0 and trainer.ledger.lookup("", "cat").success
+    result = trainer.sampler.filter(cat)
+    keep, stats = result.accepted, result.stats
+    assert len(keep) == len(cat) and stats.ratio_rejected == 0
+    assert stats.known == 0 and trainer.ledger.lookup("", "cat").success
 
 
 def test_distillation_kl_keeps_a_frozen_pretrained_reference(tmp_path, char_tokenizer, skewed_model):
@@ -254,13 +256,15 @@ def test_the_best_phase_generator_is_saved_from_training_evaluations_alone(tmp_p
     hits = {3: 1}
     oracle.success = lambda c: trainer.round == 1 or (hits.get(trainer.round, 0) > 0 and hits.pop(trainer.round))
     snapshots = {}
-    keep = trainer._keep_best_generator
 
-    def spy():
-        snapshots[trainer.round - 1] = {k: v.clone() for k, v in model.state_dict().items()}
-        keep()
+    class Snapshot(TrainerCallback):
+        """The generator before each round (distill_every=1: the one that proposes it)."""
 
-    trainer._keep_best_generator = spy
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not trainer.distilling:
+                snapshots[trainer.round] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    trainer.add_callback(Snapshot())
     trainer.train()
     best = trainer.best_generator
     assert best is not None and (best["first_round"], best["last_round"]) == (1, 1)
@@ -330,14 +334,14 @@ def test_success_replay_draws_among_all_successes_when_they_outnumber_its_share(
     trainer = BaNELTrainer(model=model, reward_funcs=RecordingOracle(success=lambda c: True),
                            args=config(tmp_path, success_replay=0.5, max_reward_evaluations=64),
                            train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
-    cands = trainer._propose(64)
-    trainer._evaluate(cands)
+    cands = trainer.sampler.propose(64)
+    trainer.gate.evaluate(cands, trainer.round)
     found = {r.completion for r in trainer.ledger.successes}
     assert len(found) > 8
     seen = set()
-    for trainer.round in range(10):
-        out = trainer._replay_successes(cands[:8])
-        replayed = [c["completion"] for c in out[4:]]
+    for round in range(10):
+        out = trainer.sampler.replay_successes(cands[:8], trainer.args.seed + round)
+        replayed = [c.completion for c in out[4:]]
         assert len(out) == 8 and set(replayed) <= found and len(set(replayed)) == 4
         seen |= set(replayed)
     assert len(seen) > 8, "only the first successes found are ever replayed"
@@ -386,7 +390,7 @@ def test_prefix_evidence_moves_proposals_off_the_tried_prefixes(tmp_path, char_t
     cat = char_tokenizer(text="cat", add_special_tokens=False)["input_ids"] + [char_tokenizer.eos_token_id]
     for _ in range(200):  # 200 failures went through "c...": the generator's 70% branch
         trainer.evidence.add("", cat)
-    share_c = sum(c["completion"].startswith("c") for c in trainer._propose(300)) / 300
+    share_c = sum(c.completion.startswith("c") for c in trainer.sampler.propose(300)) / 300
     if pseudo_count:
         assert share_c < 0.1, share_c  # 0.7 * (1/201) / (0.7/201 + 0.3): about 0.01
     else:

@@ -11,6 +11,7 @@ from peft import LoraConfig
 
 from trl_banel import BaNELConfig, BaNELTrainer
 from trl_banel.ledger import LEDGER_FILENAME
+from trl_banel.sampler import Candidate
 
 UNCONDITIONAL = Dataset.from_dict({"prompt": [""]})
 
@@ -48,17 +49,17 @@ class RecordingOracle:
 def spy_filter(trainer):
     """Record, per round, which completions the filter accepted and rejected."""
     seen = {}
-    original = trainer._filter
+    original = trainer.sampler.filter
 
     def wrapped(cands):
-        keep, stats, a, r = original(cands)
-        kept = {id(c) for c in keep}
+        result = original(cands)
+        kept = {id(c) for c in result.accepted}
         entry = seen.setdefault(trainer.round, {"accepted": set(), "rejected": set()})
         for c in cands:
-            entry["accepted" if id(c) in kept else "rejected"].add(c["completion"])
-        return keep, stats, a, r
+            entry["accepted" if id(c) in kept else "rejected"].add(c.completion)
+        return result
 
-    trainer._filter = wrapped
+    trainer.sampler.filter = wrapped
     return seen
 
 
@@ -299,15 +300,14 @@ def test_a_failing_oracle_stops_the_run_after_saving_everything(tmp_path, char_t
 def test_collate_left_pads_prompts_and_right_pads_completions(tmp_path, char_tokenizer, skewed_model):
     trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(), args=config(tmp_path),
                            train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
-    cands = [{"prompt_ids": [1, 5], "completion_ids": [7, 8, 2], "prompt": "a", "prompt_text": "a", "completion": "x",
-              "row": 0},
-             {"prompt_ids": [1], "completion_ids": [], "prompt": "", "prompt_text": "", "completion": "", "row": 1}]
-    batch = trainer._collate(cands)
+    cands = [Candidate("a", "a", "x", completion_ids=[7, 8, 2], row=0, prompt_ids=[1, 5]),
+             Candidate("", "", "", completion_ids=[], row=1, prompt_ids=[1])]
+    batch = trainer.sampler.collate(cands)
     pad = char_tokenizer.pad_token_id
     assert batch.prompt_width == 2
     assert batch.input_ids.tolist() == [[1, 5, 7, 8, 2], [pad, 1, pad, pad, pad]]
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [0, 1, 0, 0, 0]]
     assert batch.completion_mask.tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 0, 0]]
     assert batch.rows == [0, 1] and batch.completions == ["x", ""]
-    empty = trainer._collate([cands[1]])  # no completion at all: one masked column is kept
+    empty = trainer.sampler.collate([cands[1]])  # no completion at all: one masked column is kept
     assert empty.input_ids.tolist() == [[1, pad]] and empty.completion_mask.tolist() == [[0, 0]]

@@ -103,6 +103,38 @@ class BaNELProgressCallback(TrainerCallback):
             self.bar = None
 
 
+def add_banel_callbacks(trainer):
+    """The run report, BaNEL's console in place of `transformers`' progress bar and printer, and the stop at the end
+    of the budget."""
+    from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
+    from transformers.trainer_callback import PrinterCallback
+
+    from .report import RunReportCallback
+
+    trainer.add_callback(RunReportCallback(trainer))  # rounds.jsonl and run_report.png in output_dir
+    # the console counts reward evaluations and prints one line per round, not a metrics dict per step
+    printer = trainer.callback_handler.pop_callback(PrinterCallback)
+    if trainer.callback_handler.pop_callback(DEFAULT_PROGRESS_CALLBACK) is not None or printer is not None:
+        trainer.add_callback(BaNELProgressCallback(trainer, bar=printer is None))
+    trainer.add_callback(StopWhenDone(trainer))
+
+
+class StopWhenDone(TrainerCallback):
+    """Ends `train()` once the budget (or round limit) is reached and the last distillation has been applied."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.trainer.distilling:  # the last step of a distillation has been applied
+            self.trainer._measure_distillation()
+        if self.trainer._finished and not self.trainer.distilling:
+            control.should_training_stop = True
+            # a checkpoint of the final state: a later train(resume_from_checkpoint=True) continues from the trained
+            # model, never from an earlier one
+            control.should_save = args.save_strategy != "no"
+
+
 def sparse_task_advice(args, spent: int, found: int) -> str | None:
     """What to change when a run ends the way the package's default round ends on a task the model almost never
     solves (measured on the rare-letters task; README, "What each part of the round does"), or None."""

@@ -127,12 +127,13 @@ class BaNELConfig(_BaseConfig):
             Both have the gradient of `-KL(posterior || generator)` in expectation, but maximum likelihood on the
             generator's own samples is also a random walk (finite samples, even where the filter rejects nothing),
             while the baselined weights are all 0 where nothing is rejected: the generator moves only where the
-            failure models act. `"exact"`: the posterior's log-likelihood split into the proposal distribution's
-            (each sampled token replaced by its expectation: a per-token cross-entropy to the proposal distribution),
-            minus the known failures' (their exact probability mass, drawn in proportion to it) and the ratio-rejected
-            proposals' (`trl_banel.distil`). Same expected gradient as `"posterior"`, without its sampling drift:
-            with no region and no prefix evidence the gradient is exactly 0. Keeps each distillation's next-token
-            distributions (`distill_samples` x completion length x vocabulary): for small vocabularies.
+            failure models act. `"exact"` (while the ledger holds no success; then `"posterior"`): the posterior's
+            log-likelihood split into the proposal distribution's (each sampled token replaced by its expectation: a
+            per-token cross-entropy to the proposal distribution), minus the known failures' (their exact
+            probability mass, drawn in proportion to it) and the ratio-rejected proposals'
+            (`trl_banel.exact_distillation`). Same expected gradient as `"posterior"`, without its sampling drift:
+            with no region and no prefix evidence the gradient is exactly 0. Keeps each micro-batch's next-token
+            distributions (batch x completion length x vocabulary): for small vocabularies.
         distill_kl_coef (`float`, *optional*, defaults to `0.0`):
             Weight of a per-token `KL(generator || pretrained)` term in the distillation loss, on the posterior
             samples' positions (TRL's `beta`): it keeps the generator on the pretrained model's support and rewards its
@@ -318,7 +319,7 @@ class BaNELConfig(_BaseConfig):
                           "1/Z - 1 if accepted, -1 if rejected (same expected gradient, no drift where nothing is "
                           "rejected); 'exact': the posterior's log-likelihood with each part computed exactly "
                           "where it can be (per-token expectations under the proposal distribution, the known "
-                          "failures' exact mass; trl_banel.distil), no sampling drift.",
+                          "failures' exact mass; trl_banel.exact_distillation), no sampling drift.",
                   "choices": ["posterior", "baselined", "exact"]},
     )
     distill_kl_coef: float = field(
@@ -399,37 +400,36 @@ class BaNELConfig(_BaseConfig):
             self.max_steps = self._derived_max_steps = phases * (1 if self.distill_every == 0 else self.distill_steps)
 
     def _check_fields(self):
-        def bad(name, valid):
-            value = getattr(self, name)
-            raise ValueError(f"BaNELConfig.{name}={value!r} is invalid: it must be {valid}.")
+        self._check_search_fields()
+        self._check_training_fields()
+        self._check_reward_fields()
 
+    def _bad(self, name: str, valid: str):
+        raise ValueError(f"BaNELConfig.{name}={getattr(self, name)!r} is invalid: it must be {valid}.")
+
+    def _check_search_fields(self):
+        """The budget, the rounds, the proposals and the failure models."""
+        bad = self._bad
         tau = self.rejection_threshold
         if not isinstance(tau, (int, float)) or not math.isfinite(tau) or not 0 < tau <= 1:
             bad("rejection_threshold", "a ratio tau with 0 < tau <= 1")
-        def is_int(value):
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        if not is_int(self.max_reward_evaluations) or self.max_reward_evaluations < 1:
+        if not _is_int(self.max_reward_evaluations) or self.max_reward_evaluations < 1:
             bad("max_reward_evaluations", "an integer >= 1")
-        if not is_int(self.evaluations_per_round) or self.evaluations_per_round < 1:
+        if not _is_int(self.evaluations_per_round) or self.evaluations_per_round < 1:
             bad("evaluations_per_round", "an integer >= 1")
         if self.evaluations_per_round > self.max_reward_evaluations:
-            bad(
-                "evaluations_per_round",
-                f"at most max_reward_evaluations={self.max_reward_evaluations}",
-            )
+            bad("evaluations_per_round", f"at most max_reward_evaluations={self.max_reward_evaluations}")
         for name in ("num_candidates", "max_proposal_batches", "max_idle_rounds", "max_completion_length",
                      "generation_batch_size", "scoring_batch_size", "failure_epochs", "failure_batch_size",
                      "failure_lora_r", "failure_lora_alpha", "distill_samples", "distill_steps",
                      "max_failure_models"):
-            value = getattr(self, name)
-            if not is_int(value) or value < 1:
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
         if self.num_rounds is not None and self.num_rounds < 1:
             bad("num_rounds", "None or an integer >= 1")
         for name in ("stop_after_successes", "torch_num_threads"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            if value is not None and (not _is_int(value) or value < 1):
                 bad(name, "None or an integer >= 1")
         if self.distill_every < 0:
             bad("distill_every", "an integer >= 0 (0 never distils)")
@@ -446,35 +446,37 @@ class BaNELConfig(_BaseConfig):
                                   "objective)")
         if self.failure_model not in ("adapter", "copy"):
             bad("failure_model", "'adapter' or 'copy'")
-        # TrainingArguments fields that transformers accepts but that cannot train: refused here, by name, rather
-        # than as a NaN loss or an empty batch much later
+
+    def _check_training_fields(self):
+        """The optimisation: TrainingArguments fields that transformers accepts but that cannot train are refused
+        here, by name, rather than as a NaN loss or an empty batch much later; and the failure fit's."""
+        bad = self._bad
         for name in ("learning_rate", "failure_learning_rate", "adam_epsilon"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
                 bad(name, "a finite number > 0")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
         for name in ("weight_decay", "max_grad_norm"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                bad(name, "a finite number >= 0")
+            _check_non_negative(self, name)
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 bad(name, "a number with 0 <= beta < 1")
         if str(getattr(self.save_strategy, "value", self.save_strategy)) == "steps" and not self.save_steps > 0:
             bad("save_steps", "> 0 with save_strategy='steps' (or set save_strategy='no')")
         for name in ("failure_margin", "failure_max_grad_norm", "distill_kl_coef", "evidence_pseudo_count"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                bad(name, "a finite number >= 0")
+            _check_non_negative(self, name)
         if not isinstance(self.failure_warmup_steps, int) or self.failure_warmup_steps < 0:
             bad("failure_warmup_steps", "an integer >= 0")
         if not 0 <= self.failure_heldout_fraction < 1:
             bad("failure_heldout_fraction", "a share with 0 <= share < 1")
+
+    def _check_reward_fields(self):
+        bad = self._bad
         if not math.isfinite(self.success_threshold):
             bad("success_threshold", "a finite number")
-        if not is_int(self.reward_retries) or self.reward_retries < 0:
+        if not _is_int(self.reward_retries) or self.reward_retries < 0:
             bad("reward_retries", "an integer >= 0")
         if self.reward_retry_backoff < 0:
             bad("reward_retry_backoff", ">= 0")
@@ -482,3 +484,13 @@ class BaNELConfig(_BaseConfig):
             bad("reward_timeout", "None or > 0 seconds")
         if self.reward_weights is not None and any(not math.isfinite(w) for w in self.reward_weights):
             bad("reward_weights", "None or a list of finite numbers")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_non_negative(config, name: str):
+    value = getattr(config, name)
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        config._bad(name, "a finite number >= 0")

@@ -18,9 +18,11 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from peft import PeftModel
+from trl.models.utils import prepare_deepspeed
 
 from . import adapters
 from .posterior import Candidates, completion_nll, sequence_log_probs
@@ -77,6 +79,22 @@ class FailureModels:
             self.policy_adapter, self.lora_config = adapters.generator_lora_config(policy)
         else:
             self.lora_config = adapters.new_lora_config(lora_r, lora_alpha, target_modules)
+
+    @classmethod
+    def from_config(cls, policy, args, accelerator, zero3: bool = False) -> "FailureModels":
+        """The failure models a [`BaNELConfig`] describes; under ZeRO-3 they copy the generator gathered from its
+        shards and store a fitted copy sharded again."""
+        if zero3 and args.keep_failure_models and args.failure_model == "adapter":
+            # adapters injected after DeepSpeed built its engine are not DeepSpeed's: its ZeRO-3 hooks fail on them in
+            # the distillation steps, so they cannot stay in the generator across a distillation
+            raise ValueError("keep_failure_models=True with failure_model='adapter' is not supported under DeepSpeed "
+                             "ZeRO-3; use failure_model='copy', ZeRO-2, or keep_failure_models=False.")
+        copy_policy = prepare_copy = None
+        if zero3:
+            copy_policy = partial(adapters.gathered_copy, device=accelerator.device)
+            prepare_copy = partial(prepare_deepspeed, accelerator=accelerator)
+        return cls(policy, args.failure_model, args.failure_lora_r, args.failure_lora_alpha,
+                   args.failure_lora_target_modules, copy_policy=copy_policy, prepare_copy=prepare_copy)
 
     def __len__(self):
         return len(self.copies) if self.mode == "copy" else len(self.names)
@@ -200,15 +218,11 @@ class FailureModels:
         order, takes its share of each batch, and the failure model's gradients are summed across processes, so
         every process ends with the same failure model as a single process would.
         """
-        name = self.names[-1]
-        n_seq = len(negatives)
-        model, params, restore = self._train_view(name)
-        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+        model, params, restore = self._train_view(self.names[-1])
+        loop = _FitLoop(model, params, negatives, learning_rate, warmup_steps, max_grad_norm, rank, world_size)
         generator = torch.Generator().manual_seed(seed)
-        losses = []
-        device = next(model.parameters()).device
-        log_ratio, steps = 0.0, 0
-        log_q = self._log_q(model, negatives, device)  # the new model starts as q
+        losses, log_ratio = [], 0.0
+        log_q = self._log_q(model, negatives, loop.device)  # the new model starts as q
         if margin > 0:
             target = min(margin, 0.5 * self._achievable_log_ratio(negatives, log_q))
         else:
@@ -216,49 +230,17 @@ class FailureModels:
         try:
             model.train()
             for _ in range(max_epochs):
-                order = torch.randperm(n_seq, generator=generator)
-                epoch_loss, epoch_nll, n = 0.0, 0.0, 0
-                for start in range(0, len(order), batch_size):
-                    idx = order[start : start + batch_size]
-                    # tokens of the whole batch: each process divides its share by the global count
-                    batch_tokens = negatives.completion_mask[idx].sum().clamp(min=1)
-                    mine = idx[rank::world_size]
-                    weight = 1.0
-                    if len(mine) == 0:  # every process must run the same forwards (ZeRO-3 gathers in them)
-                        mine, weight = idx[:1], 0.0
-                    ids = negatives.input_ids[mine].to(device)
-                    att = negatives.attention_mask[mine].to(device)
-                    comp = negatives.completion_mask[mine].to(device)
-                    nll_sum = weight * completion_nll(model, ids, att, comp, reduction="sum")
-                    loss = nll_sum / batch_tokens.to(device)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    sums = torch.stack([loss.detach(), nll_sum.detach()])
-                    if world_size > 1:
-                        for p in params:
-                            if p.grad is None:
-                                p.grad = torch.zeros_like(p)
-                            torch.distributed.all_reduce(p.grad)
-                        torch.distributed.all_reduce(sums)
-                    if max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                    for group in optimizer.param_groups:
-                        group["lr"] = learning_rate * min(1.0, (steps + 1) / (warmup_steps + 1))
-                    optimizer.step()
-                    steps += 1
-                    epoch_loss += sums[0].item() * len(idx)
-                    epoch_nll += sums[1].item()
-                    n += len(idx)
-                losses.append(epoch_loss / max(n, 1))
-                log_ratio = (-epoch_nll - log_q.sum().item()) / max(n_seq, 1)
+                loss, nll = loop.epoch(torch.randperm(len(negatives), generator=generator), batch_size)
+                losses.append(loss)
+                log_ratio = (-nll - log_q.sum().item()) / max(len(negatives), 1)
                 if margin > 0 and log_ratio >= target:
                     break
         finally:
-            optimizer.zero_grad(set_to_none=True)  # no stale gradients (nor their memory) left behind
+            loop.optimizer.zero_grad(set_to_none=True)  # no stale gradients (nor their memory) left behind
             restore()
         if self.mode == "copy" and self.prepare_copy is not None:
             self.copies[-1] = self.prepare_copy(self.copies[-1])
-        return FitResult(losses, steps, log_ratio, target, log_ratio >= target)
+        return FitResult(losses, loop.steps, log_ratio, target, log_ratio >= target)
 
     @staticmethod
     @torch.no_grad()
@@ -377,3 +359,59 @@ class FailureModels:
             raise ValueError("scoring='merged' needs plain float32 linear LoRA layers on unsharded weights; use "
                              "scoring='auto' or 'peft'.")
         return "merged" if can_merge else "peft"
+
+
+class _FitLoop:
+    """The optimisation of one failure-model fit (`FailureModels.fit`): AdamW with a linear warm-up and gradient
+    clipping, each process taking its share of every batch and the gradients summed across processes."""
+
+    def __init__(self, model, params, negatives: Candidates, learning_rate: float, warmup_steps: int,
+                 max_grad_norm: float | None, rank: int, world_size: int):
+        self.model, self.params, self.negatives = model, params, negatives
+        self.learning_rate, self.warmup_steps, self.max_grad_norm = learning_rate, warmup_steps, max_grad_norm
+        self.rank, self.world_size = rank, world_size
+        self.optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+        self.device = next(model.parameters()).device
+        self.steps = 0
+
+    def epoch(self, order: torch.Tensor, batch_size: int) -> tuple[float, float]:
+        """One pass over the negatives in `order`: the mean loss (each batch measured before its update) and the
+        summed negative log-likelihood."""
+        epoch_loss, epoch_nll, n = 0.0, 0.0, 0
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            loss, nll = self.step(idx)
+            epoch_loss += loss * len(idx)
+            epoch_nll += nll
+            n += len(idx)
+        return epoch_loss / max(n, 1), epoch_nll
+
+    def step(self, idx: torch.Tensor) -> tuple[float, float]:
+        """One optimiser step on the batch `idx`: its loss and summed negative log-likelihood over all processes."""
+        negatives, device = self.negatives, self.device
+        # tokens of the whole batch: each process divides its share by the global count
+        batch_tokens = negatives.completion_mask[idx].sum().clamp(min=1)
+        mine = idx[self.rank::self.world_size]
+        weight = 1.0
+        if len(mine) == 0:  # every process must run the same forwards (ZeRO-3 gathers in them)
+            mine, weight = idx[:1], 0.0
+        ids, att = negatives.input_ids[mine].to(device), negatives.attention_mask[mine].to(device)
+        comp = negatives.completion_mask[mine].to(device)
+        nll_sum = weight * completion_nll(self.model, ids, att, comp, reduction="sum")
+        loss = nll_sum / batch_tokens.to(device)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        sums = torch.stack([loss.detach(), nll_sum.detach()])
+        if self.world_size > 1:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+            torch.distributed.all_reduce(sums)
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate * min(1.0, (self.steps + 1) / (self.warmup_steps + 1))
+        self.optimizer.step()
+        self.steps += 1
+        return sums[0].item(), sums[1].item()

@@ -204,33 +204,37 @@ class RewardLedger:
                 first_of[key] = i
                 to_call.append(i)
         if to_call:
-            call = None
-            if self.journal is not None:
-                call = self.journal.begin([prompts[i] for i in to_call], [completions[i] for i in to_call], round,
-                                          [meta[i] for i in to_call] if meta is not None else None)
-            try:
-                values = oracle(to_call)
-                if len(values) != len(to_call):
-                    raise RewardFunctionError(f"oracle returned {len(values)} rewards for {len(to_call)} completions")
-                new = []
-                for i, value in zip(to_call, values):
-                    if value is None:
-                        continue
-                    value = float(value)
-                    if not math.isfinite(value):
-                        raise RewardFunctionError(f"non-finite reward {value} for completion {completions[i]!r}")
-                    new.append(Evaluation(prompts[i], completions[i], value, round, value > self.success_threshold))
-            except Exception:
-                # the reward function raised or misbehaved: by the documented rule nothing is charged. (An interrupt,
-                # KeyboardInterrupt or SystemExit, leaves the call open instead: it may have been paid, so the next
-                # start charges it.)
-                if call is not None:
-                    self.journal.end(call, "failed")
-                raise
-            self._append(new)
-            if call is not None:
-                self.journal.end(call, "answered")
+            self._call(prompts, completions, oracle, round, meta, to_call)
         for i, key in enumerate(zip(prompts, completions)):
             if rewards[i] is None and key in self._index:
                 rewards[i] = self._index[key].reward
         return rewards
+
+    def _call(self, prompts, completions, oracle, round: int, meta, to_call: list[int]):
+        """Ask `oracle` about the pairs at `to_call`, journalled around the call, and record its rewards."""
+        call = None
+        if self.journal is not None:
+            call = self.journal.begin([prompts[i] for i in to_call], [completions[i] for i in to_call], round,
+                                      [meta[i] for i in to_call] if meta is not None else None)
+        try:
+            values = oracle(to_call)
+            if len(values) != len(to_call):
+                raise RewardFunctionError(f"oracle returned {len(values)} rewards for {len(to_call)} completions")
+            new = []
+            for i, value in zip(to_call, values):
+                if value is None:
+                    continue
+                value = float(value)
+                if not math.isfinite(value):
+                    raise RewardFunctionError(f"non-finite reward {value} for completion {completions[i]!r}")
+                new.append(Evaluation(prompts[i], completions[i], value, round, value > self.success_threshold))
+        except Exception:
+            # the reward function raised or misbehaved: by the documented rule nothing is charged. (An interrupt,
+            # KeyboardInterrupt or SystemExit, leaves the call open instead: it may have been paid, so the next
+            # start charges it.)
+            if call is not None:
+                self.journal.end(call, "failed")
+            raise
+        self._append(new)
+        if call is not None:
+            self.journal.end(call, "answered")

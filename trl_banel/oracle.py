@@ -58,6 +58,12 @@ class RewardOracle:
             See [`BaNELConfig`] `reward_retries`, `reward_retry_backoff`, `reward_timeout`.
     """
 
+    @classmethod
+    def from_config(cls, reward_funcs, args) -> "RewardOracle":
+        """The oracle a [`BaNELConfig`] describes (its weights, retries and timeout)."""
+        return cls(reward_funcs, args.reward_weights, args.reward_retries, args.reward_retry_backoff,
+                   args.reward_timeout)
+
     def __init__(self, reward_funcs, weights=None, retries: int = 2, backoff: float = 1.0,
                  timeout: float | None = None):
         if not isinstance(reward_funcs, (list, tuple)):
@@ -131,39 +137,14 @@ class RewardOracle:
         self.calls += 1
         total: list[float | None] = [0.0] * n
         for func, name, weight in zip(self.reward_funcs, self.names, self.weights):
-            values = self._call_with_retries(func, name, list(prompts), list(completions), columns)
-            if not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
-                try:
-                    values = list(values)
-                except TypeError:
-                    raise RewardFunctionError(
-                        f"reward function {name!r} returned {type(values).__name__}; expected a list of {n} rewards."
-                    ) from None
-            if len(values) != n:
-                raise RewardFunctionError(
-                    f"reward function {name!r} returned {len(values)} rewards for {n} completions; expected one per "
-                    "completion (None for 'not scored')."
-                )
+            values = _as_list(self._call_with_retries(func, name, list(prompts), list(completions), columns), name, n)
             if n and all(v is None for v in values):
                 unscoring.append(name)
             for i, v in enumerate(values):
                 if v is None:
                     total[i] = None
                     continue
-                if not isinstance(v, numbers.Real):
-                    if hasattr(v, "item"):  # a 0-d tensor or numpy scalar
-                        v = v.item()
-                    else:
-                        raise RewardFunctionError(
-                            f"reward function {name!r} returned {v!r} ({type(v).__name__}) at index {i}; expected a "
-                            "finite number or None."
-                        )
-                v = float(v)
-                if not math.isfinite(v):
-                    raise RewardFunctionError(
-                        f"reward function {name!r} returned {v} at index {i}; rewards must be finite (None means "
-                        "'not scored')."
-                    )
+                v = _as_reward(v, name, i)
                 if total[i] is not None:
                     total[i] += weight * v
         if require_a_score and n and all(t is None for t in total):
@@ -173,6 +154,42 @@ class RewardOracle:
                 "round: no evaluation was charged and nothing was recorded. Return a number for every completion it "
                 "can judge (e.g. 0.0 for a failure); None is for the few it cannot.")
         return total
+
+
+def _as_list(values, name: str, n: int) -> list:
+    """A reward function's answer as a list of `n` values (raises, naming the function, otherwise)."""
+    if not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
+        try:
+            values = list(values)
+        except TypeError:
+            raise RewardFunctionError(
+                f"reward function {name!r} returned {type(values).__name__}; expected a list of {n} rewards."
+            ) from None
+    if len(values) != n:
+        raise RewardFunctionError(
+            f"reward function {name!r} returned {len(values)} rewards for {n} completions; expected one per "
+            "completion (None for 'not scored')."
+        )
+    return values
+
+
+def _as_reward(v, name: str, i: int) -> float:
+    """A reward as a finite `float` (a 0-d tensor or numpy scalar included; raises, naming the function, otherwise)."""
+    if not isinstance(v, numbers.Real):
+        if hasattr(v, "item"):  # a 0-d tensor or numpy scalar
+            v = v.item()
+        else:
+            raise RewardFunctionError(
+                f"reward function {name!r} returned {v!r} ({type(v).__name__}) at index {i}; expected a "
+                "finite number or None."
+            )
+    v = float(v)
+    if not math.isfinite(v):
+        raise RewardFunctionError(
+            f"reward function {name!r} returned {v} at index {i}; rewards must be finite (None means "
+            "'not scored')."
+        )
+    return v
 
 
 async def _await(x):

@@ -95,8 +95,25 @@ def plot_run_report(output_dir: str, path: str | None = None) -> str:
     found = sum(bool(e["success"]) for e in evaluations)
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     (ax_found, ax_rate), (ax_accept, ax_fit) = axes
+    _plot_found(ax_found, evaluations, found)
+    per_round = rates_by_round(evaluations)
+    _plot_rates(ax_rate, per_round)
+    _plot_rounds(ax_accept, ax_fit, rounds)
+    for ax in (ax_accept, ax_fit):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_found.yaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"BaNEL run {os.path.basename(os.path.abspath(output_dir))}: {len(rounds) or len(per_round)} rounds, "
+                 f"{len(evaluations):,} reward evaluations, {found} success{'' if found == 1 else 'es'}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
-    # successes found against NRE: the run's output
+
+def _plot_found(ax, evaluations: list[dict], found: int):
+    """Successes found against NRE: the run's output."""
     x, y, total = [0], [0], 0
     for nre, e in enumerate(evaluations, 1):
         if e["success"]:
@@ -105,24 +122,24 @@ def plot_run_report(output_dir: str, path: str | None = None) -> str:
             total += 1
     x.append(len(evaluations))
     y.append(total)
-    ax_found.plot(x, y, color="C2", lw=2)
-    ax_found.set_title(f"successes found: {found} in {len(evaluations):,} evaluations")
-    ax_found.set_xlabel("reward evaluations (NRE)")
-    ax_found.set_ylabel("successes found (cumulative)")
-    ax_found.set_ylim(bottom=0, top=max(1, total) * 1.1)
+    ax.plot(x, y, color="C2", lw=2)
+    ax.set_title(f"successes found: {found} in {len(evaluations):,} evaluations")
+    ax.set_xlabel("reward evaluations (NRE)")
+    ax.set_ylabel("successes found (cumulative)")
+    ax.set_ylim(bottom=0, top=max(1, total) * 1.1)
     if not total:
-        ax_found.text(0.5, 0.5, "no success yet", ha="center", va="center", transform=ax_found.transAxes,
-                      color="grey")
+        ax.text(0.5, 0.5, "no success yet", ha="center", va="center", transform=ax.transAxes, color="grey")
 
-    # success rate of the evaluated candidates, per round, with Clopper-Pearson bands
-    per_round = rates_by_round(evaluations)
+
+def _plot_rates(ax, per_round: list):
+    """The success rate of the evaluated candidates, per round, with Clopper-Pearson bands, and the run's so far."""
     if per_round:
         nre = [r.nre for r in per_round]
         rate = [r.rate for r in per_round]
-        ax_rate.errorbar(nre, rate, yerr=[[v - r.low for v, r in zip(rate, per_round)],
-                                          [r.high - v for v, r in zip(rate, per_round)]],
-                         fmt="o", ms=3, lw=0.8, capsize=0, color="C0", alpha=0.7,
-                         label="each round's evaluations (95% Clopper-Pearson)")
+        ax.errorbar(nre, rate, yerr=[[v - r.low for v, r in zip(rate, per_round)],
+                                     [r.high - v for v, r in zip(rate, per_round)]],
+                    fmt="o", ms=3, lw=0.8, capsize=0, color="C0", alpha=0.7,
+                    label="each round's evaluations (95% Clopper-Pearson)")
         cum_s = cum_n = 0
         cum, cum_low, cum_high = [], [], []
         for r in per_round:
@@ -131,34 +148,40 @@ def plot_run_report(output_dir: str, path: str | None = None) -> str:
             cum.append(cum_s / cum_n)
             cum_low.append(low)
             cum_high.append(high)
-        ax_rate.plot(nre, cum, color="C3", lw=1.5, label="all evaluated so far (band: 95% Clopper-Pearson)")
-        ax_rate.fill_between(nre, cum_low, cum_high, color="C3", alpha=0.2)
+        ax.plot(nre, cum, color="C3", lw=1.5, label="all evaluated so far (band: 95% Clopper-Pearson)")
+        ax.fill_between(nre, cum_low, cum_high, color="C3", alpha=0.2)
         # scaled to the estimates, not to the wide intervals of small rounds (those run off the top)
-        ax_rate.set_ylim(0, min(1.02, 1.3 * max(max(rate), max(cum_high), 0.02)))
-        ax_rate.legend(fontsize=8, loc="upper left")
-    ax_rate.set_title("success rate of the evaluated candidates")
-    ax_rate.set_xlabel("reward evaluations (NRE)")
-    ax_rate.set_ylabel("success rate")
+        ax.set_ylim(0, min(1.02, 1.3 * max(max(rate), max(cum_high), 0.02)))
+        ax.legend(fontsize=8, loc="upper left")
+    ax.set_title("success rate of the evaluated candidates")
+    ax.set_xlabel("reward evaluations (NRE)")
+    ax.set_ylabel("success rate")
 
-    def per_round_line(ax, key, label, color, scale=1.0):
-        points = [(r["round"], r[key] * scale) for r in rounds if r.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), marker="o", ms=3, color=color, label=label)
-        return bool(points)
 
+def _per_round_line(ax, rounds: list[dict], key: str, label: str, color: str) -> bool:
+    points = [(r["round"], r[key]) for r in rounds if r.get(key) is not None]
+    if points:
+        ax.plot(*zip(*points), marker="o", ms=3, color=color, label=label)
+    return bool(points)
+
+
+def _plot_rounds(ax_accept, ax_fit, rounds: list[dict]):
+    """Per round: the filter's acceptance rate and what it rejected; the failure fit's margin and the generator's
+    entropy."""
     if rounds:
-        per_round_line(ax_accept, "acceptance_rate", "accepted", "C0")
+        _per_round_line(ax_accept, rounds, "acceptance_rate", "accepted", "C0")
         known = [{"round": r["round"], "k": r["known_rejected"] / r["proposed"]} for r in rounds
                  if r.get("proposed") and "known_rejected" in r]
         if known:
             ax_accept.plot([k["round"] for k in known], [k["k"] for k in known], marker="o", ms=3, color="C7",
                            label="rejected: known failures")
-        per_round_line(ax_accept, "filter/ratio_rejected_rate", "rejected by the ratio test (fresh proposals)",
-                       "C1")
+        _per_round_line(ax_accept, rounds, "filter/ratio_rejected_rate",
+                        "rejected by the ratio test (fresh proposals)", "C1")
         ax_accept.set_ylim(-0.02, 1.02)
         ax_accept.legend(fontsize=8)
-        drawn = per_round_line(ax_fit, "failure/fit_log_ratio", "failure-fit margin (log p_fail - log q)", "C4")
-        drawn |= per_round_line(ax_fit, "generator/entropy", "generator entropy (per token)", "C5")
+        drawn = _per_round_line(ax_fit, rounds, "failure/fit_log_ratio", "failure-fit margin (log p_fail - log q)",
+                                "C4")
+        drawn |= _per_round_line(ax_fit, rounds, "generator/entropy", "generator entropy (per token)", "C5")
         if drawn:
             ax_fit.legend(fontsize=8)
     else:
@@ -171,17 +194,6 @@ def plot_run_report(output_dir: str, path: str | None = None) -> str:
     ax_fit.set_title("failure fit and generator, per round")
     ax_fit.set_xlabel("round")
     ax_fit.set_ylabel("nats")
-    for ax in (ax_accept, ax_fit):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_found.yaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in axes.flat:
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"BaNEL run {os.path.basename(os.path.abspath(output_dir))}: {len(rounds) or len(per_round)} rounds, "
-                 f"{len(evaluations):,} reward evaluations, {found} success{'' if found == 1 else 'es'}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 class RunReportCallback(TrainerCallback):

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import time
+from pathlib import Path
 
 import torch
 
@@ -93,6 +94,20 @@ def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str | bool | Non
     return earlier[-1]
 
 
+def copy_model_card(output_dir: str, folder: str):
+    """Copy the model card of `output_dir` into `folder` (a model saved elsewhere), if there is one."""
+    card = os.path.join(output_dir, "README.md")
+    if os.path.abspath(folder) != os.path.abspath(output_dir) and os.path.exists(card):
+        Path(folder, "README.md").write_text(Path(card).read_text())
+
+
+def load_state(checkpoint: str | None) -> dict | None:
+    """The BaNEL state saved in `checkpoint` (`None` without one)."""
+    if checkpoint is None:
+        return None
+    return torch.load(os.path.join(checkpoint, BANEL_STATE_NAME), weights_only=False)
+
+
 def save_state_last(state: dict, folder: str):
     """Write BaNEL's state into a checkpoint folder as its completion mark: every other file of the folder is flushed
     to disk first, then the state goes to a temporary name, is flushed, and is renamed (atomic) into place."""
@@ -113,6 +128,15 @@ def read_finished(output_dir: str) -> dict | None:
         return None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def finished_info(output_dir: str, global_step: int, ledger, rounds: int) -> dict:
+    """What `banel_run.json` says of a run that ended at `global_step`: its final checkpoint (if one was saved at that
+    step), the budget spent and the successes."""
+    final = last_complete_checkpoint(output_dir)
+    final = os.path.basename(final) if final and final.endswith(f"-{global_step}") else None
+    return {"global_step": global_step, "checkpoint": final, "spent": ledger.spent, "budget": ledger.budget,
+            "lost": len(ledger.lost), "rounds": rounds, "successes": len(ledger.successes)}
 
 
 def mark_finished(output_dir: str, info: dict):

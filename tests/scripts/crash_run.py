@@ -30,9 +30,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from conftest import SKEWED, SKEWED_WEIGHTS, make_char_tokenizer, make_tiny_model, pretrain_on_strings  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint  # noqa: E402
 
 from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
+from trl_banel.runs import last_complete_checkpoint  # noqa: E402
 
 OUT = sys.argv[1]
 COUNT_FILE = os.environ["COUNT_FILE"]
@@ -61,7 +63,9 @@ class Phases:
     def __init__(self, trainer):
         self.stack = ["other"]
         self.enabled = PHASE_FILE is not None and trainer.accelerator.is_main_process
-        timed, step, save = trainer._timed, trainer.training_step, trainer._save_checkpoint
+        # the trainer's public seams: its phase timer, its steps, the model saving a checkpoint begins with, and
+        # the callback event that follows a complete checkpoint
+        timed, step, save = trainer.timer.timed, trainer.training_step, trainer.save_model
 
         @contextlib.contextmanager
         def phase_timed(name):
@@ -72,26 +76,40 @@ class Phases:
             with self.phase("distill"):  # a round, when due, runs inside the step: its phases nest
                 return step(*args, **kwargs)
 
-        def phase_save(*args, **kwargs):
-            with self.phase("checkpoint"):
-                return save(*args, **kwargs)
+        def phase_save(output_dir=None, _internal_call=False):
+            if _internal_call and os.path.basename(str(output_dir)).startswith(PREFIX_CHECKPOINT_DIR):
+                self.enter("checkpoint")  # left in on_save, once every file of the checkpoint is written
+            return save(output_dir, _internal_call)
 
-        trainer._timed, trainer.training_step, trainer._save_checkpoint = phase_timed, phase_step, phase_save
+        phases = self
+
+        class CheckpointSaved(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                phases.leave()
+
+        trainer.timer.timed, trainer.training_step, trainer.save_model = phase_timed, phase_step, phase_save
+        trainer.add_callback(CheckpointSaved())
 
     def write(self):
         if self.enabled:
             with open(PHASE_FILE, "w") as f:
                 f.write(self.stack[-1])
 
-    @contextlib.contextmanager
-    def phase(self, name):
+    def enter(self, name):
         self.stack.append(name)
         self.write()
+
+    def leave(self):
+        self.stack.pop()
+        self.write()
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        self.enter(name)
         try:
             yield
         finally:
-            self.stack.pop()
-            self.write()
+            self.leave()
 
 
 def main():
@@ -108,7 +126,10 @@ def main():
     trainer = BaNELTrainer(model=model, reward_funcs=oracle, args=args, processing_class=tok,
                            train_dataset=Dataset.from_dict({"prompt": [""]}))
     Phases(trainer)
-    trainer.train(resume_from_checkpoint=get_last_checkpoint(OUT) if os.path.isdir(OUT) else None)
+    # as a script would, with transformers' last checkpoint (the trainer falls back from an incomplete one to the last
+    # complete one before it); a kill in the first checkpoint leaves none complete: start again from the ledger
+    resume = os.path.isdir(OUT) and last_complete_checkpoint(OUT) is not None
+    trainer.train(resume_from_checkpoint=get_last_checkpoint(OUT) if resume else None)
     trainer.save_model(os.path.join(OUT, "final"))
     if trainer.accelerator.is_main_process:
         ledger = trainer.ledger

@@ -1,5 +1,5 @@
-"""The exact distillation objective (trl_banel.distil): no pull towards the generator's own samples, the known
-failures' exact mass, and a trainer that moves only where the region says."""
+"""The exact distillation objective (trl_banel.exact_distillation): no pull towards the generator's own samples,
+the known failures' exact mass, and a trainer that moves only where the region says."""
 
 import math
 
@@ -10,7 +10,7 @@ from datasets import Dataset
 from test_trainer import RecordingOracle, config
 
 from trl_banel import BaNELTrainer
-from trl_banel.distil import ExactTargets, exact_loss, micro_batches, proposal_distribution, sequence_mass
+from trl_banel.exact_distillation import ExactTargets, exact_loss, failure_mass, micro_batches, proposal_distribution
 from trl_banel.evidence import PrefixEvidence, proposal_log_probs
 from trl_banel.posterior import Candidates, completion_log_softmax
 
@@ -35,10 +35,10 @@ def candidates(tok, strings) -> Candidates:
 def _batches(model, batch, rejected=None, failures=None, evidence=None, k=0.0):
     mass = torch.zeros(0)
     if failures is not None:
-        mass = sequence_mass(proposal_distribution(model, failures, evidence, k, 64), failures)
+        mass = failure_mass(model, failures, evidence, k, 64)
     targets = ExactTargets(batch, torch.zeros(len(batch), dtype=torch.bool) if rejected is None else rejected, 1.0,
                            failures, mass)
-    return micro_batches(targets, 1, len(batch), 0, lambda b: proposal_distribution(model, b, evidence, k, len(b)))
+    return micro_batches(targets, 1, len(batch), 0, lambda b: proposal_distribution(model, b, evidence, k))
 
 
 def _grad_norm(model, loss) -> float:
@@ -61,13 +61,13 @@ def test_with_no_region_the_exact_gradient_is_zero_where_maximum_likelihood_rand
 
 def test_known_failure_mass_is_the_proposal_distributions_exact_probability(char_tokenizer, skewed_model):
     failures = candidates(char_tokenizer, SKEWED)
-    plain = sequence_mass(proposal_distribution(skewed_model, failures, PrefixEvidence(), 0.0, 2), failures)
+    plain = failure_mass(skewed_model, failures, PrefixEvidence(), 0.0, 2)
     exact = torch.tensor([string_log_prob(skewed_model, char_tokenizer, s) for s in SKEWED]).double().exp()
     assert torch.allclose(plain, exact, rtol=1e-4)
     evidence = PrefixEvidence()
     for s in ["cat", "cat", "dog"]:
         evidence.add("", char_tokenizer(s, add_special_tokens=False)["input_ids"] + [char_tokenizer.eos_token_id])
-    discounted = sequence_mass(proposal_distribution(skewed_model, failures, evidence, 1.0, 64), failures)
+    discounted = failure_mass(skewed_model, failures, evidence, 1.0, 64)
     log_probs, targets, mask = completion_log_softmax(skewed_model, failures.input_ids, failures.attention_mask,
                                                       failures.completion_mask)
     expected = proposal_log_probs(log_probs, targets, mask, [""] * 4, evidence, 1.0).exp()

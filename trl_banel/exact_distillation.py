@@ -25,11 +25,13 @@ the region pulls the generator back; maximum likelihood on the accepted samples 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from .distributed import sum_over_ranks
 from .evidence import discounted_log_probs
 from .posterior import Candidates, completion_log_softmax
 
@@ -56,25 +58,23 @@ class ExactTargets:
     failure_mass: torch.Tensor
 
 
-def proposal_distribution(model, batch: Candidates, evidence, pseudo_count: float, batch_size: int) -> torch.Tensor:
-    """`log pi` at every completion position of `batch` (the generator's, discounted by the prefix evidence)."""
-    if len(batch) * batch.completion_mask.sum(1).max().item() * model.config.vocab_size > MAX_TEACHER_ELEMENTS:
+def proposal_distribution(model, batch: Candidates, evidence, pseudo_count: float) -> torch.Tensor:
+    """`log pi` at every completion position of `batch` (the generator's, discounted by the prefix evidence), in one
+    forward pass."""
+    size = len(batch) * batch.input_ids.shape[1] * model.config.vocab_size
+    if size > MAX_TEACHER_ELEMENTS:
         raise ValueError(
-            f"distill_objective='exact' keeps the proposal distribution of every distillation sample "
-            f"({len(batch)} samples x vocabulary {model.config.vocab_size}): too large for this vocabulary; use "
-            f"distill_objective='posterior' or fewer distill_samples.")
+            f"distill_objective='exact' keeps next-token distributions ({len(batch)} sequences x "
+            f"{batch.input_ids.shape[1]} positions x vocabulary {model.config.vocab_size} = {size:,} values): too "
+            f"large for this vocabulary; use distill_objective='posterior', or a smaller per_device_train_batch_size "
+            f"and scoring_batch_size.")
     device = next(model.parameters()).device
-    parts = []
     with torch.no_grad():
-        for start in range(0, len(batch), batch_size):
-            chunk = batch.select(range(start, min(start + batch_size, len(batch))))
-            log_probs, targets, mask = completion_log_softmax(
-                model, chunk.input_ids.to(device), chunk.attention_mask.to(device), chunk.completion_mask.to(device))
-            if pseudo_count > 0:
-                log_probs = discounted_log_probs(log_probs, targets, mask, chunk.prompt_texts, evidence, pseudo_count)
-            parts.append(log_probs.float().cpu())
-    width = max(p.shape[1] for p in parts)
-    return torch.cat([torch.nn.functional.pad(p, (0, 0, 0, width - p.shape[1])) for p in parts])
+        log_probs, targets, mask = completion_log_softmax(
+            model, batch.input_ids.to(device), batch.attention_mask.to(device), batch.completion_mask.to(device))
+        if pseudo_count > 0:
+            log_probs = discounted_log_probs(log_probs, targets, mask, batch.prompt_texts, evidence, pseudo_count)
+    return log_probs.float().cpu()
 
 
 def sequence_mass(teacher: torch.Tensor, batch: Candidates) -> torch.Tensor:
@@ -84,6 +84,15 @@ def sequence_mass(teacher: torch.Tensor, batch: Candidates) -> torch.Tensor:
     width = teacher.shape[1]
     token = torch.gather(teacher, 2, targets[:, :width].unsqueeze(-1)).squeeze(-1)
     return torch.exp((token * mask[:, :width]).sum(1).double())
+
+
+def failure_mass(model, batch: Candidates, evidence, pseudo_count: float, batch_size: int) -> torch.Tensor:
+    """`pi(f)` of each completion of `batch`, `batch_size` at a time."""
+    parts = []
+    for start in range(0, len(batch), batch_size):
+        chunk = batch.select(range(start, min(start + batch_size, len(batch))))
+        parts.append(sequence_mass(proposal_distribution(model, chunk, evidence, pseudo_count), chunk))
+    return torch.cat(parts)
 
 
 def micro_batches(targets: ExactTargets, n_micro: int, batch_size: int, seed: int,
@@ -147,3 +156,72 @@ def exact_loss(model, inputs: dict) -> tuple[torch.Tensor, dict]:
     per_token = mask.sum().clamp(min=1) / n  # so that the loss is on the posterior objective's per-token scale
     parts = {"distill/cross_entropy": cross_entropy.item(), "distill/known_failure_term": failures.item()}
     return loss / per_token, parts
+
+
+class ExactDistillation:
+    r"""
+    The exact objective's distillation of a phase: its proposals (drawn while the phase's failure models are active:
+    their region is part of the posterior) with their filter outcome, and the ledger's known failures with their
+    `pi(f)`, as micro-batches.
+
+    Args:
+        sampler ([`~trl_banel.sampler.Sampler`]), failures ([`~trl_banel.failure.FailureModels`]): the round's.
+        args ([`BaNELConfig`]), accelerator: the run's configuration and `Accelerator`.
+    """
+
+    def __init__(self, sampler, failures, args, accelerator):
+        self.sampler, self.failures, self.args, self.accelerator = sampler, failures, args, accelerator
+        self._known = []  # the ledger's failures as candidates, tokenised once each (the ledger only grows)
+        self._synced = 0  # how many of ledger.records they cover
+
+    def targets(self) -> tuple[ExactTargets, list]:
+        """This phase's targets, and what the distillation's probe measures (accepted proposals, else one proposal)."""
+        args, sampler, ledger = self.args, self.sampler, self.sampler.ledger
+        cands = sampler.propose(max(1, -(-args.distill_samples // self.accelerator.num_processes)))
+        accepted = sampler.filter(cands).accepted
+        kept = {id(c) for c in accepted}
+        records = [ledger.lookup(c.prompt_text, c.completion) for c in cands]
+        known = [args.reject_known_failures and r is not None and not r.success for r in records]
+        rejected = torch.tensor([id(c) not in kept and not k for c, k in zip(cands, known)], dtype=torch.bool)
+        acceptance = sum_over_ranks(self.accelerator, len(accepted)) / max(
+            sum_over_ranks(self.accelerator, len(cands)), 1)
+        sampler.metrics["distill/acceptance_rate"].append(acceptance)
+        if args.reject_known_failures:
+            fresh = ledger.records[self._synced:]
+            self._known += [sampler.record_to_candidate(r) for r in fresh if not r.success]
+            self._synced += len(fresh)
+        failures, mass = None, torch.zeros(0)
+        if self._known:
+            failures = sampler.collate(self._known)
+            with self._teacher() as policy:
+                mass = failure_mass(policy, failures, sampler.evidence, args.evidence_pseudo_count,
+                                    args.scoring_batch_size)
+            sampler.metrics["distill/known_failure_mass"].append(float(mass.sum()))
+        return ExactTargets(sampler.collate(cands), rejected, acceptance, failures, mass), accepted[:64] or cands[:1]
+
+    @contextlib.contextmanager
+    def _teacher(self):
+        """The generator as it is now, in eval mode (failure adapters are disabled outside their fit)."""
+        policy = self.failures.policy
+        was_training = policy.training
+        policy.eval()
+        try:
+            yield policy
+        finally:
+            policy.train(was_training)
+
+    def batches(self, targets: ExactTargets, round: int, n_micro: int) -> list[dict]:
+        """The micro-batches of `targets`, on the device (their teachers computed before the first step)."""
+        seed = self.args.seed + 1000 * round + self.accelerator.process_index
+        k, evidence = self.args.evidence_pseudo_count, self.sampler.evidence
+        with self._teacher() as policy:
+            batches = micro_batches(targets, n_micro, self.args.per_device_train_batch_size, seed,
+                                    lambda b: proposal_distribution(policy, b, evidence, k))
+        return [_to_device(b, self.accelerator.device) for b in batches]
+
+
+def _to_device(item, device):
+    """A micro-batch (nested dicts of tensors) on `device`."""
+    if isinstance(item, dict):
+        return {k: _to_device(v, device) for k, v in item.items()}
+    return item.to(device)

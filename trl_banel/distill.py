@@ -1,0 +1,210 @@
+"""Around a distillation: when the rounds stop, which generator was the best, and what a distillation absorbed.
+
+The optimisation steps themselves are the Trainer's (`BaNELTrainer.compute_loss`); this module holds the decisions
+and the measurement around them.
+"""
+
+import contextlib
+import copy
+import logging
+import random
+
+import torch
+from trl.models.utils import prepare_deepspeed
+
+from .adapters import gathered_copy
+from .distributed import mean_over_ranks
+from .exact_distillation import ExactDistillation, exact_loss
+from .posterior import completion_log_softmax, sequence_log_probs, token_kl
+from .stats import clopper_pearson
+
+logger = logging.getLogger(__name__)
+
+
+def distillation_loss(model, inputs: dict, kl_coef: float = 0.0, reference=None):
+    r"""
+    The distillation objective on a micro-batch: the mean token negative log-likelihood of the samples (weighted per
+    sequence by `inputs["weight"]`, the baselined objective's; the exact objective's loss for its micro-batches),
+    plus `kl_coef` times the token KL to the pretrained generator.
+
+    Returns `(loss, nll, kl)`: `kl` is `None` without `kl_coef`. `reference` opens the pretrained generator (a
+    context manager, see [`pretrained_generator`]).
+    """
+    ids, att, comp = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+    if "teacher_log_probs" in inputs:  # the exact objective (trl_banel.exact_distillation)
+        nll = exact_loss(model, inputs)[0]
+        if not kl_coef > 0:
+            return nll, nll, None
+        log_probs, targets, mask = completion_log_softmax(model, ids, att, comp)
+    else:
+        log_probs, targets, mask = completion_log_softmax(model, ids, att, comp)
+        token_lp = torch.gather(log_probs, 2, targets.unsqueeze(-1)).squeeze(-1)
+        weight = inputs.get("weight")
+        weighted = token_lp * mask if weight is None else token_lp * mask * weight.unsqueeze(1)
+        nll = -weighted.sum() / mask.sum().clamp(min=1)
+        if not kl_coef > 0:
+            return nll, nll, None
+    with torch.no_grad(), reference() as pretrained:
+        reference_log_probs = completion_log_softmax(pretrained, ids, att, comp)[0]
+    kl = token_kl(log_probs, reference_log_probs, mask)
+    return nll + kl_coef * kl, nll, kl
+
+
+def frozen_copy(policy, accelerator, zero3: bool):
+    """A frozen copy of the pretrained generator, made at start (sharded again under ZeRO-3)."""
+    if zero3:
+        return prepare_deepspeed(gathered_copy(policy, accelerator.device), accelerator)
+    return copy.deepcopy(policy).eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def pretrained_generator(model, policy, frozen=None):
+    """The pretrained generator: `frozen` if there is one, else the LoRA generator `model` (whose unwrapped form is
+    `policy`) with its adapter disabled."""
+    if frozen is not None:
+        yield frozen
+        return
+    with policy.disable_adapter():
+        yield model
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}es" if word.endswith("s") else f"{n} {word}s"
+
+
+def stop_reason(args, ledger, round: int, idle_rounds: int) -> str | None:
+    """Why the rounds stop now (the budget, `stop_after_successes`, `num_rounds`, idle rounds), or `None`."""
+    if ledger.exhausted:
+        return f"the budget of {args.max_reward_evaluations} reward evaluations is spent"
+    found = len(ledger.successes)
+    if args.stop_after_successes is not None and found >= args.stop_after_successes:
+        return f"{_plural(found, 'success')} found (stop_after_successes={args.stop_after_successes})"
+    if args.num_rounds is not None and round >= args.num_rounds:
+        return f"num_rounds={args.num_rounds} reached"
+    if idle_rounds >= args.max_idle_rounds:
+        logger.warning(
+            "%d consecutive rounds spent (almost) no new reward evaluation (everything rejected or already "
+            "evaluated): stopping. The sampler has converged or can no longer be sampled; see "
+            "trainer.ledger.successes.", idle_rounds)
+        return f"{idle_rounds} idle rounds (max_idle_rounds={args.max_idle_rounds})"
+    return None
+
+
+def better_phase(history: list[dict], rounds_in_phase: int, round: int, best: dict | None) -> dict | None:
+    """The phase that just ended (its last `rounds_in_phase` rounds of `history`, before `round`), if it beats `best`.
+
+    The rounds since the last distillation were proposed by the current generator (filtered by this phase's failure
+    models), so their evaluations already measure it: selecting on them costs no reward evaluation. Rates are
+    compared by the lower end of their 95% Clopper-Pearson interval, so a lucky 1-in-1 does not beat a steady
+    30-in-50. Returns `best_generator`'s entry without its `nre` and `path`, or `None`."""
+    phase = history[len(history) - rounds_in_phase:]
+    successes = sum(h["round_successes"] for h in phase)
+    evaluated = sum(h["round_evaluated"] for h in phase)
+    if successes == 0:
+        return None
+    lower = clopper_pearson(successes, evaluated)[0]
+    if best is not None and lower <= best["lower"]:
+        return None
+    return {"first_round": round - rounds_in_phase, "last_round": round - 1, "successes": successes,
+            "evaluated": evaluated, "lower": lower}
+
+
+class DistillationProbe:
+    r"""
+    How much log-likelihood a distillation's posterior samples gained under the generator (mean per sample).
+
+    A generator that does not move cannot absorb the posterior: after the first three distillations, it warns with
+    the setting to change when they moved it by almost nothing.
+
+    Args:
+        policy (`torch.nn.Module`): the generator (failure adapters, if any, are disabled outside their fit).
+        args ([`BaNELConfig`]), accelerator: the run's configuration and `Accelerator`.
+    """
+
+    def __init__(self, policy, args, accelerator):
+        self.policy, self.args, self.accelerator = policy, args, accelerator
+        self._probe = None  # (samples, their log q before) of the last distillation
+
+    def start(self, samples):
+        """Before the distillation: remember `samples` (a [`~trl_banel.posterior.Candidates`]) and their log q."""
+        self._probe = (samples, self.log_probs(samples))
+
+    @torch.no_grad()
+    def log_probs(self, cands) -> torch.Tensor:
+        policy, device = self.policy, self.accelerator.device
+        was_training = policy.training
+        policy.eval()
+        try:
+            return sequence_log_probs(policy, cands.input_ids.to(device), cands.attention_mask.to(device),
+                                      cands.completion_mask.to(device), self.args.scoring_batch_size).cpu()
+        finally:
+            policy.train(was_training)
+
+    def measure(self, history: list[dict]) -> float | None:
+        """After the distillation's last step: the gain (over all processes), also set in `history`'s last entry;
+        `None` when no distillation is waiting to be measured."""
+        if self._probe is None:
+            return None
+        probe, before = self._probe
+        self._probe = None
+        gain = mean_over_ranks(self.accelerator, [(self.log_probs(probe) - before).mean().item()])
+        if history:
+            history[-1]["distill/log_prob_gain"] = gain
+        gains = [h["distill/log_prob_gain"] for h in history if "distill/log_prob_gain" in h]
+        if len(gains) == 3 and max(gains) < 0.01:
+            logger.warning(
+                "The first 3 distillations raised the log-likelihood of their posterior samples by at most %.2g nats "
+                "(%d steps each at learning_rate=%g): the generator barely moves, so it cannot absorb what the "
+                "failure models learn. Raise learning_rate (a small model may need 1e-4 to 1e-3) or distill_steps.",
+                max(gains), self.args.distill_steps, self.args.learning_rate)
+        return gain
+
+
+class Distiller:
+    r"""
+    The distillation that ends a phase: its samples (posterior samples with successes replayed, or the baselined
+    objective's weighted proposals) as micro-batches, and the probe that measures what it absorbed.
+
+    Args:
+        sampler ([`~trl_banel.sampler.Sampler`]), failures ([`~trl_banel.failure.FailureModels`]): the round's.
+        args ([`BaNELConfig`]), accelerator: the run's configuration and `Accelerator`.
+    """
+
+    def __init__(self, sampler, failures, args, accelerator):
+        self.sampler, self.failures, self.args = sampler, failures, args
+        self.probe = DistillationProbe(failures.policy, args, accelerator)
+        self.exact = ExactDistillation(sampler, failures, args, accelerator)
+
+    def batches(self, round: int, n_micro: int, keep_best) -> list[dict]:
+        """End the phase that ran up to `round`: draw the samples, drop the failure models (unless kept), call
+        `keep_best` (the generator as it proposed this phase, without them); the samples as `n_micro` micro-batches
+        (skipped steps when there is nothing to distil)."""
+        args, sampler = self.args, self.sampler
+        if args.distill_objective == "exact" and not sampler.ledger.successes:
+            # the exact objective serves the search; from the first success on, the posterior objective (with
+            # success replay) distils what was found (trl_banel.exact_distillation says why)
+            targets, probe = self.exact.targets()
+            if not args.keep_failure_models:
+                self.failures.clear()
+            keep_best()
+            self.probe.start(sampler.collate(probe))
+            return self.exact.batches(targets, round, n_micro)
+        if args.distill_objective == "baselined":
+            samples = sampler.weighted_proposals(args.distill_samples)
+        else:
+            samples = sampler.replay_successes(sampler.sample_posterior(args.distill_samples), args.seed + round)
+        if not args.keep_failure_models:
+            self.failures.clear()
+        keep_best()
+        if not samples:
+            logger.warning("Nothing to distil (no posterior sample survived the filter, or, with the baselined "
+                           "objective, the filter rejected nothing): skipping this distillation.")
+            return skipped(n_micro)
+        random.Random(args.seed + round).shuffle(samples)
+        self.probe.start(sampler.collate([c for c in samples if c.weight > 0][:64] or samples[:1]))
+        return sampler.micro_batches(samples, n_micro, weighted=args.distill_objective == "baselined")
+
+
+def skipped(n: int) -> list[dict]:
+    """`n` micro-batches of steps that update nothing."""
+    return [{"skip": True} for _ in range(n)]
