@@ -27,8 +27,12 @@ from .common import sequence_log_probs
 MODEL_DIR = Path(__file__).resolve().parent / "hard_attack_target"
 SUCCESS_FILE = "successes.txt"
 MAX_PRIOR = 2e-5
-# The task's settings for BaNEL: the addition attack's (same attacker, same query format), not tuned on this task.
-BANEL_SETTINGS = dict(_ADDITION_BANEL_SETTINGS)
+# The task's settings for BaNEL: the addition attack's (same attacker, same query format) with the exact distillation
+# objective and no ratio test. With the addition settings as they are, every seed ended far below the pretrained rate
+# (median 4e-8x over 4 seeds): distilling posterior samples whose ratio test rejected 31-52% of the generator's fresh
+# samples (a region fitted on 50 negatives) walked the generator off the 22 successes. The exact objective moves it
+# only off the known failures (benchmarks/round_variants.py).
+BANEL_SETTINGS = dict(_ADDITION_BANEL_SETTINGS, distill_objective="exact", rejection_threshold=1e-30)
 
 
 def all_queries(max_operand_digits: int = 3) -> list[str]:
