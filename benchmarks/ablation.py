@@ -39,18 +39,21 @@ Each run is cached in OUT/runs/{config}_seed{seed}.json (restartable, splittable
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import HfArgumentParser, TrainerCallback, set_seed  # noqa: E402
 
+from benchmarks.common import write_markdown  # noqa: E402
 from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
 from trl_banel.tasks.letters import (BANEL_SETTINGS, exact_proposal_success_probability,  # noqa: E402
                                      exact_success_probability, load_letters_task)
@@ -219,8 +222,7 @@ def summarize(out: Path) -> dict:
             f"| {m.get('failure/heldout_rejected_rate', float('nan')):.3f} "
             f"| {m.get('generator/entropy', float('nan')):.3f} "
             f"| {sum(s['seconds_per_round'].values()):.2f} |")
-    (out / "ablation.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(out / "ablation.md", lines)
     _plot(runs, out / "ablation.png")
     summarize_scaling(runs, out)
     return summary

@@ -355,6 +355,13 @@ def _as_estimate(d: dict):
                            d["acceptance_rate"], 0)
 
 
+def write_markdown(path, lines: list[str]) -> None:
+    """A benchmark's markdown summary: written to `path` and printed."""
+    text = "\n".join(lines) + "\n"
+    Path(path).write_text(text)
+    print(text, end="")
+
+
 def parse_args(args_cls, quick: dict, argv=None):
     """A benchmark's typed arguments from the command line; with `--quick`, `quick`'s values for those not given."""
     (args,) = HfArgumentParser(args_cls).parse_args_into_dataclasses(argv)

@@ -18,18 +18,21 @@ Results: benchmarks/results/filter_lift.{json,md,png}.
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import HfArgumentParser, set_seed  # noqa: E402
 
+from benchmarks.common import write_markdown  # noqa: E402
 from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
 from trl_banel.posterior import rejection_mask  # noqa: E402
 from trl_banel.sampler import Candidate  # noqa: E402
@@ -118,8 +121,7 @@ def main(args: Args) -> dict:
                      f"{s['lift_min']:.2f} | {s['lift_max']:.2f} | {s['draws_lift_above_1']} | "
                      f"{s['acceptance_mean']:.2f} | {s['fit_steps_mean']:.0f} | {s['fit_log_ratio_mean']:.2f} | "
                      f"{s['fit_seconds_mean']:.1f} |")
-    (out / "filter_lift.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(out / "filter_lift.md", lines)
     _plot(rows, out / "filter_lift.png")
     return {"summary": summary}
 

@@ -85,6 +85,7 @@ def run_variant(variant: str, seed: int, args: Args, runs: Path) -> dict:
     task.banel.update(BASES[args.task])
     record = run_one(task, "banel", seed, VARIANTS[variant], args.budget, 0, 500, 0, 2.0,
                      os.path.join(tempfile.gettempdir(), f"{args.task}_variants_{variant}_{seed}"))
+    record["settings"].update(budget=args.budget, eval_samples=0)  # as benchmarks/sparse.py records its runs
     path.write_text(json.dumps(record, indent=1, default=str))
     return record
 
