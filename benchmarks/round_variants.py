@@ -83,8 +83,11 @@ def run_variant(variant: str, seed: int, args: Args, runs: Path) -> dict:
     task = TASKS[args.task]()
     task.banel.clear()
     task.banel.update(BASES[args.task])
+    pretrained = json.loads((ROOT / "benchmarks" / "results" / "sparse_runs" / f"{args.task}_pretrained.json")
+                            .read_text())
     record = run_one(task, "banel", seed, VARIANTS[variant], args.budget, 0, 500, 0, 2.0,
-                     os.path.join(tempfile.gettempdir(), f"{args.task}_variants_{variant}_{seed}"))
+                     os.path.join(tempfile.gettempdir(), f"{args.task}_variants_{variant}_{seed}"),
+                     pretrained=pretrained)  # given, the record has the sparse benchmark's fields (task, timings)
     record["settings"].update(budget=args.budget, eval_samples=0)  # as benchmarks/sparse.py records its runs
     path.write_text(json.dumps(record, indent=1, default=str))
     return record
