@@ -132,3 +132,19 @@ def test_once_a_success_is_found_the_exact_objective_hands_over_to_replayed_maxi
     replayed = [v for log in trainer.state.log_history for k, v in log.items() if k == "distill/replayed_successes"]
     assert replayed and all(v > 0 for v in replayed)
     assert string_log_prob(skewed_model, char_tokenizer, "dog") > before + 0.5
+
+
+def test_a_known_failure_weighs_its_prompts_share_times_its_probability(tmp_path, char_tokenizer, skewed_model):
+    dataset = Dataset.from_dict({"prompt": ["", "", "a"]})  # p("") = 2/3, p("a") = 1/3
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(), train_dataset=dataset,
+                           processing_class=char_tokenizer,
+                           args=config(tmp_path, max_reward_evaluations=16, evaluations_per_round=8,
+                                       distill_objective="exact", rejection_threshold=1e-30, distill_every=0))
+    trainer.train()
+    share = trainer.distiller.exact.prompt_share()
+    assert sorted(share.values()) == pytest.approx([1 / 3, 2 / 3])
+    targets, _ = trainer.distiller.exact.targets()
+    failures = targets.failures
+    plain = failure_mass(trainer.failures.policy, failures, PrefixEvidence(), 0.0, 64)
+    expected = plain * torch.tensor([share[c] for c in failures.prompt_texts], dtype=plain.dtype)
+    assert len({*failures.prompt_texts}) == 2 and torch.allclose(targets.failure_mass, expected, rtol=1e-4)
