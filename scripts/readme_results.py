@@ -171,8 +171,6 @@ BLOCKS: dict[str, Block] = {
                            table_from("benchmarks/results/ablation_7500/scaling.md")),
     "hard-attack-variants-table": Block(["benchmarks/results/hard_attack_variants/variants.md"],
                                         table_from("benchmarks/results/hard_attack_variants/variants.md")),
-    "letters-variants-table": Block(["benchmarks/results/letters_variants/variants.md"],
-                                    table_from("benchmarks/results/letters_variants/variants.md")),
     "regimes": Block(["benchmarks/results/addition_attack.json", "benchmarks/results/sparse.json"], render_regimes),
     "config-table": Block(["trl_banel/config.py"], render_config_table),
 }

@@ -148,3 +148,18 @@ def test_a_known_failure_weighs_its_prompts_share_times_its_probability(tmp_path
     plain = failure_mass(trainer.failures.policy, failures, PrefixEvidence(), 0.0, 64)
     expected = plain * torch.tensor([share[c] for c in failures.prompt_texts], dtype=plain.dtype)
     assert len({*failures.prompt_texts}) == 2 and torch.allclose(targets.failure_mass, expected, rtol=1e-4)
+
+
+
+def test_the_known_failure_term_estimates_the_mass_weighted_sum_without_bias(char_tokenizer, skewed_model):
+    batch = candidates(char_tokenizer, ["cat", "dog"])
+    failures = candidates(char_tokenizer, ["cat", "dog", "bird", "zebra"])
+    mass = failure_mass(skewed_model, failures, PrefixEvidence(), 0.0, 64)
+    targets = ExactTargets(batch, torch.zeros(2, dtype=torch.bool), 1.0, failures, mass)
+    exact_sum = float((mass * mass.log()).sum())  # sum over the failures of pi(f) log q(f), here with q = pi
+    with torch.no_grad():
+        terms = [exact_loss(skewed_model, item)[1]["distill/known_failure_term"]
+                 for item in micro_batches(targets, 300, 2, 0, lambda b: proposal_distribution(skewed_model, b,
+                                                                                                 None, 0.0))]
+    # each micro-batch draws 2 failures in proportion to pi(f): the mean term over draws is the exact sum
+    assert sum(terms) / len(terms) == pytest.approx(exact_sum, rel=0.1)
