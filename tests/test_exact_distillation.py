@@ -102,6 +102,9 @@ def test_a_trainer_with_the_exact_objective_and_no_region_leaves_the_generator_u
     trainer.train()
     assert trainer.state.global_step > 0
     assert all(torch.equal(before[k], v) for k, v in skewed_model.state_dict().items())
+    logged = {k: v for log in trainer.state.log_history for k, v in log.items() if k.startswith("distill/")}
+    # the objective was evaluated (the generator's entropy per token, > 0) and had no known failure to push off
+    assert logged["distill/cross_entropy"] > 0 and logged["distill/known_failure_term"] == 0
 
 
 @pytest.mark.parametrize("objective", ["exact", "posterior"])
@@ -117,6 +120,8 @@ def test_known_failure_rejection_distilled_lowers_the_failures(tmp_path, char_to
     if objective == "exact":
         mass = [v for log in trainer.state.log_history for k, v in log.items() if k == "distill/known_failure_mass"]
         assert mass and all(0 < m <= 1 for m in mass)
+        term = [v for log in trainer.state.log_history for k, v in log.items() if k == "distill/known_failure_term"]
+        assert term and min(term) < 0  # mass(F) x mean log q(f): the part of the loss that pushed "cat" down
 
 
 def test_once_a_success_is_found_the_exact_objective_hands_over_to_replayed_maximum_likelihood(tmp_path,
@@ -158,7 +163,7 @@ def test_the_known_failure_term_estimates_the_mass_weighted_sum_without_bias(cha
     targets = ExactTargets(batch, torch.zeros(2, dtype=torch.bool), 1.0, failures, mass)
     exact_sum = float((mass * mass.log()).sum())  # sum over the failures of pi(f) log q(f), here with q = pi
     with torch.no_grad():
-        terms = [exact_loss(skewed_model, item)[1]["distill/known_failure_term"]
+        terms = [float(exact_loss(skewed_model, item)[1]["distill/known_failure_term"])
                  for item in micro_batches(targets, 300, 2, 0, lambda b: proposal_distribution(skewed_model, b,
                                                                                                  None, 0.0))]
     # each micro-batch draws 2 failures in proportion to pi(f): the mean term over draws is the exact sum

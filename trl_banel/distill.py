@@ -27,27 +27,29 @@ def distillation_loss(model, inputs: dict, kl_coef: float = 0.0, reference=None)
     sequence by `inputs["weight"]`, the baselined objective's; the exact objective's loss for its micro-batches),
     plus `kl_coef` times the token KL to the pretrained generator.
 
-    Returns `(loss, nll, kl)`: `kl` is `None` without `kl_coef`. `reference` opens the pretrained generator (a
-    context manager, see [`pretrained_generator`]).
+    Returns `(loss, logs)`: `logs` holds the detached `distill/loss` (the objective without the KL),
+    `distill/kl_to_pretrained` with `kl_coef`, and the exact objective's parts (`distill/cross_entropy`, the
+    expected log-loss under the proposal distribution, and `distill/known_failure_term`). `reference` opens the
+    pretrained generator (a context manager, see [`pretrained_generator`]).
     """
     ids, att, comp = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+    log_probs, targets, mask = completion_log_softmax(model, ids, att, comp)  # one forward, for the KL too
     if "teacher_log_probs" in inputs:  # the exact objective (trl_banel.exact_distillation)
-        nll = exact_loss(model, inputs)[0]
-        if not kl_coef > 0:
-            return nll, nll, None
-        log_probs, targets, mask = completion_log_softmax(model, ids, att, comp)
+        nll, logs = exact_loss(model, inputs, (log_probs, targets, mask))
     else:
-        log_probs, targets, mask = completion_log_softmax(model, ids, att, comp)
+        logs = {}
         token_lp = torch.gather(log_probs, 2, targets.unsqueeze(-1)).squeeze(-1)
         weight = inputs.get("weight")
         weighted = token_lp * mask if weight is None else token_lp * mask * weight.unsqueeze(1)
         nll = -weighted.sum() / mask.sum().clamp(min=1)
-        if not kl_coef > 0:
-            return nll, nll, None
+    logs["distill/loss"] = nll.detach()
+    if not kl_coef > 0:
+        return nll, logs
     with torch.no_grad(), reference() as pretrained:
         reference_log_probs = completion_log_softmax(pretrained, ids, att, comp)[0]
     kl = token_kl(log_probs, reference_log_probs, mask)
-    return nll + kl_coef * kl, nll, kl
+    logs["distill/kl_to_pretrained"] = kl.detach()
+    return nll + kl_coef * kl, logs
 
 
 def frozen_copy(policy, accelerator, zero3: bool):

@@ -135,19 +135,16 @@ def _tensors(batch: Candidates) -> dict:
             "completion_mask": batch.completion_mask}
 
 
-def _sequence_log_likelihood(model, batch: dict) -> torch.Tensor:
-    log_probs, targets, mask = completion_log_softmax(
-        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-    return (torch.gather(log_probs, 2, targets.unsqueeze(-1)).squeeze(-1) * mask).sum(1)
-
-
-def exact_loss(model, inputs: dict) -> tuple[torch.Tensor, dict]:
+def exact_loss(model, inputs: dict, forward: tuple | None = None) -> tuple[torch.Tensor, dict]:
     r"""The negative posterior log-likelihood of one micro-batch (see the module's docstring), per completion token
     of the proposals, and its parts (for the logs):
     `1 / Z * [CE(pi, q) + mean over the rejected proposals of log q + mass(F) * mean over the drawn known failures of
     log q]`.
+
+    `forward`: the proposals' `completion_log_softmax` under `model`, if the caller has it already (a KL term needs
+    it too); computed here otherwise.
     """
-    log_probs, targets, mask = completion_log_softmax(
+    log_probs, targets, mask = forward or completion_log_softmax(
         model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
     teacher = inputs["teacher_log_probs"][:, : log_probs.shape[1]].to(log_probs.dtype).exp()
     n = log_probs.shape[0]
@@ -160,10 +157,15 @@ def exact_loss(model, inputs: dict) -> tuple[torch.Tensor, dict]:
     rejected = (token_lp * inputs["rejected"]).sum() / n
     failures = torch.zeros((), device=log_probs.device)
     if "failures" in inputs:
-        failures = inputs["failure_weight"] * _sequence_log_likelihood(model, inputs["failures"]).mean()
+        f = inputs["failures"]
+        # the full log-softmax, not completion_token_log_probs: the same float path as the committed runs
+        f_lp, f_targets, f_mask = completion_log_softmax(model, f["input_ids"], f["attention_mask"],
+                                                         f["completion_mask"])
+        failures = inputs["failure_weight"] * (torch.gather(f_lp, 2, f_targets.unsqueeze(-1)).squeeze(-1)
+                                               * f_mask).sum(1).mean()
     loss = (surrogate + rejected + failures) / inputs["acceptance"].clamp(min=1e-3)
     per_token = mask.sum().clamp(min=1) / n  # so that the loss is on the posterior objective's per-token scale
-    parts = {"distill/cross_entropy": cross_entropy.item(), "distill/known_failure_term": failures.item()}
+    parts = {"distill/cross_entropy": cross_entropy / per_token, "distill/known_failure_term": failures.detach()}
     return loss / per_token, parts
 
 
@@ -192,6 +194,8 @@ class ExactDistillation:
         kept = {id(c) for c in accepted}
         records = [ledger.lookup(c.prompt_text, c.completion) for c in cands]
         known = [args.reject_known_failures and r is not None and not r.success for r in records]
+        # a call lost in a crash is filtered out but is no ledger failure: it counts with the region's rejections,
+        # its mass estimated from the proposals, not in the known failures' exact term
         rejected = torch.tensor([id(c) not in kept and not k for c, k in zip(cands, known)], dtype=torch.bool)
         acceptance = sum_over_ranks(self.accelerator, len(accepted)) / max(
             sum_over_ranks(self.accelerator, len(cands)), 1)

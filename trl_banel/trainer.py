@@ -184,10 +184,9 @@ class BaNELTrainer(_BaseTrainer):
             return torch.zeros((), device=self.accelerator.device, requires_grad=True)
         reference = partial(pretrained_generator, self.model, self.accelerator.unwrap_model(self.model),
                             self._reference)
-        loss, nll, kl = distillation_loss(model, inputs, self.args.distill_kl_coef, reference)
-        self._metrics["distill/loss"].append(self.accelerator.gather(nll.detach()).mean().item())
-        if kl is not None:
-            self._metrics["distill/kl_to_pretrained"].append(self.accelerator.gather(kl.detach()).mean().item())
+        loss, logs = distillation_loss(model, inputs, self.args.distill_kl_coef, reference)
+        for key, value in logs.items():
+            self._metrics[key].append(self.accelerator.gather(value.reshape(1)).mean().item())
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
