@@ -122,6 +122,10 @@ def test_known_failure_rejection_distilled_lowers_the_failures(tmp_path, char_to
         assert mass and all(0 < m <= 1 for m in mass)
         term = [v for log in trainer.state.log_history for k, v in log.items() if k == "distill/known_failure_term"]
         assert term and min(term) < 0  # mass(F) x mean log q(f): the part of the loss that pushed "cat" down
+        # the probe measures what the objective is for: the known failures lost log-likelihood
+        drops = [h["distill/known_failure_log_prob_drop"] for h in trainer.history
+                 if "distill/known_failure_log_prob_drop" in h]
+        assert drops and max(drops) > 0.1 and not any("distill/log_prob_gain" in h for h in trainer.history)
 
 
 def test_once_a_success_is_found_the_exact_objective_hands_over_to_replayed_maximum_likelihood(tmp_path,

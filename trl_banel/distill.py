@@ -113,23 +113,29 @@ def better_phase(history: list[dict], rounds_in_phase: int, round: int, best: di
 
 class DistillationProbe:
     r"""
-    How much log-likelihood a distillation's posterior samples gained under the generator (mean per sample).
+    What a distillation did to the generator, measured on a probe set of completions before and after it: the mean
+    per-sample log-likelihood its posterior samples gained (`distill/log_prob_gain`) or, for the exact objective
+    with known failures, the log-likelihood those failures lost (`distill/known_failure_log_prob_drop`: it moves
+    the generator off them, and the rest of its mass moves up in proportion, so that is what shows it worked).
 
-    A generator that does not move cannot absorb the posterior: after the first three distillations, it warns with
-    the setting to change when they moved it by almost nothing.
+    A generator that does not move cannot absorb the posterior: after the first three distillations of a kind, it
+    warns with the setting to change when they moved it by almost nothing.
 
     Args:
         policy (`torch.nn.Module`): the generator (failure adapters, if any, are disabled outside their fit).
         args ([`BaNELConfig`]), accelerator: the run's configuration and `Accelerator`.
     """
 
+    GAIN, DROP = "distill/log_prob_gain", "distill/known_failure_log_prob_drop"
+
     def __init__(self, policy, args, accelerator):
         self.policy, self.args, self.accelerator = policy, args, accelerator
-        self._probe = None  # (samples, their log q before) of the last distillation
+        self._probe = None  # (samples, their log q before, metric name) of the last distillation
 
-    def start(self, samples):
-        """Before the distillation: remember `samples` (a [`~trl_banel.posterior.Candidates`]) and their log q."""
-        self._probe = (samples, self.log_probs(samples))
+    def start(self, samples, known_failures: bool = False):
+        """Before the distillation: remember `samples` (a [`~trl_banel.posterior.Candidates`]) and their log q;
+        `known_failures`: they are known failures, whose log q the distillation should lower."""
+        self._probe = (samples, self.log_probs(samples), self.DROP if known_failures else self.GAIN)
 
     @torch.no_grad()
     def log_probs(self, cands) -> torch.Tensor:
@@ -142,24 +148,27 @@ class DistillationProbe:
         finally:
             policy.train(was_training)
 
-    def measure(self, history: list[dict]) -> float | None:
-        """After the distillation's last step: the gain (over all processes), also set in `history`'s last entry;
-        `None` when no distillation is waiting to be measured."""
+    def measure(self, history: list[dict]) -> tuple[str, float] | None:
+        """After the distillation's last step: `(metric name, value)` over all processes, also set in `history`'s
+        last entry; `None` when no distillation is waiting to be measured."""
         if self._probe is None:
             return None
-        probe, before = self._probe
+        probe, before, key = self._probe
         self._probe = None
-        gain = mean_over_ranks(self.accelerator, [(self.log_probs(probe) - before).mean().item()])
+        change = (self.log_probs(probe) - before).mean().item()
+        value = mean_over_ranks(self.accelerator, [-change if key == self.DROP else change])
         if history:
-            history[-1]["distill/log_prob_gain"] = gain
-        gains = [h["distill/log_prob_gain"] for h in history if "distill/log_prob_gain" in h]
-        if len(gains) == 3 and max(gains) < 0.01:
+            history[-1][key] = value
+        values = [h[key] for h in history if key in h]
+        if len(values) == 3 and max(values) < 0.01:
+            what = ("lowered the log-likelihood of the known failures" if key == self.DROP
+                    else "raised the log-likelihood of their posterior samples")
             logger.warning(
-                "The first 3 distillations raised the log-likelihood of their posterior samples by at most %.2g nats "
-                "(%d steps each at learning_rate=%g): the generator barely moves, so it cannot absorb what the "
-                "failure models learn. Raise learning_rate (a small model may need 1e-4 to 1e-3) or distill_steps.",
-                max(gains), self.args.distill_steps, self.args.learning_rate)
-        return gain
+                "The first 3 distillations %s by at most %.2g nats (%d steps each at learning_rate=%g): the "
+                "generator barely moves, so it cannot absorb what the failure models learn. Raise learning_rate "
+                "(a small model may need 1e-4 to 1e-3) or distill_steps.",
+                what, max(values), self.args.distill_steps, self.args.learning_rate)
+        return key, value
 
 
 class Distiller:
@@ -189,7 +198,11 @@ class Distiller:
             if not args.keep_failure_models:
                 self.failures.clear()
             keep_best()
-            self.probe.start(sampler.collate(probe))
+            if targets.failures is not None:  # the most probable known failures: what the objective pushes down
+                top = targets.failure_mass.argsort(descending=True)[:64]
+                self.probe.start(targets.failures.select(top.tolist()), known_failures=True)
+            else:
+                self.probe.start(sampler.collate(probe))
             return self.exact.batches(targets, round, n_micro)
         if args.distill_objective == "baselined":
             samples = sampler.weighted_proposals(args.distill_samples)

@@ -330,9 +330,9 @@ class BaNELTrainer(_BaseTrainer):
             self.best_generator = {**better, "nre": self.ledger.spent, "path": path}
 
     def _measure_distillation(self):
-        gain = self.distiller.probe.measure(self.history)
-        if gain is not None:
-            self._metrics["distill/log_prob_gain"].append(gain)
+        measured = self.distiller.probe.measure(self.history)
+        if measured is not None:
+            self._metrics[measured[0]].append(measured[1])
 
     def _run_round(self):
         """One BaNEL round: propose and filter, evaluate, fit a failure model (the failure region grows by it)."""
