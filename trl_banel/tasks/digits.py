@@ -36,16 +36,21 @@ SOURCE_DIGIT = 0
 TARGET_DIGIT = 6
 SUCCESS_PROBABILITY = 0.9  # the success rule: P(6 | image) >= this; fixed before any prior was measured
 MAX_PRIOR = 2e-5
-# The task's settings for BaNEL: the addition attack's round (trl_banel.tasks.addition.BANEL_SETTINGS) with
+# The round the task first shipped with: the addition attack's (trl_banel.tasks.addition.BANEL_SETTINGS) with
 # completions of 64 pixels and <eos>, and smaller proposal/distillation batches (an image costs about 5x a query
-# to sample). A starting point, not tuned on this task.
-BANEL_SETTINGS = dict(
+# to sample); the posterior objective, the ratio test at tau = 0.97.
+POSTERIOR_SETTINGS = dict(
     max_reward_evaluations=7500, evaluations_per_round=50, num_candidates=256, max_completion_length=PIXELS + 1,
     rejection_threshold=0.97, failure_epochs=20, failure_learning_rate=3e-3, failure_batch_size=16,
     distill_every=1, distill_samples=256, distill_steps=8, per_device_train_batch_size=64, learning_rate=1e-3,
     failure_margin=0.0, failure_max_grad_norm=0.0, failure_warmup_steps=0, failure_heldout_fraction=0.0,
     keep_failure_models=False, success_replay=0.5, stop_after_successes=500,
 )
+# The task's settings for BaNEL: that round with the exact distillation objective and no ratio test (the hard
+# attack's change), chosen on seed 100, kept apart from the reported seeds (benchmarks/round_variants.py --task
+# digits). The generator puts 99.3% of its mass on the 142 zeros it was trained on: once they are known failures,
+# the exact objective moves the generator off them onto the rest, where the sixes are.
+BANEL_SETTINGS = dict(POSTERIOR_SETTINGS, distill_objective="exact", rejection_threshold=1e-30)
 
 
 # ----------------------------------------------------------------------------------------- images
@@ -206,6 +211,50 @@ def estimate_success_rate(generator, tokenizer, oracle: DigitsOracle, n: int = 3
             max_p6 = max(max_p6, float(probs[:, TARGET_DIGIT].max()))
     return SuccessEstimate.from_counts(successes, n), {"malformed": malformed, "argmax": argmax.tolist(),
                                                       "max_p6": max_p6}
+
+
+def sample_images(generator, tokenizer, oracle: DigitsOracle, n: int, seed: int = 0):
+    """``n`` images drawn from ``generator`` with the classifier's verdict: ``(images (n, 64), P(6) (n,),
+    success (n,))``; a malformed image is drawn blank, with P(6) = 0."""
+    (tokens,) = list(sample_token_ids(generator, tokenizer, n, PIXELS + 1, n, seed=seed))
+    images, ok = ids_to_images(tokens, tokenizer)
+    p6 = np.zeros(n)
+    if ok.any():
+        p6[ok] = oracle.classifier.probabilities(images[ok])[:, TARGET_DIGIT]
+    images[~ok] = 0
+    return images, p6, ok & (p6 >= SUCCESS_PROBABILITY)
+
+
+def plot_digit_grid(groups: dict, path, per_row: int = 12) -> None:
+    """Image groups (title -> :func:`sample_images`' triple) one under the other, each image titled with its P(6)
+    and framed green when it is a success."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_row = min(per_row, max(len(images) for images, _, _ in groups.values()))
+    rows = [(title, i) for title, (images, _, _) in groups.items() for i in range(0, len(images), per_row)]
+    fig, axes = plt.subplots(len(rows), per_row, figsize=(max(per_row * 0.8, 6), len(rows) * 1.25 + 0.4),
+                             squeeze=False)
+    for (title, start), line in zip(rows, axes):
+        images, p6, success = groups[title]
+        for j, ax in enumerate(line):
+            ax.set_xticks([]), ax.set_yticks([])
+            k = start + j
+            if k >= len(images):
+                ax.axis("off")
+                continue
+            ax.imshow(images[k].reshape(8, 8), cmap="gray_r", vmin=0, vmax=16)
+            ax.set_title(f"{p6[k]:.2f}", fontsize=7, color="green" if success[k] else "black")
+            for side in ax.spines.values():
+                side.set(color="green" if success[k] else "lightgrey", linewidth=2 if success[k] else 0.5)
+        if start == 0:
+            line[0].annotate(title, (0, 1.35), xycoords="axes fraction", fontsize=9, ha="left", weight="bold")
+    fig.suptitle("above each image: the classifier's P(6); green: a success (P(6) >= 0.9)", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.95), h_pad=1.6)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # -------------------------------------------------------------------------------------- generator
