@@ -216,7 +216,8 @@ def write_outputs(summary: dict, all_runs: dict, out: str):
               "point re-estimated on fresh samples, and the ratio of the median to the best baseline's median "
               "(against that baseline's 95% upper bound when its median is 0; for BaNEL the best of all baselines, "
               "for a baseline the best other one). Rare letters, hard attack: exact probabilities; digits: Monte "
-              "Carlo.", ""]
+              "Carlo (the pretrained generator's: the calibration's 150,000 samples, "
+              "benchmarks/results/digits_calibration.json).", ""]
     for name, t in summary["tasks"].items():
         pre = t["pretrained"]
         pre_text = (f"{fmt_rate(pre['rate'])} (exact)" if pre["exact"] else

@@ -155,6 +155,9 @@ def test_sparse_benchmark_quick_end_to_end_and_resumed(tmp_path):
     assert hard["methods"]["grpo"]["reused_pretrained_estimate"] == [True]
     assert hard["methods"]["grpo"]["final"] == [hard["pretrained"]["rate"]]
     assert hard["methods"]["grpo_rnd"]["reused_pretrained_estimate"] == [False]
+    # digits' pretrained estimate is the calibration's 150,000 samples, not 300 new ones that would see no success
+    prior = json.loads((ROOT / "benchmarks" / "results" / "digits_calibration.json").read_text())["prior"]
+    assert result["tasks"]["digits"]["pretrained"]["rate"] == prior["rate"] > 0
     assert (tmp_path / "sparse.md").exists() and (tmp_path / "sparse.png").exists()
     files = sorted((tmp_path / "sparse_runs").glob("*.json"))
     assert len(files) == 3 * 6  # 3 tasks x (pretrained + 5 methods)

@@ -257,3 +257,17 @@ def test_tasks_load_from_an_installed_wheel(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env,
                          cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_the_shipped_generator_holds_almost_all_its_mass_on_the_datasets_zeros(digits_task, dataset):
+    """Why the exact objective finds sixes on this task (README, "Sparse tasks"): the generator is close to a mixture
+    of the zeros it learned, none of them a success; once they are known failures, the objective moves its mass off
+    them onto the rest, where the sixes it can draw are."""
+    from trl_banel.tasks.common import sequence_log_probs
+
+    generator, tok, oracle = digits_task
+    images, labels = dataset
+    zeros = sorted({digits.image_to_text(x) for x in images[labels == digits.SOURCE_DIGIT]})
+    mass = float(sequence_log_probs(generator, tok, zeros).double().exp().sum())
+    assert 0.98 < mass < 1.0, mass
+    assert sum(oracle(completions=zeros)) == 0
