@@ -2,8 +2,9 @@
 
     python scripts/readme_results.py                     # rewrite every generated block of README.md
     python scripts/readme_results.py --check             # exit 1, with a diff, if README.md and the results disagree
-    python scripts/readme_results.py --rerun-demo        # rerun the demo (about 10 min on 2 CPU cores), then rewrite
+    python scripts/readme_results.py --rerun-demo        # rerun the digits demo (about 5 min on 2 CPU cores), rewrite
     python scripts/readme_results.py --rerun-demo --quick    # the same with any demo flags (here: a 1-minute run)
+    python scripts/readme_results.py --rerun-addition-demo   # rerun the addition attack's recipe, then rewrite
 
 A generated block sits between `<!-- generated: NAME -->` and `<!-- /generated: NAME -->` in README.md; `BLOCKS` says
 which results file each is rendered from. To put a new figure in the README, write it to a results file from the
@@ -24,7 +25,10 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_DIR = "benchmarks/results/demo"  # where --rerun-demo writes the demo's files (result.json, run_report.png, ...)
+DEMO_DIR = "benchmarks/results/demo"  # where --rerun-demo writes the demo's files (result.json, digits_grid.png, ...)
+ADDITION_DEMO_DIR = "benchmarks/results/addition_demo"  # the addition attack's recipe, the demo before the digits one
+DEMOS = {"demo": ("recipes/digits_0_to_6.py", DEMO_DIR), "addition-demo": ("recipes/addition_attack.py",
+                                                                           ADDITION_DEMO_DIR)}
 
 
 @dataclass
@@ -34,19 +38,54 @@ class Block:
 
 
 def render_demo(root: Path) -> str:
+    """The digits demo's printed summary and its picture."""
     sys.path.insert(0, str(root))
-    from trl_banel.tasks.addition import demo_summary_text
+    from trl_banel.tasks.digits import demo_summary_text
 
     result = json.loads((root / DEMO_DIR / "result.json").read_text())
-    summary = demo_summary_text(result)
     text = (f"Output of `{result['command']}` (seed {result['seed']}; `{DEMO_DIR}/result.json`):\n\n"
-            f"```text\n{summary}\n```\n")
-    if (root / DEMO_DIR / "run_report.png").exists():
-        text += f"\nIts run report (`{DEMO_DIR}/run_report.png`):\n\n![run report]({DEMO_DIR}/run_report.png)\n"
+            f"```text\n{demo_summary_text(result)}\n```\n")
+    if (root / DEMO_DIR / "digits_grid.png").exists():
+        text += (f"\nIts picture (`{DEMO_DIR}/digits_grid.png`): the generator's samples before and after, each with "
+                 f"the classifier's P(6):\n\n![before and after]({DEMO_DIR}/digits_grid.png)\n")
     return text
 
 
 def render_demo_seeds(root: Path) -> str:
+    """How often the digits demo's settings succeed: the sparse benchmark's BaNEL runs on digits."""
+    sys.path.insert(0, str(root))
+    from trl_banel.tasks.digits import CALIBRATED_PRIOR
+
+    prior = CALIBRATED_PRIOR[0] / CALIBRATED_PRIOR[1]
+    runs = [json.loads(f.read_text()) for f in sorted((root / "benchmarks" / "results" / "sparse_runs")
+                                                        .glob("digits_banel_seed*.json"))]
+    runs.sort(key=lambda r: r["seed"])
+    seeds = [r["seed"] for r in runs]
+    finals = [r["final"]["rate"] for r in runs]
+    return (f"How often the demo's settings draw sixes: the sparse benchmark's {len(runs)} BaNEL runs on this task "
+            f"(seeds {seeds[0]}-{seeds[-1]}, budget 7,500; `benchmarks/results/sparse_runs/digits_banel_seed*.json`) "
+            f"ended at success rates {min(finals):.3f}-{max(finals):.3f}, "
+            f"{sum(f >= 100 * prior for f in finals)} of {len(runs)} at 100x the calibrated pretrained rate or more, "
+            f"after {min(r['final']['nre'] for r in runs):,}-{max(r['final']['nre'] for r in runs):,} reward "
+            f"evaluations and {min(r['cpu_minutes'] for r in runs):.1f}-{max(r['cpu_minutes'] for r in runs):.1f} "
+            "CPU minutes each (one torch thread, estimates included; wall time on a shared machine is longer).\n")
+
+
+def render_addition_demo(root: Path) -> str:
+    sys.path.insert(0, str(root))
+    from trl_banel.tasks.addition import demo_summary_text
+
+    result = json.loads((root / ADDITION_DEMO_DIR / "result.json").read_text())
+    summary = demo_summary_text(result)
+    text = (f"Output of `{result['command']}` (seed {result['seed']}; `{ADDITION_DEMO_DIR}/result.json`):\n\n"
+            f"```text\n{summary}\n```\n")
+    if (root / ADDITION_DEMO_DIR / "run_report.png").exists():
+        text += (f"\nIts run report (`{ADDITION_DEMO_DIR}/run_report.png`):\n\n"
+                 f"![run report]({ADDITION_DEMO_DIR}/run_report.png)\n")
+    return text
+
+
+def render_addition_demo_seeds(root: Path) -> str:
     runs = root / "benchmarks" / "results" / "runs"
     pretrained = statistics.mean(json.loads(f.read_text())["final"]["rate"]
                                  for f in sorted(runs.glob("pretrained_seed*.json")))
@@ -60,7 +99,7 @@ def render_demo_seeds(root: Path) -> str:
 
     budgets = sorted({run["settings"]["max_reward_evaluations"] for run in banel})
     seeds = sorted(lifts)
-    text = (f"How often the full demo finds a blind spot: of the benchmark's {len(banel)} BaNEL runs on this task "
+    text = (f"How often the full recipe finds a blind spot: of the benchmark's {len(banel)} BaNEL runs on this task "
             f"(seeds {seeds[0]}-{seeds[-1]}, budget {', '.join(f'{b:,}' for b in budgets)}; "
             f"`benchmarks/results/runs/banel_seed*.json`), {len(high)} ended at 10x the pretrained success rate or "
             f"more")
@@ -156,9 +195,13 @@ def render_config_table(root: Path) -> str:
 
 
 BLOCKS: dict[str, Block] = {
-    "demo": Block([f"{DEMO_DIR}/result.json"], render_demo),
-    "demo-seeds": Block(["benchmarks/results/runs/banel_seed*.json", "benchmarks/results/runs/pretrained_seed*.json"],
+    "demo": Block([f"{DEMO_DIR}/result.json", f"{DEMO_DIR}/digits_grid.png"], render_demo),
+    "demo-seeds": Block(["benchmarks/results/sparse_runs/digits_banel_seed*.json", "trl_banel/tasks/digits.py"],
                         render_demo_seeds),
+    "addition-demo": Block([f"{ADDITION_DEMO_DIR}/result.json", f"{ADDITION_DEMO_DIR}/run_report.png"],
+                           render_addition_demo),
+    "addition-demo-seeds": Block(["benchmarks/results/runs/banel_seed*.json",
+                                  "benchmarks/results/runs/pretrained_seed*.json"], render_addition_demo_seeds),
     "addition-attack-table": Block(["benchmarks/results/addition_attack.md"],
                                    table_from("benchmarks/results/addition_attack.md")),
     "filter-lift-table": Block(["benchmarks/results/filter_lift.md"], table_from("benchmarks/results/filter_lift.md")),
@@ -192,7 +235,9 @@ def regenerate(readme: str, root: Path) -> tuple[str, list[str]]:
         name = m.group("name")
         for source in BLOCKS[name].sources:
             if not list(root.glob(source)):
-                how = "python scripts/readme_results.py --rerun-demo" if name == "demo" else "its benchmark"
+                how = {"demo": "python scripts/readme_results.py --rerun-demo",
+                       "addition-demo": "python scripts/readme_results.py --rerun-addition-demo"}.get(
+                    name, "its benchmark")
                 raise FileNotFoundError(f"README block {name!r} is rendered from {source}, which is missing; "
                                         f"produce it with {how}.")
         body = BLOCKS[name].render(root)
@@ -203,13 +248,14 @@ def regenerate(readme: str, root: Path) -> tuple[str, list[str]]:
     return _MARKER.sub(replace, readme), changed
 
 
-def rerun_demo(root: Path, demo_flags: list[str]):
-    out = root / DEMO_DIR
+def rerun_demo(root: Path, demo_flags: list[str], which: str = "demo"):
+    script, folder = DEMOS[which]
+    out = root / folder
     # the folder holds the previous demo run, which the trainer would refuse to train on again: it is all generated
     # (and in git), so it is replaced
     if out.exists():
         shutil.rmtree(out)
-    command = [sys.executable, str(ROOT / "recipes" / "addition_attack.py"), "--output_dir", str(out), *demo_flags]
+    command = [sys.executable, str(ROOT / script), "--output_dir", str(out), *demo_flags]
     print("running:", " ".join(command), flush=True)
     subprocess.run(command, check=True)
 
@@ -220,13 +266,17 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a block is out of date")
     parser.add_argument("--rerun-demo", action="store_true",
                         help="rerun the demo into benchmarks/results/demo first (other flags go to the demo)")
+    parser.add_argument("--rerun-addition-demo", action="store_true",
+                        help="rerun the addition attack's recipe into benchmarks/results/addition_demo first")
     parser.add_argument("--root", default=str(ROOT), help="repository root (tests use a copy)")
     args, demo_flags = parser.parse_known_args(argv)
-    if demo_flags and not args.rerun_demo:
+    if demo_flags and not (args.rerun_demo or args.rerun_addition_demo):
         parser.error(f"unrecognized arguments: {' '.join(demo_flags)}")
     root = Path(args.root)
     if args.rerun_demo:
         rerun_demo(root, demo_flags)
+    if args.rerun_addition_demo:
+        rerun_demo(root, demo_flags, "addition-demo")
     readme_path = root / "README.md"
     old = readme_path.read_text()
     new, changed = regenerate(old, root)

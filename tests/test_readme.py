@@ -18,7 +18,7 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     command = 'pip install torch==2.13.0 -e ".[test]" && python -m pytest -q'
     assert command in readme and command in ci
-    assert "pip install torch==2.13.0 -e . && python recipes/addition_attack.py" in readme
+    assert "pip install torch==2.13.0 -e . && python recipes/digits_0_to_6.py" in readme
 
 
 def test_every_banel_field_is_documented():

@@ -20,7 +20,8 @@ def readme_scripts() -> set[str]:
 
 def test_every_readme_script_is_run_by_a_test():
     scripts = readme_scripts()
-    assert {"recipes/addition_attack.py", "scripts/readme_results.py", "benchmarks/filter_lift.py"} <= scripts
+    assert {"recipes/digits_0_to_6.py", "recipes/addition_attack.py", "scripts/readme_results.py",
+            "benchmarks/filter_lift.py"} <= scripts
     tests = {p.name: p.read_text() for p in (ROOT / "tests").glob("test_*.py") if p.name != "test_readme_commands.py"}
     this = Path(__file__).read_text()
 

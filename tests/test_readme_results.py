@@ -34,22 +34,28 @@ def test_a_changed_result_makes_the_check_fail_until_the_readme_is_rewritten(cop
     root = copy_of_the_repo
     result_path = root / readme_results.DEMO_DIR / "result.json"
     result = json.loads(result_path.read_text())
-    result["improvement"] = 1234.5
+    result["improvement"] = 1234.0
     result_path.write_text(json.dumps(result))
     seed = root / "benchmarks" / "results" / "runs" / "banel_seed1.json"
     run = json.loads(seed.read_text())
-    run["final"]["rate"] = 0.0  # seed 1 now ends below 10x (whatever it ended at)
+    run["final"]["rate"] = 0.0  # the addition recipe's seed 1 now ends below 10x (whatever it ended at)
     seed.write_text(json.dumps(run))
-    before = _block((root / "README.md").read_text(), "demo-seeds")
+    digits_seed = root / "benchmarks" / "results" / "sparse_runs" / "digits_banel_seed1.json"
+    run = json.loads(digits_seed.read_text())
+    run["final"]["rate"] = 0.0  # and the digits demo's settings failed on one seed
+    digits_seed.write_text(json.dumps(run))
+    before = _block((root / "README.md").read_text(), "addition-demo-seeds")
 
     assert readme_results.main(["--check", "--root", str(root)]) == 1
     out = capsys.readouterr().out
-    assert "+improvement                    1234.5x" in out and "out of date: demo, demo-seeds" in out
+    assert "+improvement                    1,234x over the calibrated rate" in out
+    assert "out of date: demo, demo-seeds, addition-demo-seeds" in out
     assert readme_results.main(["--root", str(root)]) == 0  # rewrite
     assert readme_results.main(["--check", "--root", str(root)]) == 0
     readme = (root / "README.md").read_text()
-    after = _block(readme, "demo-seeds")
-    assert "1234.5x" in readme and after != before and "below 10x" in after and "0x" in after
+    after = _block(readme, "addition-demo-seeds")
+    assert "1,234x" in readme and after != before and "below 10x" in after and "0x" in after
+    assert "ended at success rates 0.000-" in _block(readme, "demo-seeds")
 
 
 def _block(readme: str, name: str) -> str:

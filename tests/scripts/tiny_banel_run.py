@@ -53,6 +53,7 @@ def main():
         # regions kept across distillations: failure models are dropped one by one, not all at once
         keep_failure_models=os.environ.get("KEEP_FAILURE_MODELS") == "1", max_failure_models=2,
         failure_margin=float(os.environ.get("FAILURE_MARGIN", "0")),
+        distill_objective=os.environ.get("DISTILL_OBJECTIVE", "posterior"),
     )
     trainer = BaNELTrainer(model=model, reward_funcs=oracle, args=args,
                            train_dataset=Dataset.from_dict({"prompt": [""]}),

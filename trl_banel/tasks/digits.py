@@ -36,6 +36,10 @@ SOURCE_DIGIT = 0
 TARGET_DIGIT = 6
 SUCCESS_PROBABILITY = 0.9  # the success rule: P(6 | image) >= this; fixed before any prior was measured
 MAX_PRIOR = 2e-5
+# The shipped generator's prior as measured by recipes/pretrain_digits.py (benchmarks/results/digits_calibration.json;
+# a test keeps the two equal): successes among samples, P(6) >= 0.9. The demo reports gains against it, since the
+# few thousand samples a demo can afford see no success.
+CALIBRATED_PRIOR = (7, 150_000)
 # The round the task first shipped with: the addition attack's (trl_banel.tasks.addition.BANEL_SETTINGS) with
 # completions of 64 pixels and <eos>, and smaller proposal/distillation batches (an image costs about 5x a query
 # to sample); the posterior objective, the ratio test at tau = 0.97.
@@ -213,6 +217,33 @@ def estimate_success_rate(generator, tokenizer, oracle: DigitsOracle, n: int = 3
                                                       "max_p6": max_p6}
 
 
+def demo_summary_text(result: dict) -> str:
+    """The demo's printed summary (``recipes/digits_0_to_6.py``), from its ``result.json``; the README's example
+    output is rendered by this too."""
+    pre, prior, final = result["pretrained"], result["calibrated_prior"], result["banel"]
+
+    def rate(e):
+        return f"{e['rate']:.5f} [{e['low']:.5f}, {e['high']:.5f}] (n={e['samples']:,})"
+
+    rows = [
+        ("pretrained success rate", f"{rate(pre)}, measured now"),
+        ("", f"{prior['rate']:.1e} [{prior['low']:.1e}, {prior['high']:.1e}] (n={prior['samples']:,}), shipped "
+             "calibration"),
+        ("BaNEL success rate", rate(final)),
+        ("improvement", f"{result['improvement']:,.0f}x over the calibrated rate"
+         + (" (quick mode: not meaningful)" if result["quick"] else "")),
+        ("reward evaluations (training)", f"{result['nre']:,} of {result['budget']:,}"),
+        ("successes found in training", f"{result['successes_found']:,}"),
+        ("final acceptance rate", f"{final['acceptance_rate']:.3f}"),
+        ("evaluation-only oracle calls", f"{result['evaluation_calls']:,} (not charged)"),
+        ("wall time", f"{result['minutes']:.1f} min ({result['hardware']})"),
+        ("sixes in the picture", f"{result['sixes_in_grid']['before']} of {result['sixes_in_grid']['of']} before, "
+                                 f"{result['sixes_in_grid']['after']} of {result['sixes_in_grid']['of']} after"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def sample_images(generator, tokenizer, oracle: DigitsOracle, n: int, seed: int = 0):
     """``n`` images drawn from ``generator`` with the classifier's verdict: ``(images (n, 64), P(6) (n,),
     success (n,))``; a malformed image is drawn blank, with P(6) = 0."""
@@ -250,7 +281,8 @@ def plot_digit_grid(groups: dict, path, per_row: int = 12) -> None:
             for side in ax.spines.values():
                 side.set(color="green" if success[k] else "lightgrey", linewidth=2 if success[k] else 0.5)
         if start == 0:
-            line[0].annotate(title, (0, 1.35), xycoords="axes fraction", fontsize=9, ha="left", weight="bold")
+            label = line[0].annotate(title, (0, 1.35), xycoords="axes fraction", fontsize=9, ha="left", weight="bold")
+            label.set_in_layout(False)  # a row title wider than its first image must not squeeze the grid
     fig.suptitle("above each image: the classifier's P(6); green: a success (P(6) >= 0.9)", fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.95), h_pad=1.6)
     fig.savefig(path, dpi=120)
