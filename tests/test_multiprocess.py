@@ -15,14 +15,17 @@ SCRIPT = ROOT / "tests" / "scripts" / "tiny_banel_run.py"
 CONFIGS = ROOT / "recipes" / "accelerate_configs"
 BUDGET = 16
 PORTS = {("ddp", "adapter"): 29531, ("zero2", "adapter"): 29532, ("zero3", "adapter"): 29533, ("zero3", "copy"): 29534,
-         ("zero3", "copy-kept"): 29535}
+         ("zero3", "copy-kept"): 29535, ("ddp", "adapter-exact"): 29536, ("zero3", "adapter-exact"): 29537}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setup, failure_model", [
-    ("ddp", "adapter"), ("zero2", "adapter"), ("zero3", "adapter"), ("zero3", "copy"), ("zero3", "copy-kept")])
+    ("ddp", "adapter"), ("zero2", "adapter"), ("zero3", "adapter"), ("zero3", "copy"), ("zero3", "copy-kept"),
+    ("ddp", "adapter-exact"), ("zero3", "adapter-exact")])
 def test_two_processes(tmp_path, setup, failure_model):
-    """("copy-kept": failure models stay active across distillations and are fitted to a margin.)"""
+    """("copy-kept": failure models stay active across distillations and are fitted to a margin; "-exact": the exact
+    distillation objective, whose teacher and known-failure passes must line up across ranks.)"""
+    exact = failure_model.endswith("exact")  # no success then: the exact objective distils every phase
     if setup != "ddp" and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
     out, count = tmp_path / "run", tmp_path / "oracle_calls.tsv"
@@ -31,8 +34,9 @@ def test_two_processes(tmp_path, setup, failure_model):
            "FAILURE_MODEL": failure_model.split("-")[0],
            "KEEP_FAILURE_MODELS": "1" if failure_model.endswith("kept") else "0",
            "FAILURE_MARGIN": "0.5" if failure_model.endswith("kept") else "0",
+           "DISTILL_OBJECTIVE": "exact" if exact else "posterior",
            # a success on the first round: the best generator is saved mid-run, failure models alive (ZeRO-3 gathers)
-           "ORACLE_SUCCESS": "cat" if setup == "zero3" else ""}
+           "ORACLE_SUCCESS": "cat" if setup == "zero3" and not exact else ""}
     env.pop("ACCELERATE_USE_CPU", None)  # it would silently drop DeepSpeed
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"{setup}_cpu.yaml"),
            "--main_process_port", str(PORTS[setup, failure_model]), str(SCRIPT), str(out)]
@@ -48,13 +52,17 @@ def test_two_processes(tmp_path, setup, failure_model):
     paid = count.read_text().splitlines()
     assert len(paid) == len(records) == int(spent) <= BUDGET
     assert int(rounds) >= 2
-    losses = [h["loss"] for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+    log_history = json.loads((out / "log_history.json").read_text())
+    losses = [h["loss"] for h in log_history if "loss" in h]
     assert losses and all(math.isfinite(float(v)) for v in losses)
+    if exact:  # its teacher and known-failure passes ran on both ranks and were logged
+        terms = [h["distill/known_failure_term"] for h in log_history if "distill/known_failure_term" in h]
+        assert terms and min(terms) < 0 and all(math.isfinite(t) for t in terms)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     assert all(p.isfinite().all() for p in model.parameters())
-    if setup == "zero3":
+    if setup == "zero3" and not exact:
         assert any(json.loads(line)["reward"] > 0 for line in (out / "evaluations.jsonl").read_text().splitlines())
         best = AutoModelForCausalLM.from_pretrained(out / "best_generator")
         assert best.state_dict().keys() == model.state_dict().keys()
