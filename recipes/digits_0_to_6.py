@@ -1,6 +1,6 @@
 """The embedded demo: a generator of zeros learns to draw sixes it was never shown, with BaNEL, on a CPU, in minutes.
 
-    python recipes/digits_0_to_6.py            # 7,500 evaluations at most (about 5 min on 2 CPU cores)
+    python recipes/digits_0_to_6.py            # 7,500 evaluations at most (about 5 CPU minutes)
     python recipes/digits_0_to_6.py --quick    # a smoke test of the whole pipeline (under a minute)
 
 The task ships with the package (trl_banel.tasks.digits): a small causal LM draws 8x8 images as 64 pixel tokens and
@@ -56,8 +56,8 @@ QUICK = dict(max_reward_evaluations=50, evaluations_per_round=25, eval_samples=5
              curve_samples=100, grid=8)
 QUICK_NOTE = ("quick mode checks that the demo runs end to end (shipped models, training, ledger, estimates, "
               "picture) with {budget} reward evaluations: far too few for BaNEL to find a six, so the improvement "
-              "figure it prints is not meaningful. The demo itself: python recipes/digits_0_to_6.py (about 5 "
-              "minutes on 2 CPU cores).")
+              "figure it prints is not meaningful. The demo itself: python recipes/digits_0_to_6.py (about 5 CPU "
+              "minutes).")
 
 
 def hardware() -> str:
