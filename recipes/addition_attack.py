@@ -10,7 +10,6 @@ from the failures alone. Any BaNELConfig or TrainingArguments field can be passe
 
 import json
 import os
-import shlex
 import sys
 import time
 from collections import defaultdict
@@ -21,11 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import set_seed  # noqa: E402
-from trl import TrlParser  # noqa: E402
 
 from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
 from trl_banel.callbacks import SuccessCurveCallback  # noqa: E402
-from trl_banel.cli import apply_quick, script_help  # noqa: E402
+from trl_banel.cli import hardware, parse_recipe, retyped_command  # noqa: E402
 from trl_banel.plotting import plot_success_curves  # noqa: E402
 from trl_banel.runs import refuse_rerun  # noqa: E402
 from trl_banel.tasks.addition import (BANEL_SETTINGS, classify_query, demo_summary_text,  # noqa: E402
@@ -56,13 +54,6 @@ QUICK_NOTE = ("quick mode checks that the demo runs end to end (shipped models, 
               "plots) with {budget} reward evaluations: far too few for BaNEL to move the attacker, so the "
               "improvement figure it prints is not meaningful. The demo itself: python recipes/addition_attack.py "
               "(about 10 minutes on 2 CPU cores).")
-
-
-def hardware() -> str:
-    import psutil
-
-    threads = torch.get_num_threads()
-    return f"{psutil.cpu_count(logical=False)} CPU cores, {threads} torch thread{'s' if threads > 1 else ''}"
 
 
 def main(demo: DemoArguments, config: BaNELConfig, command: str = "python recipes/addition_attack.py") -> dict:
@@ -117,29 +108,9 @@ def main(demo: DemoArguments, config: BaNELConfig, command: str = "python recipe
     return result
 
 
-def command_line(argv: list[str]) -> str:
-    """The command as a reader would retype it; where the files went (--output_dir) does not change the numbers."""
-    shown, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--output_dir":
-            skip = True
-        elif not a.startswith("--output_dir="):
-            shown.append(a)
-    return shlex.join(["python", "recipes/addition_attack.py", *shown])
-
-
 def parse(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    parser = TrlParser((DemoArguments, BaNELConfig), **script_help(__doc__))
-    parser.set_defaults(**TASK_DEFAULTS)
-    demo, config = parser.parse_args_and_config(argv)
-    if demo.quick:
-        apply_quick(argv, QUICK, demo, config)
-        config.validate()
-    return demo, config
+    return parse_recipe(DemoArguments, __doc__, TASK_DEFAULTS, QUICK, argv)
 
 
 if __name__ == "__main__":
-    main(*parse(), command=command_line(sys.argv[1:]))
+    main(*parse(), command=retyped_command("recipes/addition_attack.py", sys.argv[1:]))

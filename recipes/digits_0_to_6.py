@@ -16,7 +16,6 @@ BaNELConfig or TrainingArguments field can be passed as a flag.
 
 import json
 import os
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,11 +25,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import set_seed  # noqa: E402
-from trl import TrlParser  # noqa: E402
 
 from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
 from trl_banel.callbacks import SuccessCurveCallback  # noqa: E402
-from trl_banel.cli import apply_quick, script_help  # noqa: E402
+from trl_banel.cli import hardware, parse_recipe, retyped_command  # noqa: E402
 from trl_banel.plotting import plot_success_curves  # noqa: E402
 from trl_banel.runs import refuse_rerun  # noqa: E402
 from trl_banel.stats import SuccessEstimate  # noqa: E402
@@ -58,13 +56,6 @@ QUICK_NOTE = ("quick mode checks that the demo runs end to end (shipped models, 
               "picture) with {budget} reward evaluations: far too few for BaNEL to find a six, so the improvement "
               "figure it prints is not meaningful. The demo itself: python recipes/digits_0_to_6.py (about 5 CPU "
               "minutes).")
-
-
-def hardware() -> str:
-    import psutil
-
-    threads = torch.get_num_threads()
-    return f"{psutil.cpu_count(logical=False)} CPU cores, {threads} torch thread{'s' if threads > 1 else ''}"
 
 
 def main(args: DigitsArguments, config: BaNELConfig, command: str = "python recipes/digits_0_to_6.py") -> dict:
@@ -118,23 +109,9 @@ def main(args: DigitsArguments, config: BaNELConfig, command: str = "python reci
     return result
 
 
-def command_line(argv: list[str]) -> str:
-    """The command as a reader would retype it; where the files went (--output_dir) does not change the numbers."""
-    shown = [a for i, a in enumerate(argv) if not a.startswith("--output_dir")
-             and not (i and argv[i - 1] == "--output_dir")]
-    return shlex.join(["python", "recipes/digits_0_to_6.py", *shown])
-
-
 def parse(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    parser = TrlParser((DigitsArguments, BaNELConfig), **script_help(__doc__))
-    parser.set_defaults(**TASK_DEFAULTS)
-    args, config = parser.parse_args_and_config(argv)
-    if args.quick:
-        apply_quick(argv, QUICK, args, config)
-        config.validate()
-    return args, config
+    return parse_recipe(DigitsArguments, __doc__, TASK_DEFAULTS, QUICK, argv)
 
 
 if __name__ == "__main__":
-    main(*parse(), command=command_line(sys.argv[1:]))
+    main(*parse(), command=retyped_command("recipes/digits_0_to_6.py", sys.argv[1:]))

@@ -37,18 +37,27 @@ class Block:
     render: Callable[[Path], str]
 
 
+def _render_output(root: Path, folder: str, summary_text: Callable[[dict], str], picture: str, caption: str,
+                   alt: str) -> str:
+    """A recipe's printed summary, rendered from `folder/result.json` by `summary_text`, then its `picture` under
+    `caption` (which names the file where `{path}` stands)."""
+    result = json.loads((root / folder / "result.json").read_text())
+    text = (f"Output of `{result['command']}` (seed {result['seed']}; `{folder}/result.json`):\n\n"
+            f"```text\n{summary_text(result)}\n```\n")
+    if (root / folder / picture).exists():
+        path = f"{folder}/{picture}"
+        text += f"\n{caption.format(path=f'`{path}`')}\n\n![{alt}]({path})\n"
+    return text
+
+
 def render_demo(root: Path) -> str:
     """The digits demo's printed summary and its picture."""
     sys.path.insert(0, str(root))
     from trl_banel.tasks.digits import demo_summary_text
 
-    result = json.loads((root / DEMO_DIR / "result.json").read_text())
-    text = (f"Output of `{result['command']}` (seed {result['seed']}; `{DEMO_DIR}/result.json`):\n\n"
-            f"```text\n{demo_summary_text(result)}\n```\n")
-    if (root / DEMO_DIR / "digits_grid.png").exists():
-        text += (f"\nIts picture (`{DEMO_DIR}/digits_grid.png`): the generator's samples before and after, each with "
-                 f"the classifier's P(6):\n\n![before and after]({DEMO_DIR}/digits_grid.png)\n")
-    return text
+    return _render_output(root, DEMO_DIR, demo_summary_text, "digits_grid.png",
+                          "Its picture ({path}): the generator's samples before and after, each with the classifier's "
+                          "P(6):", "before and after")
 
 
 def render_demo_seeds(root: Path) -> str:
@@ -75,14 +84,8 @@ def render_addition_demo(root: Path) -> str:
     sys.path.insert(0, str(root))
     from trl_banel.tasks.addition import demo_summary_text
 
-    result = json.loads((root / ADDITION_DEMO_DIR / "result.json").read_text())
-    summary = demo_summary_text(result)
-    text = (f"Output of `{result['command']}` (seed {result['seed']}; `{ADDITION_DEMO_DIR}/result.json`):\n\n"
-            f"```text\n{summary}\n```\n")
-    if (root / ADDITION_DEMO_DIR / "run_report.png").exists():
-        text += (f"\nIts run report (`{ADDITION_DEMO_DIR}/run_report.png`):\n\n"
-                 f"![run report]({ADDITION_DEMO_DIR}/run_report.png)\n")
-    return text
+    return _render_output(root, ADDITION_DEMO_DIR, demo_summary_text, "run_report.png", "Its run report ({path}):",
+                          "run report")
 
 
 def render_addition_demo_seeds(root: Path) -> str:

@@ -93,3 +93,13 @@ def skewed_model(char_tokenizer, skewed_model_state):
     model = make_tiny_model(char_tokenizer)
     model.load_state_dict(skewed_model_state)
     return model
+
+
+def unlisted_in_readme_file_table(folder) -> list[str]:
+    """Files in a run's `folder` that the README's "What a run writes" table does not name."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("### What a run writes") :]
+    table = table[: table.index("\n\n", table.index("| file |"))]
+    return [f.name for f in Path(folder).iterdir() if f"`{f.name}`" not in table]

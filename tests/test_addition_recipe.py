@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import unlisted_in_readme_file_table
 
 from trl_banel.stats import clopper_pearson
 from trl_banel.tasks.addition import demo_summary_text
@@ -50,10 +51,7 @@ def test_quick_addition_recipe_end_to_end(tmp_path):
     assert not [line for line in proc.stdout.splitlines() if line.startswith("{")]
 
     # the README's table of files lists every file this run wrote
-    readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("### What a run writes") :]
-    table = table[: table.index("\n\n", table.index("| file |"))]
-    assert not [f.name for f in out.iterdir() if f"`{f.name}`" not in table]
+    assert not unlisted_in_readme_file_table(out)
 
     # the same command again on the finished output folder: refused at once, the trained model untouched
     model = out / "model.safetensors"

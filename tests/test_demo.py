@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import unlisted_in_readme_file_table
 
 from trl_banel.stats import clopper_pearson
 from trl_banel.tasks import digits
@@ -48,10 +49,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert not [line for line in proc.stdout.splitlines() if line.startswith("{")]
 
     # the README's table of files lists every file this run wrote
-    readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("### What a run writes") :]
-    table = table[: table.index("\n\n", table.index("| file |"))]
-    assert not [f.name for f in out.iterdir() if f"`{f.name}`" not in table]
+    assert not unlisted_in_readme_file_table(out)
 
     # the same command again on the finished output folder: refused at once, the trained model untouched
     model = out / "model.safetensors"

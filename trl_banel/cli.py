@@ -28,6 +28,43 @@ def apply_quick(argv: Optional[Sequence[str]], quick: dict, *targets) -> None:
             setattr(next(t for t in targets if hasattr(t, key)), key, value)
 
 
+def retyped_command(script: str, argv: Sequence[str]) -> str:
+    """A recipe's command as a reader would retype it; where the files went (`--output_dir`) changes no number, so it
+    is left out."""
+    import shlex
+
+    shown = [a for i, a in enumerate(argv)
+             if not a.startswith("--output_dir") and not (i and argv[i - 1] == "--output_dir")]
+    return shlex.join(["python", script, *shown])
+
+
+def hardware() -> str:
+    """The machine as a recipe's summary reports it: physical CPU cores and torch threads."""
+    import psutil
+    import torch
+
+    threads = torch.get_num_threads()
+    return f"{psutil.cpu_count(logical=False)} CPU cores, {threads} torch thread{'s' if threads > 1 else ''}"
+
+
+def parse_recipe(args_cls, doc: str, defaults: dict, quick: dict, argv: Optional[Sequence[str]] = None):
+    """A BaNEL recipe's `(args, config)`: `args_cls` (with a `quick` field) and `BaNELConfig` from the command line,
+    `--help` starting with `doc`, the task's `defaults` under every flag; with `--quick`, `quick`'s values for those
+    not given."""
+    from trl import TrlParser
+
+    from .config import BaNELConfig
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = TrlParser((args_cls, BaNELConfig), **script_help(doc))
+    parser.set_defaults(**defaults)
+    args, config = parser.parse_args_and_config(argv)
+    if args.quick:
+        apply_quick(argv, quick, args, config)
+        config.validate()
+    return args, config
+
+
 def write_results(result: dict, path: Optional[str], indent: int = 1, show: bool = False) -> None:
     """Write a script's results file (its folder created), if a path is given; `show` also prints it (without its
     `settings`)."""

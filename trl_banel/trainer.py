@@ -185,8 +185,10 @@ class BaNELTrainer(_BaseTrainer):
         reference = partial(pretrained_generator, self.model, self.accelerator.unwrap_model(self.model),
                             self._reference)
         loss, logs = distillation_loss(model, inputs, self.args.distill_kl_coef, reference)
-        for key, value in logs.items():
-            self._metrics[key].append(self.accelerator.gather(value.reshape(1)).mean().item())
+        # one collective for every logged part (each rank logs the same keys, in the same order)
+        means = self.accelerator.gather(torch.stack(list(logs.values())).reshape(1, -1)).mean(0).tolist()
+        for key, value in zip(logs, means):
+            self._metrics[key].append(value)
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
