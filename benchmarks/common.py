@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -25,7 +24,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-import torch
 from datasets import Dataset
 from transformers import HfArgumentParser, TrainerCallback, set_seed
 from trl import GRPOConfig, GRPOTrainer
@@ -37,6 +35,7 @@ from trl_banel.callbacks import SuccessCurveCallback
 from trl_banel.cli import apply_quick
 from trl_banel.ledger import LEDGER_FILENAME
 from trl_banel.stats import ExactSuccess, SuccessEstimate
+from trl_banel.tasks.common import weights_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,16 +75,6 @@ _NOT_SETTINGS = ("output_dir", "report_to", "logging_steps", "disable_tqdm", "sa
 def banel_settings(task_settings: dict, seed: int = 0) -> dict:
     """A BaNELConfig's keyword arguments for a benchmark run: how runs execute, then the task's settings."""
     return {**RUN_SETTINGS, **task_settings, "logging_steps": 10, "seed": seed}
-
-
-def state_hash(model) -> str:
-    """SHA-256 of a model's weights (names, dtypes, shapes, bytes): equal hashes, the same sampler."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------------ tasks
@@ -234,7 +223,12 @@ def run_pretrained(task: Task, seed: int, eval_samples: int) -> dict:
     start = time.time()
     set_seed(seed)
     model, tok, oracle = task.load()
-    prior = json.loads(task.calibration.read_text())["prior"] if task.calibration else None
+    calibration = json.loads(task.calibration.read_text()) if task.calibration else {}
+    weights, prior = weights_hash(model), calibration.get("prior")
+    if prior and calibration.get("generator_weights") != weights:
+        raise ValueError(f"{task.calibration} was measured on another generator (weights "
+                         f"{calibration.get('generator_weights')}, the shipped one's are {weights}): re-measure it "
+                         f"with the task's recipe (recipes/pretrain_{task.name}.py)")
     if prior and prior["n"] >= eval_samples:  # the calibration's larger sample (same generator, same rule)
         low, high = prior["ci95_clopper_pearson"]
         est = SuccessEstimate(successes=prior["successes"], samples=prior["n"], low=low, high=high, confidence=0.95,
@@ -243,7 +237,7 @@ def run_pretrained(task: Task, seed: int, eval_samples: int) -> dict:
     else:
         est, source = task.estimate(model, tok, oracle, eval_samples, 40_000 + seed), None
     return {"method": "pretrained", "seed": seed, "task": task.name, "settings": {}, "source": source,
-            "final": {**est.to_dict(), "nre": 0}, "weights": state_hash(model), "minutes": (time.time() - start) / 60}
+            "final": {**est.to_dict(), "nre": 0}, "weights": weights, "minutes": (time.time() - start) / 60}
 
 
 def run_one(task: Task, method: str, seed: int, knobs: dict, budget: int, eval_samples: int, curve_every: int,
@@ -317,7 +311,8 @@ def run_one(task: Task, method: str, seed: int, knobs: dict, budget: int, eval_s
         counter = iter(range(1_000_000))
 
         def estimate(model, n, s):
-            if pretrained is not None and not budgeted.ledger.successes and state_hash(model) == pretrained["weights"]:
+            unchanged = pretrained is not None and weights_hash(model) == pretrained["weights"]
+            if unchanged and not budgeted.ledger.successes:
                 reused.append(n)  # the same weights as the pretrained generator, and nothing learned from a success
                 return _as_estimate(pretrained["final"])
             return task.estimate(model, tok, oracle, n, s)

@@ -38,6 +38,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from trl_banel.tasks.common import weights_hash  # noqa: E402
+
 from benchmarks.common import (BASELINES, DEFAULT_KNOBS, SWEEP_GRID, TASKS, cached_run, reference_rate,  # noqa: E402
                                parse_args, run_identity, run_one, run_sweep, seed_curves, summarise_task)
 
@@ -91,21 +93,22 @@ def pretrained_run(task, args: Args, folder: str) -> dict:
     n = eval_size(task, args.eval_samples, task.eval_samples)
     path = os.path.join(folder, f"{task.name}_pretrained.json")
 
+    want = {"eval_samples": n, "generator_weights": weights_hash(task.load()[0])}  # a new generator: a new estimate
+
     def make():
         print(f"[run] {task.name} pretrained estimate", flush=True)
         r = run_one(task, "pretrained", 0, {}, 0, n, 0, 0, 0, "")
-        r["settings"] = {"eval_samples": n}
+        r["settings"] = want
         return r
 
-    return cached_run(path, {"eval_samples": n}, make)[0]
+    return cached_run(path, want, make)[0]
 
 
 def make_run(task, method, seed, knobs, budget, n, args: Args, pretrained: dict, work: str) -> dict:
     r = run_one(task, method, seed, knobs, budget, n, args.curve_every,
                 eval_size(task, args.curve_samples, task.curve_samples), args.max_rounds_factor,
                 os.path.join(args.out, "work", work), idle_steps=args.idle_steps, pretrained=pretrained)
-    r["settings"]["budget"] = budget
-    r["settings"]["eval_samples"] = n
+    r["settings"].update(budget=budget, eval_samples=n, generator_weights=pretrained["weights"])
     return r
 
 
@@ -136,7 +139,8 @@ def run_task(task, args: Args, folder: str, pretrained: dict):
     for seed in seeds:  # seed-major: a partial benchmark has every method on its first seeds
         for method in [m for m in SPARSE_METHODS if m in args.methods and seed in seeds_for(m, args)]:
             path = os.path.join(folder, f"{task.name}_{method}_seed{seed}.json")
-            want = {**run_identity(task, method, knobs.get(method, {})), "budget": args.budget, "eval_samples": n}
+            want = {**run_identity(task, method, knobs.get(method, {})), "budget": args.budget, "eval_samples": n,
+                    "generator_weights": pretrained["weights"]}  # runs of an earlier generator are redone
             if not os.path.exists(path):
                 print(f"[run] {task.name} {method} seed {seed}", flush=True)
             r, made = cached_run(path, want, lambda: make_run(task, method, seed, knobs.get(method, {}), args.budget,

@@ -12,9 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (improvement_over_best_baseline, seed_curves, seed_stats, state_hash,  # noqa: E402
+from benchmarks.common import (improvement_over_best_baseline, seed_curves, seed_stats,  # noqa: E402
                                summarise_task)
 from trl_banel.stats import ExactSuccess, SuccessEstimate  # noqa: E402
+from trl_banel.tasks.common import weights_hash  # noqa: E402
 
 
 def _run(method, seed, final, best=None, high=None, curve=((0, 0.0),)):
@@ -120,13 +121,30 @@ def test_hard_attack_exact_estimates_and_weight_hash():
     _, acc_cut = hard_attack.posterior_success_probability(model, tok, successes, [cut], len(cut))
     assert acc_cut == pytest.approx(1 - float(sequence_log_probs(model, tok, [cut], append_eos=False).exp()[0]))
     other, _, _ = task.load()
-    assert state_hash(other) == state_hash(model)
+    assert weights_hash(other) == weights_hash(model)
     with torch.no_grad():
         next(other.parameters()).view(-1)[0] += 1e-3
-    assert state_hash(other) != state_hash(model)
+    assert weights_hash(other) != weights_hash(model)
 
 
 @pytest.mark.slow
+def test_a_calibration_of_another_generator_is_refused(tmp_path):
+    """The digits prior comes from the calibration file only if it was measured on the shipped generator."""
+    import dataclasses
+
+    from benchmarks.common import TASKS, run_pretrained
+
+    task = TASKS["digits"]()
+    calibration = json.loads(task.calibration.read_text())
+    assert calibration["generator_weights"] == weights_hash(task.load()[0])  # the shipped file is the shipped model's
+    other = tmp_path / "digits_calibration.json"
+    other.write_text(json.dumps({**calibration, "generator_weights": "0" * 64}))
+    with pytest.raises(ValueError, match="measured on another generator"):
+        run_pretrained(dataclasses.replace(task, calibration=other), 0, 10_000)
+    run = run_pretrained(task, 0, 10_000)
+    assert run["final"]["samples"] == calibration["prior"]["n"] and run["final"]["oracle_calls"] == 0
+
+
 def test_sparse_benchmark_quick_end_to_end_and_resumed(tmp_path):
     """--quick on every task writes sparse.json in the issue's shape; a second invocation reuses every run file."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}

@@ -6,6 +6,7 @@ with ``<eos>``. The helpers here work on that convention only.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from typing import Optional, Sequence
@@ -13,6 +14,17 @@ from typing import Optional, Sequence
 import torch
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>"]
+
+
+def weights_hash(model) -> str:
+    """SHA-256 of a model's weights (names, dtypes, shapes, bytes): equal hashes, the same sampler. Results files
+    record their generator's, so a measurement is never reused for another generator."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def build_tokenizer(characters: Sequence[str]):
