@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -179,6 +180,17 @@ def digits_task() -> Task:
     return Task("digits", digits.load_digits_task, estimate, estimate_banel, digits.PIXELS + 1,
                 dict(digits.BANEL_SETTINGS), eval_samples=10_000, curve_samples=1000,
                 calibration=ROOT / "benchmarks" / "results" / "digits_calibration.json")
+
+
+def with_models(task: Task, models: Path) -> Task:
+    """The digits task with another generator and classifier (e.g. a candidate generator) and their calibration."""
+    from trl_banel.tasks.digits import load_digits_task
+
+    models = Path(models).resolve()
+    if not (models / "generator").is_dir() or not (models / "classifier").is_dir():
+        raise ValueError(f"--digits_models {models}: expected generator/ and classifier/ folders in it")
+    return dataclasses.replace(task, load=functools.partial(load_digits_task, models_dir=models),
+                               calibration=models.parent / "calibration.json")
 
 
 def letters_task() -> Task:
@@ -398,7 +410,7 @@ def cached_run(path: str, knobs: dict, make: Callable[[], dict]) -> tuple[dict, 
             return run, False
         os.makedirs(os.path.join(os.path.dirname(path), "stale"), exist_ok=True)
         os.replace(path, os.path.join(os.path.dirname(path), "stale", os.path.basename(path)))
-        print(f"[run] {os.path.basename(path)}: re-running with the swept {stale}", flush=True)
+        print(f"[run] {os.path.basename(path)}: made with other settings, re-running with {stale}", flush=True)
     run = make()
     tmp = path + ".tmp"
     Path(tmp).write_text(json.dumps(run, indent=1))

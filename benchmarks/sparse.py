@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from trl_banel.tasks.common import weights_hash  # noqa: E402
 
-from benchmarks.common import (BASELINES, DEFAULT_KNOBS, SWEEP_GRID, TASKS, cached_run, reference_rate,  # noqa: E402
+from benchmarks.common import (BASELINES, DEFAULT_KNOBS, SWEEP_GRID, TASKS, cached_run, reference_rate, with_models,  # noqa: E402
                                parse_args, run_identity, run_one, run_sweep, seed_curves, summarise_task)
 
 SPARSE_TASKS = ["letters", "hard_attack", "digits"]
@@ -74,6 +74,9 @@ class Args:
     idle_steps: int = field(default=20, metadata={
         "help": "A GRPO-family run stops after this many steps without a new reward evaluation (converged)."})
     threads: int = field(default=1, metadata={"help": "torch threads (tiny models run fastest on one)."})
+    digits_models: str | None = field(default=None, metadata={
+        "help": "A digits models folder (generator/ and classifier/, as recipes/pretrain_digits.py writes) to run "
+                "instead of the shipped one; its calibration is the calibration.json beside it."})
 
 
 QUICK = dict(seeds=[0], budget=100, eval_samples=300, curve_every=50, curve_samples=100, sweep_budget=50,
@@ -220,7 +223,7 @@ def write_outputs(summary: dict, all_runs: dict, out: str):
               "point re-estimated on fresh samples, and the ratio of the median to the best baseline's median "
               "(against that baseline's 95% upper bound when its median is 0; for BaNEL the best of all baselines, "
               "for a baseline the best other one). Rare letters, hard attack: exact probabilities; digits: Monte "
-              "Carlo (the pretrained generator's: the calibration's 150,000 samples, "
+              "Carlo (the pretrained generator's: the calibration's samples, "
               "benchmarks/results/digits_calibration.json).", ""]
     for name, t in summary["tasks"].items():
         pre = t["pretrained"]
@@ -317,6 +320,8 @@ def main(args: Args):
     os.makedirs(folder, exist_ok=True)
     for name in args.tasks:
         task = TASKS[name]()
+        if name == "digits" and args.digits_models:
+            task = with_models(task, args.digits_models)
         pretrained = pretrained_run(task, args, folder)
         if args.sweep:
             sweep_task(task, args, pretrained)

@@ -32,7 +32,7 @@ from trl_banel.cli import hardware, parse_recipe, retyped_command  # noqa: E402
 from trl_banel.plotting import plot_success_curves  # noqa: E402
 from trl_banel.runs import refuse_rerun  # noqa: E402
 from trl_banel.stats import SuccessEstimate  # noqa: E402
-from trl_banel.tasks.digits import (BANEL_SETTINGS, CALIBRATED_PRIOR, demo_summary_text,  # noqa: E402
+from trl_banel.tasks.digits import (BANEL_SETTINGS, CALIBRATED_PRIOR, demo_summary_text, improvement_over_prior,  # noqa: E402
                                     estimate_success_rate, load_digits_task, plot_digit_grid, sample_images)
 
 
@@ -88,11 +88,13 @@ def main(args: DigitsArguments, config: BaNELConfig, command: str = "python reci
         f"after BaNEL, {trainer.ledger.spent:,} reward evaluations (sixes: {final.successes:,} of {final.samples:,})":
             after}, grid_path)
     plot_path = os.path.join(config.output_dir, "success_rate.png")
-    plot_success_curves({"BaNEL": curve.points}, plot_path, title="Digits 0-to-6: BaNEL", baseline=prior.rate)
+    plot_success_curves({"BaNEL": curve.points}, plot_path, title="Digits 0-to-6: BaNEL",
+                        baseline=prior.rate or prior.high)
+    improvement = improvement_over_prior(final.rate, prior)
     result = {
         "command": command, "task": "digits", "quick": args.quick, "seed": config.seed, "hardware": hardware(),
         "pretrained": pre_est.to_dict(), "calibrated_prior": prior.to_dict(), "banel": final.to_dict(),
-        "improvement": final.rate / prior.rate, "nre": trainer.ledger.spent,
+        "improvement": improvement[0], "improvement_over": improvement[1], "nre": trainer.ledger.spent,
         "budget": config.max_reward_evaluations, "successes_found": len(trainer.ledger.successes),
         "evaluation_calls": curve.evaluation_calls + final.oracle_calls, "stop_reason": trainer.stop_reason,
         "curve": curve.points, "minutes": (time.time() - start) / 60,

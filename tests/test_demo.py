@@ -66,6 +66,21 @@ def test_the_demos_calibrated_prior_is_the_calibration_files():
     assert digits.CALIBRATED_PRIOR == (prior["successes"], prior["n"])
 
 
+def test_a_prior_without_success_is_taken_at_its_upper_bound():
+    """A calibration that saw no six (0 of n) gives a lower bound on the gain, and the summary says so."""
+    from trl_banel.stats import SuccessEstimate
+
+    assert digits.improvement_over_prior(0.5, SuccessEstimate.from_counts(5, 100_000)) == (pytest.approx(1e4), "rate")
+    none = SuccessEstimate.from_counts(0, 200_000)
+    gain, over = digits.improvement_over_prior(0.5, none)
+    assert over == "upper" and gain == pytest.approx(0.5 / none.high) and 0 < none.high < 2e-5
+    result = json.loads((ROOT / "benchmarks" / "results" / "demo" / "result.json").read_text())
+    text = digits.demo_summary_text({**result, "calibrated_prior": none.to_dict(), "improvement": gain,
+                                     "improvement_over": over})
+    assert f"{gain:,.0f}x over the calibrated rate's 95% upper bound (at least)" in text
+    assert "0.0e+00 [0.0e+00, 1.8e-05] (n=200,000)" in text
+
+
 def test_sample_images_gives_the_oracles_verdict():
     generator, tok, oracle = digits.load_digits_task()
     images, p6, success = digits.sample_images(generator, tok, oracle, 32, seed=5)

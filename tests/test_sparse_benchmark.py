@@ -145,6 +145,21 @@ def test_a_calibration_of_another_generator_is_refused(tmp_path):
     assert run["final"]["samples"] == calibration["prior"]["n"] and run["final"]["oracle_calls"] == 0
 
 
+def test_digits_models_runs_the_polished_candidate_against_its_own_calibration(tmp_path):
+    from benchmarks.common import TASKS, run_pretrained, with_models
+
+    folder = ROOT / "benchmarks" / "results" / "digits_polished"
+    shipped = TASKS["digits"]()
+    task = with_models(shipped, folder / "models")
+    calibration = json.loads((folder / "calibration.json").read_text())
+    assert weights_hash(task.load()[0]) == calibration["generator_weights"] != weights_hash(shipped.load()[0])
+    run = run_pretrained(task, 0, 10_000)  # the candidate's 200,000 samples, no new one
+    assert run["final"]["samples"] == 200_000 and run["final"]["successes"] == 0 and run["final"]["oracle_calls"] == 0
+    assert run["source"] == "benchmarks/results/digits_polished/calibration.json"
+    with pytest.raises(ValueError, match="expected generator/ and classifier/"):
+        with_models(shipped, tmp_path)
+
+
 def test_sparse_benchmark_quick_end_to_end_and_resumed(tmp_path):
     """--quick on every task writes sparse.json in the issue's shape; a second invocation reuses every run file."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}

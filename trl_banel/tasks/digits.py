@@ -218,6 +218,12 @@ def estimate_success_rate(generator, tokenizer, oracle: DigitsOracle, n: int = 3
                                                       "max_p6": max_p6}
 
 
+def improvement_over_prior(rate: float, prior: SuccessEstimate) -> tuple[float, str]:
+    """``rate``'s multiple of the prior, and what it was taken over: the prior's rate, or its 95% upper bound
+    (``"upper"``) when the prior saw no success: then the multiple is a lower bound."""
+    return (rate / prior.rate, "rate") if prior.rate > 0 else (rate / prior.high, "upper")
+
+
 def demo_summary_text(result: dict) -> str:
     """The demo's printed summary (``recipes/digits_0_to_6.py``), from its ``result.json``; the README's example
     output is rendered by this too."""
@@ -232,6 +238,7 @@ def demo_summary_text(result: dict) -> str:
              "calibration"),
         ("BaNEL success rate", rate(final)),
         ("improvement", f"{result['improvement']:,.0f}x over the calibrated rate"
+         + ("'s 95% upper bound (at least)" if result.get("improvement_over") == "upper" else "")
          + (" (quick mode: not meaningful)" if result["quick"] else "")),
         ("reward evaluations (training)", f"{result['nre']:,} of {result['budget']:,}"),
         ("successes found in training", f"{result['successes_found']:,}"),
