@@ -239,7 +239,7 @@ def run_pretrained(task: Task, seed: int, eval_samples: int) -> dict:
     weights, prior = weights_hash(model), calibration.get("prior")
     if prior and calibration.get("generator_weights") != weights:
         raise ValueError(f"{task.calibration} was measured on another generator (weights "
-                         f"{calibration.get('generator_weights')}, the shipped one's are {weights}): re-measure it "
+                         f"{calibration.get('generator_weights')}, this one's are {weights}): re-measure it "
                          f"with the task's recipe (recipes/pretrain_{task.name}.py)")
     if prior and prior["n"] >= eval_samples:  # the calibration's larger sample (same generator, same rule)
         low, high = prior["ci95_clopper_pearson"]
@@ -455,7 +455,8 @@ def run_sweep(methods: list[str], run: Callable[[str, dict, str], dict], folder:
 
 # ------------------------------------------------------------------------------------------------------ summary
 def reference_rate(pretrained: dict) -> float:
-    """The rate multiples are taken against: the estimate, or its 95% upper bound when the estimate is 0."""
+    """The rate multiples are taken against: the estimate, or its 95% upper bound when the estimate is 0 (the
+    summaries' dict form of `SuccessEstimate.reference_rate`)."""
     return pretrained["rate"] if pretrained["rate"] > 0 else pretrained["high"]
 
 

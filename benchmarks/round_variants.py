@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import TASKS, parse_args, run_one, with_models  # noqa: E402
+from trl_banel.stats import SuccessEstimate  # noqa: E402
 from trl_banel.tasks import addition, digits, letters  # noqa: E402
 
 BASES = {"hard_attack": addition.BANEL_SETTINGS, "letters": letters.BANEL_SETTINGS,
@@ -105,16 +106,21 @@ def run_variant(variant: str, seed: int, args: Args, runs: Path) -> dict:
     return record
 
 
+def calibration_path(task: str, digits_models: str | None = None) -> Path:
+    """The task's calibration file; with --digits_models, the calibration.json beside those models."""
+    if digits_models:
+        return Path(digits_models).resolve().parent / "calibration.json"
+    return ROOT / "benchmarks" / "results" / CALIBRATIONS[task]
+
+
 def task_prior(task: str, digits_models: str | None = None) -> float:
     """The pretrained success probability multiples are taken against: exact (hard attack, rare letters) or the
     calibration's Monte Carlo estimate (digits), its 95% upper bound when it saw no success."""
-    path = ROOT / "benchmarks" / "results" / CALIBRATIONS[task]
-    if digits_models:
-        path = Path(digits_models).resolve().parent / "calibration.json"
-    calibration = json.loads(path.read_text())
+    calibration = json.loads(calibration_path(task, digits_models).read_text())
     if "exact_prior" in calibration:
         return calibration["exact_prior"]
-    return calibration["prior"]["rate"] or calibration["prior"]["ci95_clopper_pearson"][1]
+    prior = calibration["prior"]
+    return SuccessEstimate.from_counts(prior["successes"], prior["n"]).reference_rate
 
 
 def summarize(runs: Path, prior: float) -> list[dict]:
@@ -132,9 +138,9 @@ def summarize(runs: Path, prior: float) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], prior: float, task: str) -> str:
-    how = ("Monte Carlo, digits_calibration.json; its 95% upper bound if it saw no success" if task == "digits"
-           else "exact")
+def markdown(rows: list[dict], prior: float, task: str, calibration: Path | None = None) -> str:
+    where = calibration.relative_to(ROOT) if calibration and calibration.is_relative_to(ROOT) else calibration
+    how = f"Monte Carlo, {where}; its 95% upper bound if it saw no success" if task == "digits" else "exact"
     lines = [f"{task}: pretrained success probability {prior:.3g} ({how}); final success probability of BaNEL's "
              "sampler over it.", "",
              "| variant | seeds | median | each seed | below pretrained | successes found | min/run |",
@@ -159,8 +165,9 @@ def main(args: Args):
     rows = summarize(runs, prior)
     summary = {"task": args.task, "budget": args.budget, "prior": prior, "base": BASES[args.task], "rows": rows}
     (out / "variants.json").write_text(json.dumps(summary, indent=1))
-    (out / "variants.md").write_text(markdown(rows, prior, args.task))
-    print(markdown(rows, prior, args.task))
+    table = markdown(rows, prior, args.task, calibration_path(args.task, args.digits_models))
+    (out / "variants.md").write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":

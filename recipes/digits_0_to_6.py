@@ -89,7 +89,7 @@ def main(args: DigitsArguments, config: BaNELConfig, command: str = "python reci
             after}, grid_path)
     plot_path = os.path.join(config.output_dir, "success_rate.png")
     plot_success_curves({"BaNEL": curve.points}, plot_path, title="Digits 0-to-6: BaNEL",
-                        baseline=prior.rate or prior.high)
+                        baseline=prior.reference_rate)
     improvement = improvement_over_prior(final.rate, prior)
     result = {
         "command": command, "task": "digits", "quick": args.quick, "seed": config.seed, "hardware": hardware(),

@@ -35,6 +35,12 @@ class SuccessEstimate:
     def rate(self) -> float:
         return self.successes / self.samples if self.samples else float("nan")
 
+    @property
+    def reference_rate(self) -> float:
+        """What multiples of this rate are taken against: the rate, or its upper bound when no success was seen
+        (a multiple of it is then a lower bound)."""
+        return self.rate if self.successes else self.high
+
     @classmethod
     def from_counts(cls, successes: int, samples: int, confidence: float = 0.95, **extra) -> "SuccessEstimate":
         low, high = clopper_pearson(successes, samples, confidence)

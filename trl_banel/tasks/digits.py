@@ -221,7 +221,7 @@ def estimate_success_rate(generator, tokenizer, oracle: DigitsOracle, n: int = 3
 def improvement_over_prior(rate: float, prior: SuccessEstimate) -> tuple[float, str]:
     """``rate``'s multiple of the prior, and what it was taken over: the prior's rate, or its 95% upper bound
     (``"upper"``) when the prior saw no success: then the multiple is a lower bound."""
-    return (rate / prior.rate, "rate") if prior.rate > 0 else (rate / prior.high, "upper")
+    return rate / prior.reference_rate, "rate" if prior.successes else "upper"
 
 
 def demo_summary_text(result: dict) -> str:
