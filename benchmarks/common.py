@@ -428,8 +428,10 @@ def load_runs(folder: str, pattern: str = "*.json") -> dict:
 
 
 def run_sweep(methods: list[str], run: Callable[[str, dict, str], dict], folder: str, seed: int, budget: int,
-              eval_samples: int, grid: dict = SWEEP_GRID) -> dict:
-    """Each method's grid on one seed kept apart; `run(method, knobs, workdir)` makes one run, cached in `folder`.
+              eval_samples: int, grid: dict = SWEEP_GRID, identity: Optional[dict] = None) -> dict:
+    """Each method's grid on one seed kept apart; `run(method, knobs, workdir)` makes one run, cached in `folder`
+    and reused only if its settings hold `identity` too (e.g. the generator's weights hash: a sweep made on another
+    generator is redone, not reused).
 
     Chooses the knobs with the best final success rate (the best curve point breaks ties, then the first)."""
     os.makedirs(folder, exist_ok=True)
@@ -441,7 +443,7 @@ def run_sweep(methods: list[str], run: Callable[[str, dict, str], dict], folder:
             path = os.path.join(folder, f"{method}_{tag}.json")
             if not os.path.exists(path):
                 print(f"[sweep] {method} {knobs}", flush=True)
-            r, _ = cached_run(path, {}, lambda: run(method, knobs, f"sweep_{method}_{tag}"))
+            r, _ = cached_run(path, identity or {}, lambda: run(method, knobs, f"sweep_{method}_{tag}"))
             results.append({"knobs": knobs, "rate": r["final"]["rate"], "low": r["final"]["low"],
                             "high": r["final"]["high"], "best_point_rate": r["best"]["point"]["rate"],
                             "nre": r["final"]["nre"], "minutes": r["minutes"]})

@@ -128,7 +128,7 @@ def sweep_task(task, args: Args, pretrained: dict):
     sweep = run_sweep(methods, lambda m, knobs, work: make_run(task, m, args.sweep_seed, {**DEFAULT_KNOBS[m], **knobs},
                                                                budget, n, args, pretrained, f"{task.name}_{work}"),
                       os.path.join(args.out, "sparse_sweep_runs", task.name, f"budget{budget}"), args.sweep_seed,
-                      budget, n, SWEEP_GRID)
+                      budget, n, SWEEP_GRID, identity={"generator_weights": pretrained["weights"]})
     path = os.path.join(args.out, "sparse_sweep.json")
     old = json.loads(Path(path).read_text()) if os.path.exists(path) else {}
     old[task.name] = {**old.get(task.name, {}), **sweep}

@@ -245,3 +245,26 @@ def test_a_banel_variant_runs_the_tasks_settings_with_one_part_off_and_is_cached
     run, made = cached_run(path, run_identity(task, "banel_no_replay", {}),
                            lambda: {"settings": {"success_replay": 0.0, "tau": 0.97}})
     assert made and run["settings"]["success_replay"] == 0.0
+
+
+def test_a_sweep_run_of_another_generator_is_redone_not_reused(tmp_path, capsys):
+    """The sweep's cache is keyed by the generator's weights too: after a generator changes, its grid is re-run."""
+    from benchmarks.common import run_sweep
+
+    grid = {"grpo": [{"learning_rate": 1e-3}]}
+    made = []
+
+    def run(method, knobs, work):
+        made.append(knobs)
+        point = {"rate": 0.5 if len(made) == 1 else 0.25, "low": 0.0, "high": 1.0}
+        return {"settings": {**knobs, "generator_weights": weights}, "final": {**point, "nre": 10},
+                "best": {"point": point}, "minutes": 0.0}
+
+    weights = "old"
+    first = run_sweep(["grpo"], run, str(tmp_path), 7, 10, 20, grid, identity={"generator_weights": weights})
+    again = run_sweep(["grpo"], run, str(tmp_path), 7, 10, 20, grid, identity={"generator_weights": weights})
+    assert len(made) == 1 and first == again  # the same generator: reused
+    weights = "new"
+    redone = run_sweep(["grpo"], run, str(tmp_path), 7, 10, 20, grid, identity={"generator_weights": weights})
+    assert len(made) == 2 and redone["grpo"]["results"][0]["rate"] == 0.25
+    assert (tmp_path / "stale" / "grpo_learning_rate0.001.json").exists()  # the old run is kept aside
