@@ -139,8 +139,8 @@ def hard_attack_task() -> Task:
 def digits_task() -> Task:
     """Digits 0-to-6: Monte Carlo estimates (about 5 ms per image on one thread), Clopper-Pearson intervals.
 
-    10,000 samples per final estimate: about 0.5 successes at the pretrained rate (4.7e-5), so a gain is told against
-    the pretrained estimate's upper bound (reference_rate); a generator at 100x shows about 47."""
+    10,000 samples per final estimate: at the pretrained rate (0 in 200,000, below 1.8e-5) they would see none, so a
+    gain is told against the calibration's upper bound (reference_rate); a generator at 100x that bound shows ~18."""
     from trl_banel.tasks import digits
 
     def estimate(model, tok, oracle, n, seed):

@@ -5,9 +5,10 @@
 
 The task ships with the package (trl_banel.tasks.digits): a small causal LM draws 8x8 images as 64 pixel tokens and
 was pretrained on zeros only; the oracle pays 1 when a classifier trained on all ten digits gives the image a
-probability of at least 0.9 of being a 6. The pretrained generator succeeds 4.7e-5 of the time (150,000 samples,
-benchmarks/results/digits_calibration.json). BaNEL at the task's settings (trl_banel.tasks.digits.BANEL_SETTINGS)
-learns from the failures, and from the first successes on, from those.
+probability of at least 0.9 of being a 6. The pretrained generator drew no six in 200,000 samples (a success
+probability below 1.8e-5, the 95% upper bound; benchmarks/results/digits_calibration.json). BaNEL at the task's
+settings (trl_banel.tasks.digits.BANEL_SETTINGS) learns from the failures, and from the first successes on, from
+those.
 
 Writes OUTPUT_DIR/digits_grid.png (samples of the generator before and after training, each with the classifier's
 P(6), successes framed in green), success_rate.png, result.json, the ledger and the trained generator. Any

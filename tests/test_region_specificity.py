@@ -22,6 +22,9 @@ def test_quick_run_measures_each_set_against_the_region(tmp_path):
     # the fit did its job on what it was fitted on: its negatives sit in the region more than fresh samples do
     assert sets["fitted negatives"]["in_region"] > 0.8 > sets["fresh samples"]["in_region"]
     assert fit["fit_log_ratio"] > 0.03  # the ratio test's log(1 / 0.97)
+    summary = result["summary"]["tiny"]  # over the seeds (one here)
+    assert summary["seeds"] == 1
+    assert summary["sets"]["fresh samples"]["in_region"] == sets["fresh samples"]["in_region"]
     assert result["sixes"]["samples"] == 4096 and (tmp_path / "region_sixes.json").exists()
     assert (tmp_path / "region_specificity.png").stat().st_size > 0
     assert "| tiny (smoke test) |" in (tmp_path / "region_specificity.md").read_text()

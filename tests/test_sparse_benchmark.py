@@ -145,17 +145,19 @@ def test_a_calibration_of_another_generator_is_refused(tmp_path):
     assert run["final"]["samples"] == calibration["prior"]["n"] and run["final"]["oracle_calls"] == 0
 
 
-def test_digits_models_runs_the_polished_candidate_against_its_own_calibration(tmp_path):
+def test_digits_models_runs_the_first_generator_against_its_own_calibration(tmp_path):
+    """--digits_models: the task with the generator digits first shipped with (kept in benchmarks/results/digits_v1/)
+    takes its prior from the calibration beside it."""
     from benchmarks.common import TASKS, run_pretrained, with_models
 
-    folder = ROOT / "benchmarks" / "results" / "digits_polished"
+    folder = ROOT / "benchmarks" / "results" / "digits_v1"
     shipped = TASKS["digits"]()
     task = with_models(shipped, folder / "models")
     calibration = json.loads((folder / "calibration.json").read_text())
     assert weights_hash(task.load()[0]) == calibration["generator_weights"] != weights_hash(shipped.load()[0])
-    run = run_pretrained(task, 0, 10_000)  # the candidate's 200,000 samples, no new one
-    assert run["final"]["samples"] == 200_000 and run["final"]["successes"] == 0 and run["final"]["oracle_calls"] == 0
-    assert run["source"] == "benchmarks/results/digits_polished/calibration.json"
+    run = run_pretrained(task, 0, 10_000)  # its 150,000 samples, no new one
+    assert run["final"]["samples"] == 150_000 and run["final"]["successes"] == 7 and run["final"]["oracle_calls"] == 0
+    assert run["source"] == "benchmarks/results/digits_v1/calibration.json"
     with pytest.raises(ValueError, match="expected generator/ and classifier/"):
         with_models(shipped, tmp_path)
 
@@ -188,9 +190,11 @@ def test_sparse_benchmark_quick_end_to_end_and_resumed(tmp_path):
     assert hard["methods"]["grpo"]["reused_pretrained_estimate"] == [True]
     assert hard["methods"]["grpo"]["final"] == [hard["pretrained"]["rate"]]
     assert hard["methods"]["grpo_rnd"]["reused_pretrained_estimate"] == [False]
-    # digits' pretrained estimate is the calibration's 150,000 samples, not 300 new ones that would see no success
+    # digits' pretrained estimate is the calibration's 200,000 samples (none a success), not 300 new ones
     prior = json.loads((ROOT / "benchmarks" / "results" / "digits_calibration.json").read_text())["prior"]
-    assert result["tasks"]["digits"]["pretrained"]["rate"] == prior["rate"] > 0
+    digits_prior = result["tasks"]["digits"]["pretrained"]
+    assert digits_prior["rate"] == prior["rate"] and digits_prior["upper"] == pytest.approx(
+        prior["ci95_clopper_pearson"][1])
     assert (tmp_path / "sparse.md").exists() and (tmp_path / "sparse.png").exists()
     files = sorted((tmp_path / "sparse_runs").glob("*.json"))
     assert len(files) == 3 * 6  # 3 tasks x (pretrained + 5 methods)

@@ -39,7 +39,7 @@ MAX_PRIOR = 2e-5
 # The shipped generator's prior as measured by recipes/pretrain_digits.py (benchmarks/results/digits_calibration.json;
 # a test keeps the two equal): successes among samples, P(6) >= 0.9. The demo reports gains against it, since the
 # few thousand samples a demo can afford see no success.
-CALIBRATED_PRIOR = (7, 150_000)
+CALIBRATED_PRIOR = (0, 200_000)  # none: its 95% upper bound, 1.8e-5, is what gains are taken against
 # The round the task first shipped with: the addition attack's (trl_banel.tasks.addition.BANEL_SETTINGS) with
 # completions of 64 pixels and <eos>, and smaller proposal/distillation batches (an image costs about 5x a query
 # to sample); the posterior objective, the ratio test at tau = 0.97.
@@ -50,12 +50,15 @@ POSTERIOR_SETTINGS = dict(
     failure_margin=0.0, failure_max_grad_norm=0.0, failure_warmup_steps=0, failure_heldout_fraction=0.0,
     keep_failure_models=False, success_replay=0.5, stop_after_successes=500,
 )
-# The task's settings for BaNEL: that round with the exact distillation objective and no ratio test (the hard
-# attack's change), chosen on seed 100, kept apart from the reported seeds, by final success rate: 0.990 after 1,277
-# NRE, the first round 0.982 after 875 (it found its first six sooner: both work here; this one also held on the hard
-# attack; benchmarks/round_variants.py --task digits). The generator puts 99.3% of its mass on the 142 zeros it was
-# trained on: once they are known failures, the exact objective moves the generator off them, where the sixes are.
-BANEL_SETTINGS = dict(POSTERIOR_SETTINGS, distill_objective="exact", rejection_threshold=1e-30)
+# The task's settings for BaNEL: that round with the exact distillation objective (the ratio test stays on). The
+# generator puts 99.99% of its mass on the 142 zeros it was trained on: once they are known failures, the exact
+# objective moves it off them, and the failure model's region (on the distillation's draw) off images like the ones
+# that failed, onto the rest of its mass, where the sixes are. Chosen on seed 100, kept apart from the reported
+# seeds, by final success rate (benchmarks/round_variants.py --task digits, benchmarks/results/digits_polished/):
+# 0.978 after 948 NRE, against 0.961 after 920 for the first round (the posterior objective) and 0.958 after 1,181
+# for the exact objective without the ratio test (the settings of the generator this task first shipped with, in
+# benchmarks/results/digits_v1/; on this one it found no six on seed 0 in 7,500 NRE).
+BANEL_SETTINGS = dict(POSTERIOR_SETTINGS, distill_objective="exact")
 
 
 # ----------------------------------------------------------------------------------------- images
