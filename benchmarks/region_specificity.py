@@ -166,18 +166,20 @@ def main(args: Args) -> dict:
 
 def summarise(fits: list[dict]) -> dict:
     """Per fit and set, over seeds: the mean, least and greatest share inside the region, and the median log-ratio."""
-    out = {}
+    by_fit = {}
     for f in fits:
-        for name, m in f["sets"].items():
-            out.setdefault(f["fit"], {}).setdefault(name, []).append(m)
-    return {fit: {"fit_log_ratio": float(np.mean([f["fit_log_ratio"] for f in fits if f["fit"] == fit])),
-                  "seeds": sum(f["fit"] == fit for f in fits),
-                  "sets": {name: {"n": ms[0]["n"], "in_region": float(np.mean([m["in_region"] for m in ms])),
-                                  "in_region_min": min(m["in_region"] for m in ms),
-                                  "in_region_max": max(m["in_region"] for m in ms),
-                                  "median_log_ratio": float(np.median([m["median_log_ratio"] for m in ms])),
-                                  "median_log_q": ms[0]["median_log_q"]} for name, ms in sets.items()}}
-            for fit, sets in out.items()}
+        by_fit.setdefault(f["fit"], []).append(f)
+
+    def over_seeds(ms: list[dict]) -> dict:
+        shares = [m["in_region"] for m in ms]
+        return {"n": ms[0]["n"], "in_region": float(np.mean(shares)), "in_region_min": min(shares),
+                "in_region_max": max(shares),
+                "median_log_ratio": float(np.median([m["median_log_ratio"] for m in ms])),
+                "median_log_q": ms[0]["median_log_q"]}
+
+    return {fit: {"fit_log_ratio": float(np.mean([f["fit_log_ratio"] for f in runs])), "seeds": len(runs),
+                  "sets": {name: over_seeds([f["sets"][name] for f in runs]) for name in runs[0]["sets"]}}
+            for fit, runs in by_fit.items()}
 
 
 def table(result: dict) -> list[str]:

@@ -71,7 +71,7 @@ def render_demo_seeds(root: Path) -> str:
                                                         .glob("digits_banel_seed*.json"))]
     runs.sort(key=lambda r: r["seed"])
     seeds = [r["seed"] for r in runs]
-    found = [r for r in runs if r["final"].get("successes_found_in_training", 1) > 0]
+    found = [r for r in runs if r["final"]["successes_found_in_training"] > 0]
     missed = [r for r in runs if r not in found]
 
     def span(values, fmt):
