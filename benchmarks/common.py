@@ -89,6 +89,9 @@ class Task:
     `max_completion_length` is GRPO's; `banel` is the task's BaNEL settings. `eval_samples` and `curve_samples` are
     its default estimate sizes (unused when exact). `calibration`: a results file whose `prior` is a larger Monte
     Carlo estimate of the pretrained generator, used as its estimate when it has at least the samples asked for.
+    `blind(oracle)`: the success rate of a uniform draw over the task's well-formed outputs, a reference (see
+    `blind_search`): `{"rate", "low", "high", "exact", "space", "successes", "what"}` (`space` and `successes` None
+    when the space is not enumerated).
     """
 
     name: str
@@ -101,6 +104,7 @@ class Task:
     eval_samples: int = 100_000
     curve_samples: int = 5000
     calibration: Optional[Path] = None
+    blind: Optional[Callable] = None
 
 
 def addition_task(models_dir: Optional[Path] = None) -> Task:
@@ -132,8 +136,12 @@ def hard_attack_task() -> Task:
             generator, trainer.processing_class, successes, failures, trainer.args.max_completion_length)
         return ExactSuccess(rate, acceptance_rate=accepted)
 
+    def blind(oracle):
+        return exact_blind(len(successes), hard_attack.query_space_size(oracle.max_operand_digits),
+                           "uniform over the well-formed queries, no leading zeros")
+
     return Task("hard_attack", hard_attack.load_hard_attack_task, estimate, estimate_banel, 12,
-                dict(hard_attack.BANEL_SETTINGS), exact=True, eval_samples=0, curve_samples=0)
+                dict(hard_attack.BANEL_SETTINGS), exact=True, eval_samples=0, curve_samples=0, blind=blind)
 
 
 def digits_task() -> Task:
@@ -177,9 +185,39 @@ def digits_task() -> Task:
         generator.train(trainer.model.training)
         return SuccessEstimate.from_counts(successes, kept, acceptance_rate=kept / max(proposed, 1), oracle_calls=kept)
 
+    def blind(oracle):
+        est = digits.uniform_image_success_rate(oracle.classifier)
+        return {"rate": est.rate, "low": est.low, "high": est.high, "exact": False, "samples": est.samples,
+                "space": None, "successes": None, "what": "images with every pixel's intensity uniform over 0-16"}
+
     return Task("digits", digits.load_digits_task, estimate, estimate_banel, digits.PIXELS + 1,
                 dict(digits.BANEL_SETTINGS), eval_samples=10_000, curve_samples=1000,
-                calibration=ROOT / "benchmarks" / "results" / "digits_calibration.json")
+                calibration=ROOT / "benchmarks" / "results" / "digits_calibration.json", blind=blind)
+
+
+def exact_blind(successes: int, space: int, what: str) -> dict:
+    """`Task.blind`'s record for an enumerated output space: `successes` of its `space` outputs pay."""
+    rate = successes / space
+    return {"rate": rate, "low": rate, "high": rate, "exact": True, "space": space, "successes": successes,
+            "what": what}
+
+
+def blind_search(reference: dict, budget: int) -> dict:
+    """What a blind search would buy at `budget` NRE: `reference` (a `Task.blind` record) plus the expected successes
+    among `budget` distinct uniform draws and the probability of at least one.
+
+    A reference, not a method: it is told the output format and nothing else, and learns nothing. On an enumerated
+    space the draws are without replacement (hypergeometric); otherwise the space is vast next to the budget and they
+    are independent at the estimated rate (binomial)."""
+    from scipy.stats import hypergeom
+
+    if reference["space"] is not None:
+        n = min(budget, reference["space"])
+        p_none = float(hypergeom.pmf(0, reference["space"], reference["successes"], n))
+        expected = n * reference["successes"] / reference["space"]
+    else:
+        p_none, expected = float((1 - reference["rate"]) ** budget), budget * reference["rate"]
+    return {**reference, "budget": budget, "expected_successes": expected, "p_at_least_one": 1 - p_none}
 
 
 def with_models(task: Task, models: Path) -> Task:
@@ -207,8 +245,12 @@ def letters_task() -> Task:
         min_a = generator.config.letters_min_a
         return ExactSuccess(letters.exact_success_probability(generator, trainer.processing_class, min_a))
 
+    def blind(oracle):
+        return exact_blind(letters.success_count(oracle.min_a), letters.valid_string_count(),
+                           f"uniform over the {letters.LENGTH}-letter strings of {letters.LETTERS}")
+
     return Task("letters", letters.load_letters_task, estimate, estimate_banel, letters.LENGTH + 1,
-                dict(letters.BANEL_SETTINGS), exact=True, eval_samples=0, curve_samples=0)
+                dict(letters.BANEL_SETTINGS), exact=True, eval_samples=0, curve_samples=0, blind=blind)
 
 
 TASKS = {"hard_attack": hard_attack_task, "digits": digits_task, "letters": letters_task, "addition": addition_task}

@@ -40,8 +40,9 @@ import torch  # noqa: E402
 
 from trl_banel.tasks.common import weights_hash  # noqa: E402
 
-from benchmarks.common import (BASELINES, DEFAULT_KNOBS, SWEEP_GRID, TASKS, cached_run, reference_rate, with_models,  # noqa: E402
-                               parse_args, run_identity, run_one, run_sweep, seed_curves, summarise_task)
+from benchmarks.common import (BASELINES, DEFAULT_KNOBS, SWEEP_GRID, TASKS, blind_search, cached_run,  # noqa: E402
+                               parse_args, reference_rate, run_identity, run_one, run_sweep, seed_curves,
+                               summarise_task, with_models)
 
 SPARSE_TASKS = ["letters", "hard_attack", "digits"]
 SPARSE_METHODS = ["banel", *BASELINES]
@@ -168,7 +169,18 @@ def load_task_runs(folder: str, task: str, budget: int) -> tuple[dict, dict | No
     return runs, pretrained
 
 
-def summarise(args: Args, folder: str) -> tuple[dict, dict]:
+def blind_reference(task, budget: int, reference: float) -> dict | None:
+    """The task's blind search at `budget` (benchmarks.common.blind_search), with its multiple of the pretrained
+    rate `reference` (the rate, or its upper bound if 0)."""
+    if task.blind is None:
+        return None
+    out = blind_search(task.blind(task.load()[2]), budget)
+    return {**out, "vs_pretrained": out["rate"] / reference if reference else None}
+
+
+def summarise(args: Args, folder: str, tasks_made: dict | None = None) -> tuple[dict, dict]:
+    """The summary of every task with run files; `tasks_made`: the invocation's `Task`s by name (a task not in it is
+    the shipped one), for the blind-search reference."""
     sweep_path = os.path.join(args.out, "sparse_sweep.json")
     tasks, all_runs = {}, {}
     for name in SPARSE_TASKS:  # every task with run files, not only this invocation's: pieces add up
@@ -177,9 +189,11 @@ def summarise(args: Args, folder: str) -> tuple[dict, dict]:
             continue
         entry = summarise_task(runs, pre["final"])
         est = pre["final"]
+        task = (tasks_made or {}).get(name) or TASKS[name]()
         entry = {"pretrained": {"rate": est["rate"], "upper": est["high"], "low": est["low"],
                                 "samples": est["samples"], "exact": bool(est.get("exact")),
                                 "reference": reference_rate(est)}, **entry,
+                 "blind_search": blind_reference(task, args.budget, reference_rate(est)),
                  "sweep": chosen_knobs(sweep_path, name)[1]}
         entry["timing"] = timing(entry["methods"], entry["sweep"], args.budget)
         tasks[name], all_runs[name] = entry, runs
@@ -230,10 +244,21 @@ def write_outputs(summary: dict, all_runs: dict, out: str):
         pre_text = (f"{fmt_rate(pre['rate'])} (exact)" if pre["exact"] else
                     f"{fmt_rate(pre['rate'])} [{fmt_rate(pre['low'])}, {fmt_rate(pre['upper'])}] "
                     f"(n={pre['samples']:,})")
-        lines += [f"## {name}", "", f"Pretrained success rate: {pre_text}.", "",
-                  "| method | seeds | final: median | IQR | >= 10x | >= 100x | best: median | vs best baseline | "
-                  "successes found (median) | NRE (median) | min/run (median) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"## {name}", "", f"Pretrained success rate: {pre_text}.", ""]
+        blind = t.get("blind_search")
+        if blind:
+            if blind["exact"]:
+                rate = f"{fmt_rate(blind['rate'])} ({blind['successes']:,} of {blind['space']:,}, exact)"
+            else:
+                rate = (f"{fmt_rate(blind['rate'])} [{fmt_rate(blind['low'])}, {fmt_rate(blind['high'])}] "
+                        f"(n={blind['samples']:,})")
+            lines += [f"Blind search, a reference and not a method ({blind['what']}: told the output format, nothing "
+                      f"else, learning nothing): success rate {rate}, {blind['vs_pretrained']:.3g}x the pretrained; "
+                      f"{blind['budget']:,} distinct draws find {blind['expected_successes']:.3g} successes on "
+                      f"average and at least one with probability {blind['p_at_least_one']:.3g}.", ""]
+        lines += ["| method | seeds | final: median | IQR | >= 10x | >= 100x | best: median | vs best baseline | "
+                  "vs blind search | successes found (median) | NRE (median) | min/run (median) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for m, v in t["methods"].items():
             s, b = v["summary"]["final"], v["summary"]["best"]
             vs = s["vs_best_baseline"]
@@ -241,9 +266,11 @@ def write_outputs(summary: dict, all_runs: dict, out: str):
                 f"inf ({vs['best_baseline']} exactly 0)" if vs["exactly_zero"] else
                 f"{vs['ratio']:.2g}x {vs['best_baseline']}" + (" (vs upper bound)" if vs["against"] != "estimate"
                                                                else ""))
+            vs_blind = f"{s['median'] / blind['rate']:.3g}x" if blind and blind["rate"] > 0 else "n/a"
             lines.append(f"| {m} | {s['n']} | {fmt_rate(s['median'])} | {fmt_rate(s['q25'])}-{fmt_rate(s['q75'])} | "
                          f"{s.get('seeds_10x', 'n/a')} | {s.get('seeds_100x', 'n/a')} | {fmt_rate(b['median'])} | "
-                         f"{ratio} | {np.median(v['successes_found']):.0f} | {np.median(v['nre']):.0f} | "
+                         f"{ratio} | {vs_blind} | "
+                         f"{np.median(v['successes_found']):.0f} | {np.median(v['nre']):.0f} | "
                          f"{np.median(v['minutes']):.2f} |")
         reused = {m: sum(v["reused_pretrained_estimate"]) for m, v in t["methods"].items()
                   if sum(v["reused_pretrained_estimate"])}
@@ -318,17 +345,19 @@ def main(args: Args):
             raise ValueError(f"unknown {what} {sorted(unknown)}; choose from {allowed}")
     folder = os.path.join(args.out, "sparse_runs")
     os.makedirs(folder, exist_ok=True)
+    tasks_made = {}
     for name in args.tasks:
         task = TASKS[name]()
         if name == "digits" and args.digits_models:
             task = with_models(task, args.digits_models)
+        tasks_made[name] = task
         pretrained = pretrained_run(task, args, folder)
         if args.sweep:
             sweep_task(task, args, pretrained)
         else:
             run_task(task, args, folder, pretrained)
     if not args.sweep:
-        write_outputs(*summarise(args, folder), args.out)
+        write_outputs(*summarise(args, folder, tasks_made), args.out)
 
 
 def parse(argv=None) -> Args:

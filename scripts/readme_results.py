@@ -163,10 +163,11 @@ def _first_success_nre(runs: list[dict]) -> str:
 
 
 def render_regimes(root: Path) -> str:
-    """One row per task: the pretrained rate, BaNEL's and the best baseline's median final success over seeds, and
-    how many seeds each put at 100x the pretrained rate or more (the addition benchmark and the sparse one)."""
-    rows = ["| task | pretrained | BaNEL: median final (seeds >= 100x) | best baseline: median final (seeds >= 100x) "
-            "| BaNEL / best baseline |", "| --- | --- | --- | --- | --- |"]
+    """One row per task: the pretrained rate, a blind search's (a uniform draw over the well-formed outputs, where the
+    results hold it), BaNEL's and the best baseline's median final success over seeds, and how many seeds each put at
+    100x the pretrained rate or more (the addition benchmark and the sparse one)."""
+    rows = ["| task | pretrained | blind search | BaNEL: median final (seeds >= 100x) | best baseline: median final "
+            "(seeds >= 100x) | BaNEL / best baseline |", "| --- | --- | --- | --- | --- | --- |"]
 
     def cells(finals, reference):
         return f"{statistics.median(finals):.3g} ({sum(f >= 100 * reference for f in finals)} of {len(finals)})"
@@ -176,7 +177,8 @@ def render_regimes(root: Path) -> str:
     base = {m: v["success_rates"] for m, v in addition.items() if m not in ("pretrained", "banel")}
     best = max(base, key=lambda m: statistics.median(base[m]))
     banel = addition["banel"]["success_rates"]
-    rows.append(f"| addition attack (7,500 NRE) | {pre:.2g} | {cells(banel, pre)} | {best}: {cells(base[best], pre)} "
+    rows.append(f"| addition attack (7,500 NRE) | {pre:.2g} | n/a | {cells(banel, pre)} | {best}: "
+                f"{cells(base[best], pre)} "
                 f"| {statistics.median(banel) / statistics.median(base[best]):.2g}x |")
     sparse = json.loads((root / "benchmarks" / "results" / "sparse.json").read_text())
     for name, task in sparse["tasks"].items():
@@ -193,7 +195,9 @@ def render_regimes(root: Path) -> str:
         label = {"letters": "rare letters"}.get(name, name.replace("_", " "))
         rate = task["pretrained"]["rate"]
         shown = f"{rate:.2g}" if rate > 0 else f"0 (< {task['pretrained']['upper']:.2g})"  # none seen: its bound
-        rows.append(f"| {label} ({sparse['budget']:,} NRE) | {shown} "
+        blind = task.get("blind_search")
+        blind = f"{blind['rate']:.2g}" if blind else "n/a"
+        rows.append(f"| {label} ({sparse['budget']:,} NRE) | {shown} | {blind} "
                     f"| {cells(banel, ref)} | {best}: {cells(base[best], ref)} | {ratio:.2g}x |")
     return "\n".join(rows) + "\n"
 

@@ -12,8 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (improvement_over_best_baseline, seed_curves, seed_stats,  # noqa: E402
-                               summarise_task)
+from benchmarks.common import (blind_search, exact_blind, improvement_over_best_baseline, seed_curves,  # noqa: E402
+                               seed_stats, summarise_task)
 from trl_banel.stats import ExactSuccess, SuccessEstimate  # noqa: E402
 from trl_banel.tasks.common import weights_hash  # noqa: E402
 
@@ -88,6 +88,45 @@ def test_seed_curves_median_and_spread_take_each_seeds_last_point():
     assert pts[500]["low"] == pytest.approx(np.percentile([3, 4, 0], 25)) and pts[500]["seeds"] == 3
     mean = {p["nre"]: p for p in seed_curves(runs, spread=(0, 100), center="mean")["m"]}
     assert mean[400]["rate"] == pytest.approx(5 / 3) and (mean[400]["low"], mean[400]["high"]) == (0.0, 4.0)
+
+
+def test_blind_search_counts_are_the_enumerated_spaces():
+    """The blind search's counts, computed without listing: the success strings and queries the tasks enumerate."""
+    from trl_banel.tasks import hard_attack, letters
+
+    for min_a in (5, 6, 7, 8):
+        assert letters.success_count(min_a) == len(letters.success_strings(min_a))
+    assert letters.valid_string_count() == len(letters.LETTERS) ** letters.LENGTH
+    for digits in (1, 2):
+        assert hard_attack.query_space_size(digits) == len(set(hard_attack.all_queries(digits)))
+
+
+def test_blind_search_draws_without_replacement_on_an_enumerated_space():
+    # 1 success among 10 outputs, 5 distinct draws: found half the time, 0.5 expected
+    half = blind_search(exact_blind(1, 10, "toy"), 5)
+    assert half["rate"] == 0.1 and half["p_at_least_one"] == pytest.approx(0.5)
+    assert half["expected_successes"] == pytest.approx(0.5)
+    # a budget above the space draws all of it: the success is certain, and counted once
+    whole = blind_search(exact_blind(1, 10, "toy"), 50)
+    assert whole["p_at_least_one"] == pytest.approx(1.0) and whole["expected_successes"] == pytest.approx(1.0)
+    # a Monte Carlo reference (no enumerated space): independent draws at its rate
+    mc = blind_search({"rate": 0.01, "low": 0.0, "high": 0.02, "exact": False, "space": None, "successes": None,
+                       "what": "toy"}, 100)
+    assert mc["p_at_least_one"] == pytest.approx(1 - 0.99**100) and mc["expected_successes"] == pytest.approx(1.0)
+
+
+def test_digits_blind_search_draws_uniform_intensities_and_applies_the_success_rule():
+    from trl_banel.tasks import digits
+
+    class FirstPixelClassifier:  # "a six" exactly when the first pixel is 8 or brighter: 9 of 17 levels
+        def probabilities(self, images):
+            p = np.zeros((len(images), 10))
+            p[:, digits.TARGET_DIGIT] = images[:, 0] >= 8
+            return p
+
+    est = digits.uniform_image_success_rate(FirstPixelClassifier(), n=50_000, seed=3)
+    assert est.samples == 50_000 and est.low <= 9 / 17 <= est.high
+    assert est.rate == digits.uniform_image_success_rate(FirstPixelClassifier(), n=50_000, seed=3).rate
 
 
 def test_exact_estimate_has_the_monte_carlo_dict_shape():
@@ -195,6 +234,15 @@ def test_sparse_benchmark_quick_end_to_end_and_resumed(tmp_path):
     digits_prior = result["tasks"]["digits"]["pretrained"]
     assert digits_prior["rate"] == prior["rate"] and digits_prior["upper"] == pytest.approx(
         prior["ci95_clopper_pearson"][1])
+    # the blind-search reference, per task: the hard attack's 22 of 10^6 queries, drawn 100 times
+    from trl_banel.tasks import hard_attack
+
+    blind = hard["blind_search"]
+    assert blind["exact"] and blind["successes"] == len(hard_attack.load_successes()) and blind["space"] == 10**6
+    assert blind["budget"] == 100 and blind["expected_successes"] == pytest.approx(100 * blind["successes"] / 1e6)
+    assert blind["vs_pretrained"] == pytest.approx(blind["rate"] / hard["pretrained"]["rate"])
+    assert 0 < result["tasks"]["digits"]["blind_search"]["rate"] < 1 and letters["blind_search"]["exact"]
+    assert "Blind search" in (tmp_path / "sparse.md").read_text()
     assert (tmp_path / "sparse.md").exists() and (tmp_path / "sparse.png").exists()
     files = sorted((tmp_path / "sparse_runs").glob("*.json"))
     assert len(files) == 3 * 6  # 3 tasks x (pretrained + 5 methods)

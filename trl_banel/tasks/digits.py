@@ -221,6 +221,13 @@ def estimate_success_rate(generator, tokenizer, oracle: DigitsOracle, n: int = 3
                                                       "max_p6": max_p6}
 
 
+def uniform_image_success_rate(classifier: DigitClassifier, n: int = 200_000, seed: int = 0) -> SuccessEstimate:
+    """A reference, not a generator: images whose 64 intensities are drawn uniformly from 0-16, scored by the
+    oracle's rule. What a blind search over well-formed images (one told the format, nothing else) succeeds at."""
+    images = np.random.default_rng(seed).integers(0, len(LEVELS), size=(n, PIXELS)).astype(np.float32)
+    return SuccessEstimate.from_counts(int(is_success(classifier.probabilities(images)).sum()), n)
+
+
 def improvement_over_prior(rate: float, prior: SuccessEstimate) -> tuple[float, str]:
     """``rate``'s multiple of the prior, and what it was taken over: the prior's rate, or its 95% upper bound
     (``"upper"``) when the prior saw no success: then the multiple is a lower bound."""

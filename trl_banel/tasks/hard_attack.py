@@ -41,6 +41,11 @@ def all_queries(max_operand_digits: int = 3) -> list[str]:
     return [f"{a}+{b}=" for a in values for b in values]
 
 
+def query_space_size(max_operand_digits: int = 3) -> int:
+    """How many well-formed queries there are (``len(all_queries(max_operand_digits))``): the blind search's space."""
+    return 10 ** (2 * max_operand_digits)
+
+
 def target_wrong(oracle: AdditionOracle, queries: Sequence[str], chunk: int = 8192) -> list[bool]:
     """Whether the target's greedy answer to each well-formed query is wrong (one teacher-forced pass per chunk)."""
     wrong = []

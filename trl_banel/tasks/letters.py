@@ -85,6 +85,16 @@ def success_strings(min_a: int) -> list[str]:
     return out
 
 
+def success_count(min_a: int) -> int:
+    """How many strings the oracle pays for (``len(success_strings(min_a))``, counted without listing them)."""
+    return sum(math.comb(LENGTH, k) * (len(LETTERS) - 1) ** (LENGTH - k) for k in range(min_a, LENGTH + 1))
+
+
+def valid_string_count() -> int:
+    """How many strings are well formed (``LENGTH`` letters of ``LETTERS``): the space a blind search draws from."""
+    return len(LETTERS) ** LENGTH
+
+
 class LettersOracle:
     """TRL-style reward function: 1.0 for an 8-letter string with at least `min_a` ``a``s, else 0.0."""
 
