@@ -24,7 +24,9 @@ benchmark's sample sizes):
 - baselined: the baselined objective (success replay off: it needs the posterior objective);
 - fixed: the generator kept fixed until a first success (distill_before_success=False);
 - exact_noratio: the exact objective (trl_banel.exact_distillation) without the ratio test (tau = 1e-30): the hard
-  attack's settings now (trl_banel.tasks.hard_attack.BANEL_SETTINGS).
+  attack's settings now (trl_banel.tasks.hard_attack.BANEL_SETTINGS);
+- exact: the exact objective with the base's ratio test (digits' settings now);
+- exact_skip: that with skip_known_successes (a round's places go to completions the ledger does not hold).
 
 Runs are made by benchmarks/common.run_one (as benchmarks/sparse.py makes them) and cached in
 OUT/{task}_variants/runs/{variant}_seed{seed}.json; the summary (JSON and markdown) is rebuilt from every cached run
@@ -62,6 +64,8 @@ VARIANTS = {
     "fixed": dict(distill_before_success=False),
     "exact_noratio": dict(distill_objective="exact", rejection_threshold=1e-30),
     "exact": dict(distill_objective="exact"),  # the exact objective with the base's ratio test (its failure model)
+    # that, with the rounds' places kept for completions the ledger does not hold (known successes skipped)
+    "exact_skip": dict(distill_objective="exact", skip_known_successes=True),
 }
 
 

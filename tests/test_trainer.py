@@ -51,8 +51,8 @@ def spy_filter(trainer):
     seen = {}
     original = trainer.sampler.filter
 
-    def wrapped(cands):
-        result = original(cands)
+    def wrapped(cands, *args, **kwargs):
+        result = original(cands, *args, **kwargs)
         kept = {id(c) for c in result.accepted}
         entry = seen.setdefault(trainer.round, {"accepted": set(), "rejected": set()})
         for c in cands:
@@ -126,6 +126,35 @@ def test_known_failures_are_never_paid_for_twice(tmp_path, char_tokenizer, skewe
     calls = oracle.all_completions
     assert calls.count("cat") == 1
     assert sum(h["known_rejected"] for h in trainer.history) > 0
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_skip_known_successes_gives_the_rounds_places_to_new_completions(tmp_path, char_tokenizer, skewed_model,
+                                                                         skip):
+    """'cat' (70% of the mass) pays: proposed again after its first evaluation it is free but new to nobody. With
+    `skip_known_successes` no later round spends a place on it, and the distillation draw still holds it."""
+    oracle = RecordingOracle(success=lambda c: c == "cat")
+    args = config(tmp_path, rejection_threshold=1e-6, max_reward_evaluations=40, num_rounds=4, distill_every=0,
+                  skip_known_successes=skip)
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=oracle, args=args, train_dataset=UNCONDITIONAL,
+                           processing_class=char_tokenizer)
+    evaluated, original = [], trainer._evaluate
+
+    def spy(cands):
+        evaluated.append((trainer.round, [c.completion for c in cands]))
+        return original(cands)
+
+    trainer._evaluate = spy
+    trainer.train()
+    first = next(r for r, cs in evaluated if "cat" in cs)
+    again = [r for r, cs in evaluated if r > first and "cat" in cs]
+    skipped = sum(h["known_successes_skipped"] for h in trainer.history)
+    assert oracle.all_completions.count("cat") == 1  # paid once either way (the ledger)
+    if skip:
+        assert again == [] and skipped > 0
+        assert "cat" in {c.completion for c in trainer.sampler.sample_posterior(32)}  # still distilled
+    else:
+        assert again and skipped == 0  # later rounds give cat places (free, nothing learnt)
 
 
 def test_lora_policy_trains_only_adapters(tmp_path, char_tokenizer, skewed_model):

@@ -67,6 +67,12 @@ class BaNELConfig(_BaseConfig):
         reject_known_failures (`bool`, *optional*, defaults to `True`):
             Reject outright any candidate whose exact `(prompt, completion)` the ledger holds as a failure: known
             failures are in the rejection region by definition, and rejecting them is free.
+        skip_known_successes (`bool`, *optional*, defaults to `False`):
+            Give a round's evaluation places only to completions the ledger does not hold: a known success the
+            generator proposes again is skipped (it stays in the distillation draws, and in `success_replay`). It
+            costs nothing to re-evaluate but teaches nothing, and once the generator concentrates on its first
+            successes they fill every place, the round buys nothing new and the run stops as idle with a handful of
+            distinct successes. On, the rounds keep evaluating new completions next to them. Off: the paper's round.
         length_normalize (`bool`, *optional*, defaults to `False`):
             Compare per-token mean log-likelihoods instead of sequence log-likelihoods. Off by default: the posterior
             is defined on sequence likelihoods.
@@ -249,6 +255,10 @@ class BaNELConfig(_BaseConfig):
     )
     reject_known_failures: bool = field(
         default=True, metadata={"help": "Reject outright candidates the ledger already holds as failures."}
+    )
+    skip_known_successes: bool = field(
+        default=False, metadata={"help": "Give a round's evaluation places only to completions the ledger does not "
+                                         "hold (known successes proposed again are skipped, still distilled)."}
     )
     length_normalize: bool = field(
         default=False, metadata={"help": "Compare per-token mean log-likelihoods instead of sequence ones."}

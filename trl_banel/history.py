@@ -19,7 +19,8 @@ def round_record(round: int, ledger, stats, rewards: list, threshold: float, fit
     return {
         "round": round, "nre": ledger.spent, "successes": len(ledger.successes),
         "proposed": stats.proposed, "accepted": stats.accepted, "ratio_rejected": stats.ratio_rejected,
-        "known_rejected": stats.known, "acceptance_rate": stats.accepted / proposed,
+        "known_rejected": stats.known, "known_successes_skipped": stats.known_successes,
+        "acceptance_rate": stats.accepted / proposed,
         "round_successes": n_success, "round_evaluated": evaluated,
         # the mechanism, step by step: what the filter rejected and why, what the generator proposes
         "filter/ratio_rejected_rate": stats.ratio_rejected_fresh / fresh,
@@ -45,6 +46,7 @@ def log_round(metrics: dict, record: dict, stats, log_ratios: list[float], spent
     proposed, evaluated = max(stats.proposed, 1), record["round_evaluated"]
     metrics["filter/acceptance_rate"].append(record["acceptance_rate"])
     metrics["filter/known_failure_rate"].append(stats.known / proposed)
+    metrics["filter/known_success_skipped_rate"].append(stats.known_successes / proposed)
     metrics["filter/log_ratio_accepted"].append(log_ratios[0])
     metrics["filter/log_ratio_rejected"].append(log_ratios[1])
     metrics["nre/round"].append(spent)

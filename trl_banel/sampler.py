@@ -60,6 +60,7 @@ class FilterStats:
     tokens: float = 0.0
     distinct: float = 0.0
     tried_prefix: float = 0.0  # summed share of each proposal's tokens on prefixes of evaluated failures
+    known_successes: float = 0.0  # known successes skipped (rounds with `skip_known_successes` only)
 
     def __add__(self, other: "FilterStats") -> "FilterStats":
         return FilterStats(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
@@ -229,21 +230,24 @@ class Sampler:
         return sum(shares) / max(len(shares), 1)
 
     # -- filter --------------------------------------------------------------------------------------------------
-    def filter(self, cands: list[Candidate]) -> FilterResult:
-        """Posterior rejection: drop candidates any failure model explains, and known failures."""
+    def filter(self, cands: list[Candidate], skip_successes: bool = False) -> FilterResult:
+        """Posterior rejection: drop candidates any failure model explains, and known failures; with
+        `skip_successes` (a round's proposals under `skip_known_successes`), known successes too."""
         args, n = self.args, len(cands)
         rejected, min_ratio, nll, tokens = self._ratio_test(cands)
         known, succeeded = self._known(cands)
         # a known success is certainly outside the failure region, whatever the failure models generalise to
         rejected &= ~succeeded
-        reject = rejected | known
+        skipped = succeeded & ~known if skip_successes else torch.zeros(n, dtype=torch.bool)
+        reject = rejected | known | skipped
         keep = [c for c, r in zip(cands, reject.tolist()) if not r]
         finite = torch.isfinite(min_ratio)
         stats = FilterStats(
             proposed=n, accepted=len(keep), known=int(known.sum()), ratio_rejected=int(rejected.sum()),
             ratio_rejected_fresh=int((rejected & ~known).sum()), nll=nll, tokens=tokens,
             distinct=len({(c.prompt_text, c.completion) for c in cands}),
-            tried_prefix=self.tried_prefix_share(cands) * n if args.evidence_pseudo_count > 0 else 0.0)
+            tried_prefix=self.tried_prefix_share(cands) * n if args.evidence_pseudo_count > 0 else 0.0,
+            known_successes=int(skipped.sum()))
         return FilterResult(keep, stats, min_ratio[~reject & finite].tolist(), min_ratio[reject & finite].tolist())
 
     def _ratio_test(self, cands: list[Candidate]):
@@ -271,12 +275,12 @@ class Sampler:
                                   dtype=torch.bool)
         return known, torch.tensor([r is not None and r.success for r in records], dtype=torch.bool)
 
-    def propose_filtered(self, n: int) -> FilterResult:
+    def propose_filtered(self, n: int, skip_successes: bool = False) -> FilterResult:
         """Propose `n` candidates and filter them (each step timed)."""
         with self.timer.timed("propose"):
             cands = self.propose(n)
         with self.timer.timed("filter"):
-            return self.filter(cands)
+            return self.filter(cands, skip_successes)
 
     def propose_accepted(self, want: int) -> FilterResult:
         """Propose in batches until `want` candidates (over all ranks) survive the filter, or the batches run out.
@@ -285,7 +289,7 @@ class Sampler:
         per_rank = max(1, math.ceil(self.args.num_candidates / self.accelerator.num_processes))
         result = FilterResult([], FilterStats(), [], [])
         for _ in range(self.args.max_proposal_batches):
-            result = result + self.propose_filtered(per_rank)
+            result = result + self.propose_filtered(per_rank, self.args.skip_known_successes)
             if sum_over_ranks(self.accelerator, len(result.accepted)) >= want:
                 break
         result.stats = result.stats.summed_over_ranks(self.accelerator)
