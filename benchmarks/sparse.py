@@ -253,7 +253,8 @@ def write_outputs(summary: dict, all_runs: dict, out: str):
                 rate = (f"{fmt_rate(blind['rate'])} [{fmt_rate(blind['low'])}, {fmt_rate(blind['high'])}] "
                         f"(n={blind['samples']:,})")
             lines += [f"Blind search, a reference and not a method ({blind['what']}: told the output format, nothing "
-                      f"else, learning nothing): success rate {rate}, {blind['vs_pretrained']:.3g}x the pretrained; "
+                      f"else, learning nothing): success rate {rate}, {blind['vs_pretrained']:.3g}x the pretrained"
+                      f"{'' if pre['rate'] > 0 else ' (its 95% upper bound: a lower bound on the multiple)'}; "
                       f"{blind['budget']:,} distinct draws find {blind['expected_successes']:.3g} successes on "
                       f"average and at least one with probability {blind['p_at_least_one']:.3g}.", ""]
         lines += ["| method | seeds | final: median | IQR | >= 10x | >= 100x | best: median | vs best baseline | "

@@ -340,3 +340,16 @@ def test_collate_left_pads_prompts_and_right_pads_completions(tmp_path, char_tok
     assert batch.rows == [0, 1] and batch.completions == ["x", ""]
     empty = trainer.sampler.collate([cands[1]])  # no completion at all: one masked column is kept
     assert empty.input_ids.tolist() == [[1, pad]] and empty.completion_mask.tolist() == [[0, 0]]
+
+
+def test_a_phase_whose_known_successes_were_skipped_is_rated_with_them():
+    """With skip_known_successes a phase's generator may propose mostly known successes, none evaluated: they still
+    count for save_best_generator (as free successes), or that generator would be rated below a worse one."""
+    from trl_banel.distill import better_phase
+
+    skipping = [{"round_successes": 0, "round_evaluated": 10, "known_successes_skipped": 40}]
+    entry = better_phase(skipping, 1, 1, None)
+    assert entry["successes"] == 40 and entry["evaluated"] == 50
+    worse = better_phase([{"round_successes": 5, "round_evaluated": 50}], 1, 1, None)
+    assert better_phase(skipping, 1, 2, worse) is not None  # 40 of 50 beats 5 of 50
+    assert better_phase([{"round_successes": 0, "round_evaluated": 10}], 1, 1, None) is None

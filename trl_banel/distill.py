@@ -100,8 +100,11 @@ def better_phase(history: list[dict], rounds_in_phase: int, round: int, best: di
     compared by the lower end of their 95% Clopper-Pearson interval, so a lucky 1-in-1 does not beat a steady
     30-in-50. Returns `best_generator`'s entry without its `nre` and `path`, or `None`."""
     phase = history[len(history) - rounds_in_phase:]
-    successes = sum(h["round_successes"] for h in phase)
-    evaluated = sum(h["round_evaluated"] for h in phase)
+    # with `skip_known_successes`, the known successes the phase's generator proposed were skipped, not evaluated:
+    # they are successes of that generator all the same (free ones), and leaving them out would rate it too low
+    skipped = sum(h.get("known_successes_skipped", 0) for h in phase)
+    successes = sum(h["round_successes"] for h in phase) + skipped
+    evaluated = sum(h["round_evaluated"] for h in phase) + skipped
     if successes == 0:
         return None
     lower = clopper_pearson(successes, evaluated)[0]

@@ -248,7 +248,9 @@ class Sampler:
             distinct=len({(c.prompt_text, c.completion) for c in cands}),
             tried_prefix=self.tried_prefix_share(cands) * n if args.evidence_pseudo_count > 0 else 0.0,
             known_successes=int(skipped.sum()))
-        return FilterResult(keep, stats, min_ratio[~reject & finite].tolist(), min_ratio[reject & finite].tolist())
+        # skipped known successes are outside the region: they count in neither log-ratio list
+        return FilterResult(keep, stats, min_ratio[~reject & finite].tolist(),
+                            min_ratio[(rejected | known) & finite].tolist())
 
     def _ratio_test(self, cands: list[Candidate]):
         """The likelihood-ratio rejection under the active failure models: `(rejected, min_ratio, nll, tokens)`, the
