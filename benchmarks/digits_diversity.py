@@ -29,9 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from benchmarks.common import parse_args, write_markdown  # noqa: E402
 from trl_banel.cli import write_results  # noqa: E402
-from trl_banel.stats import SuccessEstimate  # noqa: E402
 from trl_banel.tasks import digits  # noqa: E402
-from trl_banel.tasks.common import sample_token_ids  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -51,18 +49,12 @@ class Args:
 QUICK = dict(samples=300, grid=8)
 
 
-def measure(generator, tokenizer, classifier, n: int, seed: int) -> tuple[dict, np.ndarray, np.ndarray]:
+def measure(generator, tokenizer, oracle, n: int, seed: int) -> tuple[dict, np.ndarray, np.ndarray]:
     """The generator's success rate on `n` samples and the diversity of its successes; their images and P(6)."""
-    images, p6 = [], []
-    for tokens in sample_token_ids(generator, tokenizer, n, digits.PIXELS + 1, min(n, 2048), seed=seed):
-        batch, ok = digits.ids_to_images(tokens, tokenizer)
-        if ok.any():
-            images.append(batch[ok])
-            p6.append(classifier.probabilities(batch[ok])[:, digits.TARGET_DIGIT])
-    images = np.concatenate(images) if images else np.zeros((0, digits.PIXELS), np.float32)
-    p6 = np.concatenate(p6) if p6 else np.zeros(0)
-    success = p6 >= digits.SUCCESS_PROBABILITY
-    est = SuccessEstimate.from_counts(int(success.sum()), n)
+    est, counts = digits.estimate_success_rate(generator, tokenizer, oracle, n, batch_size=min(n, 2048), seed=seed,
+                                               keep_images=True)
+    images, p6 = counts["images"], counts["p6"]
+    success = p6 >= digits.SUCCESS_PROBABILITY  # the oracle's rule (digits.is_success) on P(6) alone
     return ({"samples": n, "success_rate": est.rate, "ci95": [est.low, est.high],
              "sixes": digits.image_diversity(images[success], seed=seed),
              "all_images": digits.image_diversity(images, seed=seed)}, images[success], p6[success])
@@ -70,7 +62,7 @@ def measure(generator, tokenizer, classifier, n: int, seed: int) -> tuple[dict, 
 
 def main(args: Args) -> dict:
     torch.set_num_threads(1)
-    classifier = digits.DigitClassifier.load()
+    oracle = digits.DigitsOracle(digits.DigitClassifier.load())
     runs = [("pretrained", str(digits.GENERATOR_DIR))]
     if not args.quick:
         runs += [tuple(r.split("=", 1)) for r in args.runs]
@@ -84,7 +76,7 @@ def main(args: Args) -> dict:
                                     "output_dir with config.json)")
         generator = AutoModelForCausalLM.from_pretrained(folder).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        entry, sixes, p6 = measure(generator, tokenizer, classifier, args.samples, args.seed)
+        entry, sixes, p6 = measure(generator, tokenizer, oracle, args.samples, args.seed)
         result["runs"][label] = {"folder": os.path.relpath(folder, ROOT), **entry}
         if len(sixes):
             shown = sixes[: args.grid]

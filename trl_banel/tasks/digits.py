@@ -202,13 +202,16 @@ def ids_to_images(tokens: torch.Tensor, tokenizer) -> tuple[np.ndarray, np.ndarr
 
 
 def estimate_success_rate(generator, tokenizer, oracle: DigitsOracle, n: int = 300_000, batch_size: int = 4096,
-                          temperature: float = 1.0, seed: int = 0) -> tuple[SuccessEstimate, dict]:
+                          temperature: float = 1.0, seed: int = 0,
+                          keep_images: bool = False) -> tuple[SuccessEstimate, dict]:
     """Monte Carlo: ``n`` images from ``generator``, scored in batches by the oracle's classifier and rule.
 
     Returns the estimate (Clopper-Pearson interval) and counts: ``malformed``, ``argmax`` (how many
-    well-formed samples the classifier assigns to each digit) and ``max_p6`` (the highest P(6) seen).
+    well-formed samples the classifier assigns to each digit) and ``max_p6`` (the highest P(6) seen); with
+    ``keep_images``, also the well-formed images (``images``, (m, 64)) and their P(6) (``p6``, (m,)).
     """
     successes, malformed, argmax, max_p6 = 0, 0, np.zeros(10, dtype=np.int64), 0.0
+    kept, kept_p6 = [np.zeros((0, PIXELS), np.float32)], [np.zeros(0)]
     for tokens in sample_token_ids(generator, tokenizer, n, PIXELS + 1, batch_size, temperature, seed):
         images, ok = ids_to_images(tokens, tokenizer)
         malformed += int((~ok).sum())
@@ -217,8 +220,13 @@ def estimate_success_rate(generator, tokenizer, oracle: DigitsOracle, n: int = 3
             successes += int(is_success(probs).sum())
             argmax += np.bincount(probs.argmax(1), minlength=10)
             max_p6 = max(max_p6, float(probs[:, TARGET_DIGIT].max()))
-    return SuccessEstimate.from_counts(successes, n), {"malformed": malformed, "argmax": argmax.tolist(),
-                                                      "max_p6": max_p6}
+            if keep_images:
+                kept.append(images[ok])
+                kept_p6.append(probs[:, TARGET_DIGIT])
+    counts = {"malformed": malformed, "argmax": argmax.tolist(), "max_p6": max_p6}
+    if keep_images:
+        counts.update(images=np.concatenate(kept), p6=np.concatenate(kept_p6))
+    return SuccessEstimate.from_counts(successes, n), counts
 
 
 def uniform_image_success_rate(classifier: DigitClassifier, n: int = 200_000, seed: int = 0) -> SuccessEstimate:
