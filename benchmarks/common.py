@@ -329,11 +329,13 @@ def run_one(task: Task, method: str, seed: int, knobs: dict, budget: int, eval_s
     if is_banel(method):
         settings = {**banel_settings(task.banel, seed), **knobs, **BANEL_VARIANTS.get(method, {}),
                     "max_reward_evaluations": budget}
-        settings["num_rounds"] = math.ceil(max_rounds_factor * budget / settings["evaluations_per_round"])
+        default_per_round = BaNELConfig.__dataclass_fields__["evaluations_per_round"].default
+        per_round = settings.get("evaluations_per_round", default_per_round)
+        settings["num_rounds"] = math.ceil(max_rounds_factor * budget / per_round)
         settings.update(output_dir=workdir, logging_steps=10_000, disable_tqdm=True)
         trainer = BaNELTrainer(model=generator, reward_funcs=oracle, args=BaNELConfig(**settings),
                                processing_class=tok, train_dataset=Dataset.from_dict({"prompt": [""]}))
-        every = max(1, curve_every // settings["evaluations_per_round"])
+        every = max(1, curve_every // per_round)
         curve = SuccessCurveCallback(trainer, every, curve_samples, estimate=task.estimate_banel, keep_best=True)
         trainer.add_callback(curve)
         trainer.train()

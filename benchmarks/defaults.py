@@ -1,0 +1,239 @@
+"""The default round on tasks nobody tuned it on: `BaNELConfig()` defaults, with only the budget, lengths, batch sizes
+and stop rules set, on the pre-registered evaluation tasks of the task family and on the four shipped tasks.
+
+    python benchmarks/defaults.py                                     # evaluation tasks, defaults, every seed
+    python benchmarks/defaults.py --group evaluation --variant no_known   # reject_known_failures=False
+    python benchmarks/defaults.py --group tuning --variant evidence_replay  # a candidate round, tuning set only
+    python benchmarks/defaults.py --group shipped --tasks letters     # a shipped task at the defaults
+    python benchmarks/defaults.py --summarize                         # tables and plot from the cached runs
+    python benchmarks/defaults.py --quick --out /tmp/d                # smoke test: one task, one seed, 100 NRE
+
+The tasks and seeds are fixed in benchmarks/preregistration.json, committed before any tuning. Candidate rounds
+(`CANDIDATES`: mechanism overrides) run on the tuning set only; on an evaluation task this script runs the defaults
+(and their `no_known` variant) and nothing else. Each run is cached in OUT/runs/{task}/{variant}_seed{seed}.json with
+the fingerprint of the BaNELConfig defaults it ran under: a run made before the defaults changed is redone.
+Success probabilities are exact (family tasks, letters, hard attack) or Monte Carlo (addition, digits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks import task_family  # noqa: E402
+from benchmarks.common import TASKS, blind_search, parse_args, reference_rate, run_one, write_markdown  # noqa: E402
+from trl_banel import BaNELConfig  # noqa: E402
+
+PREREGISTRATION = ROOT / "benchmarks" / "preregistration.json"
+# what a task may set: the budget, lengths, batch sizes and stop rules; everything else is the default round's
+TASK_FIELDS = {"max_reward_evaluations", "evaluations_per_round", "num_candidates", "max_completion_length",
+               "per_device_train_batch_size", "gradient_accumulation_steps", "generation_batch_size",
+               "scoring_batch_size", "num_rounds", "max_idle_rounds", "stop_after_successes"}
+# variants that may run on the evaluation tasks
+EVALUATION_VARIANTS = {"defaults": {}, "no_known": {"reject_known_failures": False}}
+# candidate rounds: mechanism overrides, tried on the tuning set only
+CANDIDATES = {
+    "lr1e-3": {"learning_rate": 1e-3},
+    "evidence_replay": {"learning_rate": 1e-3, "evidence_pseudo_count": 1.0, "success_replay": 0.5},
+    "replay": {"learning_rate": 1e-3, "success_replay": 0.5},
+    "exact_replay": {"learning_rate": 1e-3, "distill_objective": "exact", "success_replay": 0.5},
+    "exact_replay_noratio": {"learning_rate": 1e-3, "distill_objective": "exact", "success_replay": 0.5,
+                             "rejection_threshold": 1e-30},
+}
+SHIPPED = ["addition", "letters", "digits", "hard_attack"]
+CURVE_EVERY = 250  # NRE between curve points (the best point is read from them)
+
+
+@dataclass
+class Args:
+    group: str = field(default="evaluation", metadata={"help": "Task group.",
+                                                       "choices": ["evaluation", "tuning", "shipped"]})
+    variant: str = field(default="defaults", metadata={
+        "help": f"'defaults', 'no_known' (reject_known_failures=False), or on the tuning set a candidate: "
+                f"{', '.join(CANDIDATES)}"})
+    tasks: list[str] = field(default_factory=list, metadata={"help": "Tasks of the group to run (default: all)."})
+    seeds: list[int] = field(default_factory=list, metadata={"help": "Seeds (default: the group's, pre-registered)."})
+    out: str = field(default=str(ROOT / "benchmarks" / "results" / "defaults"), metadata={"help": "Results folder."})
+    summarize: bool = field(default=False, metadata={"help": "Only rebuild the summary from the cached runs."})
+    quick: bool = field(default=False, metadata={"help": "Smoke test: one tuning task, one seed, 100 NRE."})
+    budget: int = field(default=0, metadata={"help": "NRE per run (0: pre-registered; shipped tasks: their own)."})
+    threads: int = field(default=1, metadata={"help": "torch threads (tiny models run fastest on one)."})
+
+
+QUICK = dict(group="tuning", tasks=["tune_count_char"], seeds=[100], budget=100)
+
+
+def preregistration() -> dict:
+    return json.loads(PREREGISTRATION.read_text())
+
+
+def variant_settings(group: str, variant: str) -> dict:
+    """The overrides of a variant, refusing a candidate round on anything but the tuning set."""
+    if variant in EVALUATION_VARIANTS:
+        return dict(EVALUATION_VARIANTS[variant])
+    if variant not in CANDIDATES:
+        raise ValueError(f"--variant {variant!r}: valid are {sorted(EVALUATION_VARIANTS) + sorted(CANDIDATES)}")
+    if group != "tuning":
+        raise ValueError(f"--variant {variant!r} is a candidate round: it runs on the tuning set only "
+                         "(pre-registered evaluation tasks are judged at the defaults)")
+    return dict(CANDIDATES[variant])
+
+
+def defaults_fingerprint() -> str:
+    """A hash of every BaNELConfig default: a cached run made under other defaults is redone."""
+    defaults = {f.name: repr(f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                for f in dataclasses.fields(BaNELConfig)}
+    return hashlib.sha256(json.dumps(defaults, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def task_settings(settings: dict) -> dict:
+    """A task's settings less any mechanism field (the default round decides those)."""
+    return {k: v for k, v in settings.items() if k in TASK_FIELDS}
+
+
+def load_task(group: str, name: str, cache: Path | None = None):
+    """`(benchmarks.common.Task, prior, blind reference)` of a task of the group."""
+    if group == "shipped":
+        task = TASKS[name]()
+        task.banel = task_settings(task.banel)
+        pretrained = json.loads((ROOT / "benchmarks" / "results" / "sparse_runs" /
+                                 f"{name}_pretrained.json").read_text())
+        if name == "addition":
+            calibration = json.loads((ROOT / "benchmarks" / "results" / "addition_calibration.json").read_text())
+            prior = calibration["prior"]["rate"] if "prior" in calibration else reference_rate(pretrained["final"])
+        else:
+            prior = reference_rate(pretrained["final"])
+        blind = task.blind(task.load()[2]) if task.blind else None
+        return task, prior, blind
+    entries = {e["name"]: e for e in preregistration()[group]}
+    if name not in entries:
+        raise ValueError(f"task {name!r} is not in the {group} set: {sorted(entries)}")
+    built = task_family.build(task_family.specs_from([entries[name]])[0], cache=cache)
+    return task_family.as_benchmark_task(built), built.prior, built.blind()
+
+
+def run(group: str, name: str, variant: str, seed: int, budget: int, runs: Path) -> dict:
+    path = runs / name / f"{variant}_seed{seed}.json"
+    fingerprint = defaults_fingerprint()
+    if path.exists():
+        record = json.loads(path.read_text())
+        if record.get("defaults_fingerprint") == fingerprint and record["budget"] == budget:
+            return record
+    task, prior, blind = load_task(group, name)
+    overrides = variant_settings(group, variant)
+    budget = budget or task.banel.get("max_reward_evaluations", 7500)
+    workdir = os.path.join(tempfile.gettempdir(), f"defaults_{name}_{variant}_{seed}")
+    record = run_one(task, "banel", seed, overrides, budget, task.eval_samples, CURVE_EVERY, task.curve_samples,
+                     2.0, workdir, pretrained={"final": {}})
+    best_curve = max((p["rate"] for p in record["curve"]), default=0.0)
+    record.update(task=name, group=group, variant=variant, budget=budget, prior=prior, blind=blind,
+                  defaults_fingerprint=fingerprint, overrides=overrides, best_curve_rate=best_curve)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    os.replace(tmp, path)
+    return record
+
+
+def summarize(out: Path) -> dict:
+    """Per (task, variant): each seed's final and best multiple of the pretrained probability and the criteria."""
+    rows = []
+    for task_dir in sorted((out / "runs").glob("*")):
+        by_variant: dict[str, list] = {}
+        for p in sorted(task_dir.glob("*_seed*.json")):
+            r = json.loads(p.read_text())
+            by_variant.setdefault(r["variant"], []).append(r)
+        for variant, records in sorted(by_variant.items()):
+            records.sort(key=lambda r: r["seed"])
+            prior = records[0]["prior"]
+            blind = records[0].get("blind")
+            expected = blind_search(blind, records[0]["budget"])["expected_successes"] if blind else None
+            final = [r["final"]["rate"] / prior for r in records]
+            best = [max(r["best_curve_rate"], r["final"]["rate"]) / prior for r in records]
+            # below pretrained: the final's 95% upper bound under the prior (exact estimates: the value itself)
+            below = [r["final"]["high"] < prior for r in records]
+            rows.append({
+                "task": task_dir.name, "group": records[0]["group"], "variant": variant, "prior": prior,
+                "budget": records[0]["budget"], "blind_expected_successes": expected,
+                "qualifies": expected is not None and expected >= 3,
+                "seeds": [r["seed"] for r in records], "final_x": final, "best_x": best,
+                "successes_found": [r["final"]["successes_found_in_training"] for r in records],
+                "nre": [r["final"]["nre"] for r in records], "minutes": [r["minutes"] for r in records],
+                "stop_reason": [r.get("stop_reason") for r in records],
+                "seeds_100x": sum(f >= 100 for f in final), "below_pretrained": sum(below),
+                "final_below_half_best": sum(f < 0.5 * b for f, b in zip(final, best)),
+                "median_x": float(np.median(final)), "overrides": records[0]["overrides"],
+            })
+    summary = {"defaults_fingerprint": defaults_fingerprint(), "rows": rows}
+    (out / "defaults.json").write_text(json.dumps(summary, indent=1))
+    lines = ["Final success probability over the pretrained one (x), per seed; exact for the family, letters and the "
+             "hard attack. `qualifies`: a blind search expects >= 3 successes within the budget.", "",
+             "| task | variant | prior | blind expects | seeds >= 100x | below prior | final < best/2 | median | "
+             "each seed | successes found | min/run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        exp = "" if r["blind_expected_successes"] is None else f"{r['blind_expected_successes']:.3g}"
+        lines.append(f"| {r['task']} | {r['variant']} | {r['prior']:.2g} | {exp} | {r['seeds_100x']}/"
+                     f"{len(r['seeds'])} | {r['below_pretrained']} | {r['final_below_half_best']} | "
+                     f"{r['median_x']:.3g}x | {', '.join(f'{x:.2g}' for x in r['final_x'])} | "
+                     f"{', '.join(map(str, r['successes_found']))} | {np.median(r['minutes']):.1f} |")
+    write_markdown(out / "defaults.md", lines)
+    plot(rows, out / "defaults.png")
+    return summary
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+    for i, r in enumerate(rows):
+        ax.scatter(np.maximum(r["final_x"], 1e-12), [i] * len(r["final_x"]), s=18, alpha=0.7,
+                   color="tab:green" if r["qualifies"] else "tab:gray")
+    ax.axvline(1, color="k", lw=0.8, label="pretrained")
+    ax.axvline(100, color="tab:red", lw=0.8, ls="--", label="100x")
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(rows)), [f"{r['task']} ({r['variant']})" for r in rows], fontsize=8)
+    ax.set_xlabel("final success probability / pretrained (green: blind search expects >= 3 successes)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args: Args) -> dict:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if not args.summarize:
+        prereg = preregistration()
+        variant_settings(args.group, args.variant)  # refuse a candidate off the tuning set before any work
+        names = args.tasks or (SHIPPED if args.group == "shipped" else [e["name"] for e in prereg[args.group]])
+        seeds = args.seeds or prereg["tuning_seeds" if args.group == "tuning" else "evaluation_seeds"]
+        budget = args.budget or (0 if args.group == "shipped" else prereg["budget"])
+        for name in names:
+            for seed in seeds:
+                r = run(args.group, name, args.variant, seed, budget, out / "runs")
+                print(f"{name} {args.variant} seed {seed}: {r['final']['rate'] / r['prior']:.3g}x "
+                      f"({r['final']['successes_found_in_training']} successes found, {r['minutes']:.1f} min)",
+                      flush=True)
+    return summarize(out)
+
+
+if __name__ == "__main__":
+    main(parse_args(Args, QUICK))

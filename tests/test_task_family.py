@@ -1,0 +1,158 @@
+"""The task family (benchmarks/task_family.py) and the defaults benchmark (benchmarks/defaults.py)."""
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import defaults, task_family
+from benchmarks.task_family import FamilySpec
+from trl_banel.stats import SuccessEstimate
+from trl_banel.tasks.common import sample_token_ids
+
+TINY = dict(symbols=3, length=4, pretrain_steps=40, prior=0.02)
+
+
+@pytest.mark.parametrize("structure", task_family.STRUCTURES)
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
+def test_the_oracle_pays_exactly_the_enumerated_success_set(structure, tokenizer):
+    spec = FamilySpec("t", tokenizer=tokenizer, structure=structure, prompts=2, **TINY)
+    words = task_family.alphabet(spec)
+    for k in (task_family.rule_values(spec) or [5])[:3]:
+        oracle = task_family.FamilyOracle(spec, words, k)
+        for j, prompt in enumerate(task_family.prompt_texts(spec)):
+            enumerated = {tuple(r) for r in task_family.success_rows(spec, j, k).tolist()}
+            assert len(enumerated) == task_family.count_successes(spec, k)
+            every = list(itertools.product(range(spec.symbols), repeat=spec.length))
+            paid = {row for row in every if oracle.is_success(prompt, task_family.to_text(spec, row, words))}
+            assert paid == enumerated, (structure, k, j)
+
+
+def test_anything_off_format_fails():
+    spec = FamilySpec("t", tokenizer="bpe", structure="count", **TINY)
+    words = task_family.alphabet(spec)
+    oracle = task_family.FamilyOracle(spec, words, 1)
+    good = task_family.to_text(spec, task_family.success_rows(spec, 0, 1)[0], words)
+    assert oracle([""], [good]) == [1.0]
+    bad = [" " + good, good + " ", good.replace(" ", "  ", 1), good + " " + words[0], good[:-1], None]
+    assert oracle([""] * len(bad), bad) == [0.0] * len(bad)
+    assert oracle(["<p9>"], [good]) == [0.0]  # a prompt the task does not have
+
+
+def test_bpe_words_are_several_tokens_and_the_longest_output_fits():
+    spec = FamilySpec("t", tokenizer="bpe", symbols=10, length=6, structure="count")
+    words = task_family.alphabet(spec)
+    tok = task_family.build_tokenizer(spec, words)
+    per_word = [len(tok(" " + w, add_special_tokens=False).input_ids) for w in words]
+    assert sum(per_word) / len(per_word) >= 2
+    longest = task_family.max_completion_tokens(spec, tok, words)
+    assert longest >= 16
+    for row in task_family.success_rows(spec, 0, 4)[:500]:
+        text = task_family.to_text(spec, row, words)
+        ids = tok(text, add_special_tokens=False).input_ids
+        assert len(ids) <= longest and tok.decode(ids) == text
+
+
+def test_the_chain_is_calibrated_to_the_prior():
+    spec = FamilySpec("t", structure="count", symbols=6, length=7, prior=1e-5, seed=3)
+    weight, k = task_family.chain_rare_weight(spec)
+    chain = task_family.chains(spec)[0]
+    rows = task_family.success_rows(spec, 0, k)
+    assert math.isclose(math.exp(torch.logsumexp(torch.tensor(task_family.chain_log_prob(chain, rows)), 0)), 1e-5,
+                        rel_tol=1e-3)
+    assert 1e-3 < weight <= 1
+
+
+@pytest.fixture(scope="module")
+def tiny_task(tmp_path_factory):
+    spec = FamilySpec("tiny", structure="count", symbols=4, length=5, prior=0.02, pretrain_steps=60)
+    return task_family.build(spec, cache=tmp_path_factory.mktemp("family"))
+
+
+def test_exact_success_probability_matches_monte_carlo(tiny_task):
+    """The exact figure is the probability of a success *in its canonical tokenisation*: Monte Carlo counts a sample
+    only if its tokens are the canonical ones (special tokens mid-text, skipped by the decoder, make others)."""
+    model, tok, oracle = tiny_task.load()
+    exact = tiny_task.exact_success_probability(model, tok)
+    assert exact == pytest.approx(tiny_task.prior, rel=1e-5)  # the calibration's, after the cache round trip
+    canonical_successes = successes = total = 0
+    for tokens in sample_token_ids(model, tok, 20_000, tiny_task.max_completion_length, batch_size=5000, seed=1):
+        for row in tokens.tolist():
+            ids = [t for t in row[1:] if t != tok.pad_token_id]
+            text = tok.decode(ids, skip_special_tokens=True)
+            success = oracle([""], [text])[0] == 1.0
+            successes += success
+            canonical = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            canonical_successes += success and ids == canonical
+            total += 1
+    est = SuccessEstimate.from_counts(canonical_successes, total, confidence=0.999)
+    assert est.low <= exact <= est.high, (exact, est)
+    assert successes >= canonical_successes  # the exact figure is a lower bound of the oracle's success rate
+
+
+def test_a_build_is_reproducible_and_cached(tiny_task, tmp_path):
+    again = task_family.build(tiny_task.spec, cache=tmp_path)
+    assert again.calibration["weights"] == tiny_task.calibration["weights"]
+    assert again.k == tiny_task.k
+    cached = task_family.build(tiny_task.spec, cache=tmp_path)  # loaded, not rebuilt
+    assert cached.calibration["minutes"] == again.calibration["minutes"]
+
+
+def test_preregistration_meets_the_issue_requirements():
+    prereg = defaults.preregistration()
+    evaluation, tuning = prereg["evaluation"], prereg["tuning"]
+    assert len(evaluation) >= 6
+    assert not {e["name"] for e in evaluation} & {e["name"] for e in tuning}
+    assert not set(prereg["evaluation_seeds"]) & set(prereg["tuning_seeds"])
+    long_bpe = 0
+    for spec in task_family.specs_from(evaluation):
+        if spec.tokenizer == "bpe":
+            words = task_family.alphabet(spec)
+            tok = task_family.build_tokenizer(spec, words)
+            # typical output: every word with its leading space (the first without)
+            typical = sum(len(tok(" " + w, add_special_tokens=False).input_ids) for w in words) / len(words)
+            long_bpe += typical * spec.length >= 16
+    assert long_bpe >= len(evaluation) / 3
+    assert {s.hidden for s in task_family.specs_from(evaluation)} >= {32, 256}
+
+
+def test_candidate_rounds_never_run_on_evaluation_tasks():
+    for group in ("evaluation", "shipped"):
+        with pytest.raises(ValueError, match="tuning set only"):
+            defaults.variant_settings(group, "evidence_replay")
+    assert defaults.variant_settings("evaluation", "no_known") == {"reject_known_failures": False}
+    assert defaults.variant_settings("tuning", "evidence_replay")["evidence_pseudo_count"] == 1.0
+    with pytest.raises(ValueError, match="valid are"):
+        defaults.variant_settings("tuning", "nonsense")
+
+
+def test_task_settings_drop_every_mechanism_field():
+    from trl_banel.tasks import letters
+
+    kept = defaults.task_settings(letters.BANEL_SETTINGS)
+    assert "evidence_pseudo_count" not in kept and "learning_rate" not in kept
+    assert kept["max_reward_evaluations"] == letters.BANEL_SETTINGS["max_reward_evaluations"]
+
+
+def test_defaults_benchmark_quick_run_writes_results_and_reuses_them(tmp_path, monkeypatch):
+    prereg = {"budget": 60, "evaluation_seeds": [0], "tuning_seeds": [100], "grpo_seeds": [0], "evaluation": [],
+              "tuning": [{"name": "tune_tiny", "structure": "count", "symbols": 4, "length": 5, "prior": 0.01,
+                          "pretrain_steps": 60}]}
+    path = tmp_path / "prereg.json"
+    path.write_text(json.dumps(prereg))
+    monkeypatch.setattr(defaults, "PREREGISTRATION", path)
+    monkeypatch.setattr(task_family, "CACHE", tmp_path / "cache")
+    args = defaults.Args(group="tuning", tasks=["tune_tiny"], seeds=[100], budget=60, out=str(tmp_path / "out"))
+    summary = defaults.main(args)
+    (row,) = summary["rows"]
+    assert row["task"] == "tune_tiny" and row["variant"] == "defaults" and row["seeds"] == [100]
+    assert 0 < row["nre"][0] <= 60  # the budget held
+    assert row["prior"] > 0 and len(row["final_x"]) == 1
+    run_file = tmp_path / "out" / "runs" / "tune_tiny" / "defaults_seed100.json"
+    assert json.loads(run_file.read_text())["defaults_fingerprint"] == defaults.defaults_fingerprint()
+    before = run_file.stat().st_mtime_ns
+    defaults.main(args)  # cached: not run again
+    assert run_file.stat().st_mtime_ns == before
+    assert (tmp_path / "out" / "defaults.md").exists() and (tmp_path / "out" / "defaults.png").exists()
