@@ -466,3 +466,55 @@ def test_proposal_log_probs_are_the_processors_sampling_distribution(char_tokeni
     plain = proposal_log_probs(log_probs, targets, cmask, [""] * 16, PrefixEvidence(), 0.5)
     q = (log_probs.gather(2, targets[..., None]).squeeze(-1) * cmask).sum(1)
     assert torch.allclose(plain.float(), q, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ step size
+def test_scale_learning_rate_survives_the_constant_schedule():
+    from trl_banel.distill import scale_learning_rate
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([param], lr=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    assert scale_learning_rate(opt, sched, 4.0, 1e-8, 1e-2) == pytest.approx(4e-4)
+    opt.step()
+    sched.step()  # a constant schedule resets lr to base_lr * 1: the base moved with it
+    assert opt.param_groups[0]["lr"] == pytest.approx(4e-4)
+    assert scale_learning_rate(opt, sched, 1e6, 1e-8, 1e-2) == pytest.approx(1e-2)  # clamped
+
+
+class _KLRecorder(TrainerCallback):
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+@pytest.mark.parametrize("start_lr", [1e-7, 1e-1])
+def test_the_step_size_moves_the_learning_rate_towards_the_target_kl(tmp_path, char_tokenizer, skewed_model,
+                                                                      start_lr):
+    """A learning rate far too small is raised, one far too large lowered, each by what the distillation measured."""
+    recorder = _KLRecorder()
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(),
+                           args=config(tmp_path, learning_rate=start_lr, distill_target_kl=0.05,
+                                       max_reward_evaluations=48, logging_steps=1),
+                           train_dataset=UNCONDITIONAL, processing_class=char_tokenizer, callbacks=[recorder])
+    trainer.train()
+    measured = [h["distill/kl_step"] for h in trainer.history if "distill/kl_step" in h]
+    rates = [h["distill/learning_rate"] for h in trainer.history if "distill/learning_rate" in h]
+    assert len(measured) >= 3 and len(rates) == len(measured)
+    if start_lr < 1e-3:
+        assert rates[-1] >= start_lr * 4 ** 2, "a learning rate that moves nothing must be raised"
+    else:
+        assert rates[-1] <= start_lr / 4, "a learning rate that moves the generator far too much must be lowered"
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(rates[-1])
+    assert any("distill/kl_step" in log for log in recorder.logs), "the measured KL must reach the logs"
+
+
+def test_without_a_target_the_learning_rate_is_fixed(tmp_path, char_tokenizer, skewed_model):
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(),
+                           args=config(tmp_path, learning_rate=1e-4, max_reward_evaluations=32),
+                           train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
+    trainer.train()
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+    assert not any("distill/kl_step" in h for h in trainer.history)

@@ -140,6 +140,12 @@ class BaNELConfig(_BaseConfig):
             (`trl_banel.exact_distillation`). Same expected gradient as `"posterior"`, without its sampling drift:
             with no region and no prefix evidence the gradient is exactly 0. Keeps each micro-batch's next-token
             distributions (batch x completion length x vocabulary): for small vocabularies.
+        distill_target_kl (`float`, *optional*, defaults to `0.0`):
+            When above 0, the distillation's learning rate is set by what each distillation moved the generator: the
+            KL from the generator before a distillation to after it (sequence level, nats, estimated on 64 fresh
+            proposals) is measured, and the learning rate scaled by `clip(sqrt(target / measured), 1/4, 4)` for the
+            next one (`trl_banel.distill.StepSize`). `learning_rate` is then only the first distillation's: the same
+            setting serves a 30k-parameter model and a large one. `0`: the learning rate stays `learning_rate`.
         distill_kl_coef (`float`, *optional*, defaults to `0.0`):
             Weight of a per-token `KL(generator || pretrained)` term in the distillation loss, on the posterior
             samples' positions (TRL's `beta`): it keeps the generator on the pretrained model's support and rewards its
@@ -332,6 +338,12 @@ class BaNELConfig(_BaseConfig):
                           "failures' exact mass; trl_banel.exact_distillation), no sampling drift.",
                   "choices": ["posterior", "baselined", "exact"]},
     )
+    distill_target_kl: float = field(
+        default=0.0,
+        metadata={"help": "Adapt the distillation learning rate so that each distillation moves the generator by "
+                          "about this KL (nats, sequence level, measured on fresh proposals); 0: fixed "
+                          "learning_rate."},
+    )
     distill_kl_coef: float = field(
         default=0.0,
         metadata={"help": "Weight of KL(generator || pretrained) per token in the distillation loss; 0 disables it."},
@@ -475,7 +487,8 @@ class BaNELConfig(_BaseConfig):
                 bad(name, "a number with 0 <= beta < 1")
         if str(getattr(self.save_strategy, "value", self.save_strategy)) == "steps" and not self.save_steps > 0:
             bad("save_steps", "> 0 with save_strategy='steps' (or set save_strategy='no')")
-        for name in ("failure_margin", "failure_max_grad_norm", "distill_kl_coef", "evidence_pseudo_count"):
+        for name in ("failure_margin", "failure_max_grad_norm", "distill_kl_coef", "evidence_pseudo_count",
+                     "distill_target_kl"):
             _check_non_negative(self, name)
         if not isinstance(self.failure_warmup_steps, int) or self.failure_warmup_steps < 0:
             bad("failure_warmup_steps", "an integer >= 0")

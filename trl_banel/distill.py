@@ -174,6 +174,69 @@ class DistillationProbe:
         return key, value
 
 
+class StepSize:
+    r"""
+    The distillation's learning rate, set by what each distillation moved the generator instead of guessed by model
+    size: before a distillation it draws `PROBE_SIZE` fresh proposals and remembers their log q; after it, the mean
+    drop of their log q estimates `KL(q_before || q_after)` (sequence level, nats), and the learning rate is scaled by
+    `clip(sqrt(distill_target_kl / measured), 1/4, 4)` (within [`MIN_LR`, `MAX_LR`]). With Adam a step's size is
+    about the learning rate whatever the gradient's scale, so a measured KL near 0 means a learning rate too small for
+    this model, and the next distillation takes larger steps. Logged: `distill/kl_step` (measured) and
+    `distill/learning_rate` (the next distillation's). `distill_target_kl=0`: the learning rate stays fixed.
+    """
+
+    PROBE_SIZE, MIN_LR, MAX_LR, MAX_FACTOR = 64, 1e-8, 1e-2, 4.0
+
+    def __init__(self, probe: DistillationProbe, sampler, args, accelerator):
+        self.probe, self.sampler, self.args, self.accelerator = probe, sampler, args, accelerator
+        self._before = None
+
+    def start(self):
+        """Before a distillation: fresh proposals of the generator as it is, and their log q (with a target only:
+        the extra proposals would change the run's random draws)."""
+        if not self.args.distill_target_kl > 0:
+            return
+        n = max(1, self.PROBE_SIZE // self.accelerator.num_processes)
+        batch = self.sampler.collate(self.sampler.propose(n))
+        self._before = (batch, self.probe.log_probs(batch))
+
+    def after(self, optimizer, scheduler, history: list[dict]) -> dict[str, float]:
+        """After the distillation's last step: the measured KL and, with a target, the rescaled learning rate."""
+        if self._before is None:
+            return {}
+        batch, before = self._before
+        self._before = None
+        kl = mean_over_ranks(self.accelerator, [(before - self.probe.log_probs(batch)).mean().item()])
+        logs = {"distill/kl_step": kl}
+        target = self.args.distill_target_kl
+        if optimizer is not None:
+            factor = self.MAX_FACTOR if kl <= 0 else (target / kl) ** 0.5
+            factor = min(max(factor, 1 / self.MAX_FACTOR), self.MAX_FACTOR)
+            logs["distill/learning_rate"] = scale_learning_rate(optimizer, scheduler, factor, self.MIN_LR,
+                                                                self.MAX_LR)
+        if history:
+            history[-1].update(logs)
+        return logs
+
+
+def scale_learning_rate(optimizer, scheduler, factor: float, low: float, high: float) -> float:
+    """Multiply every parameter group's learning rate by `factor` (clamped to [low, high]), in the optimizer and in the
+    scheduler's base rates (a constant schedule would otherwise restore the old one); returns the first group's."""
+    inner = getattr(scheduler, "scheduler", scheduler)
+    base = list(getattr(inner, "base_lrs", []))
+    for i, group in enumerate(optimizer.param_groups):
+        new = min(max(group["lr"] * factor, low), high)
+        ratio = new / group["lr"] if group["lr"] > 0 else 0.0
+        group["lr"] = new
+        if "initial_lr" in group:
+            group["initial_lr"] *= ratio
+        if i < len(base):
+            base[i] *= ratio
+    if base:
+        inner.base_lrs = base
+    return optimizer.param_groups[0]["lr"]
+
+
 class Distiller:
     r"""
     The distillation that ends a phase: its samples (posterior samples with successes replayed, or the baselined
@@ -187,6 +250,7 @@ class Distiller:
     def __init__(self, sampler, failures, args, accelerator):
         self.sampler, self.failures, self.args = sampler, failures, args
         self.probe = DistillationProbe(failures.policy, args, accelerator)
+        self.step_size = StepSize(self.probe, sampler, args, accelerator)
         self.exact = ExactDistillation(sampler, failures, args, accelerator)
 
     def batches(self, round: int, n_micro: int, keep_best) -> list[dict]:
@@ -201,6 +265,7 @@ class Distiller:
             if not args.keep_failure_models:
                 self.failures.clear()
             keep_best()
+            self.step_size.start()
             if targets.failures is not None:  # the most probable known failures: what the objective pushes down
                 top = targets.failure_mass.argsort(descending=True)[:64]
                 self.probe.start(targets.failures.select(top.tolist()), known_failures=True)
@@ -219,6 +284,7 @@ class Distiller:
                            "objective, the filter rejected nothing): skipping this distillation.")
             return skipped(n_micro)
         random.Random(args.seed + round).shuffle(samples)
+        self.step_size.start()
         self.probe.start(sampler.collate([c for c in samples if c.weight > 0][:64] or samples[:1]))
         return sampler.micro_batches(samples, n_micro, weighted=args.distill_objective == "baselined")
 

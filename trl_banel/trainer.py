@@ -335,6 +335,8 @@ class BaNELTrainer(_BaseTrainer):
         measured = self.distiller.probe.measure(self.history)
         if measured is not None:
             self._metrics[measured[0]].append(measured[1])
+        for key, value in self.distiller.step_size.after(self.optimizer, self.lr_scheduler, self.history).items():
+            self._metrics[key].append(value)
 
     def _run_round(self):
         """One BaNEL round: propose and filter, evaluate, fit a failure model (the failure region grows by it)."""
