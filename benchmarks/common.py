@@ -347,6 +347,9 @@ def run_one(task: Task, method: str, seed: int, knobs: dict, budget: int, eval_s
         fresh = task.estimate_banel(trainer, eval_samples)
         steps = trainer.state.global_step
         stop_reason = trainer.stop_reason
+        # the step size's record (distill_target_kl): what each distillation moved, and the rate it chose next
+        step_sizes = [{k: h[k] for k in ("round", "distill/kl_step", "distill/learning_rate") if k in h}
+                      for h in trainer.history if "distill/kl_step" in h]
         phase_seconds = {k: round(v, 2) for k, v in trainer.phase_seconds.items()}
         settings = {k: v for k, v in settings.items() if k not in _NOT_SETTINGS}
     else:
@@ -388,7 +391,7 @@ def run_one(task: Task, method: str, seed: int, knobs: dict, budget: int, eval_s
         final_reused = bool(reused)
         fresh = estimate(curve.best_model(model), eval_samples, 20_000 + seed)
         nre, successes_found, steps = budgeted.ledger.spent, len(budgeted.ledger.successes), trainer.state.global_step
-        phase_seconds = None
+        phase_seconds, step_sizes = None, []
         stop_reason = ("budget spent" if budgeted.exhausted else f"{idle_steps} idle steps" if idle and idle.stopped
                        else f"max_steps={max_steps}")
         settings = {k: v for k, v in settings.items() if k not in _NOT_SETTINGS}
@@ -407,7 +410,7 @@ def run_one(task: Task, method: str, seed: int, knobs: dict, budget: int, eval_s
     if pretrained is not None:
         record.update(task=task.name, stop_reason=stop_reason, phase_seconds=phase_seconds,
                       estimate_minutes=estimating[0] / 60, cpu_minutes=(time.process_time() - cpu_start) / 60,
-                      reused_pretrained_estimate=not is_banel(method) and final_reused)
+                      reused_pretrained_estimate=not is_banel(method) and final_reused, step_sizes=step_sizes)
     return record
 
 

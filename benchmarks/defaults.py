@@ -52,6 +52,12 @@ CANDIDATES = {
     "exact_replay": {"learning_rate": 1e-3, "distill_objective": "exact", "success_replay": 0.5},
     "exact_replay_noratio": {"learning_rate": 1e-3, "distill_objective": "exact", "success_replay": 0.5,
                              "rejection_threshold": 1e-30},
+    # the step size set by a target KL per distillation (from a start between the two sizes' rates)
+    "tkl0.1_replay": {"learning_rate": 1e-4, "distill_target_kl": 0.1, "success_replay": 0.5},
+    "tkl0.1_exact_replay": {"learning_rate": 1e-4, "distill_target_kl": 0.1, "distill_objective": "exact",
+                            "success_replay": 0.5},
+    "tkl0.5_exact_replay": {"learning_rate": 1e-4, "distill_target_kl": 0.5, "distill_objective": "exact",
+                            "success_replay": 0.5},
 }
 SHIPPED = ["addition", "letters", "digits", "hard_attack"]
 CURVE_EVERY = 250  # NRE between curve points (the best point is read from them)

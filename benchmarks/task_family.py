@@ -73,6 +73,8 @@ class FamilySpec:
     # chain's own success probability under some rule is the prior (count and mirror; 0.2 for the others)
     pretrain_steps: int = 1500
     seed: int = 0
+    rule: int | None = None  # count and mirror: the rule the chain's rare weight is solved for (None: the one whose
+    # weight is closest to 0.2)
 
     def __post_init__(self):
         if self.tokenizer not in ("char", "bpe"):
@@ -87,7 +89,8 @@ class FamilySpec:
 
     def key(self) -> str:
         """The cache key: a hash of every field but the name."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
+        fields = {k: v for k, v in dataclasses.asdict(self).items()
+                  if k != "name" and not (k == "rule" and v is None)}  # keys made before `rule` existed hold
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
@@ -151,7 +154,7 @@ def chain_rare_weight(spec: FamilySpec) -> tuple[float, int | None]:
     if spec.structure not in ("count", "mirror"):
         return 0.2, None
     best = None
-    for k in rule_values(spec):
+    for k in [spec.rule] if spec.rule is not None else rule_values(spec):
         rows = [success_rows(spec, j, k) for j in range(spec.prompts)]
         if any(r is None or len(r) == 0 for r in rows):
             continue

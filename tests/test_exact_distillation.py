@@ -172,3 +172,21 @@ def test_the_known_failure_term_estimates_the_mass_weighted_sum_without_bias(cha
                                                                                                  None, 0.0))]
     # each micro-batch draws 2 failures in proportion to pi(f): the mean term over draws is the exact sum
     assert sum(terms) / len(terms) == pytest.approx(exact_sum, rel=0.1)
+
+
+def test_auto_objective_is_exact_for_a_small_vocabulary_and_posterior_for_a_large_one(tmp_path, char_tokenizer):
+    from conftest import make_tiny_model
+    from datasets import Dataset
+
+    from trl_banel import BaNELConfig, BaNELTrainer
+    from trl_banel.exact_distillation import choose_objective
+
+    args = BaNELConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", save_strategy="no",
+                       distill_objective="auto", max_completion_length=128, per_device_train_batch_size=8)
+    assert choose_objective(args, 151_936, 20)[0] == "posterior"  # 8 x 148 x 151,936 = 180M values
+    assert choose_objective(args, 8_000, 20)[0] == "exact"
+    args.max_completion_length = 16
+    trainer = BaNELTrainer(model=make_tiny_model(char_tokenizer), reward_funcs=lambda prompts, completions, **k:
+                           [0.0] * len(completions), args=args, train_dataset=Dataset.from_dict({"prompt": [""]}),
+                           processing_class=char_tokenizer)
+    assert trainer.args.distill_objective == "exact"

@@ -139,7 +139,9 @@ class BaNELConfig(_BaseConfig):
             probability mass, drawn in proportion to it) and the ratio-rejected proposals'
             (`trl_banel.exact_distillation`). Same expected gradient as `"posterior"`, without its sampling drift:
             with no region and no prefix evidence the gradient is exactly 0. Keeps each micro-batch's next-token
-            distributions (batch x completion length x vocabulary): for small vocabularies.
+            distributions (batch x completion length x vocabulary): for small vocabularies. `"auto"`: `"exact"` when
+            a micro-batch's distributions fit in 64M values, else `"posterior"`, decided when the trainer is built
+            (logged, and set in `args`).
         distill_target_kl (`float`, *optional*, defaults to `0.0`):
             When above 0, the distillation's learning rate is set by what each distillation moved the generator: the
             KL from the generator before a distillation to after it (sequence level, nats, estimated on 64 fresh
@@ -335,8 +337,9 @@ class BaNELConfig(_BaseConfig):
                           "1/Z - 1 if accepted, -1 if rejected (same expected gradient, no drift where nothing is "
                           "rejected); 'exact': the posterior's log-likelihood with each part computed exactly "
                           "where it can be (per-token expectations under the proposal distribution, the known "
-                          "failures' exact mass; trl_banel.exact_distillation), no sampling drift.",
-                  "choices": ["posterior", "baselined", "exact"]},
+                          "failures' exact mass; trl_banel.exact_distillation), no sampling drift; 'auto': 'exact' "
+                          "where a micro-batch's next-token distributions fit in 64M values, else 'posterior'.",
+                  "choices": ["posterior", "baselined", "exact", "auto"]},
     )
     distill_target_kl: float = field(
         default=0.0,
@@ -459,8 +462,8 @@ class BaNELConfig(_BaseConfig):
             bad("temperature", "> 0")
         if self.top_k < 0:
             bad("top_k", ">= 0 (0 disables top-k)")
-        if self.distill_objective not in ("posterior", "baselined", "exact"):
-            bad("distill_objective", "'posterior', 'baselined' or 'exact'")
+        if self.distill_objective not in ("posterior", "baselined", "exact", "auto"):
+            bad("distill_objective", "'posterior', 'baselined', 'exact' or 'auto'")
         if not isinstance(self.success_replay, (int, float)) or not 0 <= self.success_replay < 1:
             bad("success_replay", "a share with 0 <= share < 1 (0 disables it)")
         if self.success_replay > 0 and self.distill_objective == "baselined":

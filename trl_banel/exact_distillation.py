@@ -48,6 +48,20 @@ from .posterior import Candidates, completion_log_softmax
 MAX_TEACHER_ELEMENTS = 64_000_000
 
 
+def choose_objective(args, vocab_size: int, prompt_tokens: int) -> tuple[str, str]:
+    """`distill_objective="auto"`: the exact objective when one micro-batch's next-token distributions fit
+    (`per_device_train_batch_size x (prompt_tokens + max_completion_length) x vocab_size <= MAX_TEACHER_ELEMENTS`),
+    else maximum likelihood on posterior samples. Returns `(objective, why)`."""
+    size = args.per_device_train_batch_size * (prompt_tokens + args.max_completion_length) * vocab_size
+    if size <= MAX_TEACHER_ELEMENTS:
+        return "exact", (f"distill_objective='auto' chose 'exact': a micro-batch's next-token distributions are "
+                         f"{size:,} values (at most {MAX_TEACHER_ELEMENTS:,})")
+    return "posterior", (f"distill_objective='auto' chose 'posterior': the exact objective would keep {size:,} "
+                         f"next-token values per micro-batch (per_device_train_batch_size "
+                         f"{args.per_device_train_batch_size} x {prompt_tokens + args.max_completion_length} positions"
+                         f" x vocabulary {vocab_size:,}; at most {MAX_TEACHER_ELEMENTS:,})")
+
+
 @dataclass
 class ExactTargets:
     r"""One distillation's targets, on the CPU.

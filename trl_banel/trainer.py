@@ -29,6 +29,7 @@ from .callbacks import add_banel_callbacks
 from .config import BaNELConfig
 from .distill import (Distiller, better_phase, distillation_loss, frozen_copy, pretrained_generator, skipped,
                       stop_reason)
+from .exact_distillation import choose_objective
 from .distributed import PhaseTimer, is_zero3, mean_over_ranks, sum_over_ranks
 from .failure import FailureModels
 from .history import log_round, metric_means, round_record
@@ -105,6 +106,7 @@ class BaNELTrainer(_BaseTrainer):
             configure_cpu_threads(model, args.torch_num_threads)
         self._metrics = defaultdict(list)
         self._build_round()
+        self._resolve_objective()
         self._pending_state = None
         self._buffer: list[dict] = []
         self._finished = False
@@ -134,6 +136,16 @@ class BaNELTrainer(_BaseTrainer):
                                getattr(policy.config, "max_position_embeddings", None))
         self.region = FailureRegion(self.failures, args, accelerator, self.sampler.collate, self.timer)
         self.distiller = Distiller(self.sampler, self.failures, args, accelerator)
+
+    def _resolve_objective(self):
+        """`distill_objective="auto"` decided once, from the vocabulary and the longest of the first prompts."""
+        if self.args.distill_objective != "auto":
+            return
+        policy = self.accelerator.unwrap_model(self.model)
+        rows = range(min(len(self.train_dataset), 256))
+        prompt_tokens = max(len(self.sampler.encoded_prompt(r)[2]) for r in rows)
+        self.args.distill_objective, why = choose_objective(self.args, policy.config.vocab_size, prompt_tokens)
+        logger.info(why)
 
     def _build_failure_models(self, zero3: bool):
         """The failure models, and the frozen pretrained generator that `distill_kl_coef` needs."""
