@@ -58,9 +58,20 @@ CANDIDATES = {
                             "success_replay": 0.5},
     "tkl0.5_exact_replay": {"learning_rate": 1e-4, "distill_target_kl": 0.5, "distill_objective": "exact",
                             "success_replay": 0.5},
+    "tkl0.5_noratio": {"learning_rate": 1e-4, "distill_target_kl": 0.5, "distill_objective": "exact",
+                       "success_replay": 0.5, "rejection_threshold": 1e-30},
+    "tkl2_noratio": {"learning_rate": 1e-4, "distill_target_kl": 2.0, "distill_objective": "exact",
+                     "success_replay": 0.5, "rejection_threshold": 1e-30},
+    # the same, each distillation starting with fresh Adam moments (StepSize.fresh_optimizer; the runs above predate it)
+    "kl0.1_exact": {"learning_rate": 1e-4, "distill_target_kl": 0.1, "distill_objective": "exact",
+                    "success_replay": 0.5},
+    "kl0.3_exact": {"learning_rate": 1e-4, "distill_target_kl": 0.3, "distill_objective": "exact",
+                    "success_replay": 0.5},
+    "kl0.3_noratio": {"learning_rate": 1e-4, "distill_target_kl": 0.3, "distill_objective": "exact",
+                      "success_replay": 0.5, "rejection_threshold": 1e-30},
 }
 SHIPPED = ["addition", "letters", "digits", "hard_attack"]
-CURVE_EVERY = 250  # NRE between curve points (the best point is read from them)
+CURVE_EVERY = 500  # NRE between curve points (the best point is read from them)
 
 
 @dataclass

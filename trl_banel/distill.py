@@ -182,7 +182,8 @@ class StepSize:
     `clip(sqrt(distill_target_kl / measured), 1/4, 4)` (within [`MIN_LR`, `MAX_LR`]). With Adam a step's size is
     about the learning rate whatever the gradient's scale, so a measured KL near 0 means a learning rate too small for
     this model, and the next distillation takes larger steps. Logged: `distill/kl_step` (measured) and
-    `distill/learning_rate` (the next distillation's). `distill_target_kl=0`: the learning rate stays fixed.
+    `distill/learning_rate` (the next distillation's). Each distillation starts with fresh Adam moments
+    (`fresh_optimizer`). `distill_target_kl=0`: the learning rate stays fixed.
     """
 
     PROBE_SIZE, MIN_LR, MAX_LR, MAX_FACTOR = 64, 1e-8, 1e-2, 4.0
@@ -199,6 +200,15 @@ class StepSize:
         n = max(1, self.PROBE_SIZE // self.accelerator.num_processes)
         batch = self.sampler.collate(self.sampler.propose(n))
         self._before = (batch, self.probe.log_probs(batch))
+
+    @staticmethod
+    def fresh_optimizer(optimizer):
+        """Start a distillation with no Adam moments: its steps are then about the learning rate in size whatever the
+        previous distillations' gradients were (moments carried over from a large one would shrink the next one's
+        steps and confound the learning rate's effect). A torch optimizer only; others (DeepSpeed's) keep theirs."""
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if isinstance(inner, torch.optim.Optimizer):
+            inner.state.clear()
 
     def after(self, optimizer, scheduler, history: list[dict]) -> dict[str, float]:
         """After the distillation's last step: the measured KL and, with a target, the rescaled learning rate."""

@@ -332,6 +332,8 @@ class BaNELTrainer(_BaseTrainer):
             self._buffer = skipped(args.distill_steps * ga)
         else:
             self._buffer = self.distiller.batches(self.round, args.distill_steps * ga, self._keep_best_generator)
+            if args.distill_target_kl > 0:
+                self.distiller.step_size.fresh_optimizer(self.optimizer)
             self._rounds_in_phase = 0
 
     def _keep_best_generator(self):
