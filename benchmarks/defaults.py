@@ -62,7 +62,7 @@ CANDIDATES = {
                        "success_replay": 0.5, "rejection_threshold": 1e-30},
     "tkl2_noratio": {"learning_rate": 1e-4, "distill_target_kl": 2.0, "distill_objective": "exact",
                      "success_replay": 0.5, "rejection_threshold": 1e-30},
-    # the same, each distillation starting with fresh Adam moments (StepSize.fresh_optimizer; the runs above predate it)
+    # the same, each distillation starting with fresh Adam moments (StepSize.fresh_optimizer; runs above predate it)
     "kl0.1_exact": {"learning_rate": 1e-4, "distill_target_kl": 0.1, "distill_objective": "exact",
                     "success_replay": 0.5},
     "kl0.3_exact": {"learning_rate": 1e-4, "distill_target_kl": 0.3, "distill_objective": "exact",
