@@ -23,6 +23,9 @@ def config(tmp_path, **overrides):
         distill_every=1, distill_samples=32, distill_steps=2, per_device_train_batch_size=16, learning_rate=3e-3,
         failure_epochs=6, failure_learning_rate=1e-2, failure_lora_r=4, failure_lora_alpha=8, seed=0,
         disable_tqdm=True,
+        # the paper's round, with a fixed learning rate: what these tests of its parts were written against (the
+        # default round is tested on its own, test_the_default_round_finds_and_keeps_the_rare_string)
+        distill_objective="posterior", success_replay=0.0, distill_target_kl=0.0,
     )
     values.update(overrides)
     return BaNELConfig(**values)
@@ -196,6 +199,23 @@ def test_the_method_finds_the_rare_string(tmp_path, char_tokenizer, skewed_model
     assert trainer.ledger.spent <= 60
     assert end > 5 * start, f"p(zebra) {start:.4f} -> {end:.4f}"
     assert any(r.completion == "zebra" and r.success for r in trainer.ledger.records)
+
+
+def test_the_default_round_finds_and_keeps_the_rare_string(tmp_path, char_tokenizer, skewed_model):
+    """BaNELConfig() with only the budget, lengths and batch sizes set: the rarest string is found and kept."""
+    start = math.exp(string_log_prob(skewed_model, char_tokenizer, "zebra"))
+    oracle = RecordingOracle(success=lambda c: c == "zebra")
+    args = BaNELConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", save_strategy="no",
+                       disable_tqdm=True, max_reward_evaluations=120, evaluations_per_round=8, num_candidates=48,
+                       max_completion_length=8, distill_samples=32, per_device_train_batch_size=16)
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=oracle, args=args, train_dataset=UNCONDITIONAL,
+                           processing_class=char_tokenizer)
+    trainer.train()
+    end = math.exp(string_log_prob(skewed_model, char_tokenizer, "zebra"))
+    assert trainer.distill_objective == "exact" and trainer.ledger.spent <= 120
+    assert any(r.completion == "zebra" and r.success for r in trainer.ledger.records)
+    assert end > 5 * start, f"p(zebra) {start:.4f} -> {end:.4f}"
+    assert any("distill/kl_step" in h for h in trainer.history), "the step size must have measured its KL"
 
 
 def test_model_card_names_the_method_and_paper(tmp_path, char_tokenizer, skewed_model):

@@ -139,10 +139,11 @@ def sparse_task_advice(args, spent: int, found: int) -> str | None:
     """What to change when a run ends the way the package's default round ends on a task the model almost never
     solves (measured on the rare-letters task; README, "What each part of the round does"), or None."""
     if spent and not found and args.evidence_pseudo_count == 0:
-        return (f"No success in {spent:,} reward evaluations. On a task where the model essentially never succeeds, "
-                f"set evidence_pseudo_count=1 (proposals avoid the prefixes failures went through) and "
-                f"success_replay=0.5: on the rare-letters task (prior 1.4e-5) they found successes on 10 of 10 seeds "
-                f"within 7,500 evaluations, where the default round found none on 5.")
+        return (f"No success in {spent:,} reward evaluations. Where even a uniform draw over well-formed outputs "
+                f"would rarely succeed, only a larger max_reward_evaluations helps. On character-level outputs, "
+                f"evidence_pseudo_count=1 (proposals avoid the prefixes failures went through) found successes on 10 "
+                f"of 10 seeds of the rare-letters task (prior 1.4e-5, 7,500 evaluations); not with subword "
+                f"tokenizers, where it pushed proposals off well-formed outputs.")
     if found and args.success_replay == 0 and args.distill_every > 0:
         return (f"{found} success(es) found, but the generator is distilled on posterior samples only: set "
                 f"success_replay=0.5 to distil the successes themselves (without it a found success was drifted "

@@ -127,7 +127,7 @@ class BaNELConfig(_BaseConfig):
         distill_steps (`int`, *optional*, defaults to `8`):
             Optimiser steps per distillation; each uses `per_device_train_batch_size * gradient_accumulation_steps`
             posterior samples per process, cycling through the drawn samples.
-        distill_objective (`str`, *optional*, defaults to `"posterior"`):
+        distill_objective (`str`, *optional*, defaults to `"auto"`):
             `"posterior"`: maximum likelihood on posterior samples (the paper's distillation). `"baselined"`: every
             proposal of the draw, weighted `1/Z - 1` when accepted and `-1` when rejected (`Z`: the acceptance rate).
             Both have the gradient of `-KL(posterior || generator)` in expectation, but maximum likelihood on the
@@ -142,7 +142,7 @@ class BaNELConfig(_BaseConfig):
             distributions (batch x completion length x vocabulary): for small vocabularies. `"auto"`: `"exact"` when
             a micro-batch's distributions fit in 64M values, else `"posterior"`, decided when the trainer is built
             (logged, and set in `args`).
-        distill_target_kl (`float`, *optional*, defaults to `0.0`):
+        distill_target_kl (`float`, *optional*, defaults to `0.1`):
             When above 0, the distillation's learning rate is set by what each distillation moved the generator: the
             KL from the generator before a distillation to after it (sequence level, nats, estimated on 64 fresh
             proposals) is measured, and the learning rate scaled by `clip(sqrt(target / measured), 1/4, 4)` for the
@@ -154,14 +154,15 @@ class BaNELConfig(_BaseConfig):
             entropy, so that repeated distillation on finite samples neither drifts onto outputs the pretrained model
             never makes nor collapses. Needs a frozen copy of the pretrained generator (none for a LoRA generator: its
             adapter is disabled instead).
-        success_replay (`float`, *optional*, defaults to `0.0`):
+        success_replay (`float` or `None`, *optional*, defaults to `None`):
             Share of each distillation's samples replaced by the successes found so far (all of them in turn, or a
             seeded draw among them when there are more than the share holds; with the `"posterior"` objective). BaNEL's
             posterior treats every output outside the rejection region alike; a known success is more: it is a sample
             of the distribution the user wants (the generator conditioned on success), so distilling on it is maximum
             likelihood towards that target. It turns a success found by exploration into a generator that keeps
             producing it, instead of leaving it to the next rounds' drift. `0` distils posterior samples only (the
-            paper's method).
+            paper's method). `None` (the default): 0.5, or 0 with the `"baselined"` objective (which has no samples
+            to replace).
         save_best_generator (`bool`, *optional*, defaults to `True`):
             Keep the best round's generator: before each distillation, if the candidates evaluated since the last one
             have the highest success rate so far (by the lower end of its 95% Clopper-Pearson interval, at least one
@@ -197,7 +198,8 @@ class BaNELConfig(_BaseConfig):
 
     # Overrides of TrainingArguments defaults
     learning_rate: float = field(
-        default=1e-5, metadata={"help": "Learning rate of the distillation steps (AdamW)."}
+        default=1e-4,
+        metadata={"help": "Learning rate of the first distillation (AdamW); distill_target_kl sets the next ones'."},
     )
     lr_scheduler_type: str = field(
         default="constant",
@@ -332,7 +334,7 @@ class BaNELConfig(_BaseConfig):
     )
     distill_steps: int = field(default=8, metadata={"help": "Optimiser steps per distillation."})
     distill_objective: str = field(
-        default="posterior",
+        default="auto",
         metadata={"help": "'posterior': MLE on posterior samples; 'baselined': every proposal weighted "
                           "1/Z - 1 if accepted, -1 if rejected (same expected gradient, no drift where nothing is "
                           "rejected); 'exact': the posterior's log-likelihood with each part computed exactly "
@@ -342,7 +344,7 @@ class BaNELConfig(_BaseConfig):
                   "choices": ["posterior", "baselined", "exact", "auto"]},
     )
     distill_target_kl: float = field(
-        default=0.0,
+        default=0.1,
         metadata={"help": "Adapt the distillation learning rate so that each distillation moves the generator by "
                           "about this KL (nats, sequence level, measured on fresh proposals); 0: fixed "
                           "learning_rate."},
@@ -351,10 +353,10 @@ class BaNELConfig(_BaseConfig):
         default=0.0,
         metadata={"help": "Weight of KL(generator || pretrained) per token in the distillation loss; 0 disables it."},
     )
-    success_replay: float = field(
-        default=0.0,
+    success_replay: float | None = field(
+        default=None,
         metadata={"help": "Share of each distillation's samples replaced by the successes found so far (0: posterior "
-                          "samples only, the paper's distillation)."},
+                          "samples only, the paper's distillation); None: 0.5, or 0 with the baselined objective."},
     )
     evidence_pseudo_count: float = field(
         default=0.0,
@@ -417,6 +419,8 @@ class BaNELConfig(_BaseConfig):
         when the budget, `num_rounds` or `max_idle_rounds` says so, usually much earlier); re-derived here as long as
         it was not set by hand since.
         """
+        if self.success_replay is None:  # the default: replay found successes wherever the objective can
+            self.success_replay = 0.0 if self.distill_objective == "baselined" else 0.5
         self._check_fields()
         derived = getattr(self, "_derived_max_steps", None)
         if self.max_steps is None or self.max_steps <= 0 or self.max_steps == derived:

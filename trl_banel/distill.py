@@ -259,6 +259,7 @@ class Distiller:
 
     def __init__(self, sampler, failures, args, accelerator):
         self.sampler, self.failures, self.args = sampler, failures, args
+        self.objective = args.distill_objective  # "auto" is resolved by the trainer once it knows the model
         self.probe = DistillationProbe(failures.policy, args, accelerator)
         self.step_size = StepSize(self.probe, sampler, args, accelerator)
         self.exact = ExactDistillation(sampler, failures, args, accelerator)
@@ -268,7 +269,7 @@ class Distiller:
         `keep_best` (the generator as it proposed this phase, without them); the samples as `n_micro` micro-batches
         (skipped steps when there is nothing to distil)."""
         args, sampler = self.args, self.sampler
-        if args.distill_objective == "exact" and not sampler.ledger.successes:
+        if self.objective == "exact" and not sampler.ledger.successes:
             # the exact objective serves the search; from the first success on, the posterior objective (with
             # success replay) distils what was found (trl_banel.exact_distillation says why)
             targets, probe = self.exact.targets()
@@ -282,7 +283,7 @@ class Distiller:
             else:
                 self.probe.start(sampler.collate(probe))
             return self.exact.batches(targets, round, n_micro)
-        if args.distill_objective == "baselined":
+        if self.objective == "baselined":
             samples = sampler.weighted_proposals(args.distill_samples)
         else:
             samples = sampler.replay_successes(sampler.sample_posterior(args.distill_samples), args.seed + round)
@@ -296,7 +297,7 @@ class Distiller:
         random.Random(args.seed + round).shuffle(samples)
         self.step_size.start()
         self.probe.start(sampler.collate([c for c in samples if c.weight > 0][:64] or samples[:1]))
-        return sampler.micro_batches(samples, n_micro, weighted=args.distill_objective == "baselined")
+        return sampler.micro_batches(samples, n_micro, weighted=self.objective == "baselined")
 
 
 def skipped(n: int) -> list[dict]:

@@ -138,14 +138,23 @@ class BaNELTrainer(_BaseTrainer):
         self.distiller = Distiller(self.sampler, self.failures, args, accelerator)
 
     def _resolve_objective(self):
-        """`distill_objective="auto"` decided once, from the vocabulary and the longest of the first prompts."""
+        """`distill_objective="auto"` decided once, from the vocabulary and the longest of the first prompts; the
+        distiller holds the choice (`args` stay as the user gave them)."""
         if self.args.distill_objective != "auto":
             return
         policy = self.accelerator.unwrap_model(self.model)
-        rows = range(min(len(self.train_dataset), 256))
-        prompt_tokens = max(len(self.sampler.encoded_prompt(r)[2]) for r in rows)
-        self.args.distill_objective, why = choose_objective(self.args, policy.config.vocab_size, prompt_tokens)
+        try:
+            prompt_tokens = max(len(self.sampler.encoded_prompt(r)[2])
+                                for r in range(min(len(self.train_dataset), 256)))
+        except ValueError:  # a prompt too long for the model: the first round says so, with the fix
+            prompt_tokens = 0
+        self.distiller.objective, why = choose_objective(self.args, policy.config.vocab_size, prompt_tokens)
         logger.info(why)
+
+    @property
+    def distill_objective(self) -> str:
+        """The distillation objective this run uses (`distill_objective="auto"` resolved)."""
+        return self.distiller.objective
 
     def _build_failure_models(self, zero3: bool):
         """The failure models, and the frozen pretrained generator that `distill_kl_coef` needs."""
