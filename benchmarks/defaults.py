@@ -172,7 +172,10 @@ def summarize(out: Path) -> dict:
         by_variant: dict[str, list] = {}
         for p in sorted(task_dir.glob("*_seed*.json")):
             r = json.loads(p.read_text())
-            by_variant.setdefault(r["variant"], []).append(r)
+            variant = r["variant"]
+            if variant in EVALUATION_VARIANTS and r["defaults_fingerprint"] != defaults_fingerprint():
+                variant += f" (former defaults {r['defaults_fingerprint'][:6]})"  # kept until rerun, labelled
+            by_variant.setdefault(variant, []).append(r)
         for variant, records in sorted(by_variant.items()):
             records.sort(key=lambda r: r["seed"])
             prior = records[0]["prior"]
@@ -227,7 +230,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.axvline(100, color="tab:red", lw=0.8, ls="--", label="100x")
     ax.set_xscale("log")
     ax.set_yticks(range(len(rows)), [f"{r['task']} ({r['variant']})" for r in rows], fontsize=8)
-    ax.set_xlabel("final success probability / pretrained (green: blind search expects >= 3 successes)")
+    ax.set_xlabel("final success probability / pretrained\n(green: a blind search expects >= 3 successes)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
