@@ -69,6 +69,9 @@ CANDIDATES = {
                     "success_replay": 0.5},
     "kl0.3_noratio": {"learning_rate": 1e-4, "distill_target_kl": 0.3, "distill_objective": "exact",
                       "success_replay": 0.5, "rejection_threshold": 1e-30},
+    # the chosen round with a KL(generator || pretrained) term: does it keep the seeds that fell below the prior?
+    "kl0.1_exact_klref": {"learning_rate": 1e-4, "distill_target_kl": 0.1, "distill_objective": "exact",
+                          "success_replay": 0.5, "distill_kl_coef": 0.1},
 }
 SHIPPED = ["addition", "letters", "digits", "hard_attack"]
 CURVE_EVERY = 500  # NRE between curve points (the best point is read from them)
