@@ -141,7 +141,7 @@ class BaNELConfig(_BaseConfig):
             with no region and no prefix evidence the gradient is exactly 0. Keeps each micro-batch's next-token
             distributions (batch x completion length x vocabulary): for small vocabularies. `"auto"`: `"exact"` when
             a micro-batch's distributions fit in 64M values, else `"posterior"`, decided when the trainer is built
-            (logged, and set in `args`).
+            (logged; `trainer.distill_objective` holds the choice, `args` stay as given).
         distill_target_kl (`float`, *optional*, defaults to `0.1`):
             When above 0, the distillation's learning rate is set by what each distillation moved the generator: the
             KL from the generator before a distillation to after it (sequence level, nats, estimated on 64 fresh
