@@ -74,6 +74,7 @@ CANDIDATES = {
                           "success_replay": 0.5, "distill_kl_coef": 0.1},
 }
 SHIPPED = ["addition", "letters", "digits", "hard_attack"]
+GRPO_RATES = (1e-4, 3e-4, 1e-3)  # GRPO's sweep on the tuning set (benchmarks/common.py's GRPO settings otherwise)
 CURVE_EVERY = 500  # NRE between curve points (the best point is read from them)
 
 
@@ -101,11 +102,20 @@ def preregistration() -> dict:
 
 
 def variant_settings(group: str, variant: str) -> dict:
-    """The overrides of a variant, refusing a candidate round on anything but the tuning set."""
+    """The overrides of a variant, refusing a candidate round on anything but the tuning set. GRPO: `grpo_lr{rate}`
+    (its sweep, tuning set only) or `grpo` (the rate the sweep chose; `{}` here, resolved by `grpo_learning_rate`)."""
+    if variant == "grpo":
+        return {}
+    if variant.startswith("grpo_lr"):
+        if group != "tuning":
+            raise ValueError(f"--variant {variant!r} is GRPO's sweep: it runs on the tuning set only "
+                             "(the evaluation tasks run --variant grpo, at the rate the sweep chose)")
+        return {"learning_rate": float(variant[len("grpo_lr"):])}
     if variant in EVALUATION_VARIANTS:
         return dict(EVALUATION_VARIANTS[variant])
     if variant not in CANDIDATES:
-        raise ValueError(f"--variant {variant!r}: valid are {sorted(EVALUATION_VARIANTS) + sorted(CANDIDATES)}")
+        raise ValueError(f"--variant {variant!r}: valid are {sorted(EVALUATION_VARIANTS) + sorted(CANDIDATES)}, "
+                         f"grpo and grpo_lr<rate> ({', '.join(f'grpo_lr{lr:g}' for lr in GRPO_RATES)})")
     if group != "tuning":
         raise ValueError(f"--variant {variant!r} is a candidate round: it runs on the tuning set only "
                          "(pre-registered evaluation tasks are judged at the defaults)")
@@ -156,8 +166,14 @@ def run(group: str, name: str, variant: str, seed: int, budget: int, runs: Path)
     overrides = variant_settings(group, variant)
     budget = budget or task.banel.get("max_reward_evaluations", 7500)
     workdir = os.path.join(tempfile.gettempdir(), f"defaults_{name}_{variant}_{seed}")
-    record = run_one(task, "banel", seed, overrides, budget, task.eval_samples, CURVE_EVERY, task.curve_samples,
-                     2.0, workdir, pretrained={"final": {}})
+    if variant.startswith("grpo"):
+        knobs = overrides or {"learning_rate": grpo_learning_rate(runs)}
+        record = run_one(task, "grpo", seed, knobs, budget, task.eval_samples, CURVE_EVERY, task.curve_samples, 2.0,
+                         workdir, idle_steps=20, pretrained=run_one(task, "pretrained", seed, {}, 0, 0, 0, 0, 0, ""))
+        overrides = knobs
+    else:
+        record = run_one(task, "banel", seed, overrides, budget, task.eval_samples, CURVE_EVERY, task.curve_samples,
+                         2.0, workdir, pretrained={"final": {}})
     best_curve = max((p["rate"] for p in record["curve"]), default=0.0)
     record.update(task=name, group=group, variant=variant, budget=budget, prior=prior, blind=blind,
                   defaults_fingerprint=fingerprint, overrides=overrides, best_curve_rate=best_curve)
@@ -166,6 +182,22 @@ def run(group: str, name: str, variant: str, seed: int, budget: int, runs: Path)
     tmp.write_text(json.dumps(record, indent=1, default=str))
     os.replace(tmp, path)
     return record
+
+
+def grpo_learning_rate(runs: Path) -> float:
+    """The GRPO rate its sweep chose: the best median final multiple over the tuning tasks' `grpo_lr*` runs (the
+    smallest rate on ties)."""
+    tuning = {e["name"] for e in preregistration()["tuning"]}
+    scores = {}
+    for lr in GRPO_RATES:
+        finals = [r["final"]["rate"] / r["prior"] for name in tuning
+                  for r in map(lambda p: json.loads(p.read_text()), (runs / name).glob(f"grpo_lr{lr:g}_seed*.json"))]
+        if finals:
+            scores[lr] = float(np.median(finals))
+    if not scores:
+        raise ValueError("no GRPO sweep runs on the tuning set: run --group tuning --variant grpo_lr<rate> first "
+                         f"(rates {', '.join(f'{lr:g}' for lr in GRPO_RATES)})")
+    return max(sorted(scores), key=lambda lr: scores[lr])
 
 
 def summarize(out: Path) -> dict:

@@ -122,6 +122,9 @@ def test_candidate_rounds_never_run_on_evaluation_tasks():
     for group in ("evaluation", "shipped"):
         with pytest.raises(ValueError, match="tuning set only"):
             defaults.variant_settings(group, "evidence_replay")
+        with pytest.raises(ValueError, match="tuning set only"):
+            defaults.variant_settings(group, "grpo_lr0.001")
+    assert defaults.variant_settings("tuning", "grpo_lr0.001") == {"learning_rate": 1e-3}
     assert defaults.variant_settings("evaluation", "no_known") == {"reject_known_failures": False}
     assert defaults.variant_settings("tuning", "evidence_replay")["evidence_pseudo_count"] == 1.0
     with pytest.raises(ValueError, match="valid are"):
@@ -156,3 +159,25 @@ def test_defaults_benchmark_quick_run_writes_results_and_reuses_them(tmp_path, m
     defaults.main(args)  # cached: not run again
     assert run_file.stat().st_mtime_ns == before
     assert (tmp_path / "out" / "defaults.md").exists() and (tmp_path / "out" / "defaults.png").exists()
+
+
+def test_grpo_runs_at_the_rate_its_tuning_sweep_chose(tmp_path, monkeypatch):
+    prereg = {"budget": 40, "evaluation_seeds": [0], "tuning_seeds": [100], "grpo_seeds": [0],
+              "evaluation": [{"name": "eval_tiny", "structure": "count", "symbols": 4, "length": 5, "prior": 0.01,
+                              "pretrain_steps": 60, "seed": 1}],
+              "tuning": [{"name": "tune_tiny", "structure": "count", "symbols": 4, "length": 5, "prior": 0.01,
+                          "pretrain_steps": 60}]}
+    path = tmp_path / "prereg.json"
+    path.write_text(json.dumps(prereg))
+    monkeypatch.setattr(defaults, "PREREGISTRATION", path)
+    monkeypatch.setattr(task_family, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(defaults, "GRPO_RATES", (1e-3,))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="no GRPO sweep runs"):
+        defaults.grpo_learning_rate(out / "runs")
+    defaults.main(defaults.Args(group="tuning", variant="grpo_lr0.001", seeds=[100], budget=40, out=str(out)))
+    assert defaults.grpo_learning_rate(out / "runs") == 1e-3
+    summary = defaults.main(defaults.Args(group="evaluation", variant="grpo", seeds=[0], budget=40, out=str(out)))
+    (row,) = [r for r in summary["rows"] if r["variant"] == "grpo"]
+    assert row["task"] == "eval_tiny" and row["overrides"] == {"learning_rate": 1e-3}
+    assert 0 < row["nre"][0] <= 40  # the budget held
