@@ -32,6 +32,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -565,14 +566,14 @@ def build(spec: FamilySpec, cache: Path | None = None, verbose: bool = False) ->
         "parameters": sum(p.numel() for p in model.parameters()), "final_loss": loss,
         "weights": weights_hash(model), "minutes": (time.time() - start) / 60, "words": words,
     }
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # one per process: two builds of a spec do not mix
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "family_task.json").write_text(json.dumps(calibration, indent=1))
-    if path.exists():
-        import shutil
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)  # a whole task or none
+    except OSError:  # another process finished the same (seeded, identical) build first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
     if verbose:
         print(f"[family] {spec.name}: k={k} prior {prior:.3g} blind {calibration['blind_rate']:.3g} "
               f"({calibration['minutes']:.1f} min)", flush=True)
