@@ -181,3 +181,10 @@ def test_grpo_runs_at_the_rate_its_tuning_sweep_chose(tmp_path, monkeypatch):
     (row,) = [r for r in summary["rows"] if r["variant"] == "grpo"]
     assert row["task"] == "eval_tiny" and row["overrides"] == {"learning_rate": 1e-3}
     assert 0 < row["nre"][0] <= 40  # the budget held
+
+
+@pytest.mark.parametrize("name", ["addition", "letters"])
+def test_a_shipped_task_runs_the_default_round_with_only_its_budget_lengths_and_stops(name):
+    task, prior, _ = defaults.load_task("shipped", name)
+    assert task.banel and set(task.banel) <= defaults.TASK_FIELDS
+    assert 0 < prior < 1e-2
