@@ -3,7 +3,7 @@ and stop rules set, on the pre-registered evaluation tasks of the task family an
 
     python benchmarks/defaults.py                                     # evaluation tasks, defaults, every seed
     python benchmarks/defaults.py --group evaluation --variant no_known   # reject_known_failures=False
-    python benchmarks/defaults.py --group tuning --variant evidence_replay  # a candidate round, tuning set only
+    python benchmarks/defaults.py --group tuning --variant kl0.3_exact      # a candidate round, tuning set only
     python benchmarks/defaults.py --group shipped --tasks letters     # a shipped task at the defaults
     python benchmarks/defaults.py --summarize                         # tables and plot from the cached runs
     python benchmarks/defaults.py --quick --out /tmp/d                # smoke test: one task, one seed, 100 NRE
@@ -34,7 +34,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import task_family  # noqa: E402
-from benchmarks.common import TASKS, blind_search, parse_args, reference_rate, run_one, write_markdown  # noqa: E402
+from benchmarks.common import (TASKS, blind_search, parse_args, reference_rate, run_one, run_pretrained,  # noqa: E402
+                               write_markdown)
 from trl_banel import BaNELConfig  # noqa: E402
 
 PREREGISTRATION = ROOT / "benchmarks" / "preregistration.json"
@@ -46,23 +47,11 @@ TASK_FIELDS = {"max_reward_evaluations", "evaluations_per_round", "num_candidate
 EVALUATION_VARIANTS = {"defaults": {}, "no_known": {"reject_known_failures": False}}
 # candidate rounds: mechanism overrides, tried on the tuning set only
 CANDIDATES = {
-    "lr1e-3": {"learning_rate": 1e-3},
-    "evidence_replay": {"learning_rate": 1e-3, "evidence_pseudo_count": 1.0, "success_replay": 0.5},
     "replay": {"learning_rate": 1e-3, "success_replay": 0.5},
     "exact_replay": {"learning_rate": 1e-3, "distill_objective": "exact", "success_replay": 0.5},
     "exact_replay_noratio": {"learning_rate": 1e-3, "distill_objective": "exact", "success_replay": 0.5,
                              "rejection_threshold": 1e-30},
-    # the step size set by a target KL per distillation (from a start between the two sizes' rates)
-    "tkl0.1_replay": {"learning_rate": 1e-4, "distill_target_kl": 0.1, "success_replay": 0.5},
-    "tkl0.1_exact_replay": {"learning_rate": 1e-4, "distill_target_kl": 0.1, "distill_objective": "exact",
-                            "success_replay": 0.5},
-    "tkl0.5_exact_replay": {"learning_rate": 1e-4, "distill_target_kl": 0.5, "distill_objective": "exact",
-                            "success_replay": 0.5},
-    "tkl0.5_noratio": {"learning_rate": 1e-4, "distill_target_kl": 0.5, "distill_objective": "exact",
-                       "success_replay": 0.5, "rejection_threshold": 1e-30},
-    "tkl2_noratio": {"learning_rate": 1e-4, "distill_target_kl": 2.0, "distill_objective": "exact",
-                     "success_replay": 0.5, "rejection_threshold": 1e-30},
-    # the same, each distillation starting with fresh Adam moments (StepSize.fresh_optimizer; runs above predate it)
+    # the step size set by a target KL per distillation (StepSize), from a start between the two sizes' rates
     "kl0.1_exact": {"learning_rate": 1e-4, "distill_target_kl": 0.1, "distill_objective": "exact",
                     "success_replay": 0.5},
     "kl0.3_exact": {"learning_rate": 1e-4, "distill_target_kl": 0.3, "distill_objective": "exact",
@@ -168,7 +157,7 @@ def run(group: str, name: str, variant: str, seed: int, budget: int, runs: Path)
     if variant.startswith("grpo"):
         knobs = overrides or {"learning_rate": grpo_learning_rate(runs)}
         record = run_one(task, "grpo", seed, knobs, budget, task.eval_samples, CURVE_EVERY, task.curve_samples, 2.0,
-                         workdir, idle_steps=20, pretrained=run_one(task, "pretrained", seed, {}, 0, 0, 0, 0, 0, ""))
+                         workdir, idle_steps=20, pretrained=run_pretrained(task, seed, 0))
         overrides = knobs
     else:
         record = run_one(task, "banel", seed, overrides, budget, task.eval_samples, CURVE_EVERY, task.curve_samples,

@@ -13,9 +13,10 @@ pays 1.0 for a well-formed output with a rare structure; anything off-format fai
 The rule's parameter `k` is calibrated after pretraining: the value whose exact pretrained success probability is
 closest (in log) to the spec's `prior`. Every success set is enumerated, so success probabilities are exact: the sum
 over the success texts of the generator's probability of their canonical tokenisation then `<eos>`, averaged over the
-prompts (for a BPE generator a lower bound: a text also has non-canonical tokenisations; `noncanonical_share`
-measures their share of samples). Each task also has its blind-search reference: a uniform draw over the well-formed
-outputs (told the format, learning nothing).
+prompts (for a BPE generator a lower bound: a text also has non-canonical tokenisations, which the decoder maps to
+the same text; tests/test_task_family.py checks the exact figure against Monte Carlo over canonical samples). Each
+task also has its blind-search reference: a uniform draw over the well-formed outputs (told the format, learning
+nothing).
 
 Generators are cached under `~/.cache/trl_banel/family` (or `$TRL_BANEL_FAMILY_CACHE`), keyed by the spec: pretraining
 is seeded and runs on one thread, so a task is the same task wherever it is rebuilt (its `weights_hash` says so).
@@ -578,23 +579,6 @@ def build(spec: FamilySpec, cache: Path | None = None, verbose: bool = False) ->
         print(f"[family] {spec.name}: k={k} prior {prior:.3g} blind {calibration['blind_rate']:.3g} "
               f"({calibration['minutes']:.1f} min)", flush=True)
     return FamilyTask(spec, words, k, calibration, path)
-
-
-def noncanonical_share(task: FamilyTask, model, tok, n: int = 2000, seed: int = 0) -> float:
-    """Share of the model's samples whose tokens are not the canonical tokenisation of their text: the mass the
-    exact (canonical) success probabilities leave out, at most."""
-    from trl_banel.tasks.common import sample_token_ids
-
-    if task.spec.prompts > 1:
-        raise ValueError("noncanonical_share samples from the empty prompt: single-prompt tasks only")
-    bad = total = 0
-    for tokens in sample_token_ids(model, tok, n, task.max_completion_length, batch_size=n, seed=seed):
-        for row in tokens.tolist():
-            ids = [t for t in row[1:] if t not in (tok.eos_token_id, tok.pad_token_id)]
-            text = tok.decode(ids, skip_special_tokens=True)
-            bad += tok(text, add_special_tokens=False).input_ids != ids
-            total += 1
-    return bad / max(total, 1)
 
 
 def as_benchmark_task(task: FamilyTask):

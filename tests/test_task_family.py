@@ -121,12 +121,12 @@ def test_preregistration_meets_the_issue_requirements():
 def test_candidate_rounds_never_run_on_evaluation_tasks():
     for group in ("evaluation", "shipped"):
         with pytest.raises(ValueError, match="tuning set only"):
-            defaults.variant_settings(group, "evidence_replay")
+            defaults.variant_settings(group, "kl0.3_exact")
         with pytest.raises(ValueError, match="tuning set only"):
             defaults.variant_settings(group, "grpo_lr0.001")
     assert defaults.variant_settings("tuning", "grpo_lr0.001") == {"learning_rate": 1e-3}
     assert defaults.variant_settings("evaluation", "no_known") == {"reject_known_failures": False}
-    assert defaults.variant_settings("tuning", "evidence_replay")["evidence_pseudo_count"] == 1.0
+    assert defaults.variant_settings("tuning", "kl0.3_exact")["distill_target_kl"] == 0.3
     with pytest.raises(ValueError, match="valid are"):
         defaults.variant_settings("tuning", "nonsense")
 
@@ -139,14 +139,21 @@ def test_task_settings_drop_every_mechanism_field():
     assert kept["max_reward_evaluations"] == letters.BANEL_SETTINGS["max_reward_evaluations"]
 
 
-def test_defaults_benchmark_quick_run_writes_results_and_reuses_them(tmp_path, monkeypatch):
-    prereg = {"budget": 60, "evaluation_seeds": [0], "tuning_seeds": [100], "grpo_seeds": [0], "evaluation": [],
-              "tuning": [{"name": "tune_tiny", "structure": "count", "symbols": 4, "length": 5, "prior": 0.01,
-                          "pretrain_steps": 60}]}
+TINY_TASK = {"structure": "count", "symbols": 4, "length": 5, "prior": 0.01, "pretrain_steps": 60}
+
+
+def use_tiny_preregistration(tmp_path, monkeypatch, evaluation: list, budget: int):
+    """A pre-registration of tiny tasks (tuning: `tune_tiny`) and a task cache, both under `tmp_path`."""
+    prereg = {"budget": budget, "evaluation_seeds": [0], "tuning_seeds": [100], "grpo_seeds": [0],
+              "evaluation": evaluation, "tuning": [{"name": "tune_tiny", **TINY_TASK}]}
     path = tmp_path / "prereg.json"
     path.write_text(json.dumps(prereg))
     monkeypatch.setattr(defaults, "PREREGISTRATION", path)
     monkeypatch.setattr(task_family, "CACHE", tmp_path / "cache")
+
+
+def test_defaults_benchmark_quick_run_writes_results_and_reuses_them(tmp_path, monkeypatch):
+    use_tiny_preregistration(tmp_path, monkeypatch, evaluation=[], budget=60)
     args = defaults.Args(group="tuning", tasks=["tune_tiny"], seeds=[100], budget=60, out=str(tmp_path / "out"))
     summary = defaults.main(args)
     (row,) = summary["rows"]
@@ -162,15 +169,8 @@ def test_defaults_benchmark_quick_run_writes_results_and_reuses_them(tmp_path, m
 
 
 def test_grpo_runs_at_the_rate_its_tuning_sweep_chose(tmp_path, monkeypatch):
-    prereg = {"budget": 40, "evaluation_seeds": [0], "tuning_seeds": [100], "grpo_seeds": [0],
-              "evaluation": [{"name": "eval_tiny", "structure": "count", "symbols": 4, "length": 5, "prior": 0.01,
-                              "pretrain_steps": 60, "seed": 1}],
-              "tuning": [{"name": "tune_tiny", "structure": "count", "symbols": 4, "length": 5, "prior": 0.01,
-                          "pretrain_steps": 60}]}
-    path = tmp_path / "prereg.json"
-    path.write_text(json.dumps(prereg))
-    monkeypatch.setattr(defaults, "PREREGISTRATION", path)
-    monkeypatch.setattr(task_family, "CACHE", tmp_path / "cache")
+    use_tiny_preregistration(tmp_path, monkeypatch, evaluation=[{"name": "eval_tiny", **TINY_TASK, "seed": 1}],
+                             budget=40)
     monkeypatch.setattr(defaults, "GRPO_RATES", (1e-3,))
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="no GRPO sweep runs"):
