@@ -70,6 +70,9 @@ SWEEP_GRID = {
     # the same tuning effort as the bonus baselines: two knobs, six runs (tau and the distillation learning rate)
     "banel": [{"rejection_threshold": t, "learning_rate": lr} for t in (0.9, 0.97, 0.99) for lr in (3e-4, 1e-3)],
 }
+# what a sparse run records of each round (trainer.history): the filter's rejections and the generator
+ROUND_TRACE = ("round", "nre", "successes", "acceptance_rate", "known_rejected", "proposed", "filter/ratio_rejected_rate",
+               "generator/entropy", "generator/distinct")
 _NOT_SETTINGS = ("output_dir", "report_to", "logging_steps", "disable_tqdm", "save_strategy")
 
 
@@ -350,6 +353,8 @@ def run_one(task: Task, method: str, seed: int, knobs: dict, budget: int, eval_s
         # the step size's record (distill_target_kl): what each distillation moved, and the rate it chose next
         step_sizes = [{k: h[k] for k in ("round", "distill/kl_step", "distill/learning_rate") if k in h}
                       for h in trainer.history if "distill/kl_step" in h]
+        # the mechanism round by round: what the filter rejected (known failures, the ratio test) and the generator
+        rounds = [{k: h[k] for k in ROUND_TRACE if k in h} for h in trainer.history]
         phase_seconds = {k: round(v, 2) for k, v in trainer.phase_seconds.items()}
         settings = {k: v for k, v in settings.items() if k not in _NOT_SETTINGS}
     else:
@@ -391,7 +396,7 @@ def run_one(task: Task, method: str, seed: int, knobs: dict, budget: int, eval_s
         final_reused = bool(reused)
         fresh = estimate(curve.best_model(model), eval_samples, 20_000 + seed)
         nre, successes_found, steps = budgeted.ledger.spent, len(budgeted.ledger.successes), trainer.state.global_step
-        phase_seconds, step_sizes = None, []
+        phase_seconds, step_sizes, rounds = None, [], []
         stop_reason = ("budget spent" if budgeted.exhausted else f"{idle_steps} idle steps" if idle and idle.stopped
                        else f"max_steps={max_steps}")
         settings = {k: v for k, v in settings.items() if k not in _NOT_SETTINGS}
@@ -410,7 +415,8 @@ def run_one(task: Task, method: str, seed: int, knobs: dict, budget: int, eval_s
     if pretrained is not None:
         record.update(task=task.name, stop_reason=stop_reason, phase_seconds=phase_seconds,
                       estimate_minutes=estimating[0] / 60, cpu_minutes=(time.process_time() - cpu_start) / 60,
-                      reused_pretrained_estimate=not is_banel(method) and final_reused, step_sizes=step_sizes)
+                      reused_pretrained_estimate=not is_banel(method) and final_reused, step_sizes=step_sizes,
+                      rounds=rounds)
     return record
 
 
