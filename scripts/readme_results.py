@@ -202,6 +202,22 @@ def render_regimes(root: Path) -> str:
     return "\n".join(rows) + "\n"
 
 
+def render_defaults(root: Path) -> str:
+    """The default round on the pre-registered evaluation tasks (and the shipped ones once measured) beside GRPO:
+    `benchmarks/defaults.py --summarize`'s rows (runs of a former round keep their label until rerun)."""
+    summary = json.loads((root / "benchmarks" / "results" / "defaults" / "defaults.json").read_text())
+    rows = ["| task | pretrained | blind search expects | round | seeds >= 100x | below pretrained | median final |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in summary["rows"]:
+        if r["group"] == "tuning" or r["variant"].split(" (")[0] not in ("defaults", "no_known", "grpo"):
+            continue
+        blind = r["blind_expected_successes"]
+        blind = "n/a" if blind is None else f"{blind:.2g}" + ("" if r["qualifies"] else " (does not qualify)")
+        rows.append(f"| {r['task']} | {r['prior']:.2g} | {blind} | {r['variant']} | {r['seeds_100x']} of "
+                    f"{len(r['seeds'])} | {r['below_pretrained']} | {r['median_x']:.3g}x |")
+    return "\n".join(rows) + "\n"
+
+
 def render_config_table(root: Path) -> str:
     """BaNEL's own fields and the TrainingArguments defaults it changes, from the dataclass itself."""
     sys.path.insert(0, str(root))
@@ -239,6 +255,7 @@ BLOCKS: dict[str, Block] = {
     "hard-attack-variants-table": Block(["benchmarks/results/hard_attack_variants/variants.md"],
                                         table_from("benchmarks/results/hard_attack_variants/variants.md")),
     "regimes": Block(["benchmarks/results/addition_attack.json", "benchmarks/results/sparse.json"], render_regimes),
+    "defaults-table": Block(["benchmarks/results/defaults/defaults.json"], render_defaults),
     "config-table": Block(["trl_banel/config.py"], render_config_table),
 }
 
