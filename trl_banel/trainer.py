@@ -289,7 +289,9 @@ class BaNELTrainer(_BaseTrainer):
             self.history = state["history"]
             self._rounds_in_phase = state["rounds_in_phase"]
             self._idle_rounds = state["idle_rounds"]
-            self._buffer = state["buffer"]
+            device = self.accelerator.device  # a checkpoint's tensors load on the CPU
+            self._buffer = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                            for batch in state["buffer"]]
             self._finished = state["finished"]
             self.region.held_out = [Candidate.from_dict(c) for c in state.get("held_out", [])]
             if state["failure_models"]:
