@@ -85,7 +85,8 @@ def test_a_pickled_state_is_never_unpickled_by_default(tmp_path, char_tokenizer,
 
     trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(), args=config(tmp_path),
                            train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
-    with pytest.raises(PickledStateError, match=rf"checkpoint-2/{LEGACY_STATE_NAME}.*run any code.*{ALLOW_PICKLE_ENV}=1"):
+    refused = rf"checkpoint-2/{LEGACY_STATE_NAME}.*run any code.*{ALLOW_PICKLE_ENV}=1"
+    with pytest.raises(PickledStateError, match=refused):
         trainer.train(resume_from_checkpoint=True)
     with pytest.raises(PickledStateError):
         load_state(str(folder))

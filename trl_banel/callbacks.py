@@ -1,10 +1,16 @@
 """Callbacks of a BaNEL run: the console progress (added by the trainer) and the ones users add."""
 
+import contextlib
 import json
 import logging
 import os
+import signal
+import threading
+import time
 
 from transformers import TrainerCallback
+
+from .distributed import sum_over_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +98,8 @@ class BaNELProgressCallback(TrainerCallback):
         found = len(t.ledger.successes)
         self._write(f"stopped after {t.round} rounds: {reason}; {t.ledger.spent:,} reward evaluations spent, "
                     f"{found} {'success' if found == 1 else 'successes'} found")
-        advice = sparse_task_advice(t.args, t.ledger.spent, found)
+        # an interrupted run has not ended the way the advice is about
+        advice = None if t.interrupts.stopped else sparse_task_advice(t.args, t.ledger.spent, found)
         if advice:
             logger.warning(advice)
         for cb in t.callback_handler.callbacks:  # the run report is drawn just before (its callback comes first)
@@ -117,6 +124,9 @@ def add_banel_callbacks(trainer):
     if trainer.callback_handler.pop_callback(DEFAULT_PROGRESS_CALLBACK) is not None or printer is not None:
         trainer.add_callback(BaNELProgressCallback(trainer, bar=printer is None))
     trainer.add_callback(StopWhenDone(trainer))
+    trainer.add_callback(SaveEveryMinutes(trainer))
+    trainer.interrupts = StopOnSignal(trainer)  # train() installs its handlers; the rounds ask it between them
+    trainer.add_callback(trainer.interrupts)
 
 
 class StopWhenDone(TrainerCallback):
@@ -133,6 +143,91 @@ class StopWhenDone(TrainerCallback):
             # a checkpoint of the final state: a later train(resume_from_checkpoint=True) continues from the trained
             # model, never from an earlier one
             control.should_save = args.save_strategy != "no"
+
+
+class StopOnSignal(TrainerCallback):
+    r"""
+    SIGINT (Ctrl-C) or SIGTERM during `train()`: the run stops at its next safe point, with a checkpoint.
+
+    The signal only sets a flag (the handler runs between two Python bytecodes, possibly inside a reward call or a
+    checkpoint write, where nothing may be cut short); the trainer reads it after each round (`requested`), and at the
+    end of the step the training stops and, unless `save_strategy="no"`, saves a complete checkpoint the ordinary way.
+    The first signal also restores the handlers found before `train()`, so a second Ctrl-C interrupts at once.
+    Handlers are installed only from the main thread (Python allows no other), and restored when `train()` ends.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.received: str | None = None  # the signal's name, once one arrived (this process)
+        self.stopped: str | None = None  # the signal the run stopped for (any process), once it stopped
+        self._previous: dict = {}
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Catch the signals for the duration of the block (`train()`), then put the previous handlers back."""
+        self.received = self.stopped = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            self._restore()
+
+    def _restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        self._restore()  # a second signal gets the previous behaviour: KeyboardInterrupt, or termination
+        # os.write: a print or a log call could be the one this handler interrupted (a reentrant write raises)
+        os.write(2, (f"\n{self.received} received: stopping after the current round to save a checkpoint "
+                     f"({'Ctrl-C' if signum == signal.SIGINT else 'the signal'} again to quit at once).\n").encode())
+
+    def requested(self) -> bool:
+        """Whether any process received a signal: every process asks at the same points, and all stop together."""
+        if self.stopped is None and sum_over_ranks(self.trainer.accelerator, self.received is not None):
+            self.stopped = self.received or "a signal (on another process)"
+        return self.stopped is not None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested():
+            self.trainer.stop_reason = f"interrupted ({self.stopped})"
+            control.should_training_stop = True
+            control.should_save = args.save_strategy != "no"
+
+
+class SaveEveryMinutes(TrainerCallback):
+    """A checkpoint every `save_every_minutes` of wall time (at the end of the step that passes it), so that a kill
+    (SIGKILL, a lost machine) costs at most that much training. Off with `save_strategy="no"` or
+    `save_every_minutes=None`."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        minutes = getattr(trainer.args, "save_every_minutes", None)
+        if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float))
+                                    or not minutes > 0):
+            raise ValueError(f"BaNELConfig.save_every_minutes={minutes!r} is invalid: it must be None or a number of "
+                             "minutes > 0.")
+        self.seconds = None if minutes is None else 60.0 * minutes
+        self._last = time.monotonic()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.seconds is None or args.save_strategy == "no":
+            return
+        # the main process's clock decides: every process must take part in the same saves
+        due = self.trainer.accelerator.is_main_process and time.monotonic() - self._last >= self.seconds
+        if sum_over_ranks(self.trainer.accelerator, due):
+            control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs):
+        self._last = time.monotonic()
 
 
 def sparse_task_advice(args, spent: int, found: int) -> str | None:

@@ -2,10 +2,10 @@
 
 Three files make a BaNEL run resumable and safe to run again:
 - `evaluations.jsonl` and `evaluations.calls.jsonl`: the ledger and its write-ahead journal (`trl_banel.ledger`);
-- `checkpoint-N/banel_state.json` (with its tensors in `banel_state.safetensors`): written last, atomically, after every
-  other file of the checkpoint is on disk, so a checkpoint without it is one a crash cut short, and is never resumed
-  from. Neither file can run code when loaded (no pickle): a checkpoint folder from someone else is data, not a
-  program. The `banel_state.pt` of earlier versions is a pickle; it is loaded only on request
+- `checkpoint-N/banel_state.json` (with its tensors in `banel_state.safetensors`): written last, atomically, after
+  every other file of the checkpoint is on disk, so a checkpoint without it is one a crash cut short, and is never
+  resumed from. Neither file can run code when loaded (no pickle): a checkpoint folder from someone else is data, not
+  a program. The `banel_state.pt` of earlier versions is a pickle; it is loaded only on request
   (`TRL_BANEL_ALLOW_PICKLED_STATE=1`, see `load_state`);
 - `banel_run.json`: written when `train()` returns, naming the step the run finished at. A later `train()` in the same
   `output_dir` that would start from an earlier state (the model passed in, or an older checkpoint) is refused: it
@@ -35,7 +35,7 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class PickledStateError(ValueError):
-    """A checkpoint holds only the pickled `banel_state.pt` of an earlier version, and loading pickles was not allowed."""
+    """A checkpoint holds only the pickled `banel_state.pt` of an earlier version, and unpickling was not allowed."""
 
 
 class FinishedRunError(RuntimeError):
@@ -218,13 +218,28 @@ def read_finished(output_dir: str) -> dict | None:
         return json.load(f)
 
 
-def finished_info(output_dir: str, global_step: int, ledger, rounds: int) -> dict:
-    """What `banel_run.json` says of a run that ended at `global_step`: its final checkpoint (if one was saved at that
-    step), the budget spent and the successes."""
+def _final_checkpoint(output_dir: str, global_step: int) -> str | None:
     final = last_complete_checkpoint(output_dir)
-    final = os.path.basename(final) if final and final.endswith(f"-{global_step}") else None
-    return {"global_step": global_step, "checkpoint": final, "spent": ledger.spent, "budget": ledger.budget,
-            "lost": len(ledger.lost), "rounds": rounds, "successes": len(ledger.successes)}
+    return os.path.basename(final) if final and final.endswith(f"-{global_step}") else None
+
+
+def finished_info(output_dir: str, global_step: int, ledger, rounds: int, interrupted: str | None = None) -> dict:
+    """What `banel_run.json` says of a run that ended at `global_step`: its final checkpoint (if one was saved at that
+    step), the budget spent and the successes; `interrupted`: the signal that stopped it early, if one did."""
+    return {"global_step": global_step, "checkpoint": _final_checkpoint(output_dir, global_step),
+            "spent": ledger.spent, "budget": ledger.budget, "lost": len(ledger.lost), "rounds": rounds,
+            "successes": len(ledger.successes), "interrupted": interrupted}
+
+
+def interrupted_line(output_dir: str, global_step: int, ledger, rounds: int, signal_name: str) -> str:
+    """The one line a run stopped by a signal ends with: what it kept, and how to go on."""
+    final = _final_checkpoint(output_dir, global_step)
+    kept = (f"checkpoint {os.path.join(output_dir, final)} holds its state; continue with "
+            f"trainer.train(resume_from_checkpoint=True)" if final else
+            "no checkpoint was saved (save_strategy='no'): a new train() in this output_dir resumes the ledger with "
+            "the model passed in")
+    return (f"Interrupted by {signal_name} after {rounds} rounds ({ledger.spent} of {ledger.budget} reward "
+            f"evaluations spent, none lost to the interrupt): {kept}.")
 
 
 def mark_finished(output_dir: str, info: dict):
@@ -249,6 +264,8 @@ def refuse_rerun(output_dir: str, checkpoint: str | None):
     step = finished["global_step"]
     if checkpoint is not None and _checkpoint_global_step(checkpoint) >= step:
         return
+    if finished.get("interrupted") and not finished.get("checkpoint"):
+        return  # stopped early with nothing saved: the ledger, resumed with the model passed in, is all there is
     start = ("the model passed to the trainer" if checkpoint is None
              else f"{checkpoint} (step {_checkpoint_global_step(checkpoint)}, before the end)")
     final = finished.get("checkpoint")
@@ -256,8 +273,9 @@ def refuse_rerun(output_dir: str, checkpoint: str | None):
                        if final and is_complete_checkpoint(os.path.join(output_dir, final)) else
                        "no checkpoint holds its final state (it ran with save_strategy='no'): start a new run in "
                        "another output_dir from the model it saved")
+    what = f"an interrupted ({finished['interrupted']})" if finished.get("interrupted") else "a finished"
     raise FinishedRunError(
-        f"output_dir={output_dir!r} holds a finished BaNEL run: {finished['spent']} of {finished['budget']} reward "
+        f"output_dir={output_dir!r} holds {what} BaNEL run: {finished['spent']} of {finished['budget']} reward "
         f"evaluations spent over {finished['rounds']} rounds, {step} training steps (finished "
         f"{finished.get('finished_at', '?')}; see {RUN_FILENAME}). Training again from {start} would end by saving "
         "a less trained model over it, so nothing was done. To continue this run (e.g. with a larger "
