@@ -35,6 +35,36 @@ def format_round_line(record: dict, budget: int, best=None, new_successes: int =
     return " | ".join(parts)
 
 
+class _BarLineBreak(logging.Handler):
+    """Put the package's log records on their own line while the progress bar is drawn: before whichever handler
+    writes a record, the bar's line is cleared on a terminal, or ended with a newline in a redirected log, so that the
+    message does not continue the bar's line (the bar is drawn again below it at its next update). Where no handler of
+    the user's would write the record, it writes it as Python's last resort would have (WARNING and above, the message
+    alone): being a handler, it keeps the last resort from being used."""
+
+    def __init__(self, bar):
+        super().__init__()
+        self.bar = bar
+
+    def _written_elsewhere(self, record) -> bool:
+        logger = logging.getLogger(record.name)
+        while logger is not None:
+            if any(h is not self and record.levelno >= h.level for h in logger.handlers):
+                return True
+            logger = logger.parent if logger.propagate else None
+        return False
+
+    def emit(self, record):
+        fp = self.bar.fp
+        if getattr(fp, "isatty", lambda: False)():
+            self.bar.clear()
+        else:
+            fp.write("\n")
+        if record.levelno >= logging.WARNING and not self._written_elsewhere(record):
+            fp.write(self.format(record) + "\n")
+        fp.flush()
+
+
 class BaNELProgressCallback(TrainerCallback):
     r"""
     The console of a BaNEL run (it replaces `transformers`' progress bar and printer; added by the trainer).
@@ -52,6 +82,8 @@ class BaNELProgressCallback(TrainerCallback):
         self.bar = None
         self._last_round = -1  # the last round printed
         self._verbose = False
+        self._line_break = None
+        self._transformers_bars = True
 
     def _write(self, line: str):
         if self.bar is not None:
@@ -68,6 +100,13 @@ class BaNELProgressCallback(TrainerCallback):
             self.bar = tqdm(total=args.max_reward_evaluations, desc="reward evaluations", unit="NRE",
                             dynamic_ncols=True)
             self.bar.update(self.trainer.ledger.spent)
+            self._line_break = _BarLineBreak(self.bar)
+            logging.getLogger("trl_banel").addHandler(self._line_break)
+            # transformers' own bars (a checkpoint's "Writing model shards") would be drawn into ours
+            from transformers.utils import logging as hf_logging
+
+            self._transformers_bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
 
     def on_step_end(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -108,6 +147,11 @@ class BaNELProgressCallback(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+            logging.getLogger("trl_banel").removeHandler(self._line_break)
+            if self._transformers_bars:
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.enable_progress_bar()
 
 
 def add_banel_callbacks(trainer):

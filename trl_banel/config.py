@@ -214,8 +214,9 @@ class BaNELConfig(_BaseConfig):
         },
     )
     logging_steps: float = field(default=1, metadata={"help": "Log every X distillation steps (or rounds)."})
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Enable gradient checkpointing in the distillation steps."}
+    # None, not False: transformers (>= 5.22) warns that the name is deprecated whenever it is set; None is off
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Enable gradient checkpointing in the distillation steps (None: off)."}
     )
     remove_unused_columns: bool = field(
         default=False,
