@@ -218,6 +218,9 @@ class StopOnSignal(TrainerCallback):
             yield self
         finally:
             self._restore()
+            # a signal after the last step (while the run report was drawn): the run has ended with its final
+            # checkpoint, but the script must still learn that it was asked to stop
+            self.stopped = self.stopped or self.received
 
     def _restore(self):
         for s, handler in self._previous.items():
