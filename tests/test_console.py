@@ -85,3 +85,23 @@ def test_stop_after_successes(tmp_path, char_tokenizer, skewed_model, capsys):
     again.train()
     assert again.ledger.spent == spent == len(oracle.all_completions)
     assert again.stop_reason == "1 success found (stop_after_successes=1)"
+
+
+def test_the_package_advice_gets_a_line_of_its_own_under_the_bar(tmp_path, char_tokenizer, skewed_model, capsys):
+    # no success in the budget: the end-of-run advice is logged while the progress bar is still drawn
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(),
+                           args=config(tmp_path, disable_tqdm=False), train_dataset=UNCONDITIONAL,
+                           processing_class=char_tokenizer)
+    root = logging.getLogger()
+    configured = root.handlers[:]
+    root.handlers.clear()  # as in a script that configured no logging (pytest's capture handler set aside)
+    try:
+        trainer.train()
+    finally:
+        root.handlers[:] = configured
+    err = capsys.readouterr().err
+    assert "reward evaluations:" in err, "no progress bar drawn"
+    assert err.count("No success in 24 reward evaluations.") == 1  # written once, by nothing else than the package
+    assert "\nNo success in 24 reward evaluations." in err, "glued to the progress bar's line"
+    logger = logging.getLogger("trl_banel")
+    assert not logger.handlers  # the bar's line break is gone with the bar

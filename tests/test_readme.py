@@ -1,6 +1,7 @@
 """The README is what a new user runs: keep it and CI honest."""
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import fields
@@ -51,3 +52,10 @@ def test_the_use_snippet_runs_as_written(tmp_path):
     assert (out / "run_report.png").exists() and (out / "model.safetensors").exists()
     assert "arxiv" in (out / "README.md").read_text().lower()  # the model card cites the paper
     assert "round 0 | NRE 50/50" in proc.stdout and proc.stdout.rstrip().endswith("]")  # the printed successes
+    # the console says only what matters: no warning of a dependency (FutureWarnings, transformers' logger), and
+    # the package's own advice on a line of its own, not glued to the progress bar
+    said = [line.strip() for line in re.split(r"[\r\n]+", proc.stderr) if line.strip()]
+    bars = re.compile(r"^(Loading weights|reward evaluations|Writing model shards):\s+\d+%\|.*\]$")  # a bar alone
+    others = [line for line in said if not bars.match(line) and "real_accelerator.py" not in line]  # DeepSpeed's
+    assert all(line.startswith("No success in 50 reward evaluations.") for line in others), others
+    assert "\nNo success in" in proc.stderr or "No success in" not in proc.stderr

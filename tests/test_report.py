@@ -80,3 +80,73 @@ def test_a_run_writes_its_rounds_and_report(tmp_path, char_tokenizer, skewed_mod
                           cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == str(out / REPORT_FILENAME) and (out / REPORT_FILENAME).exists()
+
+
+def test_the_report_of_an_interrupted_run_states_its_record(tmp_path, char_tokenizer, skewed_model, capsys):
+    """Rounds, evaluations spent and lost, successes: the report says what banel_run.json and the ledger say, for a
+    run that a crash (one call lost) and then Ctrl-C cut short."""
+    import os
+    import signal
+
+    from trl_banel.ledger import RewardLedger
+    from trl_banel.report import main, run_summary
+
+    out = tmp_path / "out"
+    out.mkdir()
+    # a crash during a reward call of an earlier start: its two items are charged, never recorded
+    lost_call = {"call": 0, "round": 0,
+                 "items": [{"prompt": "", "completion": "qq"}, {"prompt": "", "completion": "q"}]}
+    (out / "evaluations.calls.jsonl").write_text(json.dumps(lost_call) + "\n")
+    calls = []
+
+    def oracle(prompts, completions, **kwargs):
+        calls.append(completions)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return [1.0 if c == "bird" else 0.0 for c in completions]
+
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=oracle,
+                           args=config(tmp_path, save_strategy="steps", max_reward_evaluations=60),
+                           train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
+    trainer.train()
+    assert trainer.interrupted == "SIGINT"
+    record = json.loads((out / "banel_run.json").read_text())
+    summary = run_summary(str(out))
+    assert (summary.rounds, summary.spent, summary.lost, summary.successes, summary.interrupted) == (
+        record["rounds"], record["spent"], record["lost"], record["successes"], record["interrupted"])
+    assert record["lost"] == 2 and record["rounds"] == 3 and 2 < record["spent"] < 60 and record["successes"] >= 1
+    capsys.readouterr()
+    main([str(out)])
+    said = capsys.readouterr().err
+    assert (f"3 rounds, {record['spent']} reward evaluations spent (2 lost in a crash" in said
+            and f"{record['successes']} success" in said and "interrupted (SIGINT)" in said), said
+
+    # a crash the run was not restarted from: the open call is charged as the next start will charge it
+    crashed = tmp_path / "crashed"
+    shutil.copytree(out, crashed)
+    (crashed / "banel_run.json").unlink()
+    open_call = {"call": 99, "round": 3, "items": [{"prompt": "", "completion": "zz"}]}
+    with open(crashed / "evaluations.calls.jsonl", "a") as f:
+        f.write(json.dumps(open_call) + "\n")
+    summary = run_summary(str(crashed))
+    ledger = RewardLedger(str(crashed / "evaluations.jsonl"), budget=60)  # settles the open call
+    assert (summary.spent, summary.lost, summary.rounds) == (ledger.spent, len(ledger.lost), 4)
+    assert summary.interrupted is None
+
+
+def test_many_rounds_without_a_success_draw_no_barcode():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from trl_banel.report import _plot_rates
+
+    per_round = rates_by_round([evaluation(r, False) for r in range(150) for _ in range(50)])
+    fig, ax = plt.subplots()
+    _plot_rates(ax, per_round)
+    assert not ax.containers, "error bars per round"
+    upper = clopper_pearson(0, 7500)[1]
+    assert any(f"rate < {upper:.2g}" in t.get_text() for t in ax.texts)
+    assert ax.get_ylim()[1] < 0.05  # scaled to the run's bound, not to one round's interval
+    plt.close(fig)

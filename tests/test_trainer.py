@@ -343,7 +343,7 @@ def test_a_failing_oracle_stops_the_run_after_saving_everything(tmp_path, char_t
     assert len(lines) == sum(calls[:2]), "evaluations made before the failure were lost"
     assert all(json.loads(line)["reward"] == 0.0 for line in lines)
     checkpoints = list((tmp_path / "out").glob("checkpoint-*"))
-    assert checkpoints and (checkpoints[0] / "banel_state.pt").exists()
+    assert checkpoints and (checkpoints[0] / "banel_state.json").exists()
 
 
 def test_collate_left_pads_prompts_and_right_pads_completions(tmp_path, char_tokenizer, skewed_model):

@@ -10,6 +10,7 @@ that moves them breaks one module; the versions they are tested with are pinned 
 
 import contextlib
 import copy
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +21,15 @@ from peft.tuners.lora import LoraLayer, LoraModel
 SCORING_CHOICES = ("auto", "merged", "peft")
 
 
-def new_lora_config(r: int, alpha: int, target_modules) -> LoraConfig:
-    """The failure adapters' config on a plain generator (no dropout: a failure model is a deterministic density)."""
-    return LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0)
+def new_lora_config(r: int, alpha: int, target_modules, policy=None) -> LoraConfig:
+    """The failure adapters' config on a plain generator (no dropout: a failure model is a deterministic density).
+    GPT-2-style generators store their projections as transposed `Conv1D` weights: `fan_in_fan_out` says so (peft
+    would otherwise warn and set it itself)."""
+    from transformers.pytorch_utils import Conv1D
+
+    transposed = policy is not None and any(isinstance(m, Conv1D) for m in policy.modules())
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0,
+                      fan_in_fan_out=transposed)
 
 
 def generator_lora_config(policy: PeftModel) -> tuple[str, LoraConfig]:
@@ -40,12 +47,23 @@ def generator_lora_config(policy: PeftModel) -> tuple[str, LoraConfig]:
     return name, config
 
 
+@contextlib.contextmanager
+def no_checkpointing_deprecation():
+    """Silence the FutureWarning transformers 5.23 gives when `is_gradient_checkpointing` is read: peft's `PeftModel`
+    and TRL's `unwrap_model_for_generation` read it on every run, and nothing in this package or its users' code can
+    change that."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def inject(policy, config: LoraConfig, name: str) -> PeftModel:
     """Wrap a plain generator in a `PeftModel` holding adapter `name`, disabled.
 
     peft injects LoRA layers in place: the generator object and its parameters stay the same objects (the Trainer's
     optimizer keeps working), and peft can route mixed-adapter batches."""
-    peft_model = PeftModel(policy, config, name)
+    with no_checkpointing_deprecation():
+        peft_model = PeftModel(policy, config, name)
     set_adapter_layers(peft_model, enabled=False)
     return peft_model
 

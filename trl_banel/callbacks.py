@@ -1,10 +1,16 @@
 """Callbacks of a BaNEL run: the console progress (added by the trainer) and the ones users add."""
 
+import contextlib
 import json
 import logging
 import os
+import signal
+import threading
+import time
 
 from transformers import TrainerCallback
+
+from .distributed import sum_over_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +35,36 @@ def format_round_line(record: dict, budget: int, best=None, new_successes: int =
     return " | ".join(parts)
 
 
+class _BarLineBreak(logging.Handler):
+    """Put the package's log records on their own line while the progress bar is drawn: before whichever handler
+    writes a record, the bar's line is cleared on a terminal, or ended with a newline in a redirected log, so that the
+    message does not continue the bar's line (the bar is drawn again below it at its next update). Where no handler of
+    the user's would write the record, it writes it as Python's last resort would have (WARNING and above, the message
+    alone): being a handler, it keeps the last resort from being used."""
+
+    def __init__(self, bar):
+        super().__init__()
+        self.bar = bar
+
+    def _written_elsewhere(self, record) -> bool:
+        logger = logging.getLogger(record.name)
+        while logger is not None:
+            if any(h is not self and record.levelno >= h.level for h in logger.handlers):
+                return True
+            logger = logger.parent if logger.propagate else None
+        return False
+
+    def emit(self, record):
+        fp = self.bar.fp
+        if getattr(fp, "isatty", lambda: False)():
+            self.bar.clear()
+        else:
+            fp.write("\n")
+        if record.levelno >= logging.WARNING and not self._written_elsewhere(record):
+            fp.write(self.format(record) + "\n")
+        fp.flush()
+
+
 class BaNELProgressCallback(TrainerCallback):
     r"""
     The console of a BaNEL run (it replaces `transformers`' progress bar and printer; added by the trainer).
@@ -46,6 +82,8 @@ class BaNELProgressCallback(TrainerCallback):
         self.bar = None
         self._last_round = -1  # the last round printed
         self._verbose = False
+        self._line_break = None
+        self._transformers_bars = True
 
     def _write(self, line: str):
         if self.bar is not None:
@@ -62,6 +100,13 @@ class BaNELProgressCallback(TrainerCallback):
             self.bar = tqdm(total=args.max_reward_evaluations, desc="reward evaluations", unit="NRE",
                             dynamic_ncols=True)
             self.bar.update(self.trainer.ledger.spent)
+            self._line_break = _BarLineBreak(self.bar)
+            logging.getLogger("trl_banel").addHandler(self._line_break)
+            # transformers' own bars (a checkpoint's "Writing model shards") would be drawn into ours
+            from transformers.utils import logging as hf_logging
+
+            self._transformers_bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
 
     def on_step_end(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -92,7 +137,8 @@ class BaNELProgressCallback(TrainerCallback):
         found = len(t.ledger.successes)
         self._write(f"stopped after {t.round} rounds: {reason}; {t.ledger.spent:,} reward evaluations spent, "
                     f"{found} {'success' if found == 1 else 'successes'} found")
-        advice = sparse_task_advice(t.args, t.ledger.spent, found)
+        # an interrupted run has not ended the way the advice is about
+        advice = None if t.interrupts.stopped else sparse_task_advice(t.args, t.ledger.spent, found)
         if advice:
             logger.warning(advice)
         for cb in t.callback_handler.callbacks:  # the run report is drawn just before (its callback comes first)
@@ -101,6 +147,11 @@ class BaNELProgressCallback(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+            logging.getLogger("trl_banel").removeHandler(self._line_break)
+            if self._transformers_bars:
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.enable_progress_bar()
 
 
 def add_banel_callbacks(trainer):
@@ -117,6 +168,9 @@ def add_banel_callbacks(trainer):
     if trainer.callback_handler.pop_callback(DEFAULT_PROGRESS_CALLBACK) is not None or printer is not None:
         trainer.add_callback(BaNELProgressCallback(trainer, bar=printer is None))
     trainer.add_callback(StopWhenDone(trainer))
+    trainer.add_callback(SaveEveryMinutes(trainer))
+    trainer.interrupts = StopOnSignal(trainer)  # train() installs its handlers; the rounds ask it between them
+    trainer.add_callback(trainer.interrupts)
 
 
 class StopWhenDone(TrainerCallback):
@@ -133,6 +187,94 @@ class StopWhenDone(TrainerCallback):
             # a checkpoint of the final state: a later train(resume_from_checkpoint=True) continues from the trained
             # model, never from an earlier one
             control.should_save = args.save_strategy != "no"
+
+
+class StopOnSignal(TrainerCallback):
+    r"""
+    SIGINT (Ctrl-C) or SIGTERM during `train()`: the run stops at its next safe point, with a checkpoint.
+
+    The signal only sets a flag (the handler runs between two Python bytecodes, possibly inside a reward call or a
+    checkpoint write, where nothing may be cut short); the trainer reads it after each round (`requested`), and at the
+    end of the step the training stops and, unless `save_strategy="no"`, saves a complete checkpoint the ordinary way.
+    The first signal also restores the handlers found before `train()`, so a second Ctrl-C interrupts at once.
+    Handlers are installed only from the main thread (Python allows no other), and restored when `train()` ends.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.received: str | None = None  # the signal's name, once one arrived (this process)
+        self.stopped: str | None = None  # the signal the run stopped for (any process), once it stopped
+        self._previous: dict = {}
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Catch the signals for the duration of the block (`train()`), then put the previous handlers back."""
+        self.received = self.stopped = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            self._restore()
+            # a signal after the last step (while the run report was drawn): the run has ended with its final
+            # checkpoint, but the script must still learn that it was asked to stop
+            self.stopped = self.stopped or self.received
+
+    def _restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        self._restore()  # a second signal gets the previous behaviour: KeyboardInterrupt, or termination
+        # os.write: a print or a log call could be the one this handler interrupted (a reentrant write raises)
+        os.write(2, (f"\n{self.received} received: stopping after the current round to save a checkpoint "
+                     f"({'Ctrl-C' if signum == signal.SIGINT else 'the signal'} again to quit at once).\n").encode())
+
+    def requested(self) -> bool:
+        """Whether any process received a signal: every process asks at the same points, and all stop together."""
+        if self.stopped is None and sum_over_ranks(self.trainer.accelerator, self.received is not None):
+            self.stopped = self.received or "a signal (on another process)"
+        return self.stopped is not None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested():
+            self.trainer.stop_reason = f"interrupted ({self.stopped})"
+            control.should_training_stop = True
+            control.should_save = args.save_strategy != "no"
+
+
+class SaveEveryMinutes(TrainerCallback):
+    """A checkpoint every `save_every_minutes` of wall time (at the end of the step that passes it), so that a kill
+    (SIGKILL, a lost machine) costs at most that much training. Off with `save_strategy="no"` or
+    `save_every_minutes=None`."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        minutes = getattr(trainer.args, "save_every_minutes", None)
+        if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float))
+                                    or not minutes > 0):
+            raise ValueError(f"BaNELConfig.save_every_minutes={minutes!r} is invalid: it must be None or a number of "
+                             "minutes > 0.")
+        self.seconds = None if minutes is None else 60.0 * minutes
+        self._last = time.monotonic()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.seconds is None or args.save_strategy == "no":
+            return
+        # the main process's clock decides: every process must take part in the same saves
+        due = self.trainer.accelerator.is_main_process and time.monotonic() - self._last >= self.seconds
+        if sum_over_ranks(self.trainer.accelerator, due):
+            control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs):
+        self._last = time.monotonic()
 
 
 def sparse_task_advice(args, spent: int, found: int) -> str | None:

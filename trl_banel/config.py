@@ -193,6 +193,11 @@ class BaNELConfig(_BaseConfig):
             torch threads of a run on the CPU (process-wide, `torch.set_num_threads`). `None`: a model under 10M
             parameters runs with one thread unless `OMP_NUM_THREADS` or `torch.set_num_threads` already chose a count
             (small models are several times faster on one thread); larger models keep torch's default.
+        save_every_minutes (`float` or `None`, *optional*, defaults to `30`):
+            Also save a checkpoint when this many minutes of wall time have passed since the last one (at the end of
+            the step that passes it), whatever `save_steps` says, so that a killed run loses at most that much
+            training. `None`: only `save_strategy` decides. Nothing is saved with `save_strategy="no"`. A run stopped
+            by SIGINT or SIGTERM saves one at its next safe point in any case (unless `save_strategy="no"`).
     """
 
 
@@ -209,8 +214,9 @@ class BaNELConfig(_BaseConfig):
         },
     )
     logging_steps: float = field(default=1, metadata={"help": "Log every X distillation steps (or rounds)."})
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Enable gradient checkpointing in the distillation steps."}
+    # None, not False: transformers (>= 5.22) warns that the name is deprecated whenever it is set; None is off
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Enable gradient checkpointing in the distillation steps (None: off)."}
     )
     remove_unused_columns: bool = field(
         default=False,
@@ -404,6 +410,11 @@ class BaNELConfig(_BaseConfig):
         default=None,
         metadata={"help": "torch threads on the CPU; None: 1 for models under 10M parameters unless OMP_NUM_THREADS "
                           "or torch.set_num_threads chose, else torch's default."},
+    )
+    save_every_minutes: float | None = field(
+        default=30.0,
+        metadata={"help": "Also checkpoint after this many minutes of wall time since the last checkpoint (not with "
+                          "save_strategy='no'); None: save_strategy alone decides."},
     )
 
     def __post_init__(self):

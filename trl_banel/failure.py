@@ -78,7 +78,7 @@ class FailureModels:
         if mode == "adapter" and isinstance(policy, PeftModel):
             self.policy_adapter, self.lora_config = adapters.generator_lora_config(policy)
         else:
-            self.lora_config = adapters.new_lora_config(lora_r, lora_alpha, target_modules)
+            self.lora_config = adapters.new_lora_config(lora_r, lora_alpha, target_modules, policy)
 
     @classmethod
     def from_config(cls, policy, args, accelerator, zero3: bool = False) -> "FailureModels":

@@ -6,6 +6,7 @@ from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .adapters import no_checkpointing_deprecation
 from .config import BaNELConfig
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ def load_model(model, peft_config=None):
     if peft_config is not None:
         if isinstance(model, PeftModel):
             raise ValueError("model is already a PeftModel: pass peft_config=None or the base model.")
-        model = get_peft_model(model, peft_config)
+        with no_checkpointing_deprecation():
+            model = get_peft_model(model, peft_config)
     return model
 
 

@@ -3,14 +3,18 @@
     python -m trl_banel report runs/my_run          # writes runs/my_run/run_report.png
 
 The trainer draws it at the end of `train()`. It reads the ledger (`evaluations.jsonl`: what every reward evaluation
-returned, in the order they were paid for) and the per-round log (`rounds.jsonl`, written by the trainer as the rounds
-end), so it works the same for a run launched by `accelerate launch`, a resumed run or a run that crashed.
+returned, in the order they were paid for), its journal (`evaluations.calls.jsonl`: the calls a crash cut short, whose
+evaluations were charged and never recorded) and the per-round log (`rounds.jsonl`, written by the trainer as the
+rounds end), so it works the same for a run launched by `accelerate launch`, a resumed run, an interrupted run or a run
+that crashed, and states the rounds, the evaluations spent and those lost as the run's record (`banel_run.json`) does.
+Nothing is written but the figure: the files of a run still going are only read.
 """
 
 import argparse
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 from transformers import TrainerCallback
@@ -20,6 +24,8 @@ from .stats import clopper_pearson
 logger = logging.getLogger(__name__)
 
 LEDGER_FILE = "evaluations.jsonl"  # the ledger's file name (trl_banel.ledger.LEDGER_FILENAME)
+JOURNAL_FILE = "evaluations.calls.jsonl"  # its journal (trl_banel.ledger.journal_path)
+RUN_FILE = "banel_run.json"  # the run's record when train() returned (trl_banel.runs.RUN_FILENAME)
 ROUNDS_FILENAME = "rounds.jsonl"
 REPORT_FILENAME = "run_report.png"
 
@@ -67,12 +73,69 @@ def rates_by_round(evaluations: list[dict], confidence: float = 0.95) -> list[Ro
     return out
 
 
+@dataclass
+class RunSummary:
+    """What a run's files say it did: the figures its report states."""
+
+    rounds: int  # rounds run (the next round's index)
+    spent: int  # reward evaluations charged: recorded plus lost
+    recorded: int  # evaluations with a reward in the ledger
+    lost: int  # charged, reward never recorded (in flight at a crash)
+    successes: int
+    interrupted: str | None = None  # the signal that stopped the run's last train(), if one did
+
+    def line(self) -> str:
+        lost = f" ({self.lost:,} lost in a crash: charged, reward unknown)" if self.lost else ""
+        stopped = f"; interrupted ({self.interrupted})" if self.interrupted else ""
+        return (f"{self.rounds} round{'' if self.rounds == 1 else 's'}, {self.spent:,} reward evaluations spent"
+                f"{lost}, {self.successes} success{'' if self.successes == 1 else 'es'}{stopped}")
+
+
+def lost_evaluations(output_dir: str, evaluations: list[dict]) -> list[dict]:
+    """The evaluations charged and never recorded, from the journal: those a start found lost (its `lost` lines), and
+    those of calls still open (a crash the run was not restarted from; the next start will charge them). Read-only."""
+    lost, open_calls = [], {}
+    for obj in read_jsonl(os.path.join(output_dir, JOURNAL_FILE)):
+        if "items" in obj and "end" not in obj:
+            open_calls[obj["call"]] = obj
+            continue
+        intent = open_calls.pop(obj["call"], None)
+        if obj.get("end") == "lost":
+            lost += [{**i, "round": intent["round"] if intent else -1} for i in obj["items"]]
+    recorded = {(e["prompt"], e["completion"]) for e in evaluations}
+    for intent in open_calls.values():
+        lost += [{**i, "round": intent["round"]} for i in intent["items"]
+                 if (i["prompt"], i["completion"]) not in recorded]
+    return lost
+
+
+def run_summary(output_dir: str) -> RunSummary:
+    """The rounds, evaluations spent and lost, and successes of the run in `output_dir`, from its ledger, journal and
+    per-round log (not from `banel_run.json`, which a crash leaves out of date; its `interrupted` is taken only when
+    the ledger has not grown since it was written)."""
+    evaluations = read_jsonl(os.path.join(output_dir, LEDGER_FILE))
+    lost = lost_evaluations(output_dir, evaluations)
+    rounds = read_jsonl(os.path.join(output_dir, ROUNDS_FILENAME))
+    last = max([r["round"] for r in rounds] + [e["round"] for e in evaluations] + [x["round"] for x in lost],
+               default=-1)
+    summary = RunSummary(rounds=last + 1, spent=len(evaluations) + len(lost), recorded=len(evaluations),
+                         lost=len(lost), successes=sum(bool(e["success"]) for e in evaluations))
+    record = os.path.join(output_dir, RUN_FILE)
+    if os.path.isfile(record):
+        with open(record, encoding="utf-8") as f:
+            finished = json.load(f)
+        if finished.get("spent") == summary.spent:
+            summary.interrupted = finished.get("interrupted")
+    return summary
+
+
 def plot_run_report(output_dir: str, path: str | None = None) -> str:
     r"""
     Draw the report of a BaNEL run from its `output_dir` and return the figure's path.
 
-    Four panels: the successes found against reward evaluations (NRE); the success rate of each round's evaluated
-    candidates with its 95% Clopper-Pearson band, and the run's cumulative rate; the filter's acceptance rate (and what
+    The title states what [`run_summary`] reads: rounds, evaluations spent (recorded and lost) and successes. Four
+    panels: the successes found against reward evaluations (NRE); the success rate of all the evaluations so far with
+    its 95% Clopper-Pearson band, and each round's rate; the filter's acceptance rate (and what
     it rejected) per round; the failure fit's margin (mean `log p_fail - log q` over its negatives after the fit) and
     the generator's per-token entropy per round. Everything comes from `evaluations.jsonl` and `rounds.jsonl`.
 
@@ -92,10 +155,11 @@ def plot_run_report(output_dir: str, path: str | None = None) -> str:
         raise FileNotFoundError(f"{output_dir} holds neither {LEDGER_FILE} nor {ROUNDS_FILENAME}: is it the "
                                 "output_dir of a BaNEL run?")
     path = path or os.path.join(output_dir, REPORT_FILENAME)
-    found = sum(bool(e["success"]) for e in evaluations)
+    summary = run_summary(output_dir)
+    found = summary.successes
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     (ax_found, ax_rate), (ax_accept, ax_fit) = axes
-    _plot_found(ax_found, evaluations, found)
+    _plot_found(ax_found, evaluations, found, summary.lost)
     per_round = rates_by_round(evaluations)
     _plot_rates(ax_rate, per_round)
     _plot_rounds(ax_accept, ax_fit, rounds)
@@ -104,16 +168,16 @@ def plot_run_report(output_dir: str, path: str | None = None) -> str:
     ax_found.yaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes.flat:
         ax.grid(alpha=0.3)
-    fig.suptitle(f"BaNEL run {os.path.basename(os.path.abspath(output_dir))}: {len(rounds) or len(per_round)} rounds, "
-                 f"{len(evaluations):,} reward evaluations, {found} success{'' if found == 1 else 'es'}")
+    fig.suptitle(f"BaNEL run {os.path.basename(os.path.abspath(output_dir))}: {summary.line()}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _plot_found(ax, evaluations: list[dict], found: int):
-    """Successes found against NRE: the run's output."""
+def _plot_found(ax, evaluations: list[dict], found: int, lost: int = 0):
+    """Successes found against NRE (the evaluations with a reward, in the order they were paid for): the run's
+    output."""
     x, y, total = [0], [0], 0
     for nre, e in enumerate(evaluations, 1):
         if e["success"]:
@@ -123,7 +187,8 @@ def _plot_found(ax, evaluations: list[dict], found: int):
     x.append(len(evaluations))
     y.append(total)
     ax.plot(x, y, color="C2", lw=2)
-    ax.set_title(f"successes found: {found} in {len(evaluations):,} evaluations")
+    ax.set_title(f"successes found: {found} in {len(evaluations):,} evaluations"
+                 + (f" (+{lost:,} lost)" if lost else ""))
     ax.set_xlabel("reward evaluations (NRE)")
     ax.set_ylabel("successes found (cumulative)")
     ax.set_ylim(bottom=0, top=max(1, total) * 1.1)
@@ -132,14 +197,11 @@ def _plot_found(ax, evaluations: list[dict], found: int):
 
 
 def _plot_rates(ax, per_round: list):
-    """The success rate of the evaluated candidates, per round, with Clopper-Pearson bands, and the run's so far."""
+    """The success rate of everything evaluated so far, with its 95% Clopper-Pearson band, against NRE; each round's
+    rate as a thin line under it. No per-round error bars: over a hundred rounds without a success they drew a
+    barcode; the cumulative band says what those rounds bound (without a success, its top is the upper bound)."""
     if per_round:
         nre = [r.nre for r in per_round]
-        rate = [r.rate for r in per_round]
-        ax.errorbar(nre, rate, yerr=[[v - r.low for v, r in zip(rate, per_round)],
-                                     [r.high - v for v, r in zip(rate, per_round)]],
-                    fmt="o", ms=3, lw=0.8, capsize=0, color="C0", alpha=0.7,
-                    label="each round's evaluations (95% Clopper-Pearson)")
         cum_s = cum_n = 0
         cum, cum_low, cum_high = [], [], []
         for r in per_round:
@@ -148,10 +210,16 @@ def _plot_rates(ax, per_round: list):
             cum.append(cum_s / cum_n)
             cum_low.append(low)
             cum_high.append(high)
-        ax.plot(nre, cum, color="C3", lw=1.5, label="all evaluated so far (band: 95% Clopper-Pearson)")
+        rate = [r.rate for r in per_round]
+        ax.plot(nre, rate, color="C0", lw=0.8, alpha=0.6, marker="o" if len(per_round) <= 40 else None, ms=3,
+                label="each round's evaluations")
+        ax.plot(nre, cum, color="C3", lw=1.8, label="all evaluated so far (band: 95% Clopper-Pearson)")
         ax.fill_between(nre, cum_low, cum_high, color="C3", alpha=0.2)
-        # scaled to the estimates, not to the wide intervals of small rounds (those run off the top)
-        ax.set_ylim(0, min(1.02, 1.3 * max(max(rate), max(cum_high), 0.02)))
+        if not cum_s:
+            ax.text(0.98, 0.95, f"no success in {cum_n:,}: rate < {cum_high[-1]:.2g} (95%)", ha="right", va="top",
+                    transform=ax.transAxes, fontsize=9, color="C3")
+        # scaled to the estimates and the run's final band: the wide bands of the first rounds run off the top
+        ax.set_ylim(0, min(1.02, 1.3 * max(max(rate), max(cum), cum_high[-1], 0.02)))
         ax.legend(fontsize=8, loc="upper left")
     ax.set_title("success rate of the evaluated candidates")
     ax.set_xlabel("reward evaluations (NRE)")
@@ -235,4 +303,6 @@ def main(argv=None):
     parser.add_argument("output_dir", help="the run's output_dir (holds evaluations.jsonl and rounds.jsonl)")
     parser.add_argument("--out", default=None, help=f"figure path; default: OUTPUT_DIR/{REPORT_FILENAME}")
     args = parser.parse_args(argv)
-    print(plot_run_report(args.output_dir, args.out))
+    path = plot_run_report(args.output_dir, args.out)
+    print(f"{args.output_dir}: {run_summary(args.output_dir).line()}", file=sys.stderr)  # stdout: the path alone
+    print(path)

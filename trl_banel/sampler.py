@@ -18,6 +18,7 @@ from transformers import LogitsProcessorList
 from trl.data_utils import is_conversational, maybe_apply_chat_template
 from trl.models.utils import unwrap_model_for_generation
 
+from .adapters import no_checkpointing_deprecation
 from .distributed import sum_over_ranks
 from .evidence import EvidenceLogitsProcessor, PrefixEvidence
 from .posterior import Candidates, completion_mask_after_prompt, rejection_mask
@@ -161,8 +162,8 @@ class Sampler:
         self.update_evidence()
         gather = not (self.zero3 and len(self.failures) and self.args.failure_model == "adapter")
         completion_ids = []
-        with unwrap_model_for_generation(self.generator(), self.accelerator,
-                                         gather_deepspeed3_params=gather) as unwrapped:
+        with no_checkpointing_deprecation(), unwrap_model_for_generation(
+                self.generator(), self.accelerator, gather_deepspeed3_params=gather) as unwrapped:
             was_training = unwrapped.training
             unwrapped.eval()
             for start in range(0, n, self.args.generation_batch_size):

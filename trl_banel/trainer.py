@@ -38,8 +38,8 @@ from .ledger import LEDGER_FILENAME, RewardFunctionError, RewardLedger
 from .oracle import RewardOracle
 from .oracle_gate import OracleGate
 from .region import FailureRegion
-from .runs import (copy_model_card, describe_resume, finished_info, load_state, mark_finished, refuse_rerun, resolve_checkpoint,
-                   save_state_last)
+from .runs import (copy_model_card, describe_resume, finished_info, interrupted_line, load_state, mark_finished,
+                   refuse_rerun, resolve_checkpoint, save_state_last)
 from .sampler import Candidate, Sampler
 from .stats import SuccessEstimate
 from .threads import configure_cpu_threads
@@ -269,8 +269,9 @@ class BaNELTrainer(_BaseTrainer):
             logger.warning(found)  # at the default level: a resumed run must never look like a new one
         if self.args.reevaluate_interrupted:
             self.gate.reevaluate_lost(self.round)
-        output = super().train(resume_from_checkpoint=checkpoint, trial=trial,
-                               ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        with self.interrupts.installed():  # SIGINT/SIGTERM: stop at the next safe point, with a checkpoint
+            output = super().train(resume_from_checkpoint=checkpoint, trial=trial,
+                                   ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
         # the generator goes back to the user as given: no failure adapter left inside it
         self.failures.clear()
         if self.best_generator is not None:
@@ -278,8 +279,17 @@ class BaNELTrainer(_BaseTrainer):
             logger.info("Best generator: the one that proposed rounds %d-%d (%d successes in %d evaluations), saved "
                         "in %s.", b["first_round"], b["last_round"], b["successes"], b["evaluated"], b["path"])
         if self.args.should_save:
-            mark_finished(output_dir, finished_info(output_dir, self.state.global_step, self.ledger, self.round))
+            mark_finished(output_dir, finished_info(output_dir, self.state.global_step, self.ledger, self.round,
+                                                    interrupted=self.interrupts.stopped))
+        if self.interrupts.stopped and self.accelerator.is_main_process:
+            logger.warning(interrupted_line(output_dir, self.state.global_step, self.ledger, self.round,
+                                            self.interrupts.stopped))
         return output
+
+    @property
+    def interrupted(self) -> str | None:
+        """The signal (`"SIGINT"`, `"SIGTERM"`) that stopped the last `train()` early, or `None`."""
+        return self.interrupts.stopped
 
     def _restore_pending_state(self):
         state, self._pending_state = self._pending_state, None
@@ -289,7 +299,9 @@ class BaNELTrainer(_BaseTrainer):
             self.history = state["history"]
             self._rounds_in_phase = state["rounds_in_phase"]
             self._idle_rounds = state["idle_rounds"]
-            self._buffer = state["buffer"]
+            device = self.accelerator.device  # a checkpoint's tensors load on the CPU
+            self._buffer = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                            for batch in state["buffer"]]
             self._finished = state["finished"]
             self.region.held_out = [Candidate.from_dict(c) for c in state.get("held_out", [])]
             if state["failure_models"]:
@@ -325,8 +337,11 @@ class BaNELTrainer(_BaseTrainer):
             self._finished = self._done()
             self._buffer = skipped(ga)
             return
-        while self._rounds_in_phase < args.distill_every and not self._done():
+        while self._rounds_in_phase < args.distill_every and not self._done() and not self.interrupts.requested():
             self._run_round()
+        if self.interrupts.requested():  # stop between rounds: the phase (and its distillation) goes on at resume
+            self._buffer = skipped(ga)
+            return
         self._finished = self._done()
         if self._rounds_in_phase == 0:  # nothing new to distil (e.g. resumed with the budget spent)
             self._finished = True
