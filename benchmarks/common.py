@@ -71,8 +71,8 @@ SWEEP_GRID = {
     "banel": [{"rejection_threshold": t, "learning_rate": lr} for t in (0.9, 0.97, 0.99) for lr in (3e-4, 1e-3)],
 }
 # what a sparse run records of each round (trainer.history): the filter's rejections and the generator
-ROUND_TRACE = ("round", "nre", "successes", "acceptance_rate", "known_rejected", "proposed", "filter/ratio_rejected_rate",
-               "generator/entropy", "generator/distinct")
+ROUND_TRACE = ("round", "nre", "successes", "acceptance_rate", "known_rejected", "proposed",
+               "filter/ratio_rejected_rate", "generator/entropy", "generator/distinct")
 _NOT_SETTINGS = ("output_dir", "report_to", "logging_steps", "disable_tqdm", "save_strategy")
 
 

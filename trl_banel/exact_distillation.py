@@ -255,11 +255,11 @@ class ExactDistillation:
         with self._teacher() as policy:
             batches = micro_batches(targets, n_micro, self.args.per_device_train_batch_size, seed,
                                     lambda b: proposal_distribution(policy, b, evidence, k))
-        return [_to_device(b, self.accelerator.device) for b in batches]
+        return [to_device(b, self.accelerator.device) for b in batches]
 
 
-def _to_device(item, device):
-    """A micro-batch (nested dicts of tensors) on `device`."""
+def to_device(item, device):
+    """A micro-batch (nested dicts of tensors, other values as they are) on `device`."""
     if isinstance(item, dict):
-        return {k: _to_device(v, device) for k, v in item.items()}
-    return item.to(device)
+        return {k: to_device(v, device) for k, v in item.items()}
+    return item.to(device) if isinstance(item, torch.Tensor) else item

@@ -29,9 +29,9 @@ from .callbacks import add_banel_callbacks
 from .config import BaNELConfig
 from .distill import (Distiller, better_phase, distillation_loss, frozen_copy, pretrained_generator, skipped,
                       stop_reason)
-from .exact_distillation import choose_objective
 from .distributed import PhaseTimer, is_zero3, mean_over_ranks, sum_over_ranks
 from .failure import FailureModels
+from .exact_distillation import choose_objective, to_device
 from .history import log_round, metric_means, round_record
 from .inputs import check_dataset, identity, load_model, prepare_tokenizer, resolve_args
 from .ledger import LEDGER_FILENAME, RewardFunctionError, RewardLedger
@@ -299,9 +299,8 @@ class BaNELTrainer(_BaseTrainer):
             self.history = state["history"]
             self._rounds_in_phase = state["rounds_in_phase"]
             self._idle_rounds = state["idle_rounds"]
-            device = self.accelerator.device  # a checkpoint's tensors load on the CPU
-            self._buffer = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                            for batch in state["buffer"]]
+            # a checkpoint's tensors load on the CPU (the exact objective's micro-batches nest their known failures)
+            self._buffer = [to_device(batch, self.accelerator.device) for batch in state["buffer"]]
             self._finished = state["finished"]
             self.region.held_out = [Candidate.from_dict(c) for c in state.get("held_out", [])]
             if state["failure_models"]:
