@@ -61,6 +61,9 @@ CANDIDATES = {
     # the chosen round with a KL(generator || pretrained) term: does it keep the seeds that fell below the prior?
     "kl0.1_exact_klref": {"learning_rate": 1e-4, "distill_target_kl": 0.1, "distill_objective": "exact",
                           "success_replay": 0.5, "distill_kl_coef": 0.1},
+    # the default round with prefix evidence (the ratio test rejects nothing on the tuning tasks: is novelty on
+    # prefixes what finds a first success?)
+    "evidence1": {"evidence_pseudo_count": 1.0},
 }
 SHIPPED = ["addition", "letters", "digits", "hard_attack"]
 GRPO_RATES = (1e-4, 3e-4, 1e-3)  # GRPO's sweep on the tuning set (benchmarks/common.py's GRPO settings otherwise)
