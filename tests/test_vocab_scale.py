@@ -190,3 +190,14 @@ def test_a_full_round_runs_at_a_qwen_sized_vocabulary_within_one_micro_batchs_lo
     assert max(sizes) <= micro_batch  # no forward made more logits than one micro-batch's
     assert grown < 3.0, f"peak memory grew by {grown:.2f} GiB"
     print(f"full round at {QWEN_VOCAB:,} tokens: {time.time() - start:.0f} s, peak RSS grew {grown:.2f} GiB")
+
+
+def test_known_failures_of_long_completions_are_drawn_though_their_mass_underflows_float32(char_tokenizer):
+    failures = candidates(char_tokenizer, SKEWED)
+    mass = torch.tensor([1e-63, 3e-63, 0.0, 1e-80], dtype=torch.float64)  # 128 tokens at 1e-3 each: far below these
+    targets = ExactTargets(failures, torch.zeros(4, dtype=torch.bool), 1.0, failures, mass)
+    items = micro_batches(targets, 200, 4, 0, lambda b: torch.zeros(len(b), 1, 1))
+    drawn = torch.cat([item["failures"]["input_ids"][:, 1] for item in items])
+    first = [char_tokenizer.convert_tokens_to_ids(s[0]) for s in SKEWED]
+    share = (drawn == first[1]).float().mean()  # "dog" holds 3/4 of the mass
+    assert 0.65 < share < 0.85 and not (drawn == first[2]).any() and not (drawn == first[3]).any()

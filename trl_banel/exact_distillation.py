@@ -211,7 +211,10 @@ def micro_batches(targets: ExactTargets, n_micro: int, batch_size: int, seed: in
                 "rejected": targets.rejected[torch.tensor(rows)].float(),
                 "acceptance": torch.tensor(targets.acceptance)}
         if total_mass > 0:
-            picks = torch.multinomial(targets.failure_mass.float(), batch_size, replacement=True, generator=g)
+            # scaled by a power of two so that float32 holds them: long completions' masses (1e-60 and below)
+            # underflow it; draws from masses that fit are unchanged by the exact scaling
+            scaled = torch.ldexp(targets.failure_mass, -torch.frexp(targets.failure_mass.max())[1])
+            picks = torch.multinomial(scaled.float(), batch_size, replacement=True, generator=g)
             item["failures"] = _tensors(targets.failures.select(picks.tolist()))
             item["failure_weight"] = torch.tensor(total_mass)  # times the draw's mean: unbiased for the sum
         out.append(item)
