@@ -174,7 +174,8 @@ def test_the_known_failure_term_estimates_the_mass_weighted_sum_without_bias(cha
     assert sum(terms) / len(terms) == pytest.approx(exact_sum, rel=0.1)
 
 
-def test_auto_objective_is_exact_for_a_small_vocabulary_and_posterior_for_a_large_one(tmp_path, char_tokenizer):
+def test_auto_objective_is_exact_with_whole_targets_at_a_small_vocabulary_and_sparse_ones_at_a_large_one(
+        tmp_path, char_tokenizer):
     from conftest import make_tiny_model
     from datasets import Dataset
 
@@ -183,8 +184,10 @@ def test_auto_objective_is_exact_for_a_small_vocabulary_and_posterior_for_a_larg
 
     args = BaNELConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", save_strategy="no",
                        distill_objective="auto", max_completion_length=128, per_device_train_batch_size=8)
-    assert choose_objective(args, 151_936, 20)[0] == "posterior"  # 8 x 148 x 151,936 = 180M values
-    assert choose_objective(args, 8_000, 20)[0] == "exact"
+    large = choose_objective(args, 151_936, 20)  # 8 x 148 x 151,936 = 180M values
+    assert large[0] == "exact" and "sparse targets" in large[1]
+    small = choose_objective(args, 8_000, 20)
+    assert small[0] == "exact" and "kept whole" in small[1]
     args.max_completion_length = 16
     trainer = BaNELTrainer(model=make_tiny_model(char_tokenizer), reward_funcs=lambda prompts, completions, **k:
                            [0.0] * len(completions), args=args, train_dataset=Dataset.from_dict({"prompt": [""]}),

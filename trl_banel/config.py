@@ -139,9 +139,10 @@ class BaNELConfig(_BaseConfig):
             probability mass, drawn in proportion to it) and the ratio-rejected proposals'
             (`trl_banel.exact_distillation`). Same expected gradient as `"posterior"`, without its sampling drift:
             with no region and no prefix evidence the gradient is exactly 0. Keeps each micro-batch's next-token
-            distributions (batch x completion length x vocabulary): for small vocabularies. `"auto"`: `"exact"` when
-            a micro-batch's distributions fit in 64M values, else `"posterior"`, decided when the trainer is built
-            (logged; `trainer.distill_objective` holds the choice, `args` stay as given).
+            distributions (batch x completion length x vocabulary) as targets where they fit in 64M values, else
+            sparse ones (each position's 256 most probable tokens and the rest of the mass). `"auto"`: `"exact"`,
+            with whole or sparse targets, decided when the trainer is built (logged; `trainer.distill_objective`
+            holds the choice, `args` stay as given).
         distill_target_kl (`float`, *optional*, defaults to `0.1`):
             When above 0, the distillation's learning rate is set by what each distillation moved the generator: the
             KL from the generator before a distillation to after it (sequence level, nats, estimated on 64 fresh
@@ -346,7 +347,8 @@ class BaNELConfig(_BaseConfig):
                           "rejected); 'exact': the posterior's log-likelihood with each part computed exactly "
                           "where it can be (per-token expectations under the proposal distribution, the known "
                           "failures' exact mass; trl_banel.exact_distillation), no sampling drift; 'auto': 'exact' "
-                          "where a micro-batch's next-token distributions fit in 64M values, else 'posterior'.",
+                          "(whole next-token distributions as targets where a micro-batch's fit in 64M values, else "
+                          "each position's 256 most probable tokens and the rest of the mass).",
                   "choices": ["posterior", "baselined", "exact", "auto"]},
     )
     distill_target_kl: float = field(

@@ -97,6 +97,32 @@ class EvidenceLogitsProcessor(LogitsProcessor):
         return scores
 
 
+def tried_positions(targets: torch.Tensor, mask: torch.Tensor, prompt_texts: list[str], evidence: PrefixEvidence,
+                    pseudo_count: float):
+    r"""
+    The completion positions whose prefix evaluated failures continued from, with what the evidence does there.
+
+    Yields `(i, t, children, discount)` for row `i`, position `t`: the next tokens failures took after this prefix
+    (`LongTensor`) and `log(k / (k + n))` of each (float64). Positions no failure went through are not yielded (the
+    proposal distribution is the generator's there); nothing here is vocabulary-sized.
+    """
+    targets, mask = targets.tolist(), mask.bool().tolist()
+    log_k = math.log(pseudo_count)
+    tried = {}  # id(node) -> (its tried children, log(k / (k + n)) of each)
+    for i, prompt in enumerate(prompt_texts):
+        node = evidence.root(prompt)
+        for t, token in enumerate(targets[i]):
+            if node is None or not mask[i][t]:
+                break
+            if node[1]:
+                if id(node) not in tried:
+                    children = list(node[1])
+                    counts = torch.tensor([node[1][v][0] for v in children], dtype=torch.float64)
+                    tried[id(node)] = (torch.tensor(children), log_k - torch.log(pseudo_count + counts))
+                yield (i, t, *tried[id(node)])
+            node = node[1].get(token)
+
+
 def discounted_log_probs(log_probs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, prompt_texts: list[str],
                          evidence: PrefixEvidence, pseudo_count: float) -> torch.Tensor:
     r"""
@@ -114,26 +140,65 @@ def discounted_log_probs(log_probs: torch.Tensor, targets: torch.Tensor, mask: t
 
     Returns:
         `torch.Tensor` of shape `(N, C, V)` (float64, on the CPU): positions outside `mask` hold the generator's own.
+        At a large vocabulary use [`discounted_token_log_probs`] or [`discounted_top_k`], which keep no such tensor.
     """
     adjusted = log_probs.detach().double().cpu().clone()
-    targets, mask = targets.tolist(), mask.bool().tolist()
-    log_k = math.log(pseudo_count)
-    tried = {}  # id(node) -> (its tried children, log(k / (k + n)) of each)
-    for i, prompt in enumerate(prompt_texts):
-        node = evidence.root(prompt)
-        for t, token in enumerate(targets[i]):
-            if node is None or not mask[i][t]:
-                break
-            if node[1]:
-                if id(node) not in tried:
-                    children = list(node[1])
-                    counts = torch.tensor([node[1][v][0] for v in children], dtype=torch.float64)
-                    tried[id(node)] = (torch.tensor(children), log_k - torch.log(pseudo_count + counts))
-                children, discount = tried[id(node)]
-                adjusted[i, t, children] += discount
-                adjusted[i, t] -= torch.logsumexp(adjusted[i, t], 0)
-            node = node[1].get(token)
+    for i, t, children, discount in tried_positions(targets, mask, prompt_texts, evidence, pseudo_count):
+        adjusted[i, t, children] += discount
+        adjusted[i, t] -= torch.logsumexp(adjusted[i, t], 0)
     return adjusted
+
+
+def discounted_token_log_probs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                               prompt_texts: list[str], evidence: PrefixEvidence,
+                               pseudo_count: float) -> torch.Tensor:
+    r"""
+    `log pi` of each completion token under the evidence-discounted proposal distribution, from the generator's
+    logits, with no second vocabulary-sized tensor: where failures continued from a prefix, the token gains its own
+    `log(k / (k + n))` and every token loses `log Z`, with `Z = 1 - sum over the tried children v of
+    q(v) (1 - k / (k + n_v))` (the discounted mass, which only the tried children's probabilities change).
+
+    Args:
+        logits (`torch.Tensor` of shape `(N, C, V)`): the generator's logits at each completion position.
+        Other arguments as in [`discounted_log_probs`].
+
+    Returns:
+        `torch.Tensor` of shape `(N, C)` (float64, on the CPU): 0 outside `mask`.
+    """
+    lse = torch.logsumexp(logits.float(), -1)
+    token = (torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1).float() - lse).double().cpu()
+    for i, t, children, discount in tried_positions(targets, mask, prompt_texts, evidence, pseudo_count):
+        child_log_q = (logits[i, t, children.to(logits.device)].float() - lse[i, t]).double().cpu()
+        log_z = torch.log1p(-(child_log_q.exp() * -torch.expm1(discount)).sum())
+        token[i, t] += discount[children == int(targets[i, t])].sum() - log_z
+    return token * mask.cpu().double()
+
+
+def discounted_top_k(log_probs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, prompt_texts: list[str],
+                     evidence: PrefixEvidence, pseudo_count: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    The `k` most probable next tokens of the proposal distribution at every completion position, and their `log pi`:
+    the generator's own where no failure went through the prefix; where failures did, the discounted distribution
+    (one position's row at a time), its tried children first (they are what the evidence moves mass off), then the
+    most probable of the rest.
+
+    Arguments as in [`discounted_log_probs`] (`pseudo_count` 0: no evidence); returns `(log_pi, ids)`, both
+    `(N, C, k)`, on the device of `log_probs` (float32 and int64).
+    """
+    values, ids = log_probs.detach().topk(k, dim=-1)
+    if not pseudo_count > 0:
+        return values, ids
+    for i, t, children, discount in tried_positions(targets, mask, prompt_texts, evidence, pseudo_count):
+        children, discount = children[:k].to(log_probs.device), discount[:k].to(log_probs.device)
+        row = log_probs[i, t].detach().double().clone()
+        row[children] += discount
+        row -= torch.logsumexp(row, 0)
+        rest = row.clone()
+        rest[children] = -math.inf
+        top_rest = rest.topk(k - len(children)).indices
+        ids[i, t] = torch.cat([children, top_rest])
+        values[i, t] = row[ids[i, t]].to(values.dtype)
+    return values, ids
 
 
 def proposal_log_probs(log_probs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, prompt_texts: list[str],

@@ -19,6 +19,15 @@ it maximises `E_post[log q(y|c)]`, which splits into three parts:
   enter each step (an unbiased estimate of the sum that does not grow with the ledger).
 - Only the ratio test's region, which has no closed form, is estimated from the proposals it rejected.
 
+The per-token expectations need `pi`'s next-token distributions as targets. Where a micro-batch's fit in
+`MAX_TEACHER_ELEMENTS` values they are kept whole; at a large vocabulary (151,936 tokens: about 420 positions) each
+position keeps its `TEACHER_TOP_K` most probable tokens under `pi` (the tried children of the prefix evidence among
+them) and the rest of its mass as one bucket, and the cross-entropy is taken to that coarser distribution: inside the
+bucket the target follows `q`'s own proportions. Its gradient is still exactly 0 where `pi` is the generator, and the
+memory is one micro-batch's logits (which the loss's forward makes anyway) plus `TEACHER_TOP_K` values a position.
+Not yet measured on a task at a large vocabulary: what the bucket hides from the targets is the shape of `pi` in its
+tail (there the generator is left as it is, scaled).
+
 The objective serves the search, while the ledger holds no success; from the first success on, the trainer distils
 with the posterior objective (maximum likelihood on accepted samples, with `success_replay`). Measured why: replaying
 successes through this loss concentrates the generator until it proposes little but known failures, where the
@@ -41,25 +50,40 @@ from typing import Callable
 import torch
 
 from .distributed import sum_over_ranks
-from .evidence import discounted_log_probs
-from .posterior import Candidates, completion_log_softmax
+from .evidence import discounted_log_probs, discounted_token_log_probs, discounted_top_k
+from .posterior import (
+    MAX_LOGITS_VALUES,
+    Candidates,
+    _completion_logits,
+    completion_log_softmax,
+    completion_positions,
+    completion_token_log_probs,
+    scoring_rows,
+    sequence_log_probs,
+)
 
-# The soft targets of one distillation are kept whole: refuse sizes that would not fit comfortably in memory.
-MAX_TEACHER_ELEMENTS = 64_000_000
+# Larger soft targets of one micro-batch than this are kept sparse (the same bound as a scoring forward's logits).
+MAX_TEACHER_ELEMENTS = MAX_LOGITS_VALUES
+# Sparse targets: tokens kept per position (the rest of the mass is one bucket). 256 values and their ids a position:
+# 8 sequences of 128 tokens hold 3 MB, against 620 MB of whole distributions at 151,936 tokens.
+TEACHER_TOP_K = 256
 
 
 def choose_objective(args, vocab_size: int, prompt_tokens: int) -> tuple[str, str]:
-    """`distill_objective="auto"`: the exact objective when one micro-batch's next-token distributions fit
-    (`per_device_train_batch_size x (prompt_tokens + max_completion_length) x vocab_size <= MAX_TEACHER_ELEMENTS`),
-    else maximum likelihood on posterior samples. Returns `(objective, why)`."""
+    """`distill_objective="auto"`: the exact objective, with whole next-token distributions as targets when one
+    micro-batch's fit (`per_device_train_batch_size x (prompt_tokens + max_completion_length) x vocab_size <=
+    MAX_TEACHER_ELEMENTS`), else sparse ones (`TEACHER_TOP_K` tokens a position and the rest of the mass): either way
+    a micro-batch's memory is its logits, as with maximum likelihood on posterior samples. Returns `(objective, why)`.
+    """
     size = args.per_device_train_batch_size * (prompt_tokens + args.max_completion_length) * vocab_size
     if size <= MAX_TEACHER_ELEMENTS:
         return "exact", (f"distill_objective='auto' chose 'exact': a micro-batch's next-token distributions are "
-                         f"{size:,} values (at most {MAX_TEACHER_ELEMENTS:,})")
-    return "posterior", (f"distill_objective='auto' chose 'posterior': the exact objective would keep {size:,} "
-                         f"next-token values per micro-batch (per_device_train_batch_size "
-                         f"{args.per_device_train_batch_size} x {prompt_tokens + args.max_completion_length} positions"
-                         f" x vocabulary {vocab_size:,}; at most {MAX_TEACHER_ELEMENTS:,})")
+                         f"{size:,} values (at most {MAX_TEACHER_ELEMENTS:,}), kept whole as its targets")
+    return "exact", (f"distill_objective='auto' chose 'exact' with sparse targets: a micro-batch's next-token "
+                     f"distributions would be {size:,} values (per_device_train_batch_size "
+                     f"{args.per_device_train_batch_size} x {prompt_tokens + args.max_completion_length} positions x "
+                     f"vocabulary {vocab_size:,}; more than {MAX_TEACHER_ELEMENTS:,}), so each position keeps its "
+                     f"{TEACHER_TOP_K} most probable tokens and the rest of its mass as one bucket")
 
 
 @dataclass
@@ -100,6 +124,32 @@ def proposal_distribution(model, batch: Candidates, evidence, pseudo_count: floa
     return log_probs.float().cpu()
 
 
+def sparse_proposal_distribution(model, batch: Candidates, evidence, pseudo_count: float,
+                                 k: int = TEACHER_TOP_K) -> dict:
+    r"""The sparse targets of `batch`, in one forward pass (the rows and shapes the loss will see, as with whole
+    targets): at every completion position the `k` most probable tokens under `pi` (`teacher_top_ids`), their
+    `log pi` (`teacher_top_log_probs`), and the mass of all other tokens, `1 - sum of their pi`
+    (`teacher_rest`), computed on the model's device exactly as the loss computes `q`'s (so that it is exactly
+    `q`'s where `pi` is the generator)."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        log_probs, targets, mask = completion_log_softmax(
+            model, batch.input_ids.to(device), batch.attention_mask.to(device), batch.completion_mask.to(device))
+        k = min(k, log_probs.shape[-1])
+        top, ids = discounted_top_k(log_probs, targets, mask, batch.prompt_texts, evidence, pseudo_count, k)
+        del log_probs
+        rest = 1 - top.exp().sum(-1)
+    return {"teacher_top_log_probs": top.float().cpu(), "teacher_top_ids": ids.cpu(), "teacher_rest": rest.cpu()}
+
+
+def teacher_targets(model, batch: Candidates, evidence, pseudo_count: float) -> dict:
+    """`batch`'s targets: `pi`'s whole next-token distributions (`teacher_log_probs`) where they fit in
+    `MAX_TEACHER_ELEMENTS` values, else sparse ones ([`sparse_proposal_distribution`])."""
+    if len(batch) * batch.input_ids.shape[1] * model.config.vocab_size <= MAX_TEACHER_ELEMENTS:
+        return {"teacher_log_probs": proposal_distribution(model, batch, evidence, pseudo_count)}
+    return sparse_proposal_distribution(model, batch, evidence, pseudo_count)
+
+
 def sequence_mass(teacher: torch.Tensor, batch: Candidates) -> torch.Tensor:
     """`pi(y)` of each completion of `batch`, from its `log pi` at every position."""
     mask = batch.completion_mask[:, batch.prompt_width:]
@@ -110,7 +160,10 @@ def sequence_mass(teacher: torch.Tensor, batch: Candidates) -> torch.Tensor:
 
 
 def failure_mass(model, batch: Candidates, evidence, pseudo_count: float, batch_size: int) -> torch.Tensor:
-    """`pi(f)` of each completion of `batch`, `batch_size` at a time."""
+    """`pi(f)` of each completion of `batch`, `batch_size` at a time (at a large vocabulary, from the completion
+    tokens' log-probabilities alone, fewer at a time: see [`bounded_failure_mass`])."""
+    if batch_size * batch.input_ids.shape[1] * model.config.vocab_size > MAX_TEACHER_ELEMENTS:
+        return bounded_failure_mass(model, batch, evidence, pseudo_count, batch_size)
     parts = []
     for start in range(0, len(batch), batch_size):
         chunk = batch.select(range(start, min(start + batch_size, len(batch))))
@@ -118,11 +171,31 @@ def failure_mass(model, batch: Candidates, evidence, pseudo_count: float, batch_
     return torch.cat(parts)
 
 
+@torch.no_grad()
+def bounded_failure_mass(model, batch: Candidates, evidence, pseudo_count: float, batch_size: int) -> torch.Tensor:
+    """`pi(f)` of each completion of `batch` from the log-probabilities of its tokens (discounted by the prefix
+    evidence with `pseudo_count > 0`), in chunks whose logits stay within `MAX_LOGITS_VALUES`: no next-token
+    distribution is kept."""
+    device = next(model.parameters()).device
+    ids, att, comp = (t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.completion_mask))
+    if not pseudo_count > 0:
+        return torch.exp(sequence_log_probs(model, ids, att, comp, batch_size).double().cpu())
+    rows = scoring_rows(batch_size, completion_positions(comp), model.config.vocab_size)
+    parts = []
+    for start in range(0, len(batch), rows):
+        sl = slice(start, start + rows)
+        logits, targets, mask = _completion_logits(model, ids[sl], att[sl], comp[sl])
+        token = discounted_token_log_probs(logits, targets, mask, batch.prompt_texts[sl], evidence, pseudo_count)
+        parts.append(torch.exp(token.sum(1)))
+    return torch.cat(parts)
+
+
 def micro_batches(targets: ExactTargets, n_micro: int, batch_size: int, seed: int,
                   teacher: Callable[[Candidates], torch.Tensor]) -> list[dict]:
     """The distillation's micro-batches: proposals cycled `batch_size` at a time with `teacher(batch)`, their `log pi`
-    at every position, each with `batch_size` known failures drawn in proportion to `pi(f)` (weight: the failures'
-    total mass, which times the draw's mean log-likelihood estimates `sum_f pi(f) log q(f)` without bias).
+    at every position (a tensor, or a dict of tensors such as [`teacher_targets`] returns), each with `batch_size`
+    known failures drawn in proportion to `pi(f)` (weight: the failures' total mass, which times the draw's mean
+    log-likelihood estimates `sum_f pi(f) log q(f)` without bias).
 
     The teacher is computed on exactly the rows, order and shapes the loss will see, so that where `pi` is the
     generator itself the first step's gradient is exactly 0 (not float noise, which Adam would scale to full steps)."""
@@ -133,11 +206,15 @@ def micro_batches(targets: ExactTargets, n_micro: int, batch_size: int, seed: in
     for s in range(n_micro):
         rows = [(s * batch_size + j) % n for j in range(min(batch_size, n))]
         proposals = targets.proposals.select(rows)
-        item = {**_tensors(proposals), "teacher_log_probs": teacher(proposals),
+        teach = teacher(proposals)
+        item = {**_tensors(proposals), **(teach if isinstance(teach, dict) else {"teacher_log_probs": teach}),
                 "rejected": targets.rejected[torch.tensor(rows)].float(),
                 "acceptance": torch.tensor(targets.acceptance)}
         if total_mass > 0:
-            picks = torch.multinomial(targets.failure_mass.float(), batch_size, replacement=True, generator=g)
+            # scaled by a power of two so that float32 holds them: long completions' masses (1e-60 and below)
+            # underflow it; draws from masses that fit are unchanged by the exact scaling
+            scaled = torch.ldexp(targets.failure_mass, -torch.frexp(targets.failure_mass.max())[1])
+            picks = torch.multinomial(scaled.float(), batch_size, replacement=True, generator=g)
             item["failures"] = _tensors(targets.failures.select(picks.tolist()))
             item["failure_weight"] = torch.tensor(total_mass)  # times the draw's mean: unbiased for the sum
         out.append(item)
@@ -160,27 +237,62 @@ def exact_loss(model, inputs: dict, forward: tuple | None = None) -> tuple[torch
     """
     log_probs, targets, mask = forward or completion_log_softmax(
         model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
-    teacher = inputs["teacher_log_probs"][:, : log_probs.shape[1]].to(log_probs.dtype).exp()
     n = log_probs.shape[0]
-    with torch.no_grad():
-        cross_entropy = -((teacher * log_probs).sum(-1) * mask).sum() / n  # for the logs
-    # the cross-entropy's gradient, q - pi per position, taken as a difference: exactly 0 where pi is the generator
-    # itself (the same forward pass), instead of the float noise of -sum(pi log q), which Adam would scale up
-    surrogate = (((log_probs.exp() - teacher).detach() * log_probs).sum(-1) * mask).sum() / n
+    sparse = "teacher_top_ids" in inputs
+    cross_entropy, surrogate = (_sparse_cross_entropy if sparse else _cross_entropy)(log_probs, mask, inputs)
     token_lp = (torch.gather(log_probs, 2, targets.unsqueeze(-1)).squeeze(-1) * mask).sum(1)
     rejected = (token_lp * inputs["rejected"]).sum() / n
     failures = torch.zeros((), device=log_probs.device)
     if "failures" in inputs:
         f = inputs["failures"]
-        # the full log-softmax, not completion_token_log_probs: the same float path as the committed runs
-        f_lp, f_targets, f_mask = completion_log_softmax(model, f["input_ids"], f["attention_mask"],
+        if sparse:  # a large vocabulary: no second vocabulary-sized tensor for the failures' forward
+            f_token, f_mask = completion_token_log_probs(model, f["input_ids"], f["attention_mask"],
                                                          f["completion_mask"])
-        failures = inputs["failure_weight"] * (torch.gather(f_lp, 2, f_targets.unsqueeze(-1)).squeeze(-1)
-                                               * f_mask).sum(1).mean()
+        else:
+            # the full log-softmax, not completion_token_log_probs: the same float path as the committed runs
+            f_lp, f_targets, f_mask = completion_log_softmax(model, f["input_ids"], f["attention_mask"],
+                                                             f["completion_mask"])
+            f_token = torch.gather(f_lp, 2, f_targets.unsqueeze(-1)).squeeze(-1)
+        failures = inputs["failure_weight"] * (f_token * f_mask).sum(1).mean()
     loss = (surrogate + rejected + failures) / inputs["acceptance"].clamp(min=1e-3)
     per_token = mask.sum().clamp(min=1) / n  # so that the loss is on the posterior objective's per-token scale
     parts = {"distill/cross_entropy": cross_entropy / per_token, "distill/known_failure_term": failures.detach()}
     return loss / per_token, parts
+
+
+def _cross_entropy(log_probs, mask, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """`CE(pi, q)` summed over the positions per sequence (for the logs) and a surrogate with its gradient, from whole
+    targets."""
+    n = log_probs.shape[0]
+    teacher = inputs["teacher_log_probs"][:, : log_probs.shape[1]].to(log_probs.dtype).exp()
+    with torch.no_grad():
+        cross_entropy = -((teacher * log_probs).sum(-1) * mask).sum() / n  # for the logs
+    # the cross-entropy's gradient, q - pi per position, taken as a difference: exactly 0 where pi is the generator
+    # itself (the same forward pass), instead of the float noise of -sum(pi log q), which Adam would scale up
+    surrogate = (((log_probs.exp() - teacher).detach() * log_probs).sum(-1) * mask).sum() / n
+    return cross_entropy, surrogate
+
+
+def _sparse_cross_entropy(log_probs, mask, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""As `_cross_entropy`, from sparse targets: the cross-entropy to `pi` on its kept tokens `S` and one bucket `R`
+    holding the rest of its mass `r`, `-sum_S pi log q - r log q(R)`. Its gradient in the logits is `q - pi` on `S`
+    and `q (1 - r / q(R))` on `R`, taken as differences as with whole targets: with `a = q - pi` on `S` and
+    `b = q(R) - r` (both detached), `sum_S a log q + b log q(R)` has exactly that gradient (since `sum a + b = 0`),
+    and it is exactly 0 where `pi` is the generator (`q(R)` is computed as the targets' `r` was)."""
+    n, width = log_probs.shape[0], log_probs.shape[1]
+    ids = inputs["teacher_top_ids"][:, :width].to(log_probs.device)
+    pi = inputs["teacher_top_log_probs"][:, :width].to(log_probs.dtype).exp()
+    rest_pi = inputs["teacher_rest"][:, :width].to(log_probs.dtype)
+    kept = torch.gather(log_probs, 2, ids)
+    rest_q = 1 - kept.exp().sum(-1)
+    # q(R) by difference loses precision when the kept tokens hold nearly all the mass; there the bucket's weight b is
+    # as small, and a clamped q(R) passes no gradient
+    log_rest_q = rest_q.clamp(min=1e-30).log()
+    with torch.no_grad():
+        cross_entropy = -(((pi * kept).sum(-1) + rest_pi * log_rest_q) * mask).sum() / n  # for the logs
+    a, b = (kept.exp() - pi).detach(), (rest_q - rest_pi).detach()
+    surrogate = (((a * kept).sum(-1) + b * log_rest_q) * mask).sum() / n
+    return cross_entropy, surrogate
 
 
 class ExactDistillation:
@@ -254,8 +366,13 @@ class ExactDistillation:
         k, evidence = self.args.evidence_pseudo_count, self.sampler.evidence
         with self._teacher() as policy:
             batches = micro_batches(targets, n_micro, self.args.per_device_train_batch_size, seed,
+<<<<<<< HEAD
                                     lambda b: proposal_distribution(policy, b, evidence, k))
         return [to_device(b, self.accelerator.device) for b in batches]
+=======
+                                    lambda b: teacher_targets(policy, b, evidence, k))
+        return [_to_device(b, self.accelerator.device) for b in batches]
+>>>>>>> issue30
 
 
 def to_device(item, device):

@@ -25,7 +25,7 @@ from peft import PeftModel
 from trl.models.utils import prepare_deepspeed
 
 from . import adapters
-from .posterior import Candidates, completion_nll, sequence_log_probs
+from .posterior import Candidates, completion_nll, completion_positions, scoring_rows, sequence_log_probs, vocab_size
 
 logger = logging.getLogger(__name__)
 
@@ -392,16 +392,23 @@ class _FitLoop:
         # tokens of the whole batch: each process divides its share by the global count
         batch_tokens = negatives.completion_mask[idx].sum().clamp(min=1)
         mine = idx[self.rank::self.world_size]
-        weight = 1.0
-        if len(mine) == 0:  # every process must run the same forwards (ZeRO-3 gathers in them)
-            mine, weight = idx[:1], 0.0
-        ids, att = negatives.input_ids[mine].to(device), negatives.attention_mask[mine].to(device)
-        comp = negatives.completion_mask[mine].to(device)
-        nll_sum = weight * completion_nll(self.model, ids, att, comp, reduction="sum")
-        loss = nll_sum / batch_tokens.to(device)
+        # a large vocabulary's logits of the whole share would not fit: forward and backward it in parts whose logits
+        # stay within MAX_LOGITS_VALUES (their gradients add up to the share's); every process runs as many parts as
+        # the largest share needs (ZeRO-3 gathers in every forward)
+        share = -(-len(idx) // self.world_size)
+        rows = scoring_rows(share, completion_positions(negatives.completion_mask[idx]), vocab_size(self.model))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        sums = torch.stack([loss.detach(), nll_sum.detach()])
+        nll_sum = torch.zeros((), device=device)
+        for part in torch.arange(share).split(rows):
+            part = part[part < len(mine)]
+            rows_part, weight = (mine[part], 1.0) if len(part) else (idx[:1], 0.0)  # an empty part: same forwards
+            ids, att = negatives.input_ids[rows_part].to(device), negatives.attention_mask[rows_part].to(device)
+            comp = negatives.completion_mask[rows_part].to(device)
+            nll = weight * completion_nll(self.model, ids, att, comp, reduction="sum")
+            (nll / batch_tokens.to(device)).backward()
+            nll_sum = nll_sum + nll.detach()
+        loss = nll_sum / batch_tokens.to(device)
+        sums = torch.stack([loss, nll_sum])
         if self.world_size > 1:
             for p in self.params:
                 if p.grad is None:

@@ -9,6 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
+# The most logits one scoring forward may hold: 64M values (256 MB in float32), whatever the vocabulary. Chunks of
+# sequences are cut to fit (down to one sequence), so scoring memory does not grow with the number of candidates nor,
+# beyond one sequence's logits, with the vocabulary (at 151,936 tokens a 128-token completion's logits are 19.6M).
+MAX_LOGITS_VALUES = 64_000_000
+
 
 @dataclass
 class Candidates:
@@ -56,6 +61,26 @@ def completion_mask_after_prompt(completion_ids: torch.Tensor, eos_token_ids: li
     return (~after_eos).long()
 
 
+def vocab_size(model) -> int | None:
+    """The model's vocabulary size from its config (`None` if it has no config saying so)."""
+    return getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def scoring_rows(batch_size: int, positions: int, vocab: int | None, max_values: int | None = None) -> int:
+    """Sequences per forward pass: `batch_size`, fewer where their logits (`positions x vocab` values each) would
+    exceed `max_values` (defaults to [`MAX_LOGITS_VALUES`]); at least one."""
+    if not vocab:
+        return max(1, batch_size)
+    max_values = MAX_LOGITS_VALUES if max_values is None else max_values
+    return max(1, min(batch_size, max_values // max(positions * vocab, 1)))
+
+
+def completion_positions(completion_mask: torch.Tensor) -> int:
+    """How many positions' logits scoring these sequences computes (the completion columns, plus one)."""
+    start = int(completion_mask.any(0).long().argmax()) if completion_mask.any() else completion_mask.shape[1] - 1
+    return completion_mask.shape[1] - start + 1
+
+
 def _completion_logits(model, input_ids, attention_mask, completion_mask, **forward_kwargs):
     r"""
     Logits at every completion position with their targets and mask: shapes `(N, C, V)`, `(N, C)`, `(N, C)`.
@@ -91,10 +116,12 @@ def sequence_log_probs(model, input_ids, attention_mask, completion_mask, batch_
                        **forward_kwargs) -> torch.Tensor:
     r"""
     Sum (or mean, with `length_normalize`) of the completion tokens' log-probabilities under `model`, in chunks of
-    `batch_size` sequences. Extra keyword arguments (for example peft's `adapter_names`, one per sequence) are sliced
-    per chunk when they are lists.
+    `batch_size` sequences, fewer where a chunk's logits would exceed [`MAX_LOGITS_VALUES`] (a large vocabulary).
+    Extra keyword arguments (for example peft's `adapter_names`, one per sequence) are sliced per chunk when they are
+    lists.
     """
     out = []
+    batch_size = scoring_rows(batch_size, completion_positions(completion_mask), vocab_size(model))
     for start in range(0, input_ids.shape[0], batch_size):
         sl = slice(start, start + batch_size)
         kwargs = {k: (v[sl] if isinstance(v, list) else v) for k, v in forward_kwargs.items()}

@@ -21,7 +21,7 @@ from trl.models.utils import unwrap_model_for_generation
 from .adapters import no_checkpointing_deprecation
 from .distributed import sum_over_ranks
 from .evidence import EvidenceLogitsProcessor, PrefixEvidence
-from .posterior import Candidates, completion_mask_after_prompt, rejection_mask
+from .posterior import Candidates, completion_mask_after_prompt, rejection_mask, scoring_rows, vocab_size
 
 logger = logging.getLogger(__name__)
 
@@ -166,8 +166,11 @@ class Sampler:
                 self.generator(), self.accelerator, gather_deepspeed3_params=gather) as unwrapped:
             was_training = unwrapped.training
             unwrapped.eval()
-            for start in range(0, n, self.args.generation_batch_size):
-                chunk = encoded[start : start + self.args.generation_batch_size]
+            # each generation step holds a few copies of the next-token logits of every sequence generating: at a
+            # large vocabulary fewer sequences per call, so that they stay within MAX_LOGITS_VALUES
+            per_call = scoring_rows(self.args.generation_batch_size, 1, vocab_size(unwrapped))
+            for start in range(0, n, per_call):
+                chunk = encoded[start : start + per_call]
                 completion_ids += self._generate(unwrapped, chunk, synced_gpus=self.zero3 and not gather)
             unwrapped.train(was_training)
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
