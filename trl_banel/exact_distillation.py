@@ -366,13 +366,8 @@ class ExactDistillation:
         k, evidence = self.args.evidence_pseudo_count, self.sampler.evidence
         with self._teacher() as policy:
             batches = micro_batches(targets, n_micro, self.args.per_device_train_batch_size, seed,
-<<<<<<< HEAD
-                                    lambda b: proposal_distribution(policy, b, evidence, k))
-        return [to_device(b, self.accelerator.device) for b in batches]
-=======
                                     lambda b: teacher_targets(policy, b, evidence, k))
-        return [_to_device(b, self.accelerator.device) for b in batches]
->>>>>>> issue30
+        return [to_device(b, self.accelerator.device) for b in batches]
 
 
 def to_device(item, device):
