@@ -216,6 +216,8 @@ def test_the_default_round_finds_and_keeps_the_rare_string(tmp_path, char_tokeni
     assert any(r.completion == "zebra" and r.success for r in trainer.ledger.records)
     assert end > 5 * start, f"p(zebra) {start:.4f} -> {end:.4f}"
     assert any("distill/kl_step" in h for h in trainer.history), "the step size must have measured its KL"
+    drawn = [h["distill/acceptance_rate"] for h in trainer.history if "distill/acceptance_rate" in h]
+    assert drawn and min(drawn) < 1.0, "the failure models must reject part of the distillation's draw"
 
 
 def test_model_card_names_the_method_and_paper(tmp_path, char_tokenizer, skewed_model):

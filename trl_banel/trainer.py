@@ -355,6 +355,11 @@ class BaNELTrainer(_BaseTrainer):
             self._buffer = skipped(args.distill_steps * ga)
         else:
             self._buffer = self.distiller.batches(self.round, args.distill_steps * ga, self._keep_best_generator)
+            # the share of the distillation's draw the filter accepted: where the phase's failure models act (with
+            # distill_every=1 a distillation clears them before the next round's filter sees a proposal)
+            drawn = self._metrics.get("distill/acceptance_rate")
+            if drawn and self.history:
+                self.history[-1]["distill/acceptance_rate"] = drawn[-1]
             if args.distill_target_kl > 0:
                 self.distiller.step_size.fresh_optimizer(self.optimizer)
             self._rounds_in_phase = 0
