@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from trl_banel import BaNELConfig
@@ -38,6 +40,20 @@ def test_every_field_has_help_text():
 
     missing = [f.name for f in fields(BaNELConfig) if not f.metadata.get("help")]
     assert not missing, missing
+
+
+def test_every_banel_field_says_when_to_change_it_or_that_it_is_experimental():
+    """Issue #29, fewer knobs: a user reads in each field's help whether to touch it."""
+    declared = BaNELConfig.__dict__["__annotations__"]  # BaNEL's own fields and the defaults it changes
+    guidance = ("Leave it", "Set it", "Raise it", "Lower it", "Turn it", "Use ")
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(BaNELConfig) if f.name in declared}
+    silent = [n for n, h in helps.items() if not h.startswith("Experimental") and not any(g in h for g in guidance)]
+    assert not silent, f"fields whose help does not say when to change them: {silent}"
+    experimental = {n for n, h in helps.items() if h.startswith("Experimental")}
+    # what the default round decides must not be marked experimental, and the round's search knobs are
+    assert not experimental & {"max_reward_evaluations", "max_completion_length", "distill_objective",
+                               "distill_target_kl", "success_replay", "reject_known_failures"}
+    assert {"evidence_pseudo_count", "failure_margin", "distill_kl_coef", "distill_every"} <= experimental
 
 
 def test_max_steps_is_derived_from_the_budget_and_follows_it(tmp_path):

@@ -18,6 +18,11 @@ class BaNELConfig(_BaseConfig):
     rounds the generator is fine-tuned on posterior samples (ordinary [`~transformers.Trainer`] optimisation steps)
     and the failure models are dropped.
 
+    Most runs set only the budget (`max_reward_evaluations`), `max_completion_length`, the batch sizes and the stop
+    rules: the other fields say in their help when to change them. A field whose help starts with "Experimental" is
+    not needed by the default round; it is kept to reproduce the paper's round, the ablations in `docs/` and the
+    shipped tasks' measured settings.
+
     Only the parameters specific to BaNEL are listed here; every [`~transformers.TrainingArguments`] field also
     applies (`learning_rate`, `per_device_train_batch_size` and `gradient_accumulation_steps` configure the
     distillation steps, `use_cpu`, `report_to`, `save_steps`, `push_to_hub`, ...).
@@ -205,218 +210,271 @@ class BaNELConfig(_BaseConfig):
     # Overrides of TrainingArguments defaults
     learning_rate: float = field(
         default=1e-4,
-        metadata={"help": "Learning rate of the first distillation (AdamW); distill_target_kl sets the next ones'."},
+        metadata={"help": "Learning rate of the first distillation (AdamW); distill_target_kl sets the next ones'. "
+                          "Leave it: change it only if the first distillations warn that the generator barely "
+                          "moves."},
     )
     lr_scheduler_type: str = field(
         default="constant",
         metadata={
             "help": "Learning-rate schedule of the distillation steps. Constant by default: the number of steps "
-            "depends on how fast the budget is spent and is not known in advance."
+                    "depends on how fast the budget is spent and is not known in advance. Leave it."
         },
     )
-    logging_steps: float = field(default=1, metadata={"help": "Log every X distillation steps (or rounds)."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every X distillation steps (or rounds). Raise it "
+                                                              "for shorter logs."})
     # None, not False: transformers (>= 5.22) warns that the name is deprecated whenever it is set; None is off
     gradient_checkpointing: bool | None = field(
-        default=None, metadata={"help": "Enable gradient checkpointing in the distillation steps (None: off)."}
+        default=None, metadata={"help": "Enable gradient checkpointing in the distillation steps (None: off). Turn "
+                                        "it on when a distillation step runs out of memory."}
     )
     remove_unused_columns: bool = field(
         default=False,
-        metadata={"help": "Keep every dataset column: they are passed to the reward functions."},
+        metadata={"help": "Keep every dataset column: they are passed to the reward functions. Leave it: the reward "
+                          "functions need the columns."},
     )
 
     # Budget and rounds
     max_reward_evaluations: int = field(
         default=7500,
-        metadata={"help": "The NRE budget: total reward evaluations, a hard cap across rounds and processes."},
+        metadata={"help": "The NRE budget: total reward evaluations, a hard cap across rounds and processes. Set it "
+                          "to the evaluations you can pay for."},
     )
     evaluations_per_round: int = field(
-        default=50, metadata={"help": "At most this many accepted candidates go to the oracle per round (m)."}
+        default=50, metadata={"help": "At most this many accepted candidates go to the oracle per round (m). Lower "
+                                      "it (10-20) for budgets under about 500, so that the run has rounds to learn "
+                                      "in."}
     )
     num_candidates: int = field(
-        default=512, metadata={"help": "Proposals drawn per proposal batch (summed over processes)."}
+        default=512, metadata={"help": "Proposals drawn per proposal batch (summed over processes). Raise it when "
+                                       "rounds cannot fill their places (a logged acceptance rate below about 10%%)."}
     )
     max_proposal_batches: int = field(
         default=4,
-        metadata={"help": "Proposal batches per round (or distillation draw) while too few candidates survive."},
+        metadata={"help": "Experimental (the default round does not need it): Proposal batches per round (or "
+                          "distillation draw) while too few candidates survive."},
     )
     num_rounds: int | None = field(
-        default=None, metadata={"help": "Stop after this many rounds; None runs until the budget is spent."}
+        default=None, metadata={"help": "Stop after this many rounds; None runs until the budget is spent. Set it to "
+                                        "bound wall time instead of the budget."}
     )
     max_idle_rounds: int = field(
         default=5,
-        metadata={"help": "Stop after this many consecutive rounds that each spend < 5%% of evaluations_per_round."},
+        metadata={"help": "Stop after this many consecutive rounds that each spend < 5%% of evaluations_per_round. "
+                          "Leave it."},
     )
     stop_after_successes: int | None = field(
         default=None,
         metadata={"help": "Stop once this many successes are found (checked after each round); None spends the "
-                          "budget."},
+                          "budget. Set it when a few successes are all you need."},
     )
 
     # Generation
-    max_completion_length: int = field(default=32, metadata={"help": "Maximum generated tokens per completion."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the proposals."})
-    top_k: int = field(default=0, metadata={"help": "Top-k sampling of the proposals; 0 disables it."})
+    max_completion_length: int = field(default=32, metadata={"help": "Maximum generated tokens per completion. Set "
+                                                                     "it to the length of a useful answer."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the proposals. Leave it at "
+                                                              "1: the filter's likelihoods are the generator's at "
+                                                              "temperature 1."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling of the proposals; 0 disables it. Leave it at 0, "
+                                                    "for the same reason."})
     generation_batch_size: int = field(
-        default=512, metadata={"help": "Sequences per generate call on each process."}
+        default=512, metadata={"help": "Sequences per generate call on each process. Lower it when generation runs "
+                                       "out of memory."}
     )
     scoring_batch_size: int = field(
-        default=512, metadata={"help": "Sequences per teacher-forced forward pass when scoring candidates."}
+        default=512, metadata={"help": "Sequences per teacher-forced forward pass when scoring candidates. Lower it "
+                                       "when scoring runs out of memory."}
     )
 
     # Posterior filter
     rejection_threshold: float = field(
         default=0.97,
         metadata={
-            "help": "tau in (0, 1]: reject a candidate when q(y|c) / p(y|c) < tau for any active failure model p."
+            "help": "Experimental (the default round does not need it): tau in (0, 1]: reject a candidate when "
+                    "q(y|c) / p(y|c) < tau for any active failure model p."
         },
     )
     reject_known_failures: bool = field(
-        default=True, metadata={"help": "Reject outright candidates the ledger already holds as failures."}
+        default=True, metadata={"help": "Reject outright candidates the ledger already holds as failures. Leave it "
+                                        "on: rejecting a known failure is free and never wrong."}
     )
     skip_known_successes: bool = field(
         default=False, metadata={"help": "Give a round's evaluation places only to completions the ledger does not "
-                                         "hold (known successes proposed again are skipped, still distilled)."}
+                                         "hold (known successes proposed again are skipped, still distilled). Turn "
+                                         "it on when you want many distinct successes rather than the first ones "
+                                         "kept."}
     )
     length_normalize: bool = field(
-        default=False, metadata={"help": "Compare per-token mean log-likelihoods instead of sequence ones."}
+        default=False, metadata={"help": "Experimental (the default round does not need it): Compare per-token mean "
+                                         "log-likelihoods instead of sequence ones."}
     )
 
     # Failure models
     failure_model: str = field(
         default="adapter",
         metadata={
-            "help": "'adapter': LoRA adapters on the generator's shared weights; 'copy': a full copy per model.",
+            "help": "'adapter': LoRA adapters on the generator's shared weights; 'copy': a full copy per model. Use "
+                    "'copy' only for a model that cannot carry LoRA adapters.",
             "choices": ["adapter", "copy"],
         },
     )
     failure_margin: float = field(
         default=0.0,
-        metadata={"help": "Fit each failure model until mean(log p_fail - log q) over its negatives reaches this "
-                          "(nats), or failure_epochs run out; 0 fits every epoch."},
+        metadata={"help": "Experimental (the default round does not need it): Fit each failure model until mean(log "
+                          "p_fail - log q) over its negatives reaches this (nats), or failure_epochs run out; 0 "
+                          "fits every epoch."},
     )
     failure_epochs: int = field(
-        default=20, metadata={"help": "Epochs (at most, with failure_margin) of the MLE fit of each failure model."}
+        default=20, metadata={"help": "Experimental (the default round does not need it): Epochs (at most, with "
+                                      "failure_margin) of the MLE fit of each failure model."}
     )
     failure_learning_rate: float = field(
-        default=3e-3, metadata={"help": "Learning rate (AdamW) of the failure-model fit."}
+        default=3e-3, metadata={"help": "Experimental (the default round does not need it): Learning rate (AdamW) of "
+                                        "the failure-model fit."}
     )
     failure_batch_size: int = field(
-        default=16, metadata={"help": "Sequences per optimisation step of the failure-model fit."}
+        default=16, metadata={"help": "Experimental (the default round does not need it): Sequences per optimisation "
+                                      "step of the failure-model fit."}
     )
     failure_max_grad_norm: float = field(
-        default=0.0, metadata={"help": "Gradient clipping of the failure-model fit; 0 disables it."}
+        default=0.0, metadata={"help": "Experimental (the default round does not need it): Gradient clipping of the "
+                                       "failure-model fit; 0 disables it."}
     )
     failure_warmup_steps: int = field(
-        default=0, metadata={"help": "Linear learning-rate warm-up steps of each failure-model fit."}
+        default=0, metadata={"help": "Experimental (the default round does not need it): Linear learning-rate "
+                                     "warm-up steps of each failure-model fit."}
     )
     failure_heldout_fraction: float = field(
         default=0.1,
-        metadata={"help": "Share of a round's negatives kept out of its fit to measure generalisation; they join "
-                          "the next fit."},
+        metadata={"help": "Experimental (the default round does not need it): Share of a round's negatives kept out "
+                          "of its fit to measure generalisation; they join the next fit."},
     )
     max_failure_models: int = field(
         default=3,
-        metadata={"help": "With keep_failure_models: the region is the union of at most this many recent models."},
+        metadata={"help": "Experimental (the default round does not need it): With keep_failure_models: the region "
+                          "is the union of at most this many recent models."},
     )
     keep_failure_models: bool = field(
         default=False,
-        metadata={"help": "Keep the recent failure models active after a distillation (False: drop them all)."},
+        metadata={"help": "Experimental (the default round does not need it): Keep the recent failure models active "
+                          "after a distillation (False: drop them all)."},
     )
     cumulative_negatives: bool = field(
         default=False,
-        metadata={"help": "Fit each failure model on all negatives so far (as sampled) instead of this round's."},
+        metadata={"help": "Experimental (the default round does not need it): Fit each failure model on all "
+                          "negatives so far (as sampled) instead of this round's."},
     )
-    failure_lora_r: int = field(default=16, metadata={"help": "LoRA rank of the failure adapters."})
-    failure_lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha of the failure adapters."})
+    failure_lora_r: int = field(default=16, metadata={"help": "Experimental (the default round does not need it): "
+                                                              "LoRA rank of the failure adapters."})
+    failure_lora_alpha: int = field(default=32, metadata={"help": "Experimental (the default round does not need "
+                                                                  "it): LoRA alpha of the failure adapters."})
     failure_lora_target_modules: str | list[str] = field(
-        default="all-linear", metadata={"help": "Modules that carry failure adapters."}
+        default="all-linear", metadata={"help": "Experimental (the default round does not need it): Modules that "
+                                                "carry failure adapters."}
     )
 
     # Distillation
     distill_every: int = field(
-        default=1, metadata={"help": "Distil the posterior into the generator every N rounds; 0 never."}
+        default=1, metadata={"help": "Experimental (the default round does not need it): Distil the posterior into "
+                                     "the generator every N rounds; 0 never."}
     )
     distill_samples: int = field(
-        default=512, metadata={"help": "Posterior samples drawn per distillation (summed over processes)."}
+        default=512, metadata={"help": "Experimental (the default round does not need it): Posterior samples drawn "
+                                       "per distillation (summed over processes)."}
     )
-    distill_steps: int = field(default=8, metadata={"help": "Optimiser steps per distillation."})
+    distill_steps: int = field(default=8, metadata={"help": "Experimental (the default round does not need it): "
+                                                            "Optimiser steps per distillation."})
     distill_objective: str = field(
         default="auto",
-        metadata={"help": "'posterior': MLE on posterior samples; 'baselined': every proposal weighted "
-                          "1/Z - 1 if accepted, -1 if rejected (same expected gradient, no drift where nothing is "
-                          "rejected); 'exact': the posterior's log-likelihood with each part computed exactly "
-                          "where it can be (per-token expectations under the proposal distribution, the known "
-                          "failures' exact mass; trl_banel.exact_distillation), no sampling drift; 'auto': 'exact' "
-                          "(whole next-token distributions as targets where a micro-batch's fit in 64M values, else "
-                          "each position's 256 most probable tokens and the rest of the mass).",
+        metadata={"help": "'posterior': MLE on posterior samples; 'baselined': every proposal weighted 1/Z - 1 if "
+                          "accepted, -1 if rejected (same expected gradient, no drift where nothing is rejected); "
+                          "'exact': the posterior's log-likelihood with each part computed exactly where it can be "
+                          "(per-token expectations under the proposal distribution, the known failures' exact mass; "
+                          "trl_banel.exact_distillation), no sampling drift; 'auto': 'exact' (whole next-token "
+                          "distributions as targets where a micro-batch's fit in 64M values, else each position's "
+                          "256 most probable tokens and the rest of the mass). Leave it at 'auto'; 'posterior' "
+                          "reproduces the paper's distillation.",
                   "choices": ["posterior", "baselined", "exact", "auto"]},
     )
     distill_target_kl: float = field(
         default=0.1,
         metadata={"help": "Adapt the distillation learning rate so that each distillation moves the generator by "
                           "about this KL (nats, sequence level, measured on fresh proposals); 0: fixed "
-                          "learning_rate."},
+                          "learning_rate. Leave it; 0 with a hand-set learning_rate gives a fixed step size."},
     )
     distill_kl_coef: float = field(
         default=0.0,
-        metadata={"help": "Weight of KL(generator || pretrained) per token in the distillation loss; 0 disables it."},
+        metadata={"help": "Experimental (the default round does not need it): Weight of KL(generator || pretrained) "
+                          "per token in the distillation loss; 0 disables it."},
     )
     success_replay: float | None = field(
         default=None,
-        metadata={"help": "Share of each distillation's samples replaced by the successes found so far (0: posterior "
-                          "samples only, the paper's distillation); None: 0.5, or 0 with the baselined objective."},
+        metadata={"help": "Share of each distillation's samples replaced by the successes found so far (0: "
+                          "posterior samples only, the paper's distillation); None: 0.5, or 0 with the baselined "
+                          "objective. Leave it; 0 reproduces the paper's distillation."},
     )
     evidence_pseudo_count: float = field(
         default=0.0,
-        metadata={"help": "Negative evidence on prefixes: proposals are drawn with each next token's probability "
-                          "multiplied by k / (k + n), n the evaluated failures whose completion starts with that "
-                          "prefix and k this setting (a Beta prior's pseudo-counts per prefix), then renormalised. "
-                          "Moves what the oracle sees into the generator's untried branches; 0 disables it."},
+        metadata={"help": "Experimental (the default round does not need it): Negative evidence on prefixes: "
+                          "proposals are drawn with each next token's probability multiplied by k / (k + n), n the "
+                          "evaluated failures whose completion starts with that prefix and k this setting (a Beta "
+                          "prior's pseudo-counts per prefix), then renormalised. Moves what the oracle sees into "
+                          "the generator's untried branches; 0 disables it."},
     )
     distill_before_success: bool = field(
         default=True,
-        metadata={"help": "Distil before the first success is found. False keeps the generator (the prior) fixed "
-                          "until the ledger holds a success: no self-distillation drift; the search is shaped by the "
-                          "filter and the prefix evidence alone."},
+        metadata={"help": "Experimental (the default round does not need it): Distil before the first success is "
+                          "found. False keeps the generator (the prior) fixed until the ledger holds a success: no "
+                          "self-distillation drift; the search is shaped by the filter and the prefix evidence "
+                          "alone."},
     )
     save_best_generator: bool = field(
         default=True,
-        metadata={"help": "Save the generator of the phase with the best success rate among its training evaluations "
-                          "(no extra oracle calls) to output_dir/best_generator."},
+        metadata={"help": "Save the generator of the phase with the best success rate among its training "
+                          "evaluations (no extra oracle calls) to output_dir/best_generator. Turn it off to save "
+                          "disk."},
     )
 
     # Rewards
     success_threshold: float = field(
-        default=0.0, metadata={"help": "A reward strictly above this value is a success."}
+        default=0.0, metadata={"help": "A reward strictly above this value is a success. Set it to your reward's "
+                                       "success level."}
     )
     reward_weights: list[float] | None = field(
-        default=None, metadata={"help": "Weights of several reward functions (weighted sum); None: all 1."}
+        default=None, metadata={"help": "Weights of several reward functions (weighted sum); None: all 1. Set it "
+                                        "when several reward functions count differently."}
     )
     reward_retries: int = field(
-        default=2, metadata={"help": "Retries of a reward function that raises or times out, then stop."}
+        default=2, metadata={"help": "Retries of a reward function that raises or times out, then stop. Raise it for "
+                                     "an oracle that fails transiently."}
     )
     reward_retry_backoff: float = field(
-        default=1.0, metadata={"help": "Seconds before the first retry; doubled for each further retry."}
+        default=1.0, metadata={"help": "Seconds before the first retry; doubled for each further retry. Raise it for "
+                                       "an oracle with rate limits."}
     )
     reward_timeout: float | None = field(
-        default=None, metadata={"help": "Seconds a reward-function call may take; None: no limit."}
+        default=None, metadata={"help": "Seconds a reward-function call may take; None: no limit. Set it for an "
+                                        "oracle that can hang."}
     )
     reevaluate_interrupted: bool = field(
         default=False,
-        metadata={"help": "On resume, send again (charged again) the evaluations a crash cut short; False: they stay "
-                          "charged, unrecorded, and are never sent again."},
+        metadata={"help": "On resume, send again (charged again) the evaluations a crash cut short; False: they "
+                          "stay charged, unrecorded, and are never sent again. Turn it on only if an interrupted "
+                          "evaluation may not have been paid for."},
     )
 
     # Runtime
     torch_num_threads: int | None = field(
         default=None,
         metadata={"help": "torch threads on the CPU; None: 1 for models under 10M parameters unless OMP_NUM_THREADS "
-                          "or torch.set_num_threads chose, else torch's default."},
+                          "or torch.set_num_threads chose, else torch's default. Set it when several runs share one "
+                          "CPU."},
     )
     save_every_minutes: float | None = field(
         default=30.0,
         metadata={"help": "Also checkpoint after this many minutes of wall time since the last checkpoint (not with "
-                          "save_strategy='no'); None: save_strategy alone decides."},
+                          "save_strategy='no'); None: save_strategy alone decides. Lower it for runs on preemptible "
+                          "machines."},
     )
 
     def __post_init__(self):
