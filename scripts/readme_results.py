@@ -92,7 +92,12 @@ def render_demo_seeds(root: Path) -> str:
     finals = [r["final"]["rate"] for r in runs]
     return (text + f". {sum(f >= 100 * reference for f in finals)} of {len(runs)} ended at 100x the calibrated "
             "pretrained rate or more (its 95% upper bound when the calibration saw no success). One torch thread, "
-            "estimates included; wall time on a shared machine is longer.\n")
+            "estimates included; wall time on a shared machine is longer. The demo above is one run on one machine, "
+            "and the benchmark's seeds are other runs (another script, which estimates its curve between rounds): "
+            "their seed 0 is not the demo's. For a given script and seed a run is deterministic on one machine and "
+            "software stack (a benchmark run rerun here reproduced its final and every round exactly), not across "
+            "machines, where float reductions differ and a run can take another path: these 10 seeds, not the demo's "
+            "one, are what to expect.\n")
 
 
 def render_addition_demo(root: Path) -> str:
