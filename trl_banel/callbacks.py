@@ -181,8 +181,8 @@ class StopWhenDone(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if not self.trainer.distilling:  # the last step of a distillation has been applied
-            self.trainer._measure_distillation()
-        if self.trainer._finished and not self.trainer.distilling:
+            self.trainer.measure_distillation()
+        if self.trainer.finished and not self.trainer.distilling:
             control.should_training_stop = True
             # a checkpoint of the final state: a later train(resume_from_checkpoint=True) continues from the trained
             # model, never from an earlier one

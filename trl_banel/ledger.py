@@ -90,9 +90,11 @@ class RewardLedger:
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{self.path}: record {i + 1} is not an evaluation ({e!r}); refusing to "
                                  "guess.") from e
-            self._add(record)
+            self.keep(record)
 
-    def _add(self, record: Evaluation):
+    def keep(self, record: Evaluation):
+        """Hold `record` (an evaluation already paid and written: read from the file, or made by the main process and
+        shared with this rank); a `(prompt, completion)` already held is not counted again."""
         key = (record.prompt, record.completion)
         if key in self._index:  # never double-count, even if the file was written twice
             return
@@ -120,7 +122,7 @@ class RewardLedger:
         """Take the records and lost evaluations of the main process's ledger (an in-memory copy on other ranks)."""
         records, lost = shared
         for r in records:
-            self._add(r)
+            self.keep(r)
         self.lost = list(lost)
         self._lost_keys = {(r.prompt, r.completion) for r in self.lost}
 
@@ -158,7 +160,7 @@ class RewardLedger:
             )
             fsync_append(self.path, payload)
         for r in records:
-            self._add(r)
+            self.keep(r)
 
     def evaluate(
         self,

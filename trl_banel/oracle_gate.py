@@ -57,7 +57,7 @@ class OracleGate:
         rewards, new_records = rest
         if not self.accelerator.is_main_process:
             for r in new_records:
-                self.ledger._add(r)
+                self.ledger.keep(r)
         return rewards
 
     def _evaluate_on_main(self, cands: list[Candidate], round: int, retry_lost: bool) -> tuple:

@@ -171,6 +171,11 @@ class BaNELTrainer(_BaseTrainer):
         return bool(self._buffer)
 
     @property
+    def finished(self) -> bool:
+        """Whether the rounds are over (budget, stop rule or idle): `train()` ends once the last distillation is applied."""
+        return self._finished
+
+    @property
     def evidence(self):
         """Failures per completion prefix ([`~trl_banel.evidence.PrefixEvidence`]; see `update_evidence`)."""
         return self.sampler.evidence
@@ -373,7 +378,8 @@ class BaNELTrainer(_BaseTrainer):
             self.save_model(path, _internal_call=True)  # on every process: ZeRO-3 gathers the weights to save them
             self.best_generator = {**better, "nre": self.ledger.spent, "path": path}
 
-    def _measure_distillation(self):
+    def measure_distillation(self):
+        """After a distillation's last step: what it moved (the probe, the step size), in the metrics and history."""
         measured = self.distiller.probe.measure(self.history)
         if measured is not None:
             self._metrics[measured[0]].append(measured[1])
