@@ -7,6 +7,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+import pytest
 from trl.trainer.base_config import _BaseConfig
 
 from trl_banel import BaNELConfig
@@ -36,6 +37,7 @@ def readme_block(heading: str, language: str = "python") -> str:
     return readme[start : readme.index("```\n", start)]
 
 
+@pytest.mark.slow  # the README's snippet run in a subprocess
 def test_the_use_snippet_runs_as_written(tmp_path):
     # exactly the README's code, with a smaller budget (the only change), run as a new user would: a fresh process,
     # the working directory as output location, torch's own thread settings

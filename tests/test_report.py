@@ -46,6 +46,7 @@ def test_drawn_from_files_alone(tmp_path):
         plot_run_report(str(tmp_path / "empty"))
 
 
+@pytest.mark.slow  # two runs and `python -m trl_banel report` in a subprocess
 def test_a_run_writes_its_rounds_and_report(tmp_path, char_tokenizer, skewed_model, capsys):
     oracle = RecordingOracle(success=lambda c: c == "bird")
     trainer = BaNELTrainer(model=skewed_model, reward_funcs=oracle, args=config(tmp_path, disable_tqdm=False),
