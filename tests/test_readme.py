@@ -20,6 +20,10 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     command = 'pip install torch==2.13.0 -e ".[test]" && python -m pytest -q'
     assert command in readme and command in ci
+    # the README's command runs the fast tests; CI then runs the slow ones, which the README names as the full suite
+    slow = "python -m pytest -q -m slow"
+    assert f"{command} && {slow}" in ci and slow in readme
+    assert "addopts = \"-ra -m 'not slow'\"" in (ROOT / "pyproject.toml").read_text()
     assert "pip install torch==2.13.0 -e . && python recipes/digits_0_to_6.py" in readme
 
 
