@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "trl_banel" / "tasks" / "addition_models"
 
 
+@pytest.mark.slow  # the recipe's --quick run in a subprocess
 @pytest.mark.skipif(not (MODELS / "attacker").exists(), reason="the addition models are not shipped in this checkout")
 def test_quick_addition_recipe_end_to_end(tmp_path):
     out = tmp_path / "demo"

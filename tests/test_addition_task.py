@@ -162,6 +162,7 @@ def test_shipped_calibration_is_in_window():
     assert result["target_exact_match_own_distribution"]["accuracy"] >= 0.99
 
 
+@pytest.mark.slow  # the task's recipe in a subprocess
 def test_recipe_quick(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "recipes/pretrain_addition.py"), "--quick", "--seed", "1",

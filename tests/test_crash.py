@@ -183,6 +183,7 @@ def check_run(out, count, landed, acknowledged, budget, world):
     return items, recorded, lost
 
 
+@pytest.mark.slow  # three SIGKILLs of a subprocess, each resumed
 def test_three_kills_one_process(tmp_path):
     budget = 24
     out, count, landed, acked = crash_and_resume(tmp_path, 3, seed=0, budget=budget)

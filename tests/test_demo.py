@@ -23,6 +23,7 @@ def run_demo(out: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
+@pytest.mark.slow  # the demo's --quick run in a subprocess
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     proc = run_demo(out)

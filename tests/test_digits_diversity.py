@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from trl_banel.tasks import digits
 
@@ -26,6 +27,7 @@ def test_image_diversity_counts_copies_and_spread():
     assert digits.image_diversity(a)["median_l1"] is None
 
 
+@pytest.mark.slow  # a benchmark's --quick run
 def test_digits_diversity_quick_measures_the_pretrained_generator(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "digits_diversity.py"), "--quick", "--out",
@@ -38,6 +40,7 @@ def test_digits_diversity_quick_measures_the_pretrained_generator(tmp_path):
     assert "| pretrained" in (tmp_path / "digits_diversity.md").read_text()
 
 
+@pytest.mark.slow  # a benchmark in a subprocess
 def test_digits_diversity_names_a_folder_without_a_generator(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "digits_diversity.py"), "--runs",
                            f"nothing={tmp_path}", "--samples", "10", "--out", str(tmp_path / "o")],

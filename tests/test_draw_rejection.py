@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a benchmark's --quick run
 def test_quick_run_measures_the_share_each_distillation_rejected(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "draw_rejection.py"), "--quick", "--out",
                           str(tmp_path)], capture_output=True, text=True, timeout=600,

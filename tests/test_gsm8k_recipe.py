@@ -111,6 +111,7 @@ def test_reward_on_strings_and_conversations():
 # ---------------------------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # the recipe's --help in a subprocess
 def test_help_lists_banel_and_recipe_flags():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(RECIPE), "--help"], capture_output=True, text=True, env=env,
@@ -230,6 +231,7 @@ def check_question_outputs(out, qid, model_dir, budget):
     return ledger, card
 
 
+@pytest.mark.slow  # the recipe's end-to-end run
 def test_main_end_to_end_full_model(tiny_model_dir, tmp_path, monkeypatch, capsys):
     import transformers.trainer
 
@@ -268,6 +270,7 @@ def test_main_end_to_end_full_model(tiny_model_dir, tmp_path, monkeypatch, capsy
     assert json.loads((out / "q1" / "result.json").read_text())["hub_model_id"] == "tester/tiny-gsm-q1"
 
 
+@pytest.mark.slow  # the recipe's end-to-end run
 def test_main_end_to_end_lora(tiny_model_dir, tmp_path, monkeypatch):
     """--use_peft, with an easy oracle (any digit in the completion succeeds) so that both successes and failures
     go through the ledger, the summary and the interval (a random tiny model never hits the real target)."""

@@ -41,6 +41,7 @@ def test_success_strings_are_exactly_the_paid_ones():
     assert all(is_success(s, 6) for s in strings) and not is_success(strings[0].replace("a", "b", 3), 6)
 
 
+@pytest.mark.slow  # the task's exact enumeration (188,707 strings) and 20,000 samples
 def test_exact_success_probability_matches_sampling(task, prior_at_4):
     """string_log_probs is an exact likelihood: a sample's empirical frequency of successes matches it."""
     model, tok, oracle = task
@@ -56,6 +57,7 @@ def test_exact_success_probability_matches_sampling(task, prior_at_4):
     assert torch.all(lp < 0) and torch.all(torch.isfinite(lp))
 
 
+@pytest.mark.slow  # the task's exact enumeration, twice
 def test_shipped_generator_is_calibrated_in_the_sparse_regime(task, prior_at_4):
     model, tok, oracle = task
     prior = exact_success_probability(model, tok, oracle.min_a)
@@ -73,6 +75,7 @@ def test_source_chain_makes_the_rare_letter_rare():
     assert all(len(s) == LENGTH for s in strings) and share_a < 0.08
 
 
+@pytest.mark.slow  # the task's pretraining recipe in a subprocess
 def test_pretrain_recipe_smoke(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "recipes" / "pretrain_letters.py"), "--steps", "30", "--out",
                           str(tmp_path / "model"), "--results", str(tmp_path / "cal.json"),

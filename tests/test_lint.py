@@ -1,6 +1,7 @@
 """The code is clean under ruff with the project's configuration (pyproject.toml: 119 columns), in the suite so that
-CI checks it."""
+CI checks it; the tests check behaviour through public names only."""
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -26,3 +27,46 @@ def test_ruff_catches_a_long_line(tmp_path):
     proc = subprocess.run([shutil.which("ruff") or sys.executable, "check", "--no-cache", "--config",
                            str(ROOT / "pyproject.toml"), str(bad)], capture_output=True, text=True)
     assert proc.returncode == 1 and "E501" in proc.stdout
+
+
+# Private names the tests still use, until the package gives them a public accessor: (test file, name).
+AWAITING_ACCESSORS = {
+    ("test_mechanism.py", "_reference"),  # BaNELTrainer's frozen pretrained generator (distill_kl_coef)
+    ("test_baselines.py", "_generate_and_score_completions"),  # TRL's hook that NSRTrainer overrides
+}
+
+
+def private_names(source: str) -> list[tuple[int, str]]:
+    """(line, name) of each private attribute read or assigned, by dot or by getattr/setattr/hasattr/delattr with a
+    literal name; not an object's own (`self._x`), not dunders, not `os._exit`. (Imports of a module's private helpers,
+    unit-tested as such, are not attribute accesses.)"""
+    def private(name):
+        return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and private(node.attr):
+            if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "os")):
+                found.append((node.lineno, node.attr))
+        elif isinstance(node, ast.Call) and len(node.args) >= 2:
+            func = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
+            name = node.args[1]
+            if (func in ("getattr", "setattr", "hasattr", "delattr") and isinstance(name, ast.Constant)
+                    and isinstance(name.value, str) and private(name.value)):
+                found.append((node.lineno, name.value))
+    return sorted(found)
+
+
+def test_no_test_reads_or_assigns_a_private_attribute():
+    offending = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        rel = path.relative_to(ROOT / "tests").as_posix()
+        offending += [f"tests/{rel}:{line}: {name}" for line, name in private_names(path.read_text())
+                      if (rel, name) not in AWAITING_ACCESSORS]
+    assert not offending, "test through public names (or list the accessor needed):\n" + "\n".join(offending)
+
+
+def test_the_private_name_check_can_fail():
+    source = ("x = trainer._state\ntrainer.ledger._add = spy\nmonkeypatch.setattr(t, '_f', g)\ngetattr(t, '_g')\n"
+              "self._mine = os._exit = type(x).__name__\nsetattr(t, 'public', 1)\n")
+    assert private_names(source) == [(1, "_state"), (2, "_add"), (3, "_f"), (4, "_g")]

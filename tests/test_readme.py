@@ -7,6 +7,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+import pytest
 from trl.trainer.base_config import _BaseConfig
 
 from trl_banel import BaNELConfig
@@ -19,6 +20,10 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     command = 'pip install torch==2.13.0 -e ".[test]" && python -m pytest -q'
     assert command in readme and command in ci
+    # the README's command runs the fast tests; CI then runs the slow ones, which the README names as the full suite
+    slow = "python -m pytest -q -m slow"
+    assert f"{command} && {slow}" in ci and slow in readme
+    assert "addopts = \"-ra -m 'not slow'\"" in (ROOT / "pyproject.toml").read_text()
     assert "pip install torch==2.13.0 -e . && python recipes/digits_0_to_6.py" in readme
 
 
@@ -36,6 +41,7 @@ def readme_block(heading: str, language: str = "python") -> str:
     return readme[start : readme.index("```\n", start)]
 
 
+@pytest.mark.slow  # the README's snippet run in a subprocess
 def test_the_use_snippet_runs_as_written(tmp_path):
     # exactly the README's code, with a smaller budget (the only change), run as a new user would: a fresh process,
     # the working directory as output location, torch's own thread settings

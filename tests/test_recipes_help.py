@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.py"))
 
@@ -22,6 +24,7 @@ for path in sys.argv[1:]:
 """
 
 
+@pytest.mark.slow  # every recipe's --help, each in a subprocess
 def test_help_starts_with_what_the_recipe_does():
     assert len(RECIPES) >= 4
     proc = subprocess.run([sys.executable, "-c", SCRIPT, *map(str, RECIPES)], capture_output=True, text=True,

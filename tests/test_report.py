@@ -46,6 +46,7 @@ def test_drawn_from_files_alone(tmp_path):
         plot_run_report(str(tmp_path / "empty"))
 
 
+@pytest.mark.slow  # two runs and `python -m trl_banel report` in a subprocess
 def test_a_run_writes_its_rounds_and_report(tmp_path, char_tokenizer, skewed_model, capsys):
     oracle = RecordingOracle(success=lambda c: c == "bird")
     trainer = BaNELTrainer(model=skewed_model, reward_funcs=oracle, args=config(tmp_path, disable_tqdm=False),
@@ -134,19 +135,19 @@ def test_the_report_of_an_interrupted_run_states_its_record(tmp_path, char_token
     assert summary.interrupted is None
 
 
-def test_many_rounds_without_a_success_draw_no_barcode():
-    import matplotlib
-
-    matplotlib.use("Agg")
+def test_many_rounds_without_a_success_draw_no_barcode(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from trl_banel.report import _plot_rates
-
-    per_round = rates_by_round([evaluation(r, False) for r in range(150) for _ in range(50)])
-    fig, ax = plt.subplots()
-    _plot_rates(ax, per_round)
+    with open(tmp_path / "evaluations.jsonl", "w") as f:
+        for r in range(150):
+            for _ in range(50):
+                f.write(json.dumps(evaluation(r, False)) + "\n")
+    drawn, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: drawn.append(fig) or close(fig))  # keep the report's figure
+    plot_run_report(str(tmp_path))
+    (fig,) = drawn
+    (ax,) = [ax for ax in fig.axes if ax.get_title() == "success rate of the evaluated candidates"]
     assert not ax.containers, "error bars per round"
     upper = clopper_pearson(0, 7500)[1]
     assert any(f"rate < {upper:.2g}" in t.get_text() for t in ax.texts)
     assert ax.get_ylim()[1] < 0.05  # scaled to the run's bound, not to one round's interval
-    plt.close(fig)

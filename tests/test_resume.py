@@ -21,6 +21,7 @@ def run(out, count_file, **env):
 
 
 # (distill_every=1 and kills at random points: tests/test_crash.py)
+@pytest.mark.slow  # a SIGKILLed subprocess, then its resume
 @pytest.mark.parametrize("distill_every", [0])
 def test_sigkill_mid_round_then_resume(tmp_path, distill_every):
     out, count = tmp_path / "run", tmp_path / "oracle_calls.tsv"

@@ -10,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import pytest  # noqa: E402
 from benchmarks.round_variants import VARIANTS  # noqa: E402
 from trl_banel.tasks import addition, hard_attack  # noqa: E402
 
@@ -32,6 +33,7 @@ def test_the_committed_results_show_the_drift_the_settings_avoid():
     assert rows["exact_noratio"]["below_pretrained"] == 0
 
 
+@pytest.mark.slow  # a benchmark's --quick run
 def test_quick_run_of_the_tasks_settings_stays_above_the_pretrained_rate(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "round_variants.py"), "--quick", "--out",
                           str(tmp_path)], capture_output=True, text=True, timeout=600,

@@ -166,7 +166,6 @@ def test_hard_attack_exact_estimates_and_weight_hash():
     assert weights_hash(other) != weights_hash(model)
 
 
-@pytest.mark.slow
 def test_a_calibration_of_another_generator_is_refused(tmp_path):
     """The digits prior comes from the calibration file only if it was measured on the shipped generator."""
     import dataclasses
@@ -201,6 +200,7 @@ def test_digits_models_runs_the_first_generator_against_its_own_calibration(tmp_
         with_models(shipped, tmp_path)
 
 
+@pytest.mark.slow  # the benchmark's --quick run, every task and method: about 2 min
 def test_sparse_benchmark_quick_end_to_end_and_resumed(tmp_path):
     """--quick on every task writes sparse.json in the issue's shape; a second invocation reuses every run file."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -255,6 +255,7 @@ def test_sparse_benchmark_quick_end_to_end_and_resumed(tmp_path):
     assert json.loads((tmp_path / "sparse.json").read_text())["tasks"] == result["tasks"]
 
 
+@pytest.mark.slow  # a benchmark's estimate on the digits task
 def test_digits_banel_estimate_drops_known_failures():
     """Without failure models, BaNEL's sampler on digits is the generator minus the ledger's known failures: with
     none known it is the plain estimate on the same draw; with a draw's texts known, none of them is kept."""

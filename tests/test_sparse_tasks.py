@@ -132,6 +132,7 @@ def test_shipped_digits_prior_is_sparse(digits_task):
     assert prior["rate"] <= digits.MAX_PRIOR and prior["ci95_clopper_pearson"][1] <= 2 * digits.MAX_PRIOR
 
 
+@pytest.mark.slow  # the task's pretraining recipe in a subprocess
 def test_pretrain_digits_recipe_smoke(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "recipes" / "pretrain_digits.py"), "--quick", "--out",
                           str(tmp_path / "models"), "--results", str(tmp_path / "cal.json")],
@@ -144,6 +145,7 @@ def test_pretrain_digits_recipe_smoke(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- hard attack
+@pytest.mark.slow  # the task's pretraining recipe in a subprocess
 def test_pretrain_hard_attack_recipe_smoke(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "recipes" / "pretrain_hard_attack.py"), "--quick", "--out",
                           str(tmp_path / "target"), "--results", str(tmp_path / "cal.json")],

@@ -152,6 +152,7 @@ def use_tiny_preregistration(tmp_path, monkeypatch, evaluation: list, budget: in
     monkeypatch.setattr(task_family, "CACHE", tmp_path / "cache")
 
 
+@pytest.mark.slow  # a benchmark's --quick run
 def test_defaults_benchmark_quick_run_writes_results_and_reuses_them(tmp_path, monkeypatch):
     use_tiny_preregistration(tmp_path, monkeypatch, evaluation=[], budget=60)
     args = defaults.Args(group="tuning", tasks=["tune_tiny"], seeds=[100], budget=60, out=str(tmp_path / "out"))
@@ -168,6 +169,7 @@ def test_defaults_benchmark_quick_run_writes_results_and_reuses_them(tmp_path, m
     assert (tmp_path / "out" / "defaults.md").exists() and (tmp_path / "out" / "defaults.png").exists()
 
 
+@pytest.mark.slow  # a benchmark's GRPO run
 def test_grpo_runs_at_the_rate_its_tuning_sweep_chose(tmp_path, monkeypatch):
     use_tiny_preregistration(tmp_path, monkeypatch, evaluation=[{"name": "eval_tiny", **TINY_TASK, "seed": 1}],
                              budget=40)

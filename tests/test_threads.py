@@ -55,6 +55,7 @@ print(*seen)
 """
 
 
+@pytest.mark.slow  # a run in a subprocess
 @pytest.mark.skipif(torch_default_threads() < 2, reason="one core: torch's default is already one thread")
 def test_a_small_model_on_the_cpu_runs_on_one_thread(tmp_path):
     # threads are process-wide (and this test process already set one): measure in a fresh process

@@ -141,13 +141,13 @@ def test_skip_known_successes_gives_the_rounds_places_to_new_completions(tmp_pat
                   skip_known_successes=skip)
     trainer = BaNELTrainer(model=skewed_model, reward_funcs=oracle, args=args, train_dataset=UNCONDITIONAL,
                            processing_class=char_tokenizer)
-    evaluated, original = [], trainer._evaluate
+    evaluated, original = [], trainer.gate.evaluate  # the round's places: what it sends through the ledger
 
-    def spy(cands):
-        evaluated.append((trainer.round, [c.completion for c in cands]))
-        return original(cands)
+    def spy(cands, round, *args, **kwargs):
+        evaluated.append((round, [c.completion for c in cands]))
+        return original(cands, round, *args, **kwargs)
 
-    trainer._evaluate = spy
+    trainer.gate.evaluate = spy
     trainer.train()
     first = next(r for r, cs in evaluated if "cat" in cs)
     again = [r for r, cs in evaluated if r > first and "cat" in cs]

@@ -40,7 +40,7 @@ def test_a_reward_function_that_scores_nothing_stops_the_run(tmp_path, char_toke
 
 def test_a_model_object_without_a_tokenizer_says_pass_processing_class(tmp_path, char_tokenizer):
     model = make_tiny_model(char_tokenizer)
-    assert not model.config._name_or_path
+    assert not model.config.name_or_path
     with pytest.raises(ValueError, match="processing_class is required.*Pass processing_class=tokenizer"):
         BaNELTrainer(model=model, reward_funcs=lambda prompts, completions, **kw: [0.0] * len(completions),
                      args=config(tmp_path), train_dataset=UNCONDITIONAL)
