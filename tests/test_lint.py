@@ -31,7 +31,6 @@ def test_ruff_catches_a_long_line(tmp_path):
 
 # Private names the tests still use, until the package gives them a public accessor: (test file, name).
 AWAITING_ACCESSORS = {
-    ("test_mechanism.py", "_reference"),  # BaNELTrainer's frozen pretrained generator (distill_kl_coef)
     ("test_baselines.py", "_generate_and_score_completions"),  # TRL's hook that NSRTrainer overrides
 }
 

@@ -196,7 +196,7 @@ def test_distillation_kl_keeps_a_frozen_pretrained_reference(tmp_path, char_toke
                    distill_kl_coef=0.5)
     kls = [log["distill/kl_to_pretrained"] for log in trainer.state.log_history if "distill/kl_to_pretrained" in log]
     assert kls and all(math.isfinite(k) and k >= 0 for k in kls) and max(kls) > 0
-    reference = trainer._reference.state_dict()
+    reference = trainer.reference_model.state_dict()
     assert all(torch.equal(reference[k], pretrained[k]) for k in pretrained), "the reference moved"
 
 
@@ -208,7 +208,7 @@ def test_distillation_kl_of_a_lora_generator_uses_its_disabled_adapter(tmp_path,
                                                                         distill_kl_coef=0.5, learning_rate=1e-2),
                            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     trainer.train()
-    assert trainer._reference is None, "a LoRA generator needs no copy of the pretrained model"
+    assert trainer.reference_model is None, "a LoRA generator needs no copy of the pretrained model"
     kls = [log["distill/kl_to_pretrained"] for log in trainer.state.log_history if "distill/kl_to_pretrained" in log]
     assert kls and max(kls) > 0 and all(math.isfinite(k) for k in kls)
 

@@ -171,6 +171,12 @@ class BaNELTrainer(_BaseTrainer):
         return bool(self._buffer)
 
     @property
+    def reference_model(self):
+        """The frozen pretrained generator of `distill_kl_coef`; `None` without the KL term or for a LoRA generator
+        (its adapter is disabled instead)."""
+        return self._reference
+
+    @property
     def finished(self) -> bool:
         """Whether the rounds are over (budget, stop rule or idle): `train()` ends once the last distillation is applied."""
         return self._finished
