@@ -28,19 +28,26 @@ class _Trainer:  # what StopOnSignal needs of a trainer on one process
 
 
 def test_the_first_signal_asks_the_second_interrupts_and_handlers_come_back():
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    stop = StopOnSignal(_Trainer())
-    with stop.installed():
-        assert all(signal.getsignal(s) != b for s, b in zip((signal.SIGINT, signal.SIGTERM), before)), "not installed"
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.01)  # the handler runs at the next bytecode
-        assert stop.received == "SIGINT" and stop.requested() and stop.stopped == "SIGINT"
-        with pytest.raises(KeyboardInterrupt):  # the handler found before: a second Ctrl-C stops at once
+    # Python's own Ctrl-C handler, as an interactive session has it (a job started in the background by a
+    # non-interactive shell, as a CI runner may start the suite, inherits SIGINT ignored)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        stop = StopOnSignal(_Trainer())
+        with stop.installed():
+            assert all(signal.getsignal(s) != b for s, b in zip((signal.SIGINT, signal.SIGTERM), before)), \
+                "not installed"
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
-    with stop.installed():  # and it starts over at the next train()
-        assert stop.received is None and not stop.requested()
+            time.sleep(0.01)  # the handler runs at the next bytecode
+            assert stop.received == "SIGINT" and stop.requested() and stop.stopped == "SIGINT"
+            with pytest.raises(KeyboardInterrupt):  # the handler found before: a second Ctrl-C stops at once
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+        with stop.installed():  # and it starts over at the next train()
+            assert stop.received is None and not stop.requested()
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_a_signal_in_a_reward_call_stops_after_the_round_with_a_checkpoint(tmp_path, char_tokenizer, skewed_model,
