@@ -365,10 +365,11 @@ class BaNELTrainer(_BaseTrainer):
             self._metrics["distill/skipped_no_success"].append(1.0)
             self._buffer = skipped(args.distill_steps * ga)
         else:
+            drawn_before = len(self._metrics["distill/acceptance_rate"])
             self._buffer = self.distiller.batches(self.round, args.distill_steps * ga, self._keep_best_generator)
             # the share of the distillation's draw the filter accepted: where the phase's failure models act (with
             # distill_every=1 a distillation clears them before the next round's filter sees a proposal)
-            drawn = self._metrics.get("distill/acceptance_rate")
+            drawn = self._metrics["distill/acceptance_rate"][drawn_before:]
             if drawn and self.history:
                 self.history[-1]["distill/acceptance_rate"] = drawn[-1]
             if args.distill_target_kl > 0:
