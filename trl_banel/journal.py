@@ -79,6 +79,32 @@ def read_json_lines(path: str) -> list[dict]:
     return objects
 
 
+def replay(objects: list[dict]) -> tuple[dict[int, dict], list[LostEvaluation], int]:
+    """What a journal's lines say, without touching its file: the calls still open (call id -> intent), the items
+    earlier starts settled as lost, and the next call id."""
+    open_calls, lost, next_call = {}, [], 0
+    for obj in objects:
+        call = int(obj["call"])
+        next_call = max(next_call, call + 1)
+        if "items" in obj and "end" not in obj:
+            open_calls[call] = obj
+        else:
+            intent = open_calls.pop(call, None)
+            if obj.get("end") == "lost":
+                lost += lost_items(obj["items"], intent["round"] if intent else -1, call)
+    return open_calls, lost, next_call
+
+
+def unanswered(intent: dict, recorded) -> list[dict]:
+    """The items of an open call's intent that the ledger holds no reward for (`recorded(prompt, completion)`): what
+    settling the call charges as lost."""
+    return [i for i in intent["items"] if not recorded(i["prompt"], i["completion"])]
+
+
+def lost_items(items: list[dict], round: int, call: int) -> list[LostEvaluation]:
+    return [LostEvaluation(i["prompt"], i["completion"], round, call, i.get("meta") or {}) for i in items]
+
+
 class CallJournal:
     r"""
     Write-ahead log of the calls to a reward oracle.
@@ -91,20 +117,8 @@ class CallJournal:
 
     def __init__(self, path: str):
         self.path = path
-        self._open: dict[int, dict] = {}  # call id -> its intent, for calls with no end line
-        self.lost: list[LostEvaluation] = []  # settled in earlier starts
-        self._next = 0
-        for obj in read_json_lines(path):
-            call = int(obj["call"])
-            self._next = max(self._next, call + 1)
-            if "items" in obj and "end" not in obj:
-                self._open[call] = obj
-            else:
-                intent = self._open.pop(call, None)
-                if obj.get("end") == "lost":
-                    round_ = intent["round"] if intent else -1
-                    self.lost += [LostEvaluation(i["prompt"], i["completion"], round_, call, i.get("meta") or {})
-                                  for i in obj["items"]]
+        # call id -> its intent for calls with no end line; the items settled as lost in earlier starts
+        self._open, self.lost, self._next = replay(read_json_lines(path))
 
     def settle(self, recorded) -> list[LostEvaluation]:
         """Close every call a crash left open; return the items newly found lost (charged, never recorded).
@@ -114,11 +128,10 @@ class CallJournal:
         """
         newly_lost = []
         for call, intent in sorted(self._open.items()):
-            items = [i for i in intent["items"] if not recorded(i["prompt"], i["completion"])]
+            items = unanswered(intent, recorded)
             end = {"call": call, "end": "lost", "items": items} if items else {"call": call, "end": "answered"}
             fsync_append(self.path, json.dumps(end, ensure_ascii=False) + "\n")
-            newly_lost += [LostEvaluation(i["prompt"], i["completion"], intent["round"], call, i.get("meta") or {})
-                           for i in items]
+            newly_lost += lost_items(items, intent["round"], call)
         self._open.clear()
         self.lost += newly_lost
         return newly_lost

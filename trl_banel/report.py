@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from transformers import TrainerCallback
 
+from .journal import LostEvaluation, lost_items, replay, unanswered
 from .stats import clopper_pearson
 
 logger = logging.getLogger(__name__)
@@ -91,21 +92,13 @@ class RunSummary:
                 f"{lost}, {self.successes} success{'' if self.successes == 1 else 'es'}{stopped}")
 
 
-def lost_evaluations(output_dir: str, evaluations: list[dict]) -> list[dict]:
+def lost_evaluations(output_dir: str, evaluations: list[dict]) -> list[LostEvaluation]:
     """The evaluations charged and never recorded, from the journal: those a start found lost (its `lost` lines), and
     those of calls still open (a crash the run was not restarted from; the next start will charge them). Read-only."""
-    lost, open_calls = [], {}
-    for obj in read_jsonl(os.path.join(output_dir, JOURNAL_FILE)):
-        if "items" in obj and "end" not in obj:
-            open_calls[obj["call"]] = obj
-            continue
-        intent = open_calls.pop(obj["call"], None)
-        if obj.get("end") == "lost":
-            lost += [{**i, "round": intent["round"] if intent else -1} for i in obj["items"]]
+    open_calls, lost, _ = replay(read_jsonl(os.path.join(output_dir, JOURNAL_FILE)))
     recorded = {(e["prompt"], e["completion"]) for e in evaluations}
-    for intent in open_calls.values():
-        lost += [{**i, "round": intent["round"]} for i in intent["items"]
-                 if (i["prompt"], i["completion"]) not in recorded]
+    for call, intent in open_calls.items():
+        lost += lost_items(unanswered(intent, lambda p, c: (p, c) in recorded), intent["round"], call)
     return lost
 
 
@@ -116,7 +109,7 @@ def run_summary(output_dir: str) -> RunSummary:
     evaluations = read_jsonl(os.path.join(output_dir, LEDGER_FILE))
     lost = lost_evaluations(output_dir, evaluations)
     rounds = read_jsonl(os.path.join(output_dir, ROUNDS_FILENAME))
-    last = max([r["round"] for r in rounds] + [e["round"] for e in evaluations] + [x["round"] for x in lost],
+    last = max([r["round"] for r in rounds] + [e["round"] for e in evaluations] + [x.round for x in lost],
                default=-1)
     summary = RunSummary(rounds=last + 1, spent=len(evaluations) + len(lost), recorded=len(evaluations),
                          lost=len(lost), successes=sum(bool(e["success"]) for e in evaluations))
