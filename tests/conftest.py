@@ -80,6 +80,15 @@ SKEWED = ["cat", "dog", "bird", "zebra"]
 SKEWED_WEIGHTS = [0.70, 0.20, 0.09, 0.01]
 
 
+def quick_skewed_generator():
+    """`(tokenizer, model)` of the subprocess scripts (tests/scripts): the skewed strings, pretrained briefly (60
+    steps) so that a launched process starts in seconds."""
+    tok = make_char_tokenizer()
+    model = make_tiny_model(tok)
+    pretrain_on_strings(model, tok, SKEWED, SKEWED_WEIGHTS, steps=60, lr=1e-2)
+    return tok, model
+
+
 @pytest.fixture(scope="session")
 def skewed_model_state(char_tokenizer):
     """State dict of a tiny model pretrained to emit cat/dog/bird/zebra with probabilities 70/20/9/1 %."""

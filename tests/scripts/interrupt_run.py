@@ -15,7 +15,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from conftest import SKEWED, SKEWED_WEIGHTS, make_char_tokenizer, make_tiny_model, pretrain_on_strings  # noqa: E402
+from conftest import quick_skewed_generator  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
@@ -62,9 +62,7 @@ class GeneratorAtStart(TrainerCallback):
 
 
 def main():
-    tok = make_char_tokenizer()
-    model = make_tiny_model(tok)
-    pretrain_on_strings(model, tok, SKEWED, SKEWED_WEIGHTS, steps=60, lr=1e-2)
+    tok, model = quick_skewed_generator()
     args = BaNELConfig(
         output_dir=OUT, use_cpu=True, bf16=False, report_to="none", disable_tqdm=True, seed=0,
         max_reward_evaluations=24, evaluations_per_round=4, num_candidates=32, max_completion_length=8,

@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from conftest import SKEWED, SKEWED_WEIGHTS, make_char_tokenizer, make_tiny_model, pretrain_on_strings  # noqa: E402
+from conftest import quick_skewed_generator  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
@@ -39,9 +39,7 @@ def oracle(prompts, completions, **kwargs):
 
 
 def main():
-    tok = make_char_tokenizer()
-    model = make_tiny_model(tok)
-    pretrain_on_strings(model, tok, SKEWED, SKEWED_WEIGHTS, steps=60, lr=1e-2)
+    tok, model = quick_skewed_generator()
     args = BaNELConfig(
         output_dir=OUT, use_cpu=True, bf16=False, report_to="none", disable_tqdm=True, seed=0,
         max_reward_evaluations=int(os.environ.get("BUDGET", "30")), evaluations_per_round=4, num_candidates=32,
