@@ -106,9 +106,13 @@ def run_summary(output_dir: str) -> RunSummary:
     """The rounds, evaluations spent and lost, and successes of the run in `output_dir`, from its ledger, journal and
     per-round log (not from `banel_run.json`, which a crash leaves out of date; its `interrupted` is taken only when
     the ledger has not grown since it was written)."""
-    evaluations = read_jsonl(os.path.join(output_dir, LEDGER_FILE))
+    return _summary(output_dir, read_jsonl(os.path.join(output_dir, LEDGER_FILE)),
+                    read_jsonl(os.path.join(output_dir, ROUNDS_FILENAME)))
+
+
+def _summary(output_dir: str, evaluations: list[dict], rounds: list[dict]) -> RunSummary:
+    """[`run_summary`] from the ledger's and the per-round log's lines, already read."""
     lost = lost_evaluations(output_dir, evaluations)
-    rounds = read_jsonl(os.path.join(output_dir, ROUNDS_FILENAME))
     last = max([r["round"] for r in rounds] + [e["round"] for e in evaluations] + [x.round for x in lost],
                default=-1)
     summary = RunSummary(rounds=last + 1, spent=len(evaluations) + len(lost), recorded=len(evaluations),
@@ -148,7 +152,7 @@ def plot_run_report(output_dir: str, path: str | None = None) -> str:
         raise FileNotFoundError(f"{output_dir} holds neither {LEDGER_FILE} nor {ROUNDS_FILENAME}: is it the "
                                 "output_dir of a BaNEL run?")
     path = path or os.path.join(output_dir, REPORT_FILENAME)
-    summary = run_summary(output_dir)
+    summary = _summary(output_dir, evaluations, rounds)
     found = summary.successes
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     (ax_found, ax_rate), (ax_accept, ax_fit) = axes
