@@ -1,20 +1,22 @@
-"""Writes (or checks) the README's generated blocks from the results files: the one mechanism for README figures.
+"""Writes (or checks) the generated blocks of README.md and docs/ from the results files: the one mechanism for
+the figures they show.
 
-    python scripts/readme_results.py                     # rewrite every generated block of README.md
-    python scripts/readme_results.py --check             # exit 1, with a diff, if README.md and the results disagree
+    python scripts/readme_results.py                     # rewrite every generated block of every page
+    python scripts/readme_results.py --check             # exit 1, with a diff, if a page and the results disagree
     python scripts/readme_results.py --rerun-demo        # rerun the digits demo (about 5 min on 2 CPU cores), rewrite
     python scripts/readme_results.py --rerun-demo --quick    # the same with any demo flags (here: a 1-minute run)
     python scripts/readme_results.py --rerun-addition-demo   # rerun the addition attack's recipe, then rewrite
 
-A generated block sits between `<!-- generated: NAME -->` and `<!-- /generated: NAME -->` in README.md; `BLOCKS` says
-which results file each is rendered from. To put a new figure in the README, write it to a results file from the
-command that measures it, add a renderer here and the two markers in README.md; `tests/test_readme_results.py` fails
-whenever a block and its results file disagree.
+A generated block sits between `<!-- generated: NAME -->` and `<!-- /generated: NAME -->` in the page that `BLOCKS`
+gives for it (README.md or a page of docs/), and is rendered from the results files `BLOCKS` names. To show a new
+figure, write it to a results file from the command that measures it, add a renderer here and the two markers in its
+page; `tests/test_readme_results.py` fails whenever a block and its results file disagree.
 """
 
 import argparse
 import difflib
 import json
+import posixpath
 import re
 import shutil
 import statistics
@@ -34,7 +36,8 @@ DEMOS = {"demo": ("recipes/digits_0_to_6.py", DEMO_DIR), "addition-demo": ("reci
 @dataclass
 class Block:
     sources: list[str]  # files (or globs) under the repository root that the block is rendered from
-    render: Callable[[Path], str]
+    render: Callable[[Path], str]  # its text; links in it are relative to the repository root
+    page: str = "README.md"  # the file (from the repository root) that holds the block
 
 
 def _render_output(root: Path, folder: str, summary_text: Callable[[dict], str], picture: str, caption: str,
@@ -265,16 +268,39 @@ BLOCKS: dict[str, Block] = {
 }
 
 _MARKER = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /generated: (?P=name) -->)", re.S)
+_LINK = re.compile(r"(\]\()([^)\s]+)(\))")
 
 
-def regenerate(readme: str, root: Path) -> tuple[str, list[str]]:
-    """README text with every generated block rendered anew, and the names of the blocks that changed."""
-    found = [m.group("name") for m in _MARKER.finditer(readme)]
-    unknown = sorted(set(found) - set(BLOCKS))
-    missing = sorted(set(BLOCKS) - set(found))
+def pages() -> list[str]:
+    """The files that hold generated blocks, README.md first."""
+    return sorted({block.page for block in BLOCKS.values()}, key=lambda page: (page != "README.md", page))
+
+
+def relink(text: str, page: str) -> str:
+    """`text` with its relative links (written from the repository root) made relative to `page`'s folder."""
+    folder = posixpath.dirname(page)
+    if not folder:
+        return text
+
+    def fix(m):
+        target = m.group(2)
+        if re.match(r"[a-z]+:|#|/", target):
+            return m.group(0)
+        return m.group(1) + posixpath.relpath(target, folder) + m.group(3)
+
+    return _LINK.sub(fix, text)
+
+
+def regenerate(text: str, root: Path, page: str = "README.md") -> tuple[str, list[str]]:
+    """`page`'s text with every generated block rendered anew, and the names of the blocks that changed."""
+    found = [m.group("name") for m in _MARKER.finditer(text)]
+    expected = {name for name, block in BLOCKS.items() if block.page == page}
+    unknown = sorted(set(found) - expected)
+    missing = sorted(expected - set(found))
     if unknown or missing:
-        raise ValueError(f"README.md's generated blocks do not match scripts/readme_results.py: unknown {unknown}, "
-                         f"missing {missing}.")
+        elsewhere = {name: BLOCKS[name].page for name in unknown if name in BLOCKS}
+        raise ValueError(f"{page}'s generated blocks do not match scripts/readme_results.py: unknown {unknown}"
+                         + (f" (their pages: {elsewhere})" if elsewhere else "") + f", missing {missing}.")
     changed = []
 
     def replace(m):
@@ -284,14 +310,14 @@ def regenerate(readme: str, root: Path) -> tuple[str, list[str]]:
                 how = {"demo": "python scripts/readme_results.py --rerun-demo",
                        "addition-demo": "python scripts/readme_results.py --rerun-addition-demo"}.get(
                     name, "its benchmark")
-                raise FileNotFoundError(f"README block {name!r} is rendered from {source}, which is missing; "
+                raise FileNotFoundError(f"block {name!r} of {page} is rendered from {source}, which is missing; "
                                         f"produce it with {how}.")
-        body = BLOCKS[name].render(root)
+        body = relink(BLOCKS[name].render(root), page)
         if body != m.group("body"):
             changed.append(m.group("name"))
         return m.group(1) + body + m.group(4)
 
-    return _MARKER.sub(replace, readme), changed
+    return _MARKER.sub(replace, text), changed
 
 
 def rerun_demo(root: Path, demo_flags: list[str], which: str = "demo"):
@@ -323,20 +349,25 @@ def main(argv=None) -> int:
         rerun_demo(root, demo_flags)
     if args.rerun_addition_demo:
         rerun_demo(root, demo_flags, "addition-demo")
-    readme_path = root / "README.md"
-    old = readme_path.read_text()
-    new, changed = regenerate(old, root)
-    if args.check:
+    updates = {}  # page: (old text, new text, names of the blocks that changed)
+    for page in pages():
+        old = (root / page).read_text()
+        new, changed = regenerate(old, root, page)
         if changed:
-            diff = difflib.unified_diff(old.splitlines(True), new.splitlines(True), "README.md",
-                                        "README.md as the results files say")
-            sys.stdout.writelines(diff)
-            print(f"\nout of date: {', '.join(changed)}; run: python scripts/readme_results.py")
+            updates[page] = (old, new, changed)
+    stale = "; ".join(f"{page}: {', '.join(changed)}" for page, (_, _, changed) in updates.items())
+    if args.check:
+        if updates:
+            for page, (old, new, _) in updates.items():
+                sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True), page,
+                                                           f"{page} as the results files say"))
+            print(f"\nout of date: {stale}; run: python scripts/readme_results.py")
             return 1
-        print("README.md agrees with the results files.")
+        print(f"{', '.join(pages())}: every generated block agrees with the results files.")
         return 0
-    readme_path.write_text(new)
-    print(f"rewrote: {', '.join(changed)}" if changed else "README.md was already up to date.")
+    for page, (_, new, _) in updates.items():
+        (root / page).write_text(new)
+    print(f"rewrote: {stale}" if updates else "every generated block was already up to date.")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""README figures are rendered from results files: the check fails whenever the two disagree."""
+"""README and docs figures are rendered from results files: the check fails whenever the two disagree."""
 
 import importlib.util
 import json
@@ -19,8 +19,10 @@ def test_the_readme_agrees_with_the_results_files(capsys):
 
 @pytest.fixture
 def copy_of_the_repo(tmp_path):
-    """README.md and every results file a block is rendered from, in a scratch root."""
-    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    """Every page that holds a generated block and every results file a block is rendered from, in a scratch root."""
+    for page in readme_results.pages():
+        (tmp_path / page).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / page, tmp_path / page)
     for block in readme_results.BLOCKS.values():
         for source in block.sources:
             for path in ROOT.glob(source):
@@ -44,30 +46,44 @@ def test_a_changed_result_makes_the_check_fail_until_the_readme_is_rewritten(cop
     run = json.loads(digits_seed.read_text())
     run["final"]["rate"] = 0.0  # and the digits demo's settings failed on one seed
     digits_seed.write_text(json.dumps(run))
-    before = _block((root / "README.md").read_text(), "addition-demo-seeds")
+    before = _block(root, "addition-demo-seeds")
 
     assert readme_results.main(["--check", "--root", str(root)]) == 1
     out = capsys.readouterr().out
     assert "+improvement                    1,234x over the calibrated rate" in out
-    assert "out of date: demo, demo-seeds, addition-demo-seeds" in out
+    assert "out of date: README.md: demo, demo-seeds, addition-demo-seeds; run:" in out
     assert readme_results.main(["--root", str(root)]) == 0  # rewrite
     assert readme_results.main(["--check", "--root", str(root)]) == 0
-    readme = (root / "README.md").read_text()
-    after = _block(readme, "addition-demo-seeds")
-    assert "1,234x" in readme and after != before and "below 10x" in after and "0x" in after
-    assert "ended at success rates 0.000-" in _block(readme, "demo-seeds")
+    assert "1,234x" in _block(root, "demo")
+    after = _block(root, "addition-demo-seeds")
+    assert after != before and "below 10x" in after and "0x" in after
+    assert "ended at success rates 0.000-" in _block(root, "demo-seeds")
 
 
-def _block(readme: str, name: str) -> str:
-    return readme.split(f"<!-- generated: {name} -->")[1].split(f"<!-- /generated: {name} -->")[0]
+def _block(root: Path, name: str) -> str:
+    text = (root / readme_results.BLOCKS[name].page).read_text()
+    return text.split(f"<!-- generated: {name} -->")[1].split(f"<!-- /generated: {name} -->")[0]
 
 
 def test_blocks_and_markers_must_match(copy_of_the_repo):
-    readme = (copy_of_the_repo / "README.md").read_text()
-    cut = readme.replace("<!-- generated: filter-lift-table -->\n", "").replace(
+    page = readme_results.BLOCKS["filter-lift-table"].page
+    text = (copy_of_the_repo / page).read_text()
+    cut = text.replace("<!-- generated: filter-lift-table -->\n", "").replace(
         "<!-- /generated: filter-lift-table -->\n", "")
     with pytest.raises(ValueError, match=r"missing \['filter-lift-table'\]"):
-        readme_results.regenerate(cut, copy_of_the_repo)
+        readme_results.regenerate(cut, copy_of_the_repo, page)
+    # a block's markers on a page other than its own are refused, naming where it belongs
+    with pytest.raises(ValueError, match=rf"unknown \['filter-lift-table'\] \(their pages: .*{page}"):
+        readme_results.regenerate("<!-- generated: filter-lift-table -->\n<!-- /generated: filter-lift-table -->\n",
+                                  copy_of_the_repo, "docs/another_page.md")
+    demo_page = readme_results.BLOCKS["demo"].page
     (copy_of_the_repo / readme_results.DEMO_DIR / "result.json").unlink()
     with pytest.raises(FileNotFoundError, match="--rerun-demo"):
-        readme_results.regenerate(readme, copy_of_the_repo)
+        readme_results.regenerate((copy_of_the_repo / demo_page).read_text(), copy_of_the_repo, demo_page)
+
+
+def test_links_in_a_block_are_relative_to_its_page():
+    text = "![a](benchmarks/results/x.png) [b](https://example.org/y) [c](#z) [d](docs/e.md)"
+    assert readme_results.relink(text, "README.md") == text
+    assert readme_results.relink(text, "docs/benchmarks.md") == (
+        "![a](../benchmarks/results/x.png) [b](https://example.org/y) [c](#z) [d](e.md)")
