@@ -48,7 +48,8 @@ class DigitsArguments:
     threads: int = field(default=1, metadata={"help": "torch threads (tiny models run fastest on one)."})
 
 
-# The task's settings (measured: README "Sparse tasks") plus where and how to run; every one can be overridden.
+# The task's settings (measured: docs/benchmarks.md, "Sparse tasks") plus where and how to run; every one can be
+# overridden.
 TASK_DEFAULTS = dict(output_dir="runs/digits_0_to_6", use_cpu=True, bf16=False, report_to="none", save_strategy="no",
                      **BANEL_SETTINGS, logging_steps=10, seed=0)
 QUICK = dict(max_reward_evaluations=50, evaluations_per_round=25, eval_samples=500, curve_every=1,

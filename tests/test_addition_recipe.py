@@ -37,7 +37,7 @@ def test_quick_addition_recipe_end_to_end(tmp_path):
     banel = result["banel"]
     assert banel["samples"] == 5000 and banel["rate"] == banel["successes"] / 5000
     assert (banel["low"], banel["high"]) == pytest.approx(clopper_pearson(banel["successes"], 5000))
-    assert demo_summary_text(result) in proc.stdout  # what it printed is what the README renders from result.json
+    assert demo_summary_text(result) in proc.stdout  # what it printed is what docs/benchmarks.md renders
     assert (out / "success_rate.png").stat().st_size > 1000
     assert len(result["curve"]) >= 2 and result["curve"][0]["nre"] == 0
 

@@ -1,4 +1,5 @@
-"""Every command the README shows is run by a test (in a reduced form where the full one takes hours or GPUs)."""
+"""Every command the README and docs/ show is run by a test (in a reduced form where the full one takes hours or
+GPUs)."""
 
 import json
 import re
@@ -12,16 +13,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def readme_scripts() -> set[str]:
-    """Repository scripts the README tells a reader to run (`python path.py`, `accelerate launch ... path.py`)."""
-    readme = (ROOT / "README.md").read_text()
-    paths = set(re.findall(r"(?:python|accelerate launch[^\n`]*?) ((?:recipes|benchmarks|scripts)/\w+\.py)", readme))
+    """Repository scripts the README and docs/ tell a reader to run (`python x.py`, `accelerate launch ... x.py`)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    text = "\n".join(page.read_text() for page in pages)
+    paths = set(re.findall(r"(?:python|accelerate launch[^\n`]*?) ((?:recipes|benchmarks|scripts)/\w+\.py)", text))
     return {p for p in paths if (ROOT / p).exists()}
 
 
 def test_every_readme_script_is_run_by_a_test():
     scripts = readme_scripts()
     assert {"recipes/digits_0_to_6.py", "recipes/addition_attack.py", "scripts/readme_results.py",
-            "benchmarks/filter_lift.py"} <= scripts
+            "benchmarks/filter_lift.py", "recipes/gsm8k_hard.py", "benchmarks/defaults.py"} <= scripts
     tests = {p.name: p.read_text() for p in (ROOT / "tests").glob("test_*.py") if p.name != "test_readme_commands.py"}
     this = Path(__file__).read_text()
 

@@ -51,7 +51,7 @@ def test_a_changed_result_makes_the_check_fail_until_the_readme_is_rewritten(cop
     assert readme_results.main(["--check", "--root", str(root)]) == 1
     out = capsys.readouterr().out
     assert "+improvement                    1,234x over the calibrated rate" in out
-    assert "out of date: README.md: demo, demo-seeds, addition-demo-seeds; run:" in out
+    assert "out of date: README.md: demo, demo-seeds; docs/benchmarks.md: addition-demo-seeds; run:" in out
     assert readme_results.main(["--root", str(root)]) == 0  # rewrite
     assert readme_results.main(["--check", "--root", str(root)]) == 0
     assert "1,234x" in _block(root, "demo")

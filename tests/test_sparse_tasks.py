@@ -265,9 +265,9 @@ def test_tasks_load_from_an_installed_wheel(tmp_path):
 
 
 def test_the_shipped_generator_holds_almost_all_its_mass_on_the_datasets_zeros(digits_task, dataset):
-    """Why the prior is sparse and where BaNEL must look (README, "Sparse tasks"): the generator is a mixture of the
-    zeros it learned, none of them a success, with 0.01% of its mass elsewhere; once they are known failures, the
-    exact objective moves its mass off them onto the rest, where the sixes it can draw are."""
+    """Why the prior is sparse and where BaNEL must look (docs/benchmarks.md, "Sparse tasks"): the generator is a
+    mixture of the zeros it learned, none of them a success, with 0.01% of its mass elsewhere; once they are known
+    failures, the exact objective moves its mass off them onto the rest, where the sixes it can draw are."""
     from trl_banel.tasks.common import sequence_log_probs
 
     generator, tok, oracle = digits_task
