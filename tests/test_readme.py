@@ -35,6 +35,65 @@ def test_every_banel_field_is_documented():
     assert not missing, missing
 
 
+def test_the_readme_is_short():
+    # a README for users: what to do, and links to docs/ for the rest
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped (not `-` or `_`), spaces to `-`."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _prose(page: Path) -> str:
+    """The page without its fenced code blocks (a `# comment` there is no heading, a link there no link)."""
+    return re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+
+
+def _anchors(page: Path) -> set[str]:
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} (.+)$", _prose(page), flags=re.M):
+        slug = _slug(heading)
+        anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def broken_links(pages: list[Path]) -> tuple[list[str], int]:
+    """Relative links and images of `pages` whose file, or whose heading in a Markdown file, does not exist; and how
+    many relative links there are."""
+    broken, count = [], 0
+    for page in pages:
+        text = re.sub(r"`[^`\n]*`", "", _prose(page))  # nor in a code span
+        for link in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", link):  # a URL
+                continue
+            count += 1
+            path, _, anchor = link.partition("#")
+            target = (page.parent / path).resolve() if path else page
+            if not target.is_file():
+                broken.append(f"{page.name}: {link} (no such file)")
+            elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
+                broken.append(f"{page.name}: {link} (no such heading)")
+    return broken, count
+
+
+def test_every_relative_link_points_at_an_existing_file_and_heading():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert {"round.md", "guarantees.md", "benchmarks.md", "recipes.md", "configuration.md"} <= {p.name for p in pages}
+    broken, count = broken_links(pages)
+    assert count > 20 and not broken, broken
+
+
+def test_the_link_check_finds_a_missing_file_and_a_missing_heading(tmp_path):
+    (tmp_path / "a.md").write_text("# Top\n\n## A heading: with `code`\n\n```bash\n# not a heading\n```\n")
+    assert _anchors(tmp_path / "a.md") == {"top", "a-heading-with-code"}
+    (tmp_path / "b.md").write_text("[x](a.md#a-heading-with-code) [y](a.md#not-a-heading) ![z](missing.png) "
+                                   "[w](https://example.org) `[v](in_code.md)` [u](#top)\n\n# Top\n")
+    assert broken_links([tmp_path / "b.md"]) == (["b.md: a.md#not-a-heading (no such heading)",
+                                                  "b.md: missing.png (no such file)"], 4)
+
+
 def readme_block(heading: str, language: str = "python") -> str:
     """The first fenced code block of `language` after `heading` in README.md."""
     readme = (ROOT / "README.md").read_text()

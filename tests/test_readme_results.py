@@ -1,9 +1,11 @@
 """README and docs figures are rendered from results files: the check fails whenever the two disagree."""
 
+import dataclasses
 import importlib.util
 import json
 import shutil
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 
@@ -58,6 +60,23 @@ def test_a_changed_result_makes_the_check_fail_until_the_readme_is_rewritten(cop
     after = _block(root, "addition-demo-seeds")
     assert after != before and "below 10x" in after and "0x" in after
     assert "ended at success rates 0.000-" in _block(root, "demo-seeds")
+
+
+def test_a_changed_config_field_makes_the_check_fail_until_the_reference_is_rewritten(copy_of_the_repo, capsys,
+                                                                                      monkeypatch):
+    from trl_banel import BaNELConfig  # the class the configuration reference is rendered from
+
+    root = copy_of_the_repo
+    field = next(f for f in dataclasses.fields(BaNELConfig) if f.name == "max_reward_evaluations")
+    monkeypatch.setattr(field, "default", 1234)
+    monkeypatch.setattr(field, "metadata", MappingProxyType({**field.metadata, "help": "A changed help."}))
+    row = "| `max_reward_evaluations` | `1234` | A changed help. |"
+    assert readme_results.main(["--check", "--root", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert f"+{row}" in out and "out of date: docs/configuration.md: config-table; run:" in out
+    assert readme_results.main(["--root", str(root)]) == 0  # rewrite
+    assert readme_results.main(["--check", "--root", str(root)]) == 0
+    assert row in _block(root, "config-table")
 
 
 def _block(root: Path, name: str) -> str:
