@@ -120,11 +120,20 @@ def variant_settings(group: str, variant: str) -> dict:
 _NOT_THE_ROUND = {"save_every_minutes": None, "gradient_checkpointing": False}
 
 
+# Raised whenever the round's code changes what a run at the defaults does (the fields alone cannot say so):
+# 2 = proposals sized to the need, distillation draws of what the steps consume, idle = fewer than half the places
+# filled (issue #31).
+ROUND_REVISION = 2
+
+
 def defaults_fingerprint() -> str:
-    """A hash of every BaNELConfig default that can change a run: a cached run made under other defaults is redone."""
+    """A hash of every BaNELConfig default that can change a run, and of `ROUND_REVISION`: a cached run made under
+    other defaults, or by an earlier round, is redone."""
     defaults = {f.name: repr(f.default if f.default is not dataclasses.MISSING else f.default_factory())
                 for f in dataclasses.fields(BaNELConfig) if f.name not in _NOT_THE_ROUND}
     defaults.update({name: repr(value) for name, value in _NOT_THE_ROUND.items() if value is not None})
+    if ROUND_REVISION > 1:  # revision 1 is every run made before the revision was counted (their hashes stay valid)
+        defaults["round_revision"] = repr(ROUND_REVISION)
     return hashlib.sha256(json.dumps(defaults, sort_keys=True).encode()).hexdigest()[:16]
 
 

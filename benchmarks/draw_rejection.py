@@ -6,11 +6,11 @@
 On a task whose generator essentially never succeeds, everything BaNEL's failure model is fitted on is a failure,
 and so is (almost) everything the generator proposes: a region that rejects a large share of the generator's fresh
 samples in the distillation draw is an arbitrary region, and maximum likelihood on the rest walks the generator off
-the strings it did not sample (README, "The hard attack"). This benchmark measures that share: BaNEL at the posterior
-objective with the ratio test at tau = 0.97 (the hard attack: the addition attack's settings, which were the hard
-attack's before benchmarks/round_variants.py; rare letters: its own settings) for a few rounds, reading each
-distillation's `distill/acceptance_rate` (the share of its draw that passed the filter; known failures are rejected
-too, but the draw's fresh samples are nearly all new on these tasks) and each round's fit log-ratio.
+the strings it did not sample (docs/benchmarks.md, "The hard attack"). This benchmark measures that share: BaNEL at
+the posterior objective with the ratio test at tau = 0.97 (the hard attack: the addition attack's settings, which
+were the hard attack's before benchmarks/round_variants.py; rare letters: its own settings) for a few rounds,
+reading each distillation's `distill/acceptance_rate` (the share of its draw that passed the filter; known failures
+are rejected too, but the draw's fresh samples are nearly all new on these tasks) and each round's fit log-ratio.
 
 Writes OUT/draw_rejection.{json,md,png}.
 """

@@ -88,10 +88,14 @@ def test_budget_ledger_and_filter_with_an_always_failing_oracle(tmp_path, char_t
     for round_, completions in oracle.calls:
         assert set(completions) <= seen[round_]["accepted"]
         assert not set(completions) & (seen[round_]["rejected"] - seen[round_]["accepted"])
-    # the failure fit lowers its loss; from the second round on the filter rejects something
+    # the failure fit lowers its loss; known failures never pass the filter again, and the filter rejects
+    # proposals (in the rounds or in the distillation draws, which proposals sized to the need make the likelier)
     fitted = [h["failure_losses"] for h in trainer.history if h.get("failure_losses")]
     assert fitted and all(losses[-1] < losses[0] for losses in fitted)
-    assert any(h["ratio_rejected"] + h["known_rejected"] > 0 for h in trainer.history[1:])
+    for round_ in seen:
+        earlier = {c for r, completions in oracle.calls if r < round_ for c in completions}
+        assert not seen[round_]["accepted"] & earlier, "a known failure passed the filter"
+    assert any(seen[r]["rejected"] - seen[r]["accepted"] for r in seen)
     # distillation changed the policy
     after = skewed_model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -184,14 +188,20 @@ def test_copy_failure_models(tmp_path, char_tokenizer, skewed_model):
                            train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
     trainer.train()
     assert 0 < trainer.ledger.spent <= 24
-    assert any(h["ratio_rejected"] + h["known_rejected"] > 0 for h in trainer.history[1:])
+    # the copies' region rejects proposals of the distillation draws
+    assert any(h.get("distill/acceptance_rate", 1.0) < 1.0 for h in trainer.history)
 
 
 def test_the_method_finds_the_rare_string(tmp_path, char_tokenizer, skewed_model):
-    """70/20/9/1: only the rarest string is a success; a small budget must make it several times likelier."""
+    """70/20/9/1: only the rarest string is a success; a small budget must make it several times likelier.
+
+    The generator stays the prior until a success (`distill_before_success=False`): exact known-failure rejection
+    alone then finds "zebra" and success replay keeps it. (The paper's round, distilling before any success and
+    without replay, drifted away from it before finding it on 5 of 6 seeds, and this test once passed on the one.)"""
     start = math.exp(string_log_prob(skewed_model, char_tokenizer, "zebra"))
     oracle = RecordingOracle(success=lambda c: c == "zebra")
-    args = config(tmp_path, max_reward_evaluations=60, rejection_threshold=0.97)
+    args = config(tmp_path, max_reward_evaluations=60, rejection_threshold=0.97, success_replay=0.5,
+                  distill_before_success=False)
     trainer = BaNELTrainer(model=skewed_model, reward_funcs=oracle, args=args, train_dataset=UNCONDITIONAL,
                            processing_class=char_tokenizer)
     trainer.train()

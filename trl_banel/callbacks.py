@@ -279,7 +279,8 @@ class SaveEveryMinutes(TrainerCallback):
 
 def sparse_task_advice(args, spent: int, found: int) -> str | None:
     """What to change when a run ends the way the package's default round ends on a task the model almost never
-    solves (measured on the rare-letters task; README, "What each part of the round does"), or None."""
+    solves (measured on the rare-letters task; docs/benchmarks.md, "What each part of the round does (the rare-letters
+    task)"), or None."""
     if spent and not found and args.evidence_pseudo_count == 0:
         return (f"No success in {spent:,} reward evaluations. Where even a uniform draw over well-formed outputs "
                 f"would rarely succeed, only a larger max_reward_evaluations helps. On character-level outputs, "

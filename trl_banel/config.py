@@ -20,8 +20,8 @@ class BaNELConfig(_BaseConfig):
 
     Most runs set only the budget (`max_reward_evaluations`), `max_completion_length`, the batch sizes and the stop
     rules: the other fields say in their help when to change them. A field whose help starts with "Experimental" is
-    not needed by the default round; it is kept to reproduce the paper's round, the ablations in `docs/` and the
-    shipped tasks' measured settings.
+    not needed by the default round; it is kept to reproduce the paper's round, the ablations in `docs/benchmarks.md`
+    and the shipped tasks' measured settings.
 
     Only the parameters specific to BaNEL are listed here; every [`~transformers.TrainingArguments`] field also
     applies (`learning_rate`, `per_device_train_batch_size` and `gradient_accumulation_steps` configure the
@@ -35,16 +35,18 @@ class BaNELConfig(_BaseConfig):
         evaluations_per_round (`int`, *optional*, defaults to `50`):
             At most this many accepted candidates are sent to the oracle per round (`m` in the paper).
         num_candidates (`int`, *optional*, defaults to `512`):
-            Proposals drawn from the generator per proposal batch (summed over processes).
+            The most proposals drawn from the generator per proposal batch (summed over processes). Each batch is
+            sized to what its round (or distillation) still needs at the yield measured so far, with a margin; a
+            batch reaches `num_candidates` only when the filter rejects much or proposals repeat known completions.
         max_proposal_batches (`int`, *optional*, defaults to `4`):
             When fewer than the needed candidates survive the filter, propose again up to this many batches per round
             (and per distillation draw).
         num_rounds (`int` or `None`, *optional*, defaults to `None`):
             Stop after this many rounds. `None`: run until the budget is spent.
         max_idle_rounds (`int`, *optional*, defaults to `5`):
-            Stop when this many consecutive rounds each spend fewer than 5% of `evaluations_per_round` new
-            evaluations (every proposal rejected or already evaluated): the sampler has converged onto known
-            completions, or the posterior can no longer be sampled.
+            Stop when this many consecutive rounds each fill fewer than half of their evaluation places with new
+            evaluations after `max_proposal_batches` proposal batches (every proposal rejected or already evaluated):
+            the sampler has converged onto known completions, or the posterior can no longer be sampled.
         stop_after_successes (`int` or `None`, *optional*, defaults to `None`):
             Stop once the ledger holds this many successes (a resumed run counts the ones it loaded). Checked after
             each round, so the round that finds them still evaluates its batch (up to `evaluations_per_round`).
@@ -246,8 +248,9 @@ class BaNELConfig(_BaseConfig):
                                       "in."}
     )
     num_candidates: int = field(
-        default=512, metadata={"help": "Proposals drawn per proposal batch (summed over processes). Raise it when "
-                                       "rounds cannot fill their places (a logged acceptance rate below about 10%%)."}
+        default=512, metadata={"help": "The most proposals per proposal batch (summed over processes); each batch is "
+                                       "sized to what is still needed at the measured yield. Raise it when rounds "
+                                       "cannot fill their places (a logged round/places_filled well below 1)."}
     )
     max_proposal_batches: int = field(
         default=4,
@@ -260,7 +263,8 @@ class BaNELConfig(_BaseConfig):
     )
     max_idle_rounds: int = field(
         default=5,
-        metadata={"help": "Stop after this many consecutive rounds that each spend < 5%% of evaluations_per_round. "
+        metadata={"help": "Stop after this many consecutive rounds that each fill fewer than half of their "
+                          "evaluation places with new evaluations (the sampler converged onto known completions). "
                           "Leave it."},
     )
     stop_after_successes: int | None = field(

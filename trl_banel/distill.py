@@ -85,10 +85,11 @@ def stop_reason(args, ledger, round: int, idle_rounds: int) -> str | None:
         return f"num_rounds={args.num_rounds} reached"
     if idle_rounds >= args.max_idle_rounds:
         logger.warning(
-            "%d consecutive rounds spent (almost) no new reward evaluation (everything rejected or already "
-            "evaluated): stopping. The sampler has converged or can no longer be sampled; see "
-            "trainer.ledger.successes.", idle_rounds)
-        return f"{idle_rounds} idle rounds (max_idle_rounds={args.max_idle_rounds})"
+            "%d consecutive rounds filled fewer than half of their evaluation places after %d proposal batches each "
+            "(everything rejected, or already evaluated): stopping. The sampler has converged or can no longer be "
+            "sampled; see trainer.ledger.successes.", idle_rounds, args.max_proposal_batches)
+        return (f"{idle_rounds} idle rounds, each filling fewer than half of its places "
+                f"(max_idle_rounds={args.max_idle_rounds})")
     return None
 
 
@@ -258,7 +259,7 @@ class Distiller:
     """
 
     def __init__(self, sampler, failures, args, accelerator):
-        self.sampler, self.failures, self.args = sampler, failures, args
+        self.sampler, self.failures, self.args, self.accelerator = sampler, failures, args, accelerator
         self.objective = args.distill_objective  # "auto" is resolved by the trainer once it knows the model
         self.probe = DistillationProbe(failures.policy, args, accelerator)
         self.step_size = StepSize(self.probe, sampler, args, accelerator)
@@ -286,7 +287,10 @@ class Distiller:
         if self.objective == "baselined":
             samples = sampler.weighted_proposals(args.distill_samples)
         else:
-            samples = sampler.replay_successes(sampler.sample_posterior(args.distill_samples), args.seed + round)
+            # draw what the steps consume (each micro-batch cycles through the samples), at most distill_samples
+            consumed = n_micro * args.per_device_train_batch_size * self.accelerator.num_processes
+            samples = sampler.replay_successes(sampler.sample_posterior(min(args.distill_samples, consumed)),
+                                               args.seed + round)
         if not args.keep_failure_models:
             self.failures.clear()
         keep_best()

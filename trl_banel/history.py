@@ -8,9 +8,10 @@ import math
 
 
 def round_record(round: int, ledger, stats, rewards: list, threshold: float, fit: dict, num_models: int,
-                 evidence: bool) -> dict:
+                 evidence: bool, spent: int, places: int) -> dict:
     """The history entry of a round: its filter counts `stats` (summed over processes), the rewards of what it
-    evaluated, the failure fit's metrics `fit`, and the number of failure models after it."""
+    evaluated, the failure fit's metrics `fit`, the number of failure models after it, and the new evaluations
+    `spent` of its `places`."""
     n_success = sum(1 for r in rewards if r is not None and r > threshold)
     evaluated = sum(1 for r in rewards if r is not None)
     proposed, fresh = max(stats.proposed, 1), max(stats.proposed - stats.known, 1)
@@ -21,7 +22,9 @@ def round_record(round: int, ledger, stats, rewards: list, threshold: float, fit
         "proposed": stats.proposed, "accepted": stats.accepted, "ratio_rejected": stats.ratio_rejected,
         "known_rejected": stats.known, "known_successes_skipped": stats.known_successes,
         "acceptance_rate": stats.accepted / proposed,
-        "round_successes": n_success, "round_evaluated": evaluated,
+        "round_successes": n_success, "round_evaluated": evaluated, "places": places, "new_evaluations": spent,
+        # the proposals sized to the places: a share near 1 means every place bought a new evaluation
+        "round/places_filled": spent / max(places, 1),
         # the mechanism, step by step: what the filter rejected and why, what the generator proposes
         "filter/ratio_rejected_rate": stats.ratio_rejected_fresh / fresh,
         "generator/entropy": stats.nll / max(stats.tokens, 1),

@@ -86,6 +86,17 @@ class FilterResult:
                             self.log_ratio_rejected + other.log_ratio_rejected)
 
 
+PROPOSAL_MARGIN, MIN_PROPOSALS = 1.25, 8
+
+
+def proposal_batch_size(missing: int, acceptance: float, world: int, cap: int) -> int:
+    """Proposals per process for `missing` accepted candidates (over all processes) at `acceptance`: a quarter more
+    than the expected need plus a few (so that one batch usually suffices), at least `MIN_PROPOSALS`, at most
+    `cap`."""
+    expected = missing / max(acceptance, 1.0 / (cap * world))
+    return min(cap, max(MIN_PROPOSALS, math.ceil((PROPOSAL_MARGIN * expected + MIN_PROPOSALS) / world)))
+
+
 class Sampler:
     r"""
     Proposes, filters and collates candidates; draws posterior samples.
@@ -114,6 +125,9 @@ class Sampler:
         self.evidence = PrefixEvidence()  # failures per completion prefix, rebuilt from negatives (update_evidence)
         self._evidence_synced = 0  # how many of the negatives the evidence holds
         self._prompt_cache: dict[int, tuple] = {}
+        # accepted candidates per proposal, as the last round measured it (sizes the next round's proposals)
+        self.proposal_acceptance = 1.0
+        self.draw_acceptance = 1.0  # the same for the distillation's posterior draws (accepted per proposal)
 
     # -- prompts -------------------------------------------------------------------------------------------------
     def encoded_prompt(self, row: int) -> tuple:
@@ -204,13 +218,16 @@ class Sampler:
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps of the sampler: the state of its prompt draws and the negatives."""
-        return {"rng": self.rng.bit_generator.state, "negatives": [c.to_dict() for c in self.negatives]}
+        return {"rng": self.rng.bit_generator.state, "negatives": [c.to_dict() for c in self.negatives],
+                "proposal_acceptance": self.proposal_acceptance, "draw_acceptance": self.draw_acceptance}
 
     def load_state_dict(self, state: dict, same_round: bool):
         """Restore a checkpoint's negatives, and those the ledger recorded after it (re-tokenised from the ledger);
         with `same_round` (the checkpoint is of the last round run), the state of the prompt draws too."""
         if same_round:
             self.rng.bit_generator.state = state["rng"]
+            self.proposal_acceptance = state.get("proposal_acceptance", 1.0)
+            self.draw_acceptance = state.get("draw_acceptance", 1.0)
         self.negatives = [Candidate.from_dict(c) for c in state["negatives"]]
         known = {(c.prompt_text, c.completion) for c in self.negatives}
         for r in self.ledger.records:
@@ -289,30 +306,44 @@ class Sampler:
             return self.filter(cands, skip_successes)
 
     def propose_accepted(self, want: int) -> FilterResult:
-        """Propose in batches until `want` candidates (over all ranks) survive the filter, or the batches run out.
+        """Propose in batches until `want` candidates (over all ranks) survive the filter, or `max_proposal_batches`
+        batches ran.
 
-        The accepted candidates are this process's; the counts are summed over processes."""
-        per_rank = max(1, math.ceil(self.args.num_candidates / self.accelerator.num_processes))
+        Each batch is sized to what is still missing at the acceptance the previous batches measured, with a margin,
+        and holds at most `num_candidates`: a round whose filter accepts nearly everything draws about its evaluation
+        places, not `num_candidates`. The accepted candidates are this process's; the counts are summed over
+        processes."""
+        world = self.accelerator.num_processes
+        cap = max(1, math.ceil(self.args.num_candidates / world))
         result = FilterResult([], FilterStats(), [], [])
         for _ in range(self.args.max_proposal_batches):
-            result = result + self.propose_filtered(per_rank, self.args.skip_known_successes)
-            if sum_over_ranks(self.accelerator, len(result.accepted)) >= want:
+            missing = want - sum_over_ranks(self.accelerator, len(result.accepted))
+            if missing <= 0:
                 break
+            size = proposal_batch_size(missing, self.proposal_acceptance, world, cap)
+            result = result + self.propose_filtered(size, self.args.skip_known_successes)
+            self.proposal_acceptance = (sum_over_ranks(self.accelerator, len(result.accepted))
+                                        / max(sum_over_ranks(self.accelerator, result.stats.proposed), 1))
         result.stats = result.stats.summed_over_ranks(self.accelerator)
         return result
 
     # -- posterior samples ---------------------------------------------------------------------------------------
     def sample_posterior(self, n_total: int) -> list[Candidate]:
-        """Posterior samples on this rank (no oracle call): proposals that survive the filter."""
+        """Posterior samples on this rank (no oracle call): proposals that survive the filter, drawn in batches sized
+        to what is still missing at the acceptance the previous draws measured (at most `num_candidates`)."""
         world = self.accelerator.num_processes
         want_local = max(1, math.ceil(n_total / world))
+        cap = max(1, math.ceil(self.args.num_candidates / world))
         samples: list[Candidate] = []
         for _ in range(self.args.max_proposal_batches):
-            result = self.propose_filtered(max(want_local, math.ceil(self.args.num_candidates / world)))
-            samples.extend(result.accepted)
-            self.metrics["distill/acceptance_rate"].append(result.stats.accepted / max(result.stats.proposed, 1))
-            if sum_over_ranks(self.accelerator, min(len(samples), want_local)) >= want_local * world:
+            missing = want_local * world - sum_over_ranks(self.accelerator, min(len(samples), want_local))
+            if missing <= 0:
                 break
+            result = self.propose_filtered(proposal_batch_size(missing, self.draw_acceptance, world, cap))
+            samples.extend(result.accepted)
+            stats = result.stats.summed_over_ranks(self.accelerator)
+            self.draw_acceptance = stats.accepted / max(stats.proposed, 1)
+            self.metrics["distill/acceptance_rate"].append(self.draw_acceptance)
         return samples[:want_local]
 
     def weighted_proposals(self, n_total: int) -> list[Candidate]:

@@ -9,7 +9,6 @@ accumulation and DeepSpeed all come from `transformers.Trainer`. Each step has i
 """
 
 import logging
-import math
 import os
 import textwrap
 from collections import defaultdict
@@ -405,15 +404,16 @@ class BaNELTrainer(_BaseTrainer):
         to_evaluate = self.gate.sendable(accepted)[:want]
         rewards = self._evaluate(to_evaluate)
         spent = self.ledger.spent - spent_before
-        # A round that buys almost nothing new (everything rejected, or the sampler only repeats what was already
-        # evaluated) is idle: a converged or collapsed sampler would otherwise run on for thousands of rounds.
-        idle = spent < max(1, math.ceil(0.05 * args.evaluations_per_round))
+        # A round that fills fewer than half of its places after every proposal batch (everything rejected, or the
+        # sampler only repeats what was already evaluated) is idle: a converged or collapsed sampler would otherwise
+        # crawl on for thousands of rounds, each buying a handful of evaluations.
+        idle = spent < want / 2
         self._idle_rounds = self._idle_rounds + 1 if idle else 0
         negatives = [c for c, r in zip(to_evaluate, rewards) if r is not None and not r > args.success_threshold]
         self.sampler.negatives.extend(negatives)
         fit = self.region.fit(negatives, self.sampler.negatives, self.round)
         record = round_record(self.round, self.ledger, proposals.stats, rewards, args.success_threshold, fit,
-                              len(self.failures), args.evidence_pseudo_count > 0)
+                              len(self.failures), args.evidence_pseudo_count > 0, spent, want)
         log_round(self._metrics, record, proposals.stats, log_ratios, spent, self.ledger)
         self.history.append(record)
         self.round += 1

@@ -38,7 +38,7 @@ CHARACTERS = list("0123456789+=")
 _QUERY_RE = re.compile(r"([0-9]+)\+([0-9]+)=")  # ASCII digits only: str.isdigit accepts "²"
 LONG_CARRY_CHAIN = 3  # a run of this many consecutive carries counts as a "long carry chain"
 
-# The task's settings for BaNEL (measured on this task: README "The addition attack"). The demo
+# The task's settings for BaNEL (measured on this task: docs/benchmarks.md, "The addition attack"). The demo
 # (recipes/addition_attack.py) and the benchmarks start from them; every one can be overridden.
 BANEL_SETTINGS = dict(
     max_reward_evaluations=7500, evaluations_per_round=50, num_candidates=512, max_completion_length=12,
@@ -225,8 +225,8 @@ def estimate_success_rate(attacker, tokenizer, oracle: AdditionOracle, n: int = 
 
 
 def demo_summary_text(result: dict) -> str:
-    """The demo's printed summary (``recipes/addition_attack.py``), from its ``result.json``; the README's example
-    output is rendered by this too."""
+    """The demo's printed summary (``recipes/addition_attack.py``), from its ``result.json``; the example output in
+    docs/benchmarks.md is rendered by this too."""
     pre, final = result["pretrained"], result["banel"]
     rows = [
         ("pretrained success rate", f"{pre['rate']:.5f} [{pre['low']:.5f}, {pre['high']:.5f}] (n={pre['samples']})"),
