@@ -108,6 +108,7 @@ class Task:
     curve_samples: int = 5000
     calibration: Optional[Path] = None
     blind: Optional[Callable] = None
+    prompts: tuple = ("",)  # the training prompts (unconditional tasks: one empty prompt)
 
 
 def addition_task(models_dir: Optional[Path] = None) -> Task:
@@ -337,7 +338,7 @@ def run_one(task: Task, method: str, seed: int, knobs: dict, budget: int, eval_s
         settings["num_rounds"] = math.ceil(max_rounds_factor * budget / per_round)
         settings.update(output_dir=workdir, logging_steps=10_000, disable_tqdm=True)
         trainer = BaNELTrainer(model=generator, reward_funcs=oracle, args=BaNELConfig(**settings),
-                               processing_class=tok, train_dataset=Dataset.from_dict({"prompt": [""]}))
+                               processing_class=tok, train_dataset=Dataset.from_dict({"prompt": list(task.prompts)}))
         every = max(1, curve_every // per_round)
         curve = SuccessCurveCallback(trainer, every, curve_samples, estimate=task.estimate_banel, keep_best=True)
         trainer.add_callback(curve)
@@ -388,7 +389,9 @@ def run_one(task: Task, method: str, seed: int, knobs: dict, budget: int, eval_s
         idle = StopWhenIdleCallback(budgeted, idle_steps) if idle_steps else None
         callbacks += [idle] if idle else []
         trainer = trainer_cls(model=generator, reward_funcs=reward_funcs, args=config, processing_class=tok,
-                              train_dataset=Dataset.from_dict({"prompt": [""] * 4096}), callbacks=callbacks)
+                              train_dataset=Dataset.from_dict({"prompt": [task.prompts[i % len(task.prompts)]
+                                                                          for i in range(4096)]}),
+                              callbacks=callbacks)
         trainer.train()
         model = trainer.accelerator.unwrap_model(trainer.model)
         reused.clear()

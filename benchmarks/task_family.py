@@ -601,7 +601,7 @@ def as_benchmark_task(task: FamilyTask):
 
     return Task(task.spec.name, task.load, estimate, estimate_banel, task.max_completion_length,
                 {"max_completion_length": task.max_completion_length}, exact=True, eval_samples=0, curve_samples=0,
-                blind=lambda oracle: task.blind())
+                blind=lambda oracle: task.blind(), prompts=tuple(prompt_texts(task.spec)))
 
 
 def specs_from(entries: Sequence[dict]) -> list[FamilySpec]:

@@ -1,5 +1,6 @@
 """The task family (benchmarks/task_family.py) and the defaults benchmark (benchmarks/defaults.py)."""
 
+import dataclasses
 import itertools
 import json
 import math
@@ -190,3 +191,32 @@ def test_a_shipped_task_runs_the_default_round_with_only_its_budget_lengths_and_
     task, prior, _ = defaults.load_task("shipped", name)
     assert task.banel and set(task.banel) <= defaults.TASK_FIELDS
     assert 0 < prior < 1e-2
+
+
+def test_a_task_with_several_prompts_trains_and_is_paid_on_its_own_prompts(tmp_path, monkeypatch):
+    """The runs prompt the generator with the task's prompts (an empty prompt would be no prompt of the task: every
+    evaluation a failure, and a generator trained on a prompt its success probability is not measured on)."""
+    from benchmarks.common import run_one
+
+    monkeypatch.setattr(task_family, "CACHE", tmp_path / "cache")
+    spec = FamilySpec("t2", structure="count", prompts=2, **TINY)
+    task = task_family.as_benchmark_task(task_family.build(spec))
+    assert task.prompts == ("<p0>", "<p1>")
+    asked = []
+    load = task.load
+
+    def recording_load():
+        model, tok, oracle = load()
+
+        def recorded(prompts=None, completions=(), **kwargs):
+            asked.extend(prompts)
+            return oracle(prompts, completions, **kwargs)
+
+        recorded.__name__ = oracle.__name__
+        return model, tok, recorded
+
+    task = dataclasses.replace(task, load=recording_load)
+    record = run_one(task, "banel", 0, {"evaluations_per_round": 10}, 30, 0, 10**9, 0, 2.0, str(tmp_path / "run"),
+                     pretrained={"final": {}})
+    assert record["final"]["nre"] == 30
+    assert set(asked) == {"<p0>", "<p1>"}
