@@ -3,8 +3,10 @@
     python benchmarks/efficiency.py             # both models, all four measurements
     python benchmarks/efficiency.py --quick     # a smoke test (small sizes, fewer repeats)
 
-Two models: the addition task's attacker (133k parameters, the benchmark's generator) and a randomly initialised
-Llama built from a config (~34M parameters, vocabulary 8,192), so that the figures mean something on a CPU.
+Three models: the addition task's attacker (133k parameters, character-level), a subword generator of the task
+family (`tune_count_bpe` of benchmarks/preregistration.json's tuning set: byte-level BPE, words of 2-4 tokens) and a
+randomly initialised Llama built from a config (~34M parameters, vocabulary 8,192), so that the figures mean
+something on a CPU.
 
 1. Filter throughput. The trainer's filter (`trainer.sampler.filter`: collation, scores under the generator and K
    failure adapters, the rejection test, the known-failure lookup) on candidates the trainer proposed. Against the
@@ -23,8 +25,9 @@ Llama built from a config (~34M parameters, vocabulary 8,192), so that the figur
 3. Round breakdown. Wall seconds per round by phase, from `BaNELTrainer.phase_seconds` over the run of part 4:
    propose and filter (both for the round's candidates and for the distillation's posterior samples), oracle, failure
    fit, distil (the optimisation steps); "other" is the rest of the wall time (collation, Trainer bookkeeping).
-4. Against TRL. Wall time for BaNEL (the demo's settings) and for TRL's `GRPOTrainer` (the addition benchmark's
-   settings) to spend `nre` reward evaluations on the same model, oracle and generation length; both through the
+4. Against TRL. Wall time for BaNEL at its defaults (only the addition task's budget, lengths and batch sizes set, as
+   `benchmarks/defaults.py` runs it) and for TRL's `GRPOTrainer` (the addition benchmark's settings) to spend `nre`
+   reward evaluations on the same model, oracle and generation length; both through the
    same ledger class, both single-process, one thread.
 
 Writes benchmarks/results/efficiency.{json,md,png}.
@@ -59,7 +62,9 @@ from trl_banel.failure import FailureModels  # noqa: E402
 from trl_banel.ledger import LEDGER_FILENAME  # noqa: E402
 from trl_banel.posterior import Candidates, completion_nll, position_ids_from_mask  # noqa: E402
 from trl_banel.tasks.addition import BANEL_SETTINGS as ADDITION_BANEL_SETTINGS, load_addition_task  # noqa: E402
+from benchmarks import task_family  # noqa: E402
 from benchmarks.common import GRPO_COMMON, banel_settings as run_banel_settings, parse_args  # noqa: E402
+from benchmarks.defaults import PREREGISTRATION, task_settings  # noqa: E402
 
 PHASES = ["propose", "filter", "oracle", "failure_fit", "distill"]
 
@@ -67,8 +72,8 @@ PHASES = ["propose", "filter", "oracle", "failure_fit", "distill"]
 @dataclass
 class Args:
     ks: list[int] = field(default_factory=lambda: [1, 2, 4], metadata={"help": "Numbers of active failure models."})
-    models: list[str] = field(default_factory=lambda: ["addition", "random_llama"],
-                              metadata={"help": "Which models to measure: addition, random_llama."})
+    models: list[str] = field(default_factory=lambda: ["addition", "family_bpe", "random_llama"],
+                              metadata={"help": "Which models to measure: addition, family_bpe, random_llama."})
     repeats: int = field(default=7, metadata={"help": "Minimum interleaved repetitions of each filter timing."})
     min_seconds: float = field(default=20.0, metadata={
         "help": "Keep repeating a filter timing (up to 200 times) until this many seconds have passed."})
@@ -76,7 +81,8 @@ class Args:
     llama_candidates: int = field(default=64, metadata={"help": "Candidates scored per filter call (random Llama)."})
     llama_prompt_length: int = field(default=8, metadata={"help": "Prompt tokens of the random Llama's candidates."})
     llama_completion_length: int = field(default=24, metadata={"help": "Completion tokens (random Llama)."})
-    nre: int = field(default=1000, metadata={"help": "Reward evaluations BaNEL and GRPO each spend (addition)."})
+    nre: int = field(default=1000, metadata={"help": "Reward evaluations BaNEL and GRPO each spend (addition and "
+                                                     "family_bpe)."})
     llama_nre: int = field(default=64, metadata={"help": "Reward evaluations each spends on the random Llama."})
     threads: int = field(default=1, metadata={"help": "torch threads."})
     out: str = field(default=str(ROOT / "benchmarks" / "results"), metadata={"help": "Results folder."})
@@ -127,7 +133,25 @@ def build(name: str, args: Args):
                    for _ in range(32)]
         return (model, tok, rare_word_oracle, Dataset.from_dict({"prompt": prompts}), args.llama_prompt_length,
                 args.llama_completion_length, args.llama_candidates)
-    raise ValueError(f"unknown model {name!r}; choose addition or random_llama")
+    if name == "family_bpe":
+        task = family_bpe_task(args.quick)
+        model, tok, oracle = task.load()
+        prompts = task_family.prompt_texts(task.spec)
+        return (model, tok, oracle, Dataset.from_dict({"prompt": prompts}), None, task.max_completion_length,
+                args.addition_candidates)
+    raise ValueError(f"unknown model {name!r}; choose addition, family_bpe or random_llama")
+
+
+def family_bpe_task(quick: bool):
+    """A subword generator of the task family: the tuning task `tune_count_bpe` (byte-level BPE, words of 2-4
+    tokens; tuning set, so measuring on it reveals nothing of the evaluation tasks); at `--quick`, a tiny one."""
+    if quick:
+        spec = task_family.FamilySpec("efficiency_tiny_bpe", tokenizer="bpe", structure="count", symbols=3, length=4,
+                                      pretrain_steps=40, prior=0.02)
+    else:
+        entry = next(e for e in json.loads(PREREGISTRATION.read_text())["tuning"] if e["name"] == "tune_count_bpe")
+        spec = task_family.specs_from([entry])[0]
+    return task_family.build(spec)
 
 
 # ------------------------------------------------------------------------------------------------------ 1. filter
@@ -275,16 +299,15 @@ def measure_memory(name: str, ks: list[int], args: Args, cands: Candidates, work
 
 
 # ------------------------------------------------------------------------------------------------------ 3 + 4. runs
-def banel_settings(name: str, args: Args, nre: int, workdir: str) -> dict:
-    settings = {**run_banel_settings(ADDITION_BANEL_SETTINGS), "max_reward_evaluations": nre, "output_dir": workdir,
-                "logging_steps": 10_000,
-                "disable_tqdm": True}
+def banel_settings(name: str, args: Args, nre: int, workdir: str, length: int) -> dict:
+    """BaNEL at its defaults: the addition task's budget, lengths and batch sizes only (`benchmarks/defaults.py`'s
+    rule: no mechanism field)."""
+    settings = {**run_banel_settings(task_settings(ADDITION_BANEL_SETTINGS)), "max_reward_evaluations": nre,
+                "output_dir": workdir, "logging_steps": 10_000, "disable_tqdm": True, "max_completion_length": length}
     if name == "random_llama":  # smaller rounds: each candidate costs ~250x the addition model's
-        settings.update(evaluations_per_round=16, num_candidates=64, distill_samples=64, distill_steps=2,
-                        per_device_train_batch_size=16, max_completion_length=args.llama_completion_length,
-                        learning_rate=1e-4)
+        settings.update(evaluations_per_round=16, num_candidates=64, per_device_train_batch_size=16)
     if args.quick:
-        settings.update(evaluations_per_round=min(settings["evaluations_per_round"], 25), failure_epochs=4)
+        settings.update(evaluations_per_round=min(settings["evaluations_per_round"], 25))
     return settings
 
 
@@ -297,8 +320,8 @@ def fresh(workdir: str) -> str:
 
 def run_banel(name: str, args: Args, nre: int, workdir: str) -> dict:
     fresh(workdir)
-    model, tok, oracle, dataset, _, _, _ = build(name, args)
-    settings = banel_settings(name, args, nre, workdir)
+    model, tok, oracle, dataset, _, length, _ = build(name, args)
+    settings = banel_settings(name, args, nre, workdir, length)
     set_seed(0)
     trainer = BaNELTrainer(model=model, reward_funcs=oracle, args=BaNELConfig(**settings), processing_class=tok,
                            train_dataset=dataset)
@@ -319,7 +342,8 @@ def run_banel(name: str, args: Args, nre: int, workdir: str) -> dict:
             "distill_samples", "distill_steps", "per_device_train_batch_size")
     return {"seconds": seconds, "nre": trainer.ledger.spent, "rounds": trainer.round,
             "round_breakdown": {**phases, "other": other, "total": seconds / rounds}, "failure_fit": fit,
-            "settings": {k: settings[k] for k in keep}}
+            "settings": {k: settings[k] for k in keep if k in settings},
+            "config": {k: v for k, v in settings.items() if k != "output_dir"}}
 
 
 def run_grpo(name: str, args: Args, nre: int, workdir: str) -> dict:
@@ -445,7 +469,7 @@ def main(args: Args) -> dict:
         m = {"parameters": parameters, "candidates": len(cands),
              "tokens_per_candidate": cands.input_ids.shape[1], "filter": filter_rows}
         m["memory"] = measure_memory(name, args.ks, args, cands, os.path.join(workroot, f"{name}_memory"))
-        nre = args.nre if name == "addition" else args.llama_nre
+        nre = args.llama_nre if name == "random_llama" else args.nre
         m["banel"] = run_banel(name, args, nre, os.path.join(workroot, f"{name}_banel"))
         m["grpo"] = run_grpo(name, args, nre, os.path.join(workroot, f"{name}_grpo"))
         m["banel_vs_grpo_wall_ratio"] = m["banel"]["seconds"] / m["grpo"]["seconds"]
