@@ -207,6 +207,18 @@ def grpo_learning_rate(runs: Path) -> float:
     return max(sorted(scores), key=lambda lr: scores[lr])
 
 
+def half_empty_streak(record: dict) -> int | None:
+    """The most consecutive rounds of a run that filled fewer than half of their places (`None`: not recorded)."""
+    filled = [r.get("round/places_filled") for r in record.get("rounds") or []]
+    if not filled or any(f is None for f in filled):
+        return None
+    longest = current = 0
+    for f in filled:
+        current = current + 1 if f < 0.5 else 0
+        longest = max(longest, current)
+    return longest
+
+
 def summarize(out: Path) -> dict:
     """Per (task, variant): each seed's final and best multiple of the pretrained probability and the criteria."""
     rows = []
@@ -239,19 +251,25 @@ def summarize(out: Path) -> dict:
                 "seeds_100x": sum(f >= 100 for f in final), "below_pretrained": sum(below),
                 "final_below_half_best": sum(f < 0.5 * b for f, b in zip(final, best)),
                 "median_x": float(np.median(final)), "overrides": records[0]["overrides"],
+                "half_empty_streak": max((s for s in map(half_empty_streak, records) if s is not None),
+                                         default=None),
             })
     summary = {"defaults_fingerprint": defaults_fingerprint(), "rows": rows}
     (out / "defaults.json").write_text(json.dumps(summary, indent=1))
     lines = ["Final success probability over the pretrained one (x), per seed; exact for the family, letters and the "
              "hard attack. `qualifies`: a blind search expects >= 3 successes within the budget.", "",
+             "`half-empty`: the most rounds in a row, over the seeds, that filled fewer than half of their evaluation "
+             "places (a run stops after 5; blank: recorded before runs logged it).", "",
              "| task | variant | prior | blind expects | seeds >= 100x | below prior | final < best/2 | median | "
-             "each seed | successes found | min/run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "each seed | successes found | half-empty | min/run |", "|" + "---|" * 12]
     for r in rows:
         exp = "" if r["blind_expected_successes"] is None else f"{r['blind_expected_successes']:.3g}"
         lines.append(f"| {r['task']} | {r['variant']} | {r['prior']:.2g} | {exp} | {r['seeds_100x']}/"
                      f"{len(r['seeds'])} | {r['below_pretrained']} | {r['final_below_half_best']} | "
                      f"{r['median_x']:.3g}x | {', '.join(f'{x:.2g}' for x in r['final_x'])} | "
-                     f"{', '.join(map(str, r['successes_found']))} | {np.median(r['minutes']):.1f} |")
+                     f"{', '.join(map(str, r['successes_found']))} | "
+                     f"{'' if r.get('half_empty_streak') is None else r['half_empty_streak']} | "
+                     f"{np.median(r['minutes']):.1f} |")
     write_markdown(out / "defaults.md", lines)
     plot(rows, out / "defaults.png")
     return summary

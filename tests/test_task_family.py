@@ -220,3 +220,12 @@ def test_a_task_with_several_prompts_trains_and_is_paid_on_its_own_prompts(tmp_p
                      pretrained={"final": {}})
     assert record["final"]["nre"] == 30
     assert set(asked) == {"<p0>", "<p1>"}
+
+
+def test_the_summary_counts_the_longest_streak_of_half_empty_rounds():
+    def record(filled):
+        return {"rounds": [{"round": i, "round/places_filled": f} for i, f in enumerate(filled)]}
+
+    assert defaults.half_empty_streak(record([1.0, 0.4, 0.3, 1.0, 0.2, 0.1, 0.0])) == 3
+    assert defaults.half_empty_streak(record([1.0, 0.5, 0.98])) == 0
+    assert defaults.half_empty_streak({"rounds": [{"round": 0}]}) is None  # recorded before runs logged it
