@@ -152,7 +152,7 @@ def test_a_known_failure_weighs_its_prompts_share_times_its_probability(tmp_path
     trainer.train()
     share = trainer.distiller.exact.prompt_share()
     assert sorted(share.values()) == pytest.approx([1 / 3, 2 / 3])
-    targets, _ = trainer.distiller.exact.targets()
+    targets, _ = trainer.distiller.exact.targets(32)
     failures = targets.failures
     plain = failure_mass(trainer.failures.policy, failures, PrefixEvidence(), 0.0, 64)
     expected = plain * torch.tensor([share[c] for c in failures.prompt_texts], dtype=plain.dtype)

@@ -270,10 +270,13 @@ class Distiller:
         `keep_best` (the generator as it proposed this phase, without them); the samples as `n_micro` micro-batches
         (skipped steps when there is nothing to distil)."""
         args, sampler = self.args, self.sampler
+        # draw what the steps consume (each micro-batch cycles through the samples), at most distill_samples
+        world = self.accelerator.num_processes
+        consumed = min(args.distill_samples, n_micro * args.per_device_train_batch_size * world)
         if self.objective == "exact" and not sampler.ledger.successes:
             # the exact objective serves the search; from the first success on, the posterior objective (with
             # success replay) distils what was found (trl_banel.exact_distillation says why)
-            targets, probe = self.exact.targets()
+            targets, probe = self.exact.targets(consumed)
             if not args.keep_failure_models:
                 self.failures.clear()
             keep_best()
@@ -287,10 +290,7 @@ class Distiller:
         if self.objective == "baselined":
             samples = sampler.weighted_proposals(args.distill_samples)
         else:
-            # draw what the steps consume (each micro-batch cycles through the samples), at most distill_samples
-            consumed = n_micro * args.per_device_train_batch_size * self.accelerator.num_processes
-            samples = sampler.replay_successes(sampler.sample_posterior(min(args.distill_samples, consumed)),
-                                               args.seed + round)
+            samples = sampler.replay_successes(sampler.sample_posterior(consumed), args.seed + round)
         if not args.keep_failure_models:
             self.failures.clear()
         keep_best()

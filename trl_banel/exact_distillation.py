@@ -312,10 +312,11 @@ class ExactDistillation:
         self._synced = 0  # how many of ledger.records they cover
         self._prompt_share = None  # p(c): the share of the dataset's rows with each prompt (the ledger key)
 
-    def targets(self) -> tuple[ExactTargets, list]:
-        """This phase's targets, and what the distillation's probe measures (accepted proposals, else one proposal)."""
+    def targets(self, n_total: int) -> tuple[ExactTargets, list]:
+        """This phase's targets on `n_total` fresh proposals (summed over processes: what the steps consume), and
+        what the distillation's probe measures (accepted proposals, else one proposal)."""
         args, sampler, ledger = self.args, self.sampler, self.sampler.ledger
-        cands = sampler.propose(max(1, -(-args.distill_samples // self.accelerator.num_processes)))
+        cands = sampler.propose(max(1, -(-n_total // self.accelerator.num_processes)))
         accepted = sampler.filter(cands).accepted
         kept = {id(c) for c in accepted}
         records = [ledger.lookup(c.prompt_text, c.completion) for c in cands]
