@@ -111,4 +111,6 @@ def unlisted_in_readme_file_table(folder) -> list[str]:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     table = readme[readme.index("## What a run writes") :]
     table = table[: table.index("\n\n", table.index("| file |"))]
-    return [f.name for f in Path(folder).iterdir() if f"`{f.name}`" not in table]
+    # a folder is named with its slash (`best_generator/`)
+    return [f.name for f in Path(folder).iterdir()
+            if f"`{f.name}`" not in table and not (f.is_dir() and f"`{f.name}/`" in table)]
