@@ -46,7 +46,8 @@ def main():
         max_completion_length=8, distill_every=int(os.environ.get("DISTILL_EVERY", "1")), distill_samples=16,
         distill_steps=2, per_device_train_batch_size=8, learning_rate=3e-3, failure_epochs=2,
         failure_learning_rate=1e-2, failure_lora_r=4, failure_lora_alpha=8,
-        save_strategy=os.environ.get("SAVE_STRATEGY", "steps"), save_steps=1, max_idle_rounds=3,
+        save_strategy=os.environ.get("SAVE_STRATEGY", "steps"), save_steps=1,
+        max_idle_rounds=int(os.environ.get("MAX_IDLE_ROUNDS", "3")),
         failure_model=os.environ.get("FAILURE_MODEL", "adapter"),
         # regions kept across distillations: failure models are dropped one by one, not all at once
         keep_failure_models=os.environ.get("KEEP_FAILURE_MODELS") == "1", max_failure_models=2,
