@@ -45,8 +45,9 @@ class BaNELConfig(_BaseConfig):
             Stop after this many rounds. `None`: run until the budget is spent.
         max_idle_rounds (`int`, *optional*, defaults to `5`):
             Stop when this many consecutive rounds each fill fewer than half of their evaluation places with new
-            evaluations after `max_proposal_batches` proposal batches (every proposal rejected or already evaluated):
-            the sampler has converged onto known completions, or the posterior can no longer be sampled.
+            evaluations (the filter rejected nearly everything over `max_proposal_batches` batches, or the accepted
+            proposals repeat completions already evaluated): the sampler has converged onto known completions, or the
+            posterior can no longer be sampled.
         stop_after_successes (`int` or `None`, *optional*, defaults to `None`):
             Stop once the ledger holds this many successes (a resumed run counts the ones it loaded). Checked after
             each round, so the round that finds them still evaluates its batch (up to `evaluations_per_round`).

@@ -85,9 +85,9 @@ def stop_reason(args, ledger, round: int, idle_rounds: int) -> str | None:
         return f"num_rounds={args.num_rounds} reached"
     if idle_rounds >= args.max_idle_rounds:
         logger.warning(
-            "%d consecutive rounds filled fewer than half of their evaluation places after %d proposal batches each "
-            "(everything rejected, or already evaluated): stopping. The sampler has converged or can no longer be "
-            "sampled; see trainer.ledger.successes.", idle_rounds, args.max_proposal_batches)
+            "%d consecutive rounds filled fewer than half of their evaluation places with new evaluations (nearly "
+            "every proposal rejected, or already evaluated): stopping. The sampler has converged or can no longer be "
+            "sampled; see trainer.ledger.successes.", idle_rounds)
         return (f"{idle_rounds} idle rounds, each filling fewer than half of its places "
                 f"(max_idle_rounds={args.max_idle_rounds})")
     return None

@@ -404,9 +404,9 @@ class BaNELTrainer(_BaseTrainer):
         to_evaluate = self.gate.sendable(accepted)[:want]
         rewards = self._evaluate(to_evaluate)
         spent = self.ledger.spent - spent_before
-        # A round that fills fewer than half of its places after every proposal batch (everything rejected, or the
-        # sampler only repeats what was already evaluated) is idle: a converged or collapsed sampler would otherwise
-        # crawl on for thousands of rounds, each buying a handful of evaluations.
+        # A round that fills fewer than half of its places with new evaluations (nearly everything rejected, or the
+        # accepted proposals repeat what was already evaluated) is idle: a converged or collapsed sampler would
+        # otherwise crawl on for thousands of rounds, each buying a handful of evaluations.
         idle = spent < want / 2
         self._idle_rounds = self._idle_rounds + 1 if idle else 0
         negatives = [c for c, r in zip(to_evaluate, rewards) if r is not None and not r > args.success_threshold]
