@@ -136,7 +136,6 @@ class ExactCurve(TrainerCallback):
             point = {"nre": self.trainer.ledger.spent, "round": self.trainer.round, "p": p}
             # what the oracle is offered, the evidence-discounted proposals (every 4th point: a few seconds each)
             if args.evidence_pseudo_count > 0 and len(self.points) % 4 == 0:
-                self.trainer.update_evidence()
                 point["proposal_p"] = exact_proposal_success_probability(
                     model, self.trainer.processing_class, self.min_a, self.trainer.evidence,
                     args.evidence_pseudo_count)

@@ -150,7 +150,7 @@ def test_a_known_failure_weighs_its_prompts_share_times_its_probability(tmp_path
                            args=config(tmp_path, max_reward_evaluations=16, evaluations_per_round=8,
                                        distill_objective="exact", rejection_threshold=1e-30, distill_every=0))
     trainer.train()
-    share = trainer.distiller.exact.prompt_share()
+    share = trainer.sampler.prompt_share()
     assert sorted(share.values()) == pytest.approx([1 / 3, 2 / 3])
     targets, _ = trainer.distiller.exact.targets(32)
     failures = targets.failures

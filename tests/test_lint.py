@@ -37,35 +37,66 @@ AWAITING_ACCESSORS = {
 
 def private_names(source: str) -> list[tuple[int, str]]:
     """(line, name) of each private attribute read or assigned, by dot or by getattr/setattr/hasattr/delattr with a
-    literal name; not an object's own (`self._x`), not dunders, not `os._exit`. (Imports of a module's private helpers,
-    unit-tested as such, are not attribute accesses.)"""
+    literal name; not an object's own (`self._x`, or `super()._hook` in a subclass that extends the hook), not
+    dunders, not `os._exit`. (Imports of a module's private helpers, unit-tested as such, are not attribute
+    accesses.)"""
     def private(name):
         return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Attribute) and private(node.attr):
-            if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "os")):
+            own = isinstance(node.value, ast.Name) and node.value.id in ("self", "os")
+            inherited = (isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Name)
+                         and node.value.func.id == "super")
+            if not (own or inherited):
                 found.append((node.lineno, node.attr))
         elif isinstance(node, ast.Call) and len(node.args) >= 2:
             func = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
             name = node.args[1]
+            mine = isinstance(node.args[0], ast.Name) and node.args[0].id == "self"
             if (func in ("getattr", "setattr", "hasattr", "delattr") and isinstance(name, ast.Constant)
-                    and isinstance(name.value, str) and private(name.value)):
+                    and isinstance(name.value, str) and private(name.value) and not mine):
                 found.append((node.lineno, name.value))
     return sorted(found)
 
 
-def test_no_test_reads_or_assigns_a_private_attribute():
+# where no code reads or assigns another object's private attribute: the package, and everything that uses it
+CHECKED_FOLDERS = ("trl_banel", "tests", "benchmarks", "recipes", "scripts", "examples")
+
+
+def test_no_code_reads_or_assigns_another_objects_private_attribute():
     offending = []
-    for path in sorted((ROOT / "tests").rglob("*.py")):
-        rel = path.relative_to(ROOT / "tests").as_posix()
-        offending += [f"tests/{rel}:{line}: {name}" for line, name in private_names(path.read_text())
-                      if (rel, name) not in AWAITING_ACCESSORS]
-    assert not offending, "test through public names (or list the accessor needed):\n" + "\n".join(offending)
+    for folder in CHECKED_FOLDERS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            rel = path.relative_to(ROOT / folder).as_posix()
+            if "results" in path.relative_to(ROOT).parts:
+                continue
+            offending += [f"{folder}/{rel}:{line}: {name}" for line, name in private_names(path.read_text())
+                          if folder != "tests" or (rel, name) not in AWAITING_ACCESSORS]
+    assert not offending, "use public names (or list the accessor needed):\n" + "\n".join(offending)
 
 
 def test_the_private_name_check_can_fail():
     source = ("x = trainer._state\ntrainer.ledger._add = spy\nmonkeypatch.setattr(t, '_f', g)\ngetattr(t, '_g')\n"
-              "self._mine = os._exit = type(x).__name__\nsetattr(t, 'public', 1)\n")
+              "self._mine = os._exit = type(x).__name__\nsetattr(t, 'public', 1)\nsuper()._save(d)\n"
+              "getattr(self, '_own', None)\n")
     assert private_names(source) == [(1, "_state"), (2, "_add"), (3, "_f"), (4, "_g")]
+
+
+def long_functions(source: str, limit: int = 50) -> list[tuple[str, int]]:
+    """(name, lines) of each function longer than `limit` lines, from its `def` to its last line."""
+    return [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(ast.parse(source))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= limit]
+
+
+def test_no_function_in_the_package_is_over_50_lines():
+    """A reader holds a step of the round in mind: no function of the package runs over 50 lines."""
+    offending = [f"{path.relative_to(ROOT)}: {name} ({n} lines)" for path in sorted((ROOT / "trl_banel").rglob("*.py"))
+                 for name, n in long_functions(path.read_text())]
+    assert not offending, "split these:\n" + "\n".join(offending)
+
+
+def test_the_function_length_check_can_fail():
+    body = "\n".join(f"    x{i} = {i}" for i in range(50))
+    assert long_functions(f"def short():\n    pass\n\n\ndef long():\n{body}\n") == [("long", 51)]

@@ -340,7 +340,8 @@ def test_success_replay_draws_among_all_successes_when_they_outnumber_its_share(
     assert len(found) > 8
     seen = set()
     for round in range(10):
-        out = trainer.sampler.replay_successes(cands[:8], trainer.args.seed + round)
+        out, replayed_count = trainer.sampler.replay_successes(cands[:8], trainer.args.seed + round)
+        assert replayed_count == 4
         replayed = [c.completion for c in out[4:]]
         assert len(out) == 8 and set(replayed) <= found and len(set(replayed)) == 4
         seen |= set(replayed)

@@ -138,7 +138,7 @@ class BaNELProgressCallback(TrainerCallback):
         self._write(f"stopped after {t.round} rounds: {reason}; {t.ledger.spent:,} reward evaluations spent, "
                     f"{found} {'success' if found == 1 else 'successes'} found")
         # an interrupted run has not ended the way the advice is about
-        advice = None if t.interrupts.stopped else sparse_task_advice(t.args, t.ledger.spent, found)
+        advice = None if t.interrupted else sparse_task_advice(t.args, t.ledger.spent, found)
         if advice:
             logger.warning(advice)
         for cb in t.callback_handler.callbacks:  # the run report is drawn just before (its callback comes first)
@@ -156,7 +156,7 @@ class BaNELProgressCallback(TrainerCallback):
 
 def add_banel_callbacks(trainer):
     """The run report, BaNEL's console in place of `transformers`' progress bar and printer, and the stop at the end
-    of the budget."""
+    of the budget; returns the [`StopOnSignal`] callback, which `train()` installs and the rounds ask between them."""
     from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
     from transformers.trainer_callback import PrinterCallback
 
@@ -169,8 +169,9 @@ def add_banel_callbacks(trainer):
         trainer.add_callback(BaNELProgressCallback(trainer, bar=printer is None))
     trainer.add_callback(StopWhenDone(trainer))
     trainer.add_callback(SaveEveryMinutes(trainer))
-    trainer.interrupts = StopOnSignal(trainer)  # train() installs its handlers; the rounds ask it between them
-    trainer.add_callback(trainer.interrupts)
+    interrupts = StopOnSignal(trainer)
+    trainer.add_callback(interrupts)
+    return interrupts
 
 
 class StopWhenDone(TrainerCallback):

@@ -512,6 +512,11 @@ class BaNELConfig(_BaseConfig):
     def _bad(self, name: str, valid: str):
         raise ValueError(f"BaNELConfig.{name}={getattr(self, name)!r} is invalid: it must be {valid}.")
 
+    def _check_non_negative(self, name: str):
+        value = getattr(self, name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            self._bad(name, "a finite number >= 0")
+
     def _check_search_fields(self):
         """The budget, the rounds, the proposals and the failure models."""
         bad = self._bad
@@ -564,7 +569,7 @@ class BaNELConfig(_BaseConfig):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
         for name in ("weight_decay", "max_grad_norm"):
-            _check_non_negative(self, name)
+            self._check_non_negative(name)
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 bad(name, "a number with 0 <= beta < 1")
@@ -572,7 +577,7 @@ class BaNELConfig(_BaseConfig):
             bad("save_steps", "> 0 with save_strategy='steps' (or set save_strategy='no')")
         for name in ("failure_margin", "failure_max_grad_norm", "distill_kl_coef", "evidence_pseudo_count",
                      "distill_target_kl"):
-            _check_non_negative(self, name)
+            self._check_non_negative(name)
         if not isinstance(self.failure_warmup_steps, int) or self.failure_warmup_steps < 0:
             bad("failure_warmup_steps", "an integer >= 0")
         if not 0 <= self.failure_heldout_fraction < 1:
@@ -595,8 +600,3 @@ class BaNELConfig(_BaseConfig):
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
-
-def _check_non_negative(config, name: str):
-    value = getattr(config, name)
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        config._bad(name, "a finite number >= 0")

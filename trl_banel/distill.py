@@ -8,13 +8,14 @@ import contextlib
 import copy
 import logging
 import random
+from dataclasses import dataclass, field
 
 import torch
 from trl.models.utils import prepare_deepspeed
 
 from .adapters import gathered_copy
 from .distributed import mean_over_ranks
-from .exact_distillation import ExactDistillation, exact_loss
+from .exact_distillation import ExactDistillation, ExactTargets, exact_loss
 from .posterior import completion_log_softmax, sequence_log_probs, token_kl
 from .stats import clopper_pearson
 
@@ -153,17 +154,15 @@ class DistillationProbe:
             policy.train(was_training)
 
     def measure(self, history: list[dict]) -> tuple[str, float] | None:
-        """After the distillation's last step: `(metric name, value)` over all processes, also set in `history`'s
-        last entry; `None` when no distillation is waiting to be measured."""
+        """After the distillation's last step: `(metric name, value)` over all processes (the earlier distillations'
+        values, read from `history`, decide the warning); `None` when no distillation is waiting to be measured."""
         if self._probe is None:
             return None
         probe, before, key = self._probe
         self._probe = None
         change = (self.log_probs(probe) - before).mean().item()
         value = mean_over_ranks(self.accelerator, [-change if key == self.DROP else change])
-        if history:
-            history[-1][key] = value
-        values = [h[key] for h in history if key in h]
+        values = [h[key] for h in history[:-1] if key in h] + [value]
         if len(values) == 3 and max(values) < 0.01:
             what = ("lowered the log-likelihood of the known failures" if key == self.DROP
                     else "raised the log-likelihood of their posterior samples")
@@ -211,7 +210,7 @@ class StepSize:
         if isinstance(inner, torch.optim.Optimizer):
             inner.state.clear()
 
-    def after(self, optimizer, scheduler, history: list[dict]) -> dict[str, float]:
+    def after(self, optimizer, scheduler) -> dict[str, float]:
         """After the distillation's last step: the measured KL and, with a target, the rescaled learning rate."""
         if self._before is None:
             return {}
@@ -225,8 +224,6 @@ class StepSize:
             factor = min(max(factor, 1 / self.MAX_FACTOR), self.MAX_FACTOR)
             logs["distill/learning_rate"] = scale_learning_rate(optimizer, scheduler, factor, self.MIN_LR,
                                                                 self.MAX_LR)
-        if history:
-            history[-1].update(logs)
         return logs
 
 
@@ -248,57 +245,81 @@ def scale_learning_rate(optimizer, scheduler, factor: float, low: float, high: f
     return optimizer.param_groups[0]["lr"]
 
 
+@dataclass
+class Draw:
+    """What a distillation drew while its phase's failure models were active: the exact objective's `targets`, or the
+    `samples` to distil (posterior samples, or the baselined objective's weighted proposals); what its probe measures;
+    and the draw's metrics (`distill/acceptance_rate`, ...)."""
+
+    metrics: dict[str, float]
+    targets: ExactTargets | None = None
+    samples: list = field(default_factory=list)
+    probe: list = field(default_factory=list)
+
+
 class Distiller:
     r"""
-    The distillation that ends a phase: its samples (posterior samples with successes replayed, or the baselined
-    objective's weighted proposals) as micro-batches, and the probe that measures what it absorbed.
+    The distillation that ends a phase: its samples (posterior samples with successes replayed, the baselined
+    objective's weighted proposals, or the exact objective's targets) as micro-batches, and the probe that measures
+    what it absorbed. The trainer calls [`~Distiller.draw`] while the phase's failure models are active, drops them,
+    then calls [`~Distiller.micro_batches`].
 
     Args:
         sampler ([`~trl_banel.sampler.Sampler`]), failures ([`~trl_banel.failure.FailureModels`]): the round's.
+        ledger ([`~trl_banel.ledger.RewardLedger`]): what was evaluated (its failures enter the exact objective).
         args ([`BaNELConfig`]), accelerator: the run's configuration and `Accelerator`.
     """
 
-    def __init__(self, sampler, failures, args, accelerator):
-        self.sampler, self.failures, self.args, self.accelerator = sampler, failures, args, accelerator
+    def __init__(self, sampler, failures, ledger, args, accelerator):
+        self.sampler, self.ledger, self.args, self.accelerator = sampler, ledger, args, accelerator
         self.objective = args.distill_objective  # "auto" is resolved by the trainer once it knows the model
         self.probe = DistillationProbe(failures.policy, args, accelerator)
         self.step_size = StepSize(self.probe, sampler, args, accelerator)
-        self.exact = ExactDistillation(sampler, failures, args, accelerator)
+        self.exact = ExactDistillation(sampler, failures, ledger, args, accelerator)
 
-    def batches(self, round: int, n_micro: int, keep_best) -> list[dict]:
-        """End the phase that ran up to `round`: draw the samples, drop the failure models (unless kept), call
-        `keep_best` (the generator as it proposed this phase, without them); the samples as `n_micro` micro-batches
-        (skipped steps when there is nothing to distil)."""
+    def draw(self, round: int, n_micro: int) -> Draw:
+        """The phase's samples for `n_micro` micro-batches, drawn while its failure models are active: each
+        micro-batch cycles through them, so draw what the steps consume, at most `distill_samples`."""
         args, sampler = self.args, self.sampler
-        # draw what the steps consume (each micro-batch cycles through the samples), at most distill_samples
         world = self.accelerator.num_processes
         consumed = min(args.distill_samples, n_micro * args.per_device_train_batch_size * world)
-        if self.objective == "exact" and not sampler.ledger.successes:
+        if self.objective == "exact" and not self.ledger.successes:
             # the exact objective serves the search; from the first success on, the posterior objective (with
             # success replay) distils what was found (trl_banel.exact_distillation says why)
             targets, probe = self.exact.targets(consumed)
-            if not args.keep_failure_models:
-                self.failures.clear()
-            keep_best()
+            metrics = {"distill/acceptance_rate": targets.acceptance}
+            if targets.failures is not None:
+                metrics["distill/known_failure_mass"] = float(targets.failure_mass.sum())
+            return Draw(metrics, targets=targets, probe=probe)
+        if self.objective == "baselined":
+            samples, acceptance = sampler.weighted_proposals(args.distill_samples)
+            return Draw({"distill/acceptance_rate": acceptance}, samples=samples)
+        samples, acceptance = sampler.sample_posterior(consumed)
+        samples, replayed = sampler.replay_successes(samples, args.seed + round)
+        metrics = {"distill/acceptance_rate": acceptance}
+        if replayed:
+            metrics["distill/replayed_successes"] = replayed
+        return Draw(metrics, samples=samples)
+
+    def micro_batches(self, draw: Draw, round: int, n_micro: int) -> list[dict]:
+        """`draw` as `n_micro` micro-batches for the generator as it is now (its phase's failure models dropped), the
+        probe and the step size started; skipped steps when there is nothing to distil."""
+        sampler = self.sampler
+        if draw.targets is not None:
+            targets = draw.targets
             self.step_size.start()
             if targets.failures is not None:  # the most probable known failures: what the objective pushes down
                 top = targets.failure_mass.argsort(descending=True)[:64]
                 self.probe.start(targets.failures.select(top.tolist()), known_failures=True)
             else:
-                self.probe.start(sampler.collate(probe))
+                self.probe.start(sampler.collate(draw.probe))
             return self.exact.batches(targets, round, n_micro)
-        if self.objective == "baselined":
-            samples = sampler.weighted_proposals(args.distill_samples)
-        else:
-            samples = sampler.replay_successes(sampler.sample_posterior(consumed), args.seed + round)
-        if not args.keep_failure_models:
-            self.failures.clear()
-        keep_best()
+        samples = draw.samples
         if not samples:
             logger.warning("Nothing to distil (no posterior sample survived the filter, or, with the baselined "
                            "objective, the filter rejected nothing): skipping this distillation.")
             return skipped(n_micro)
-        random.Random(args.seed + round).shuffle(samples)
+        random.Random(self.args.seed + round).shuffle(samples)
         self.step_size.start()
         self.probe.start(sampler.collate([c for c in samples if c.weight > 0][:64] or samples[:1]))
         return sampler.micro_batches(samples, n_micro, weighted=self.objective == "baselined")

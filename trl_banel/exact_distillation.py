@@ -43,7 +43,6 @@ term at 1/64 of its weight, since fixed), so that task does not use it.
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -303,19 +302,20 @@ class ExactDistillation:
 
     Args:
         sampler ([`~trl_banel.sampler.Sampler`]), failures ([`~trl_banel.failure.FailureModels`]): the round's.
+        ledger ([`~trl_banel.ledger.RewardLedger`]): what was evaluated (its failures are the known failures).
         args ([`BaNELConfig`]), accelerator: the run's configuration and `Accelerator`.
     """
 
-    def __init__(self, sampler, failures, args, accelerator):
-        self.sampler, self.failures, self.args, self.accelerator = sampler, failures, args, accelerator
+    def __init__(self, sampler, failures, ledger, args, accelerator):
+        self.sampler, self.failures, self.ledger = sampler, failures, ledger
+        self.args, self.accelerator = args, accelerator
         self._known = []  # the ledger's failures as candidates, tokenised once each (the ledger only grows)
         self._synced = 0  # how many of ledger.records they cover
-        self._prompt_share = None  # p(c): the share of the dataset's rows with each prompt (the ledger key)
 
     def targets(self, n_total: int) -> tuple[ExactTargets, list]:
         """This phase's targets on `n_total` fresh proposals (summed over processes: what the steps consume), and
         what the distillation's probe measures (accepted proposals, else one proposal)."""
-        args, sampler, ledger = self.args, self.sampler, self.sampler.ledger
+        args, sampler, ledger = self.args, self.sampler, self.ledger
         cands = sampler.propose(max(1, -(-n_total // self.accelerator.num_processes)))
         accepted = sampler.filter(cands).accepted
         kept = {id(c) for c in accepted}
@@ -326,7 +326,6 @@ class ExactDistillation:
         rejected = torch.tensor([id(c) not in kept and not k for c, k in zip(cands, known)], dtype=torch.bool)
         acceptance = sum_over_ranks(self.accelerator, len(accepted)) / max(
             sum_over_ranks(self.accelerator, len(cands)), 1)
-        sampler.metrics["distill/acceptance_rate"].append(acceptance)
         if args.reject_known_failures:
             fresh = ledger.records[self._synced:]
             self._known += [sampler.record_to_candidate(r) for r in fresh if not r.success]
@@ -337,18 +336,9 @@ class ExactDistillation:
             with self._teacher() as policy:
                 mass = failure_mass(policy, failures, sampler.evidence, args.evidence_pseudo_count,
                                     args.scoring_batch_size)
-            share = self.prompt_share()
+            share = sampler.prompt_share()
             mass = mass * torch.tensor([share.get(c.prompt_text, 0.0) for c in self._known], dtype=mass.dtype)
-            sampler.metrics["distill/known_failure_mass"].append(float(mass.sum()))
         return ExactTargets(sampler.collate(cands), rejected, acceptance, failures, mass), accepted[:64] or cands[:1]
-
-    def prompt_share(self) -> dict[str, float]:
-        """`p(c)`: the share of the dataset's rows whose prompt is `c`, as the proposals draw rows uniformly."""
-        if self._prompt_share is None:
-            rows = len(self.sampler.dataset)
-            counts = Counter(self.sampler.encoded_prompt(r)[1] for r in range(rows))
-            self._prompt_share = {c: n / rows for c, n in counts.items()}
-        return self._prompt_share
 
     @contextlib.contextmanager
     def _teacher(self):

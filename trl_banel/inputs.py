@@ -20,7 +20,7 @@ def identity(rows):
 def resolve_args(model, args: BaNELConfig | None) -> BaNELConfig:
     """`args`, or the default `BaNELConfig(f"{model_name}-BaNEL")`."""
     if args is None:
-        name = model if isinstance(model, str) else model.config._name_or_path
+        name = model if isinstance(model, str) else model.config.name_or_path
         args = BaNELConfig(f"{name.split('/')[-1]}-BaNEL")
     if not isinstance(args, BaNELConfig):
         raise TypeError(f"args must be a BaNELConfig, got {type(args).__name__}.")
@@ -59,7 +59,7 @@ def prepare_tokenizer(processing_class, model):
 
 def load_tokenizer(model):
     """The tokenizer saved with `model`, or an error that says to pass `processing_class`."""
-    path = getattr(model.config, "_name_or_path", "") or ""
+    path = getattr(model.config, "name_or_path", "") or ""
     if not path:
         raise ValueError(f"processing_class is required: the {type(model).__name__} was passed as an object with no "
                          "path to load a tokenizer from. Pass processing_class=tokenizer to BaNELTrainer.")

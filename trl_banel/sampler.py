@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import math
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -111,20 +112,18 @@ class Sampler:
         generator (`Callable`): returns the model to generate with (the trainer's `model_wrapped`, set in `train()`).
         zero3 (`bool`): whether the generator is sharded by DeepSpeed ZeRO-3.
         timer ([`~trl_banel.distributed.PhaseTimer`]): where proposing and filtering are timed.
-        metrics (`dict[str, list]`): the trainer's metrics to log.
         rng (`numpy.random.Generator`): draws the prompts' rows.
         max_positions (`int`, *optional*): the model's context, to reject prompts too long for it.
     """
 
-    def __init__(self, args, tokenizer, dataset, accelerator, failures, ledger, generator, zero3, timer, metrics, rng,
+    def __init__(self, args, tokenizer, dataset, accelerator, failures, ledger, generator, zero3, timer, rng,
                  max_positions=None):
         self.args, self.tokenizer, self.dataset, self.accelerator = args, tokenizer, dataset, accelerator
         self.failures, self.ledger, self.generator, self.zero3 = failures, ledger, generator, zero3
-        self.timer, self.metrics, self.rng, self.max_positions = timer, metrics, rng, max_positions
-        self.negatives: list[Candidate] = []  # all negatives as sampled (for cumulative_negatives)
-        self.evidence = PrefixEvidence()  # failures per completion prefix, rebuilt from negatives (update_evidence)
-        self._evidence_synced = 0  # how many of the negatives the evidence holds
+        self.timer, self.rng, self.max_positions = timer, rng, max_positions
+        self.evidence = PrefixEvidence()  # failures per completion prefix (see add_failures)
         self._prompt_cache: dict[int, tuple] = {}
+        self._prompt_share: dict[str, float] | None = None
         # accepted candidates per proposal, as the last round measured it (sizes the next round's proposals)
         self.proposal_acceptance = 1.0
         self.draw_acceptance = 1.0  # the same for the distillation's posterior draws (accepted per proposal)
@@ -156,6 +155,15 @@ class Sampler:
                 f"the model's context of {limit} tokens; shorten the prompts or lower max_completion_length.")
         return text, ids
 
+    def prompt_share(self) -> dict[str, float]:
+        """`p(c)`: the share of the dataset's rows whose prompt is `c` (the ledger key), as proposals draw rows
+        uniformly."""
+        if self._prompt_share is None:
+            rows = len(self.dataset)
+            counts = Counter(self.encoded_prompt(r)[1] for r in range(rows))
+            self._prompt_share = {c: n / rows for c, n in counts.items()}
+        return self._prompt_share
+
     def record_to_candidate(self, record) -> Candidate:
         """A ledger record as a candidate (prompt re-tokenised; completion tokenised from its text)."""
         prompt_ids = self.prompt_ids(record.prompt)[1]  # the ledger holds the prompt as text, template applied
@@ -173,7 +181,6 @@ class Sampler:
         # Under ZeRO-3, TRL's helper gathers the full weights for generation, which needs every parameter to be
         # DeepSpeed's; failure adapters injected after the engine was built are not, so while any is present the
         # model generates with per-module gathering instead, the processes kept in step by `synced_gpus`.
-        self.update_evidence()
         gather = not (self.zero3 and len(self.failures) and self.args.failure_model == "adapter")
         completion_ids = []
         with no_checkpointing_deprecation(), unwrap_model_for_generation(
@@ -217,31 +224,22 @@ class Sampler:
         return [completion[i][comp_mask[i].bool()].tolist() for i in range(len(chunk))]
 
     def state_dict(self) -> dict:
-        """What a checkpoint keeps of the sampler: the state of its prompt draws and the negatives."""
-        return {"rng": self.rng.bit_generator.state, "negatives": [c.to_dict() for c in self.negatives],
-                "proposal_acceptance": self.proposal_acceptance, "draw_acceptance": self.draw_acceptance}
+        """What a checkpoint keeps of the sampler: the state of its prompt draws and its measured acceptances."""
+        return {"rng": self.rng.bit_generator.state, "proposal_acceptance": self.proposal_acceptance,
+                "draw_acceptance": self.draw_acceptance}
 
-    def load_state_dict(self, state: dict, same_round: bool):
-        """Restore a checkpoint's negatives, and those the ledger recorded after it (re-tokenised from the ledger);
-        with `same_round` (the checkpoint is of the last round run), the state of the prompt draws too."""
-        if same_round:
-            self.rng.bit_generator.state = state["rng"]
-            self.proposal_acceptance = state.get("proposal_acceptance", 1.0)
-            self.draw_acceptance = state.get("draw_acceptance", 1.0)
-        self.negatives = [Candidate.from_dict(c) for c in state["negatives"]]
-        known = {(c.prompt_text, c.completion) for c in self.negatives}
-        for r in self.ledger.records:
-            if not r.success and (r.prompt, r.completion) not in known:
-                self.negatives.append(self.record_to_candidate(r))
+    def load_state_dict(self, state: dict):
+        """Restore the state of the prompt draws and the measured acceptances (of the checkpoint's last round)."""
+        self.rng.bit_generator.state = state["rng"]
+        self.proposal_acceptance = state.get("proposal_acceptance", 1.0)
+        self.draw_acceptance = state.get("draw_acceptance", 1.0)
 
-    def update_evidence(self):
-        """Bring `evidence` up to date with the negatives recorded so far (kept only with `evidence_pseudo_count > 0`:
-        a trie of long completions is large)."""
-        if not self.args.evidence_pseudo_count > 0:
-            return
-        for c in self.negatives[self._evidence_synced:]:
-            self.evidence.add(c.prompt_text, c.completion_ids)
-        self._evidence_synced = len(self.negatives)
+    def add_failures(self, negatives: list[Candidate]):
+        """Learn evaluated failures: their completion prefixes enter `evidence` (kept only with
+        `evidence_pseudo_count > 0`: a trie of long completions is large)."""
+        if self.args.evidence_pseudo_count > 0:
+            for c in negatives:
+                self.evidence.add(c.prompt_text, c.completion_ids)
 
     def tried_prefix_share(self, cands: list[Candidate]) -> float:
         """Mean share of each proposal's tokens that lie on prefixes some failure already went through: how much of
@@ -328,13 +326,15 @@ class Sampler:
         return result
 
     # -- posterior samples ---------------------------------------------------------------------------------------
-    def sample_posterior(self, n_total: int) -> list[Candidate]:
+    def sample_posterior(self, n_total: int) -> tuple[list[Candidate], float]:
         """Posterior samples on this rank (no oracle call): proposals that survive the filter, drawn in batches sized
-        to what is still missing at the acceptance the previous draws measured (at most `num_candidates`)."""
+        to what is still missing at the acceptance the previous draws measured (at most `num_candidates`). Returns
+        them and the draw's acceptance rate (over all its batches and processes)."""
         world = self.accelerator.num_processes
         want_local = max(1, math.ceil(n_total / world))
         cap = max(1, math.ceil(self.args.num_candidates / world))
         samples: list[Candidate] = []
+        total = FilterStats()
         for _ in range(self.args.max_proposal_batches):
             missing = want_local * world - sum_over_ranks(self.accelerator, min(len(samples), want_local))
             if missing <= 0:
@@ -343,15 +343,16 @@ class Sampler:
             samples.extend(result.accepted)
             stats = result.stats.summed_over_ranks(self.accelerator)
             self.draw_acceptance = stats.accepted / max(stats.proposed, 1)
-            self.metrics["distill/acceptance_rate"].append(self.draw_acceptance)
-        return samples[:want_local]
+            total = total + stats
+        return samples[:want_local], total.accepted / max(total.proposed, 1)
 
-    def weighted_proposals(self, n_total: int) -> list[Candidate]:
+    def weighted_proposals(self, n_total: int) -> tuple[list[Candidate], float]:
         r"""
         Proposals weighted for the baselined distillation: `1/Z - 1` if accepted, `-1` if rejected, where `Z` is the
         acceptance rate. Their weighted log-likelihood has the gradient of `-KL(posterior || q)` (since
         `E_q[grad log q] = 0`), like the posterior samples' own, without their drift: where the filter rejects
         nothing every weight is 0 and the generator does not move, so it moves only where the failure models act.
+        Returns them (none when there is nothing to distil) and `Z`.
         """
         world = self.accelerator.num_processes
         cands, kept, accepted, proposed = [], set(), 0, 0  # Z is measured over every proposal that gets a weight
@@ -364,28 +365,27 @@ class Sampler:
             cands.extend(batch)
             if accepted:  # a posterior sample to move towards (if none, propose again)
                 break
-        self.metrics["distill/acceptance_rate"].append(accepted / max(proposed, 1))
+        z = accepted / max(proposed, 1)
         if not accepted or accepted == proposed:
-            return []  # no sample of the posterior, or a posterior equal to the generator: nothing to distil
-        z = accepted / proposed
+            return [], z  # no sample of the posterior, or a posterior equal to the generator: nothing to distil
         for c in cands:
             c.weight = 1.0 / z - 1.0 if id(c) in kept else -1.0
-        return cands
+        return cands, z
 
-    def replay_successes(self, samples: list[Candidate], seed: int) -> list[Candidate]:
+    def replay_successes(self, samples: list[Candidate], seed: int) -> tuple[list[Candidate], int]:
         """Replace a `success_replay` share of the posterior samples by the successes found so far: each of them as
-        evenly as the share allows, a draw seeded by `seed` among them when there are more than it holds."""
+        evenly as the share allows, a draw seeded by `seed` among them when there are more than it holds. Returns
+        the samples and how many were replaced."""
         found = self.ledger.successes
         n = int(round(self.args.success_replay * len(samples)))
         if not found or n == 0:
-            return samples
+            return samples, 0
         if len(found) > n:  # the same draw on every process (same seed, same ledger)
             picks = random.Random(seed).sample(range(len(found)), n)
         else:
             picks = [i % len(found) for i in range(n)]
         replayed = [self.record_to_candidate(found[i]) for i in picks]
-        self.metrics["distill/replayed_successes"].append(n)
-        return samples[: len(samples) - n] + replayed
+        return samples[: len(samples) - n] + replayed, n
 
     def draw(self, num_samples: int, posterior: bool) -> tuple[list[Candidate], int]:
         """`num_samples` samples (summed over processes) of the generator, or of the posterior: this process's

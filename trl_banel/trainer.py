@@ -100,7 +100,7 @@ class BaNELTrainer(_BaseTrainer):
                          processing_class=processing_class, callbacks=callbacks, optimizers=optimizers)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
-        add_banel_callbacks(self)
+        self.interrupts = add_banel_callbacks(self)  # SIGINT/SIGTERM: train() installs it, the rounds ask it
         if self.accelerator.device.type == "cpu":
             configure_cpu_threads(model, args.torch_num_threads)
         self._metrics = defaultdict(list)
@@ -130,11 +130,12 @@ class BaNELTrainer(_BaseTrainer):
         self.phase_seconds = self.timer.seconds
         policy = accelerator.unwrap_model(self.model)
         self.sampler = Sampler(args, self.processing_class, self.train_dataset, accelerator, self.failures,
-                               self.ledger, lambda: self.model_wrapped, zero3, self.timer, self._metrics,
+                               self.ledger, lambda: self.model_wrapped, zero3, self.timer,
                                np.random.default_rng(args.seed + accelerator.process_index),
                                getattr(policy.config, "max_position_embeddings", None))
         self.region = FailureRegion(self.failures, args, accelerator, self.sampler.collate, self.timer)
-        self.distiller = Distiller(self.sampler, self.failures, args, accelerator)
+        self.distiller = Distiller(self.sampler, self.failures, self.ledger, args, accelerator)
+        self.negatives: list[Candidate] = []  # every negative evaluated (the fit's with cumulative_negatives)
 
     def _resolve_objective(self):
         """`distill_objective="auto"` decided once, from the vocabulary and the longest of the first prompts; the
@@ -182,14 +183,10 @@ class BaNELTrainer(_BaseTrainer):
 
     @property
     def evidence(self):
-        """Failures per completion prefix ([`~trl_banel.evidence.PrefixEvidence`]; see `update_evidence`)."""
+        """Failures per completion prefix ([`~trl_banel.evidence.PrefixEvidence`]): every negative recorded so far
+        (all of them after a resume, once training started). Kept only with `evidence_pseudo_count > 0`: a trie of
+        long completions is large."""
         return self.sampler.evidence
-
-    def update_evidence(self):
-        """Bring `evidence` (failures per completion prefix) up to date with the negatives recorded so far (all of them
-        after a resume). Proposals call it; call it before reading `evidence` between rounds. Kept only with
-        `evidence_pseudo_count > 0`: a trie of long completions is large."""
-        self.sampler.update_evidence()
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -256,6 +253,7 @@ class BaNELTrainer(_BaseTrainer):
         return {
             "round": self.round, "history": self.history, "rounds_in_phase": self._rounds_in_phase,
             "idle_rounds": self._idle_rounds, **self.sampler.state_dict(), "failure_models": self.failures.state_dict(),
+            "negatives": [c.to_dict() for c in self.negatives],
             "buffer": self._buffer, "finished": self._finished,
             "held_out": [c.to_dict() for c in self.region.held_out], "best_generator": self.best_generator,
         }
@@ -315,8 +313,17 @@ class BaNELTrainer(_BaseTrainer):
             self.region.held_out = [Candidate.from_dict(c) for c in state.get("held_out", [])]
             if state["failure_models"]:
                 self.failures.load_state_dict(state["failure_models"])
+            self.sampler.load_state_dict(state)
         self.best_generator = state.get("best_generator", self.best_generator)
-        self.sampler.load_state_dict(state, same_round=state["round"] == self.round)
+        self._restore_negatives(state["negatives"])
+
+    def _restore_negatives(self, saved: list[dict]):
+        """The checkpoint's negatives, and those the ledger recorded after it (re-tokenised from the ledger)."""
+        self.negatives = [Candidate.from_dict(c) for c in saved]
+        known = {(c.prompt_text, c.completion) for c in self.negatives}
+        self.negatives += [self.sampler.record_to_candidate(r) for r in self.ledger.records
+                           if not r.success and (r.prompt, r.completion) not in known]
+        self.sampler.add_failures(self.negatives)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
@@ -358,22 +365,36 @@ class BaNELTrainer(_BaseTrainer):
         elif not args.distill_before_success and not self.ledger.successes:
             # the generator stays the prior until a success is found: no self-distillation drift, the search is
             # shaped by the filter and the prefix evidence alone
-            if not args.keep_failure_models:
-                self.failures.clear()
-            self._rounds_in_phase = 0
+            self._end_phase(keep_best=False)
             self._metrics["distill/skipped_no_success"].append(1.0)
             self._buffer = skipped(args.distill_steps * ga)
         else:
-            drawn_before = len(self._metrics["distill/acceptance_rate"])
-            self._buffer = self.distiller.batches(self.round, args.distill_steps * ga, self._keep_best_generator)
+            self._buffer = self._distill(args.distill_steps * ga)
+
+    def _distill(self, n_micro: int) -> list[dict]:
+        """The phase's distillation: draw its samples while its failure models act, end the phase, and return the
+        micro-batches that the next `n_micro` training steps consume."""
+        draw = self.distiller.draw(self.round, n_micro)
+        for key, value in draw.metrics.items():
+            self._metrics[key].append(value)
+        if self.history:
             # the share of the distillation's draw the filter accepted: where the phase's failure models act (with
             # distill_every=1 a distillation clears them before the next round's filter sees a proposal)
-            drawn = self._metrics["distill/acceptance_rate"][drawn_before:]
-            if drawn and self.history:
-                self.history[-1]["distill/acceptance_rate"] = drawn[-1]
-            if args.distill_target_kl > 0:
-                self.distiller.step_size.fresh_optimizer(self.optimizer)
-            self._rounds_in_phase = 0
+            self.history[-1]["distill/acceptance_rate"] = draw.metrics["distill/acceptance_rate"]
+        self._end_phase(keep_best=True)
+        batches = self.distiller.micro_batches(draw, self.round, n_micro)
+        if self.args.distill_target_kl > 0:
+            self.distiller.step_size.fresh_optimizer(self.optimizer)
+        return batches
+
+    def _end_phase(self, keep_best: bool):
+        """A phase ends: its failure models are dropped (unless `keep_failure_models`) and, with `keep_best`, the
+        generator that proposed its rounds is kept if they were the best so far."""
+        if not self.args.keep_failure_models:
+            self.failures.clear()
+        if keep_best:
+            self._keep_best_generator()
+        self._rounds_in_phase = 0
 
     def _keep_best_generator(self):
         """Before a distillation: save the generator if its phase's evaluations are the best so far (`better_phase`)."""
@@ -387,10 +408,12 @@ class BaNELTrainer(_BaseTrainer):
     def measure_distillation(self):
         """After a distillation's last step: what it moved (the probe, the step size), in the metrics and history."""
         measured = self.distiller.probe.measure(self.history)
-        if measured is not None:
-            self._metrics[measured[0]].append(measured[1])
-        for key, value in self.distiller.step_size.after(self.optimizer, self.lr_scheduler, self.history).items():
+        logs = dict([measured]) if measured is not None else {}
+        logs.update(self.distiller.step_size.after(self.optimizer, self.lr_scheduler))
+        for key, value in logs.items():
             self._metrics[key].append(value)
+        if self.history:
+            self.history[-1].update(logs)
 
     def _run_round(self):
         """One BaNEL round: propose and filter, evaluate, fit a failure model (the failure region grows by it)."""
@@ -410,8 +433,9 @@ class BaNELTrainer(_BaseTrainer):
         idle = spent < want / 2
         self._idle_rounds = self._idle_rounds + 1 if idle else 0
         negatives = [c for c, r in zip(to_evaluate, rewards) if r is not None and not r > args.success_threshold]
-        self.sampler.negatives.extend(negatives)
-        fit = self.region.fit(negatives, self.sampler.negatives, self.round)
+        self.negatives.extend(negatives)
+        self.sampler.add_failures(negatives)
+        fit = self.region.fit(negatives, self.negatives, self.round)
         record = round_record(self.round, self.ledger, proposals.stats, rewards, args.success_threshold, fit,
                               len(self.failures), args.evidence_pseudo_count > 0, spent, want)
         log_round(self._metrics, record, proposals.stats, log_ratios, spent, self.ledger)
