@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from trl_banel.baselines import (  # noqa: E402
+from trl_banel_examples.baselines import (  # noqa: E402
     BudgetedReward, NSRConfig, NSRTrainer, PolicySuccessCurveCallback, RNDBonus, SimHashCountBonus,
     StopOnBudgetCallback, nsr_advantages,
 )
@@ -161,7 +161,7 @@ def test_grpo_with_budgeted_reward_and_bonus_stops_at_budget(tmp_path, tiny_poli
 
 
 # ------------------------------------------------------------------------------------------ benchmark --quick
-MODELS = ROOT / "trl_banel" / "tasks" / "addition_models"
+MODELS = ROOT / "examples" / "trl_banel_examples" / "tasks" / "addition_models"
 
 
 @pytest.mark.slow

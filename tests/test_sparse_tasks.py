@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from trl_banel.tasks import digits, hard_attack
-from trl_banel.tasks.addition import parse_query
-from trl_banel.tasks.common import sample_token_ids, sequence_log_probs
+from trl_banel_examples.tasks import digits, hard_attack
+from trl_banel_examples.tasks.addition import parse_query
+from trl_banel_examples.tasks.common import sample_token_ids, sequence_log_probs
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -123,7 +123,7 @@ def test_shipped_digits_classifier_and_generator(digits_task, dataset):
 
 def test_shipped_digits_prior_is_sparse(digits_task):
     """Issue #14's bound, measured on the generator that ships (the calibration names its weights)."""
-    from trl_banel.tasks.common import weights_hash
+    from trl_banel_examples.tasks.common import weights_hash
 
     cal = json.loads((RESULTS / "digits_calibration.json").read_text())
     assert cal["generator_weights"] == weights_hash(digits_task[0])
@@ -209,7 +209,7 @@ def test_hard_prior_is_exact_and_calibrated(hard_task):
 def test_exact_query_probabilities_match_sampling(hard_task):
     """sequence_log_probs on variable-length queries is an exact likelihood: the attacker's sampled frequency of
     one-digit sums and of its successes' digit shapes matches the summed probabilities."""
-    from trl_banel.tasks.addition import sample_queries
+    from trl_banel_examples.tasks.addition import sample_queries
 
     attacker, tok, _ = hard_task
     short = [f"{a}+{b}=" for a in range(10) for b in range(10)]
@@ -242,10 +242,10 @@ def test_tasks_load_from_an_installed_wheel(tmp_path):
     script = textwrap.dedent(f"""
         import sys, trl_banel
         assert trl_banel.__file__.startswith({str(target)!r}), trl_banel.__file__
-        from trl_banel.tasks.digits import load_digits_task, load_dataset, image_to_text
-        from trl_banel.tasks.hard_attack import load_hard_attack_task, load_successes
-        from trl_banel.tasks.addition import load_addition_task
-        from trl_banel.tasks.letters import load_letters_task
+        from trl_banel_examples.tasks.digits import load_digits_task, load_dataset, image_to_text
+        from trl_banel_examples.tasks.hard_attack import load_hard_attack_task, load_successes
+        from trl_banel_examples.tasks.addition import load_addition_task
+        from trl_banel_examples.tasks.letters import load_letters_task
         images, labels = load_dataset()
         gen, tok, oracle = load_digits_task()
         six, zero = image_to_text(images[labels == 6][0]), image_to_text(images[labels == 0][0])
@@ -268,7 +268,7 @@ def test_the_shipped_generator_holds_almost_all_its_mass_on_the_datasets_zeros(d
     """Why the prior is sparse and where BaNEL must look (docs/benchmarks.md, "Sparse tasks"): the generator is a
     mixture of the zeros it learned, none of them a success, with 0.01% of its mass elsewhere; once they are known
     failures, the exact objective moves its mass off them onto the rest, where the sixes it can draw are."""
-    from trl_banel.tasks.common import sequence_log_probs
+    from trl_banel_examples.tasks.common import sequence_log_probs
 
     generator, tok, oracle = digits_task
     images, labels = dataset

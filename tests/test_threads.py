@@ -42,7 +42,7 @@ SCRIPT = """
 import torch
 from datasets import Dataset
 from trl_banel import BaNELConfig, BaNELTrainer
-from trl_banel.tasks.letters import load_letters_task
+from trl_banel_examples.tasks.letters import load_letters_task
 generator, tokenizer, oracle = load_letters_task()
 seen = [torch.get_num_threads()]
 for requested in (None, 2):
