@@ -168,7 +168,7 @@ MODELS = ROOT / "examples" / "trl_banel_examples" / "tasks" / "addition_models"
 @pytest.mark.skipif(not (MODELS / "target").exists() or not (MODELS / "attacker").exists(),
                     reason="the addition task's pretrained models are not present yet")
 def test_benchmark_quick_end_to_end(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "examples")])}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "addition_attack.py"), "--quick", "--out", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=600,

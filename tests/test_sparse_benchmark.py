@@ -203,7 +203,7 @@ def test_digits_models_runs_the_first_generator_against_its_own_calibration(tmp_
 @pytest.mark.slow  # the benchmark's --quick run, every task and method: about 2 min
 def test_sparse_benchmark_quick_end_to_end_and_resumed(tmp_path):
     """--quick on every task writes sparse.json in the issue's shape; a second invocation reuses every run file."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "examples")])}
     command = [sys.executable, str(ROOT / "benchmarks" / "sparse.py"), "--quick", "--out", str(tmp_path)]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
