@@ -4,8 +4,9 @@
     python benchmarks/ablation.py --configs final --seeds 0 1 2 3 4 5 6 7 8 9
     python benchmarks/ablation.py --quick --out /tmp/ablation       # a smoke test (seconds)
 
-The task is the rare-letters task (trl_banel/tasks/letters.py): a pretrained success probability of 1.4e-5, known
-*exactly* for any generator, so every figure here is exact (no sampling noise, no oracle calls to estimate it).
+The task is the rare-letters task (examples/trl_banel_examples/tasks/letters.py): a pretrained success probability
+of 1.4e-5, known *exactly* for any generator, so every figure here is exact (no sampling noise, no oracle calls to
+estimate it).
 
 Configurations (each a set of BaNELConfig overrides on top of `TASK_SETTINGS`):
 - defaults: the package's defaults (a fixed 20-epoch fit, failure models dropped at every distillation);
@@ -55,7 +56,7 @@ from transformers import HfArgumentParser, TrainerCallback, set_seed  # noqa: E4
 
 from benchmarks.common import write_markdown  # noqa: E402
 from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
-from trl_banel.tasks.letters import (BANEL_SETTINGS, exact_proposal_success_probability,  # noqa: E402
+from trl_banel_examples.tasks.letters import (BANEL_SETTINGS, exact_proposal_success_probability,  # noqa: E402
                                      exact_success_probability, load_letters_task)
 
 # What the evidence_distil configuration adds to the task's base settings (together: the task's BANEL_SETTINGS).
@@ -92,7 +93,7 @@ CONFIGS = {
     "evidence": dict(evidence_pseudo_count=1.0, distill_before_success=False, success_replay=0.5,
                      stop_after_successes=500),
     # the same with distillation from the start (the evidence then compounds with what the generator absorbed)
-    "evidence_distil": EVIDENCE_DISTIL,  # the task's settings (trl_banel.tasks.letters.BANEL_SETTINGS)
+    "evidence_distil": EVIDENCE_DISTIL,  # the task's settings (trl_banel_examples.tasks.letters.BANEL_SETTINGS)
     # evidence_distil anchored to the pretrained generator: the compounding discount spreads the generator over
     # every token, strings of the wrong length included; a KL(q || pretrained) term keeps its support
     "evidence_kl": dict(evidence_pseudo_count=1.0, success_replay=0.5, stop_after_successes=500, distill_kl_coef=0.1),

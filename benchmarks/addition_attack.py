@@ -6,7 +6,8 @@
     python benchmarks/addition_attack.py --quick --out /tmp/q    # a smoke test (one seed, budget 200)
     python benchmarks/addition_attack.py --methods banel_no_replay banel_no_known   # the ablation (asked by name)
 
-Methods: the pretrained attacker; BaNEL (the task's settings, trl_banel.tasks.addition.BANEL_SETTINGS, the demo's);
+Methods: the pretrained attacker; BaNEL (the task's settings, trl_banel_examples.tasks.addition.BANEL_SETTINGS, the
+demo's);
 GRPO with the sparse reward alone; GRPO + RND bonus; GRPO + SimHash count bonus; NSR (every failure gets advantage
 -1). The ablation rows, run only when named: BaNEL at the task's settings without success replay
 (`banel_no_replay`) and without exact known-failure rejection (`banel_no_known`). Every baseline's oracle calls go
@@ -37,8 +38,8 @@ from benchmarks.common import (BANEL_VARIANTS, DEFAULT_KNOBS, GRPO_COMMON, METHO
                                cached_run, load_runs, parse_args, run_identity, run_sweep as sweep_methods,
                                seed_curves)
 from benchmarks.common import run_one as run_task  # noqa: E402
-from trl_banel.plotting import plot_success_curves  # noqa: E402
-from trl_banel.tasks.addition import MODELS_DIR  # noqa: E402
+from trl_banel_examples.plotting import plot_success_curves  # noqa: E402
+from trl_banel_examples.tasks.addition import MODELS_DIR  # noqa: E402
 
 
 ALL_METHODS = METHODS + list(BANEL_VARIANTS)

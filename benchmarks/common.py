@@ -30,13 +30,13 @@ from transformers import HfArgumentParser, TrainerCallback, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_banel import BaNELConfig, BaNELTrainer
-from trl_banel.baselines import (BudgetedReward, NSRConfig, NSRTrainer, PolicySuccessCurveCallback, RNDBonus,
+from trl_banel_examples.baselines import (BudgetedReward, NSRConfig, NSRTrainer, PolicySuccessCurveCallback, RNDBonus,
                                  SimHashCountBonus, StopOnBudgetCallback)
 from trl_banel.callbacks import SuccessCurveCallback
-from trl_banel.cli import apply_quick
+from trl_banel_examples.cli import apply_quick
 from trl_banel.ledger import LEDGER_FILENAME
 from trl_banel.stats import ExactSuccess, SuccessEstimate
-from trl_banel.tasks.common import weights_hash
+from trl_banel_examples.tasks.common import weights_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,7 @@ class Task:
 
 
 def addition_task(models_dir: Optional[Path] = None) -> Task:
-    from trl_banel.tasks.addition import BANEL_SETTINGS, MODELS_DIR, estimate_success_rate, load_addition_task
+    from trl_banel_examples.tasks.addition import BANEL_SETTINGS, MODELS_DIR, estimate_success_rate, load_addition_task
 
     def estimate(model, tok, oracle, n, seed):
         return estimate_success_rate(model, tok, oracle, n, seed=seed)[0]
@@ -124,7 +124,7 @@ def addition_task(models_dir: Optional[Path] = None) -> Task:
 
 def hard_attack_task() -> Task:
     """The hard attack: every estimate is exact (the enumerated success set), without sampling or oracle calls."""
-    from trl_banel.tasks import hard_attack
+    from trl_banel_examples.tasks import hard_attack
 
     successes = hard_attack.load_successes()
 
@@ -154,7 +154,7 @@ def digits_task() -> Task:
 
     10,000 samples per final estimate: at the pretrained rate (0 in 200,000, below 1.8e-5) they would see none, so a
     gain is told against the calibration's upper bound (reference_rate); a generator at 100x that bound shows ~18."""
-    from trl_banel.tasks import digits
+    from trl_banel_examples.tasks import digits
 
     def estimate(model, tok, oracle, n, seed):
         est, _ = digits.estimate_success_rate(model, tok, oracle, n, batch_size=min(n, 2048), seed=seed)
@@ -170,7 +170,7 @@ def digits_task() -> Task:
         package's KV-cached sampler (much faster than generate()); scored by the classifier, as the oracle does."""
         if len(trainer.failures):
             return trainer.estimate_success_rate(n)
-        from trl_banel.tasks.common import sample_token_ids
+        from trl_banel_examples.tasks.common import sample_token_ids
 
         generator = trainer.accelerator.unwrap_model(trainer.model)
         tok = trainer.processing_class
@@ -227,7 +227,7 @@ def blind_search(reference: dict, budget: int) -> dict:
 
 def with_models(task: Task, models: Path) -> Task:
     """The digits task with another generator and classifier (e.g. a candidate generator) and their calibration."""
-    from trl_banel.tasks.digits import load_digits_task
+    from trl_banel_examples.tasks.digits import load_digits_task
 
     models = Path(models).resolve()
     if not (models / "generator").is_dir() or not (models / "classifier").is_dir():
@@ -240,7 +240,7 @@ def letters_task() -> Task:
     """Rare letters: exact estimates of the generator's success probability (every success string enumerated). BaNEL's
     estimate is its generator's, the model it saves (its proposals avoid the tried prefixes and known failures, which
     only raises their rate): the same figure as benchmarks/ablation.py's."""
-    from trl_banel.tasks import letters
+    from trl_banel_examples.tasks import letters
 
     def estimate(model, tok, oracle, n=None, seed=None):
         return ExactSuccess(letters.exact_success_probability(model, tok, oracle.min_a))

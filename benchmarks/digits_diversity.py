@@ -9,7 +9,7 @@ one image the classifier calls a six scores as well as one that draws many. For 
 output_dir, as recipes/digits_0_to_6.py writes it) this samples `samples` images from the generator as saved (what a
 user loads; BaNEL's sampler also drops the known failures, which changes little once it draws sixes), scores them with
 the shipped classifier, and reports among the successes: how many, how many distinct, and the median L1 distance
-between two of them (`trl_banel.tasks.digits.image_diversity`), beside the dataset's 181 sixes.
+between two of them (`trl_banel_examples.tasks.digits.image_diversity`), beside the dataset's 181 sixes.
 
 Writes OUT/digits_diversity.{json,md,png} (the png: the first sixes each generator drew).
 """
@@ -28,8 +28,8 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from benchmarks.common import parse_args, write_markdown  # noqa: E402
-from trl_banel.cli import write_results  # noqa: E402
-from trl_banel.tasks import digits  # noqa: E402
+from trl_banel_examples.cli import write_results  # noqa: E402
+from trl_banel_examples.tasks import digits  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -57,11 +57,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
-from trl_banel.baselines import BudgetedReward, StopOnBudgetCallback  # noqa: E402
+from trl_banel_examples.baselines import BudgetedReward, StopOnBudgetCallback  # noqa: E402
 from trl_banel.failure import FailureModels  # noqa: E402
 from trl_banel.ledger import LEDGER_FILENAME  # noqa: E402
 from trl_banel.posterior import Candidates, completion_nll, position_ids_from_mask  # noqa: E402
-from trl_banel.tasks.addition import BANEL_SETTINGS as ADDITION_BANEL_SETTINGS, load_addition_task  # noqa: E402
+from trl_banel_examples.tasks.addition import BANEL_SETTINGS as ADDITION_BANEL_SETTINGS, load_addition_task  # noqa: E402
 from benchmarks import task_family  # noqa: E402
 from benchmarks.common import GRPO_COMMON, banel_settings as run_banel_settings, parse_args  # noqa: E402
 from benchmarks.defaults import PREREGISTRATION, task_settings  # noqa: E402

@@ -36,7 +36,7 @@ from benchmarks.common import write_markdown  # noqa: E402
 from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
 from trl_banel.posterior import rejection_mask  # noqa: E402
 from trl_banel.sampler import Candidate  # noqa: E402
-from trl_banel.tasks.letters import load_letters_task, success_strings  # noqa: E402
+from trl_banel_examples.tasks.letters import load_letters_task, success_strings  # noqa: E402
 
 SETTINGS = {
     "default fit": dict(max_epochs=20, learning_rate=3e-3, batch_size=16),

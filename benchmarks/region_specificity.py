@@ -17,8 +17,8 @@ set of images, the share inside the region and the median log-ratio:
   the sixes a search would reach;
 - the dataset's zeros, sixes and other digits (scikit-learn's `load_digits`).
 
-Fits: the digits round's own (`trl_banel.tasks.digits.POSTERIOR_SETTINGS`: LoRA, 20 epochs of 16, lr 3e-3) on one
-round's 50 negatives and on 500 (as `cumulative_negatives` would after 10 rounds), and the strong fit of DESIGN.md
+Fits: the digits round's own (`trl_banel_examples.tasks.digits.POSTERIOR_SETTINGS`: LoRA, 20 epochs of 16, lr 3e-3) on
+one round's 50 negatives and on 500 (as `cumulative_negatives` would after 10 rounds), and the strong fit of DESIGN.md
 section 6 (a full copy, 300 full-batch epochs, lr 1e-3, gradients clipped at 1).
 
 Writes OUT/region_specificity.{json,md,png}.
@@ -43,8 +43,8 @@ import torch  # noqa: E402
 from benchmarks.common import parse_args, write_markdown  # noqa: E402
 from trl_banel.failure import FailureModels  # noqa: E402
 from trl_banel.sampler import Candidate, Sampler  # noqa: E402
-from trl_banel.tasks import digits  # noqa: E402
-from trl_banel.tasks.common import sample_token_ids, weights_hash  # noqa: E402
+from trl_banel_examples.tasks import digits  # noqa: E402
+from trl_banel_examples.tasks.common import sample_token_ids, weights_hash  # noqa: E402
 
 FIRST_GENERATOR = ROOT / "benchmarks" / "results" / "digits_v1" / "models"  # draws a six in ~20,000 samples
 

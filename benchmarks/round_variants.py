@@ -7,24 +7,24 @@ hard attack, what keeps it above, and what the same change does on rare letters.
     python benchmarks/round_variants.py --task digits --variants posterior exact_noratio --seeds 100
     python benchmarks/round_variants.py --quick --out /tmp/hv             # a smoke test (one seed, budget 100)
 
-The hard attack (trl_banel/tasks/hard_attack.py) has 22 successes among 10^6 queries and a pretrained success
-probability of 3.0e-6, known exactly for any generator, so every figure here is exact. No method finds a success within
-7,500 evaluations (benchmarks/sparse.py), so what a variant shows is what distillation does to the generator while it
-only sees failures: the success probability of BaNEL's sampler (its generator conditioned on avoiding the ledger's
-known failures) after the run, over the pretrained one.
+The hard attack (examples/trl_banel_examples/tasks/hard_attack.py) has 22 successes among 10^6 queries and a
+pretrained success probability of 3.0e-6, known exactly for any generator, so every figure here is exact. No method
+finds a success within 7,500 evaluations (benchmarks/sparse.py), so what a variant shows is what distillation does to
+the generator while it only sees failures: the success probability of BaNEL's sampler (its generator conditioned on
+avoiding the ledger's known failures) after the run, over the pretrained one.
 
 Variants (BaNELConfig overrides on top of a base: for the hard attack the addition attack's settings,
-trl_banel.tasks.addition.BANEL_SETTINGS, which were the hard attack's until this benchmark; for rare letters the task's
-own settings, trl_banel.tasks.letters.BANEL_SETTINGS, with prefix evidence and success replay; for digits the round
-it first shipped with, trl_banel.tasks.digits.POSTERIOR_SETTINGS, whose estimates are Monte Carlo, at the sparse
-benchmark's sample sizes):
+trl_banel_examples.tasks.addition.BANEL_SETTINGS, which were the hard attack's until this benchmark; for rare
+letters the task's own settings, trl_banel_examples.tasks.letters.BANEL_SETTINGS, with prefix evidence and success
+replay; for digits the round it first shipped with, trl_banel_examples.tasks.digits.POSTERIOR_SETTINGS, whose
+estimates are Monte Carlo, at the sparse benchmark's sample sizes):
 - posterior: no override (maximum likelihood on posterior samples, the ratio test at tau = 0.97);
 - evidence: prefix evidence (evidence_pseudo_count=1), the rare-letters task's search;
 - evidence_kl: the same with a KL(generator || pretrained) term of 0.1;
 - baselined: the baselined objective (success replay off: it needs the posterior objective);
 - fixed: the generator kept fixed until a first success (distill_before_success=False);
 - exact_noratio: the exact objective (trl_banel.exact_distillation) without the ratio test (tau = 1e-30): the hard
-  attack's settings now (trl_banel.tasks.hard_attack.BANEL_SETTINGS);
+  attack's settings now (trl_banel_examples.tasks.hard_attack.BANEL_SETTINGS);
 - exact: the exact objective with the base's ratio test (digits' settings now);
 - exact_skip: that with skip_known_successes (a round's places go to completions the ledger does not hold).
 
@@ -49,7 +49,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import TASKS, parse_args, run_one, with_models  # noqa: E402
 from trl_banel.stats import SuccessEstimate  # noqa: E402
-from trl_banel.tasks import addition, digits, letters  # noqa: E402
+from trl_banel_examples.tasks import addition, digits, letters  # noqa: E402
 
 BASES = {"hard_attack": addition.BANEL_SETTINGS, "letters": letters.BANEL_SETTINGS,
          "digits": digits.POSTERIOR_SETTINGS}

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from trl_banel.tasks.common import weights_hash  # noqa: E402
+from trl_banel_examples.tasks.common import weights_hash  # noqa: E402
 
 from benchmarks.common import (BASELINES, DEFAULT_KNOBS, SWEEP_GRID, TASKS, blind_search, cached_run,  # noqa: E402
                                parse_args, reference_rate, run_identity, run_one, run_sweep, seed_curves,

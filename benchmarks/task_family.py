@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from trl_banel.tasks.common import weights_hash  # noqa: E402
+from trl_banel_examples.tasks.common import weights_hash  # noqa: E402
 
 SPECIALS = ["<pad>", "<bos>", "<eos>"]
 STRUCTURES = ("count", "mirror", "sum", "rare_set")

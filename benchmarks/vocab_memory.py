@@ -236,7 +236,7 @@ def write(results: list[dict], args: Args):
 
 
 def plot(cell: dict, vocabs: list[int], logits: list[float], path: Path):
-    from trl_banel.plotting import plt
+    from trl_banel_examples.plotting import plt
 
     fig, (mem, sec) = plt.subplots(1, 2, figsize=(11, 4.2))
     for part in PARTS:

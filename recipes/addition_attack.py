@@ -1,4 +1,4 @@
-"""The embedded demo: BaNEL attacks a tiny addition model shipped with the package, on a CPU, in minutes.
+"""The embedded demo: BaNEL attacks a tiny addition model from the examples package, on a CPU, in minutes.
 
     python recipes/addition_attack.py            # the paper's budget of 7,500 evaluations (about 10 min, 2 CPU cores)
     python recipes/addition_attack.py --quick    # a smoke test of the whole pipeline in about 1 minute
@@ -23,10 +23,10 @@ from transformers import set_seed  # noqa: E402
 
 from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
 from trl_banel.callbacks import SuccessCurveCallback  # noqa: E402
-from trl_banel.cli import hardware, parse_recipe, retyped_command  # noqa: E402
-from trl_banel.plotting import plot_success_curves  # noqa: E402
+from trl_banel_examples.cli import hardware, parse_recipe, retyped_command  # noqa: E402
+from trl_banel_examples.plotting import plot_success_curves  # noqa: E402
 from trl_banel.runs import refuse_rerun  # noqa: E402
-from trl_banel.tasks.addition import (BANEL_SETTINGS, classify_query, demo_summary_text,  # noqa: E402
+from trl_banel_examples.tasks.addition import (BANEL_SETTINGS, classify_query, demo_summary_text,  # noqa: E402
                                      estimate_success_rate, load_addition_task)
 
 
@@ -40,7 +40,7 @@ class DemoArguments:
     threads: int = field(default=1, metadata={"help": "torch threads (tiny models run fastest on one)."})
 
 
-# Defaults for this task: the task's BaNEL settings (trl_banel.tasks.addition.BANEL_SETTINGS, measured:
+# Defaults for this task: the task's BaNEL settings (trl_banel_examples.tasks.addition.BANEL_SETTINGS, measured:
 # docs/benchmarks.md, "The addition attack") plus where and how to run; every one can be overridden by a flag.
 TASK_DEFAULTS = dict(
     output_dir="runs/addition_attack", use_cpu=True, bf16=False, report_to="none", save_strategy="no",

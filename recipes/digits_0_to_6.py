@@ -3,11 +3,12 @@
     python recipes/digits_0_to_6.py            # 7,500 evaluations at most (about 5 CPU minutes)
     python recipes/digits_0_to_6.py --quick    # a smoke test of the whole pipeline (under a minute)
 
-The task ships with the package (trl_banel.tasks.digits): a small causal LM draws 8x8 images as 64 pixel tokens and
-was pretrained on zeros only; the oracle pays 1 when a classifier trained on all ten digits gives the image a
-probability of at least 0.9 of being a 6. The pretrained generator drew no six in 200,000 samples (a success
-probability below 1.8e-5, the 95% upper bound; benchmarks/results/digits_calibration.json). BaNEL at the task's
-settings (trl_banel.tasks.digits.BANEL_SETTINGS) learns from the failures, and from the first successes on, from
+The task ships with the examples package (trl_banel_examples.tasks.digits, installed by `pip install -e ./examples`):
+a small causal LM draws 8x8 images as 64 pixel tokens and was pretrained on zeros only; the oracle pays 1 when a
+classifier trained on all ten digits gives the image a probability of at least 0.9 of being a 6. The pretrained
+generator drew no six in 200,000 samples (a success probability below 1.8e-5, the 95% upper bound;
+benchmarks/results/digits_calibration.json). BaNEL at the task's settings
+(trl_banel_examples.tasks.digits.BANEL_SETTINGS) learns from the failures, and from the first successes on, from
 those.
 
 Writes OUTPUT_DIR/digits_grid.png (samples of the generator before and after training, each with the classifier's
@@ -29,12 +30,13 @@ from transformers import set_seed  # noqa: E402
 
 from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
 from trl_banel.callbacks import SuccessCurveCallback  # noqa: E402
-from trl_banel.cli import hardware, parse_recipe, retyped_command  # noqa: E402
-from trl_banel.plotting import plot_success_curves  # noqa: E402
+from trl_banel_examples.cli import hardware, parse_recipe, retyped_command  # noqa: E402
+from trl_banel_examples.plotting import plot_success_curves  # noqa: E402
 from trl_banel.runs import refuse_rerun  # noqa: E402
 from trl_banel.stats import SuccessEstimate  # noqa: E402
-from trl_banel.tasks.digits import (BANEL_SETTINGS, CALIBRATED_PRIOR, demo_summary_text, improvement_over_prior,  # noqa: E402
-                                    estimate_success_rate, load_digits_task, plot_digit_grid, sample_images)
+from trl_banel_examples.tasks.digits import (BANEL_SETTINGS, CALIBRATED_PRIOR, demo_summary_text,  # noqa: E402
+                                             estimate_success_rate, improvement_over_prior, load_digits_task,
+                                             plot_digit_grid, sample_images)
 
 
 @dataclass

@@ -44,7 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from trl_banel import BaNELConfig, BaNELTrainer
-from trl_banel.cli import script_help
+from trl_banel_examples.cli import script_help
 from trl_banel.oracle import message_text
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"

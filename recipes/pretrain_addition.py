@@ -1,6 +1,6 @@
 """Regenerates the addition task's target and attacker, then measures and writes their calibration.
 
-    python recipes/pretrain_addition.py --seed 0 --out trl_banel/tasks/addition_models
+    python recipes/pretrain_addition.py --seed 0 --out examples/trl_banel_examples/tasks/addition_models
     python recipes/pretrain_addition.py --quick --out /tmp/addition  # seconds-long smoke run
 
 The target learns ``<bos>a+b=<reversed sum><eos>`` (loss on the answer only) until its held-out
@@ -28,10 +28,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from trl_banel.cli import output_field, results_field, parse_script_args  # noqa: E402
-from trl_banel.tasks.addition import (LONG_CARRY_CHAIN, MODELS_DIR, AdditionOracle, answer_text,  # noqa: E402
+from trl_banel_examples.cli import output_field, results_field, parse_script_args  # noqa: E402
+from trl_banel_examples.tasks.addition import (LONG_CARRY_CHAIN, MODELS_DIR, AdditionOracle, answer_text,  # noqa: E402
                                       build_tokenizer, estimate_success_rate, longest_carry_chain, sample_operands)
-from trl_banel.tasks.common import lm_batch as batch, train_lm  # noqa: E402
+from trl_banel_examples.tasks.common import lm_batch as batch, train_lm  # noqa: E402
 
 
 @dataclass
@@ -187,7 +187,8 @@ def main(args: Args):
 
     results.with_suffix(".md").write_text(
         f"# Addition task calibration (seed {args.seed}, operands 1-{D} digits, reversed answers)\n\n"
-        "Regenerate: `python recipes/pretrain_addition.py --seed 0 --out trl_banel/tasks/addition_models`.\n\n"
+        "Regenerate: `python recipes/pretrain_addition.py --seed 0 "
+        "--out examples/trl_banel_examples/tasks/addition_models`.\n\n"
         "| measure | value | n |\n| --- | --- | --- |\n"
         f"| target exact match, own distribution | {pct(own_acc)} | {own_n} |\n"
         f"| target exact match, leading-zero queries | {pct(lz_acc)} | {lz_n} |\n"

@@ -1,6 +1,6 @@
 """Regenerates the digits 0-to-6 task (generator + classifier) and measures the generator's prior by Monte Carlo.
 
-    python recipes/pretrain_digits.py                       # writes trl_banel/tasks/digits_models
+    python recipes/pretrain_digits.py                       # writes examples/trl_banel_examples/tasks/digits_models
     python recipes/pretrain_digits.py --polish_steps 0 --n 150000 --out DIR --results FILE   # the first generator
     python recipes/pretrain_digits.py --quick --out /tmp/digits --results /tmp/digits.json   # smoke run
 
@@ -38,9 +38,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from trl_banel.cli import output_field, results_field, parse_script_args, write_results  # noqa: E402
-from trl_banel.tasks.common import lm_batch, sequence_log_probs, train_lm, weights_hash  # noqa: E402
-from trl_banel.tasks.digits import (MAX_PRIOR, MODELS_DIR, SOURCE_DIGIT, SUCCESS_PROBABILITY, TARGET_DIGIT,  # noqa: E402
+from trl_banel_examples.cli import output_field, results_field, parse_script_args, write_results  # noqa: E402
+from trl_banel_examples.tasks.common import lm_batch, sequence_log_probs, train_lm, weights_hash  # noqa: E402
+from trl_banel_examples.tasks.digits import (MAX_PRIOR, MODELS_DIR, SOURCE_DIGIT, SUCCESS_PROBABILITY, TARGET_DIGIT,  # noqa: E402
                                     DigitsOracle, build_digits_tokenizer, estimate_success_rate, image_to_text,
                                     is_success, load_dataset, load_generator, make_generator, train_classifier)
 

@@ -1,6 +1,6 @@
 """Regenerates the hard attack's target and measures the pretrained attacker's success probability exactly.
 
-    python recipes/pretrain_hard_attack.py                 # writes trl_banel/tasks/hard_attack_target
+    python recipes/pretrain_hard_attack.py               # writes examples/trl_banel_examples/tasks/hard_attack_target
     python recipes/pretrain_hard_attack.py --quick --out /tmp/hard   # a smoke run (2-digit operands)
 
 The hard target starts from the shipped addition target and keeps training on the same distribution
@@ -25,11 +25,11 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from trl_banel.cli import output_field, results_field, parse_script_args, write_results  # noqa: E402
-from trl_banel.tasks.addition import (ATTACKER_DIR, TARGET_DIR, AdditionOracle, answer_text, load_attacker,  # noqa: E402
+from trl_banel_examples.cli import output_field, results_field, parse_script_args, write_results  # noqa: E402
+from trl_banel_examples.tasks.addition import (ATTACKER_DIR, TARGET_DIR, AdditionOracle, answer_text, load_attacker,  # noqa: E402
                                       load_target, load_tokenizer, sample_operands)
-from trl_banel.tasks.common import lm_batch, train_lm  # noqa: E402
-from trl_banel.tasks.hard_attack import (MAX_PRIOR, MODEL_DIR, SUCCESS_FILE, all_queries,  # noqa: E402
+from trl_banel_examples.tasks.common import lm_batch, train_lm  # noqa: E402
+from trl_banel_examples.tasks.hard_attack import (MAX_PRIOR, MODEL_DIR, SUCCESS_FILE, all_queries,  # noqa: E402
                                          exact_success_probability, target_wrong)
 
 

@@ -1,6 +1,6 @@
 """Regenerates the rare-letters task's generator and measures its exact success probability.
 
-    python recipes/pretrain_letters.py                      # writes trl_banel/tasks/letters_model (about 2 minutes)
+    python recipes/pretrain_letters.py    # writes examples/trl_banel_examples/tasks/letters_model (about 2 minutes)
     python recipes/pretrain_letters.py --steps 50 --out /tmp/letters   # a seconds-long smoke run
 
 The generator learns 8-letter strings from a random bigram chain in which ``a`` is rare; the success rule
@@ -19,8 +19,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
 import torch  # noqa: E402
 
-from trl_banel.cli import output_field, results_field, parse_script_args, write_results  # noqa: E402
-from trl_banel.tasks.letters import MAX_PRIOR, MODEL_DIR, choose_min_a, pretrain_generator  # noqa: E402
+from trl_banel_examples.cli import output_field, results_field, parse_script_args, write_results  # noqa: E402
+from trl_banel_examples.tasks.letters import MAX_PRIOR, MODEL_DIR, choose_min_a, pretrain_generator  # noqa: E402
 
 
 @dataclass

@@ -56,7 +56,7 @@ def _render_output(root: Path, folder: str, summary_text: Callable[[dict], str],
 def render_demo(root: Path) -> str:
     """The digits demo's printed summary and its picture."""
     sys.path.insert(0, str(root))
-    from trl_banel.tasks.digits import demo_summary_text
+    from trl_banel_examples.tasks.digits import demo_summary_text
 
     return _render_output(root, DEMO_DIR, demo_summary_text, "digits_grid.png",
                           "Its picture ({path}): the generator's samples before and after, each with the classifier's "
@@ -67,7 +67,7 @@ def render_demo_seeds(root: Path) -> str:
     """How often the digits demo's settings succeed: the sparse benchmark's BaNEL runs on digits."""
     sys.path.insert(0, str(root))
     from trl_banel.stats import SuccessEstimate
-    from trl_banel.tasks.digits import CALIBRATED_PRIOR
+    from trl_banel_examples.tasks.digits import CALIBRATED_PRIOR
 
     reference = SuccessEstimate.from_counts(*CALIBRATED_PRIOR).reference_rate  # the upper bound when it saw none
     runs = [json.loads(f.read_text()) for f in sorted((root / "benchmarks" / "results" / "sparse_runs")
@@ -105,7 +105,7 @@ def render_demo_seeds(root: Path) -> str:
 
 def render_addition_demo(root: Path) -> str:
     sys.path.insert(0, str(root))
-    from trl_banel.tasks.addition import demo_summary_text
+    from trl_banel_examples.tasks.addition import demo_summary_text
 
     return _render_output(root, ADDITION_DEMO_DIR, demo_summary_text, "run_report.png", "Its run report ({path}):",
                           "run report")
@@ -245,8 +245,8 @@ def render_config_table(root: Path) -> str:
 BENCHMARKS = "docs/benchmarks.md"
 BLOCKS: dict[str, Block] = {
     "demo": Block([f"{DEMO_DIR}/result.json", f"{DEMO_DIR}/digits_grid.png"], render_demo),
-    "demo-seeds": Block(["benchmarks/results/sparse_runs/digits_banel_seed*.json", "trl_banel/tasks/digits.py"],
-                        render_demo_seeds),
+    "demo-seeds": Block(["benchmarks/results/sparse_runs/digits_banel_seed*.json",
+                         "examples/trl_banel_examples/tasks/digits.py"], render_demo_seeds),
     "regimes": Block(["benchmarks/results/addition_attack.json", "benchmarks/results/sparse.json"], render_regimes),
     "addition-demo": Block([f"{ADDITION_DEMO_DIR}/result.json", f"{ADDITION_DEMO_DIR}/run_report.png"],
                            render_addition_demo, BENCHMARKS),

@@ -11,10 +11,10 @@ import pytest
 from conftest import unlisted_in_readme_file_table
 
 from trl_banel.stats import clopper_pearson
-from trl_banel.tasks.addition import demo_summary_text
+from trl_banel_examples.tasks.addition import demo_summary_text
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT / "trl_banel" / "tasks" / "addition_models"
+MODELS = ROOT / "examples" / "trl_banel_examples" / "tasks" / "addition_models"
 
 
 @pytest.mark.slow  # the recipe's --quick run in a subprocess

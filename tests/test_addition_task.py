@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from trl_banel.stats import SuccessEstimate, clopper_pearson
-from trl_banel.tasks.addition import (
+from trl_banel_examples.tasks.addition import (
     AdditionOracle, answer_text, build_tokenizer, classify_query, estimate_success_rate,
     load_addition_task, load_attacker, load_target, load_tokenizer, longest_carry_chain, parse_query,
     sample_operands, sample_queries,

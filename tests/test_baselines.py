@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from trl_banel.baselines import (  # noqa: E402
+from trl_banel_examples.baselines import (  # noqa: E402
     BudgetedReward, NSRConfig, NSRTrainer, PolicySuccessCurveCallback, RNDBonus, SimHashCountBonus,
     StopOnBudgetCallback, nsr_advantages,
 )
@@ -161,14 +161,14 @@ def test_grpo_with_budgeted_reward_and_bonus_stops_at_budget(tmp_path, tiny_poli
 
 
 # ------------------------------------------------------------------------------------------ benchmark --quick
-MODELS = ROOT / "trl_banel" / "tasks" / "addition_models"
+MODELS = ROOT / "examples" / "trl_banel_examples" / "tasks" / "addition_models"
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (MODELS / "target").exists() or not (MODELS / "attacker").exists(),
                     reason="the addition task's pretrained models are not present yet")
 def test_benchmark_quick_end_to_end(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "examples")])}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "addition_attack.py"), "--quick", "--out", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=600,

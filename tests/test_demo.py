@@ -12,7 +12,7 @@ import pytest
 from conftest import unlisted_in_readme_file_table
 
 from trl_banel.stats import clopper_pearson
-from trl_banel.tasks import digits
+from trl_banel_examples.tasks import digits
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "digits_0_to_6.py"

@@ -1,4 +1,5 @@
-"""benchmarks/digits_diversity.py and trl_banel.tasks.digits.image_diversity: how varied a generator's sixes are."""
+"""benchmarks/digits_diversity.py and trl_banel_examples.tasks.digits.image_diversity: how varied a generator's sixes
+are."""
 
 import json
 import os
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trl_banel.tasks import digits
+from trl_banel_examples.tasks import digits
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ RUN_FIELDS = set(RUN_SETTINGS) | {"logging_steps", "seed", "disable_tqdm"}
 
 @pytest.mark.slow
 def test_efficiency_benchmark_quick(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "examples")])}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "efficiency.py"), "--quick", "--ks", "1", "--nre", "50",
            "--repeats", "1",
            "--out", str(tmp_path)]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trl_banel.tasks.letters import (LENGTH, MAX_PRIOR, LettersOracle, exact_success_probability, is_success,
+from trl_banel_examples.tasks.letters import (LENGTH, MAX_PRIOR, LettersOracle, exact_success_probability, is_success,
                                      load_letters_task, sample_source, source_chain, string_log_probs,
                                      success_strings)
 
@@ -91,7 +91,7 @@ def test_pretrain_recipe_smoke(tmp_path):
 def test_the_tasks_settings_are_the_ones_measured_over_ten_seeds():
     """BANEL_SETTINGS is what benchmarks/results/ablation_7500 ran as `evidence_distil` on seeds 0-9: changing one
     without rerunning the other would make the figures in docs/benchmarks.md describe settings nobody runs."""
-    from trl_banel.tasks.letters import BANEL_SETTINGS
+    from trl_banel_examples.tasks.letters import BANEL_SETTINGS
 
     runs = sorted((REPO / "benchmarks" / "results" / "ablation_7500" / "runs").glob("evidence_distil_seed*.json"))
     assert len(runs) == 10

@@ -1,5 +1,5 @@
 """The code is clean under ruff with the project's configuration (pyproject.toml: 119 columns), in the suite so that
-CI checks it; the tests check behaviour through public names only."""
+CI checks it; the tests check behaviour through public names only; the package imports no example code."""
 
 import ast
 import shutil
@@ -100,3 +100,27 @@ def test_no_function_in_the_package_is_over_50_lines():
 def test_the_function_length_check_can_fail():
     body = "\n".join(f"    x{i} = {i}" for i in range(50))
     assert long_functions(f"def short():\n    pass\n\n\ndef long():\n{body}\n") == [("long", 51)]
+
+
+def imported_modules(source: str) -> set[str]:
+    """The absolute modules a source imports (`import a.b`, `from a.b import c`)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_the_package_is_the_method():
+    """The tasks, baselines and script helpers are the examples' distribution (examples/): the method imports none of
+    them and ships no package data (its wheel holds no model weights)."""
+    offending = [f"{path.relative_to(ROOT)}: {module}" for path in sorted((ROOT / "trl_banel").rglob("*.py"))
+                 for module in imported_modules(path.read_text()) if module.split(".")[0] == "trl_banel_examples"]
+    assert not offending, offending
+    moved = ("tasks", "baselines", "plotting.py", "cli.py")
+    assert not [name for name in moved if (ROOT / "trl_banel" / name).exists()]
+    assert "package-data" not in (ROOT / "pyproject.toml").read_text()
+    assert imported_modules("from trl_banel_examples.tasks import digits\nimport trl_banel_examples.cli") == {
+        "trl_banel_examples.tasks", "trl_banel_examples.cli"}

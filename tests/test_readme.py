@@ -18,13 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    command = 'pip install torch==2.13.0 -e ".[test]" && python -m pytest -q'
+    command = 'pip install torch==2.13.0 -e ".[test]" -e ./examples && python -m pytest -q'
     assert command in readme and command in ci
     # the README's command runs the fast tests; CI then runs the slow ones, which the README names as the full suite
     slow = "python -m pytest -q -m slow"
     assert f"{command} && {slow}" in ci and slow in readme
     assert "addopts = \"-ra -m 'not slow'\"" in (ROOT / "pyproject.toml").read_text()
-    assert "pip install torch==2.13.0 -e . && python recipes/digits_0_to_6.py" in readme
+    assert "pip install torch==2.13.0 -e . -e ./examples && python recipes/digits_0_to_6.py" in readme
 
 
 def test_every_banel_field_is_documented():
@@ -109,7 +109,7 @@ def test_the_use_snippet_runs_as_written(tmp_path):
     assert code.count("max_reward_evaluations=500,") == 1
     (tmp_path / "snippet.py").write_text(code.replace("max_reward_evaluations=500,", "max_reward_evaluations=50,"))
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "examples")]))
     proc = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
 from benchmarks.round_variants import VARIANTS  # noqa: E402
-from trl_banel.tasks import addition, hard_attack  # noqa: E402
+from trl_banel_examples.tasks import addition, hard_attack  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "hard_attack_variants"
 

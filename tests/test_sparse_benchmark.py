@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import (blind_search, exact_blind, improvement_over_best_baseline, seed_curves,  # noqa: E402
                                seed_stats, summarise_task)
 from trl_banel.stats import ExactSuccess, SuccessEstimate  # noqa: E402
-from trl_banel.tasks.common import weights_hash  # noqa: E402
+from trl_banel_examples.tasks.common import weights_hash  # noqa: E402
 
 
 def _run(method, seed, final, best=None, high=None, curve=((0, 0.0),)):
@@ -92,7 +92,7 @@ def test_seed_curves_median_and_spread_take_each_seeds_last_point():
 
 def test_blind_search_counts_are_the_enumerated_spaces():
     """The blind search's counts, computed without listing: the success strings and queries the tasks enumerate."""
-    from trl_banel.tasks import hard_attack, letters
+    from trl_banel_examples.tasks import hard_attack, letters
 
     for min_a in (5, 6, 7, 8):
         assert letters.success_count(min_a) == len(letters.success_strings(min_a))
@@ -116,7 +116,7 @@ def test_blind_search_draws_without_replacement_on_an_enumerated_space():
 
 
 def test_digits_blind_search_draws_uniform_intensities_and_applies_the_success_rule():
-    from trl_banel.tasks import digits
+    from trl_banel_examples.tasks import digits
 
     class FirstPixelClassifier:  # "a six" exactly when the first pixel is 8 or brighter: 9 of 17 levels
         def probabilities(self, images):
@@ -142,8 +142,8 @@ def test_hard_attack_exact_estimates_and_weight_hash():
     import torch
 
     from benchmarks.common import hard_attack_task
-    from trl_banel.tasks import hard_attack
-    from trl_banel.tasks.common import sequence_log_probs
+    from trl_banel_examples.tasks import hard_attack
+    from trl_banel_examples.tasks.common import sequence_log_probs
 
     task = hard_attack_task()
     model, tok, oracle = task.load()
@@ -203,7 +203,7 @@ def test_digits_models_runs_the_first_generator_against_its_own_calibration(tmp_
 @pytest.mark.slow  # the benchmark's --quick run, every task and method: about 2 min
 def test_sparse_benchmark_quick_end_to_end_and_resumed(tmp_path):
     """--quick on every task writes sparse.json in the issue's shape; a second invocation reuses every run file."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "examples")])}
     command = [sys.executable, str(ROOT / "benchmarks" / "sparse.py"), "--quick", "--out", str(tmp_path)]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -235,7 +235,7 @@ def test_sparse_benchmark_quick_end_to_end_and_resumed(tmp_path):
     assert digits_prior["rate"] == prior["rate"] and digits_prior["upper"] == pytest.approx(
         prior["ci95_clopper_pearson"][1])
     # the blind-search reference, per task: the hard attack's 22 of 10^6 queries, drawn 100 times
-    from trl_banel.tasks import hard_attack
+    from trl_banel_examples.tasks import hard_attack
 
     blind = hard["blind_search"]
     assert blind["exact"] and blind["successes"] == len(hard_attack.load_successes()) and blind["space"] == 10**6
@@ -262,8 +262,8 @@ def test_digits_banel_estimate_drops_known_failures():
     from types import SimpleNamespace
 
     from benchmarks.common import digits_task
-    from trl_banel.tasks import digits
-    from trl_banel.tasks.common import sample_token_ids
+    from trl_banel_examples.tasks import digits
+    from trl_banel_examples.tasks.common import sample_token_ids
 
     task = digits_task()
     gen, tok, oracle = task.load()

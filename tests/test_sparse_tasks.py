@@ -7,15 +7,16 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from trl_banel.tasks import digits, hard_attack
-from trl_banel.tasks.addition import parse_query
-from trl_banel.tasks.common import sample_token_ids, sequence_log_probs
+from trl_banel_examples.tasks import digits, hard_attack
+from trl_banel_examples.tasks.addition import parse_query
+from trl_banel_examples.tasks.common import sample_token_ids, sequence_log_probs
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -123,7 +124,7 @@ def test_shipped_digits_classifier_and_generator(digits_task, dataset):
 
 def test_shipped_digits_prior_is_sparse(digits_task):
     """Issue #14's bound, measured on the generator that ships (the calibration names its weights)."""
-    from trl_banel.tasks.common import weights_hash
+    from trl_banel_examples.tasks.common import weights_hash
 
     cal = json.loads((RESULTS / "digits_calibration.json").read_text())
     assert cal["generator_weights"] == weights_hash(digits_task[0])
@@ -209,7 +210,7 @@ def test_hard_prior_is_exact_and_calibrated(hard_task):
 def test_exact_query_probabilities_match_sampling(hard_task):
     """sequence_log_probs on variable-length queries is an exact likelihood: the attacker's sampled frequency of
     one-digit sums and of its successes' digit shapes matches the summed probabilities."""
-    from trl_banel.tasks.addition import sample_queries
+    from trl_banel_examples.tasks.addition import sample_queries
 
     attacker, tok, _ = hard_task
     short = [f"{a}+{b}=" for a in range(10) for b in range(10)]
@@ -220,47 +221,61 @@ def test_exact_query_probabilities_match_sampling(hard_task):
     assert abs(freq - exact) < 5 * (exact * (1 - exact) / n) ** 0.5 and exact > 0.05
 
 
-# ------------------------------------------------------------------------------------------- wheel
+# ------------------------------------------------------------------------------------------- wheels
+def _build_wheel(src: Path, out: Path) -> Path:
+    """The wheel of the distribution whose sources were copied to `src` (no build isolation: no network)."""
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-w",
+                           str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return next(out.glob("*.whl"))
+
+
+LOAD_EACH_TASK = """
+    import sys, trl_banel, trl_banel_examples
+    for module in (trl_banel, trl_banel_examples):
+        assert module.__file__.startswith(sys.argv[1]), module.__file__
+    from trl_banel_examples.tasks.digits import load_digits_task, load_dataset, image_to_text
+    from trl_banel_examples.tasks.hard_attack import load_hard_attack_task, load_successes
+    from trl_banel_examples.tasks.addition import load_addition_task
+    from trl_banel_examples.tasks.letters import load_letters_task
+    images, labels = load_dataset()
+    gen, tok, oracle = load_digits_task()
+    six, zero = image_to_text(images[labels == 6][0]), image_to_text(images[labels == 0][0])
+    assert oracle(None, [six, zero]) == [1.0, 0.0]
+    attacker, tok, oracle = load_hard_attack_task()
+    successes = load_successes()
+    failure = next(q for q in ("1+1=", "2+2=", "3+3=") if q not in successes)
+    assert oracle(None, [successes[0], failure]) == [1.0, 0.0]
+    for load in (load_addition_task, load_letters_task):
+        model, tok, oracle = load()
+    print("ok")
+"""
+
+
 @pytest.mark.slow
-def test_tasks_load_from_an_installed_wheel(tmp_path):
-    """Build a wheel from a copy of the package, install it into a bare directory and load each task from there:
-    the model files must be package data, not files the source tree happens to hold."""
-    src = tmp_path / "src"
+def test_the_method_and_the_examples_install_from_their_wheels(tmp_path):
+    """Build both distributions' wheels from copies of their sources, install them into a bare directory and load
+    each task from there: the model files must be the examples' package data, not files the source tree happens to
+    hold; the method's wheel holds the method's modules only (no weights; under 300 kB)."""
+    src, examples_src = tmp_path / "src", tmp_path / "examples"
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    shutil.copytree(REPO / "trl_banel", src / "trl_banel", ignore=shutil.ignore_patterns("__pycache__"))
-    wheels, target = tmp_path / "wheels", tmp_path / "site"
-    for cmd in ([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-w",
-                 str(wheels)],):
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-3000:]
-    wheel = next(wheels.glob("trl_banel-*.whl"))
-    out = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
-                         capture_output=True, text=True, timeout=600)
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+    shutil.copytree(REPO / "trl_banel", src / "trl_banel", ignore=ignore)
+    shutil.copytree(REPO / "examples", examples_src, ignore=ignore)
+    method = _build_wheel(src, tmp_path / "wheels")
+    examples = _build_wheel(examples_src, tmp_path / "wheels_examples")
+    names = zipfile.ZipFile(method).namelist()
+    assert method.stat().st_size < 300_000, method.stat().st_size
+    assert not [n for n in names if not (n.startswith("trl_banel/") and n.endswith(".py") or ".dist-info/" in n)]
+    target = tmp_path / "site"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(method),
+                          str(examples)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    script = textwrap.dedent(f"""
-        import sys, trl_banel
-        assert trl_banel.__file__.startswith({str(target)!r}), trl_banel.__file__
-        from trl_banel.tasks.digits import load_digits_task, load_dataset, image_to_text
-        from trl_banel.tasks.hard_attack import load_hard_attack_task, load_successes
-        from trl_banel.tasks.addition import load_addition_task
-        from trl_banel.tasks.letters import load_letters_task
-        images, labels = load_dataset()
-        gen, tok, oracle = load_digits_task()
-        six, zero = image_to_text(images[labels == 6][0]), image_to_text(images[labels == 0][0])
-        assert oracle(None, [six, zero]) == [1.0, 0.0]
-        attacker, tok, oracle = load_hard_attack_task()
-        successes = load_successes()
-        failure = next(q for q in ("1+1=", "2+2=", "3+3=") if q not in successes)
-        assert oracle(None, [successes[0], failure]) == [1.0, 0.0]
-        for load in (load_addition_task, load_letters_task):
-            model, tok, oracle = load()
-        print("ok")
-    """)
     env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env,
-                         cwd=tmp_path)
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(LOAD_EACH_TASK), str(target)], capture_output=True,
+                         text=True, timeout=600, env=env, cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
@@ -268,7 +283,7 @@ def test_the_shipped_generator_holds_almost_all_its_mass_on_the_datasets_zeros(d
     """Why the prior is sparse and where BaNEL must look (docs/benchmarks.md, "Sparse tasks"): the generator is a
     mixture of the zeros it learned, none of them a success, with 0.01% of its mass elsewhere; once they are known
     failures, the exact objective moves its mass off them onto the rest, where the sixes it can draw are."""
-    from trl_banel.tasks.common import sequence_log_probs
+    from trl_banel_examples.tasks.common import sequence_log_probs
 
     generator, tok, oracle = digits_task
     images, labels = dataset

@@ -11,7 +11,7 @@ import torch
 from benchmarks import defaults, task_family
 from benchmarks.task_family import FamilySpec
 from trl_banel.stats import SuccessEstimate
-from trl_banel.tasks.common import sample_token_ids
+from trl_banel_examples.tasks.common import sample_token_ids
 
 TINY = dict(symbols=3, length=4, pretrain_steps=40, prior=0.02)
 
@@ -133,7 +133,7 @@ def test_candidate_rounds_never_run_on_evaluation_tasks():
 
 
 def test_task_settings_drop_every_mechanism_field():
-    from trl_banel.tasks import letters
+    from trl_banel_examples.tasks import letters
 
     kept = defaults.task_settings(letters.BANEL_SETTINGS)
     assert "evidence_pseudo_count" not in kept and "learning_rate" not in kept

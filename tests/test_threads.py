@@ -42,7 +42,7 @@ SCRIPT = """
 import torch
 from datasets import Dataset
 from trl_banel import BaNELConfig, BaNELTrainer
-from trl_banel.tasks.letters import load_letters_task
+from trl_banel_examples.tasks.letters import load_letters_task
 generator, tokenizer, oracle = load_letters_task()
 seen = [torch.get_num_threads()]
 for requested in (None, 2):
@@ -60,7 +60,7 @@ print(*seen)
 def test_a_small_model_on_the_cpu_runs_on_one_thread(tmp_path):
     # threads are process-wide (and this test process already set one): measure in a fresh process
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "examples")]))
     proc = subprocess.run([sys.executable, "-c", SCRIPT.format(out=str(tmp_path / "out"))], capture_output=True,
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,9 +1,9 @@
 """How many torch threads a CPU run uses when the user has not said.
 
 torch starts with one intra-op thread per physical core. For the small models BaNEL is often run with on a CPU
-(the shipped 133k-parameter attacker, test models), every matrix is tiny and the threads spend more time
+(the addition example's 133k-parameter attacker, test models), every matrix is tiny and the threads spend more time
 synchronising than computing, and on a machine shared with other jobs they also wait for each other: on a shared
-2-core machine a 200-evaluation run of the shipped attacker took 123 s with torch's 2 threads and 15 s with one
+2-core machine a 200-evaluation run of that attacker took 123 s with torch's 2 threads and 15 s with one
 (`tests/test_threads.py` holds the rule, docs/recipes.md "Threads on a CPU" the measurement).
 """
 

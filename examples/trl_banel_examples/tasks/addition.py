@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..stats import SuccessEstimate
+from trl_banel.stats import SuccessEstimate
 from .common import SPECIAL_TOKENS, sample_token_ids  # noqa: F401 (SPECIAL_TOKENS: public name kept)
 from .common import build_tokenizer as _build_tokenizer
 
@@ -58,8 +58,8 @@ BANEL_SETTINGS = dict(
 
 # ----------------------------------------------------------------------------------------- text
 def build_tokenizer(characters: Sequence[str] = CHARACTERS):
-    """The character-level tokenizer of :func:`trl_banel.tasks.common.build_tokenizer`, this task's characters by
-    default: ``<pad> <bos> <eos> 0-9 + =``."""
+    """The character-level tokenizer of :func:`trl_banel_examples.tasks.common.build_tokenizer`, this task's
+    characters by default: ``<pad> <bos> <eos> 0-9 + =``."""
     return _build_tokenizer(characters)
 
 
@@ -200,7 +200,7 @@ def sample_queries(model, tokenizer, n: int, batch_size: int = 4096, temperature
                    seed: int = 0, max_new_tokens: Optional[int] = None) -> list[str]:
     """Samples ``n`` unconditional completions (prompt ``""`` = ``[<bos>]``), decoded without specials.
 
-    The draw is :func:`trl_banel.tasks.common.sample_token_ids`: seeded, so reproducible.
+    The draw is :func:`trl_banel_examples.tasks.common.sample_token_ids`: seeded, so reproducible.
     """
     digits = getattr(model.config, "addition_max_operand_digits", DEFAULT_MAX_OPERAND_DIGITS)
     max_new_tokens = max_new_tokens or 2 * digits + 4  # a longest query, its eos, one spare

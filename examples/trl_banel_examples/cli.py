@@ -53,7 +53,7 @@ def parse_recipe(args_cls, doc: str, defaults: dict, quick: dict, argv: Optional
     not given."""
     from trl import TrlParser
 
-    from .config import BaNELConfig
+    from trl_banel.config import BaNELConfig
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = TrlParser((args_cls, BaNELConfig), **script_help(doc))

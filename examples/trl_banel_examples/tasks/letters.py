@@ -121,7 +121,7 @@ def exact_success_probability(model, tokenizer, min_a: int) -> float:
 def exact_proposal_success_probability(model, tokenizer, min_a: int, evidence, pseudo_count: float) -> float:
     """The exact probability that the evidence-discounted proposal distribution (``evidence_pseudo_count``) emits a
     success, before known failures are rejected (rejecting them only raises it): what the oracle is offered."""
-    from ..evidence import proposal_log_probs
+    from trl_banel.evidence import proposal_log_probs
 
     strings = success_strings(min_a)
     log_probs, targets, mask = next_token_log_probs(model, tokenizer, strings)

@@ -1,6 +1,6 @@
 """The hard addition attack: the paper's variant with leading zeros forbidden, against a stronger target.
 
-Same attacker, same query format as :mod:`trl_banel.tasks.addition`, two changes:
+Same attacker, same query format as :mod:`trl_banel_examples.tasks.addition`, two changes:
 
 - a query is well formed only without leading zeros (``007+5=`` scores 0.0), which removes the shipped
   target's main blind spot;

@@ -13,7 +13,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from ..oracle import message_text
+from trl_banel.oracle import message_text
 
 
 @lru_cache(maxsize=200_000)

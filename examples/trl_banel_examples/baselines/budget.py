@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 from transformers import TrainerCallback
 
-from ..callbacks import SuccessCurveRecorder
-from ..ledger import LEDGER_FILENAME, RewardLedger
-from ..oracle import RewardOracle, message_text
+from trl_banel.callbacks import SuccessCurveRecorder
+from trl_banel.ledger import LEDGER_FILENAME, RewardLedger
+from trl_banel.oracle import RewardOracle, message_text
 
 
 class BudgetedReward:

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..stats import SuccessEstimate
+from trl_banel.stats import SuccessEstimate
 from .common import build_tokenizer, sample_token_ids
 
 MODELS_DIR = Path(__file__).resolve().parent / "digits_models"
@@ -40,7 +40,7 @@ MAX_PRIOR = 2e-5
 # a test keeps the two equal): successes among samples, P(6) >= 0.9. The demo reports gains against it, since the
 # few thousand samples a demo can afford see no success.
 CALIBRATED_PRIOR = (0, 200_000)  # none: its 95% upper bound, 1.8e-5, is what gains are taken against
-# The round the task first shipped with: the addition attack's (trl_banel.tasks.addition.BANEL_SETTINGS) with
+# The round the task first shipped with: the addition attack's (trl_banel_examples.tasks.addition.BANEL_SETTINGS) with
 # completions of 64 pixels and <eos>, and smaller proposal/distillation batches (an image costs about 5x a query
 # to sample); the posterior objective, the ratio test at tau = 0.97.
 POSTERIOR_SETTINGS = dict(
