@@ -114,18 +114,23 @@ def _model(tiny_policy):
     return model
 
 
-def test_nsr_advantage_is_minus_one_when_the_whole_group_fails(tmp_path, tiny_policy):
+def test_nsr_learns_from_a_group_that_only_failed_where_grpo_does_not(tmp_path, tiny_policy):
+    """Every completion fails ('zebra' is never sampled): GRPO's group-relative advantages are all 0 and one training
+    step leaves the model as it was; NSR's are -1 and the same step moves it."""
     tok = tiny_policy[0]
     data = Dataset.from_dict({"prompt": [""] * 8})
-    inputs = [{"prompt": ""}] * 8
-    advantages = {}
+    moved = {}
     for name, cls, cfg in (("grpo", GRPOTrainer, GRPOConfig), ("nsr", NSRTrainer, NSRConfig)):
         torch.manual_seed(0)
-        trainer = cls(model=_model(tiny_policy), reward_funcs=CountingOracle(), processing_class=tok,
-                      args=_grpo_args(tmp_path / name, cfg), train_dataset=data)
-        advantages[name] = trainer._generate_and_score_completions(inputs)["advantages"]
-    assert advantages["grpo"].abs().max().item() == 0.0  # every completion failed: GRPO has nothing to learn
-    assert advantages["nsr"].tolist() == [-1.0] * 8
+        oracle = CountingOracle()
+        trainer = cls(model=_model(tiny_policy), reward_funcs=oracle, processing_class=tok,
+                      args=_grpo_args(tmp_path / name, cfg, max_steps=1), train_dataset=data)
+        before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+        trainer.train()
+        assert oracle.scored == 8  # one group of 8, all failures
+        moved[name] = max((p.detach() - before[k]).abs().max().item() for k, p in trainer.model.named_parameters())
+    assert moved["grpo"] == 0.0, "GRPO has nothing to learn from a group that only failed"
+    assert moved["nsr"] > 1e-4, "NSR pushes probability away from each failure"
 
 
 # ----------------------------------------------------------------------------------- a tiny budgeted GRPO run

@@ -29,12 +29,6 @@ def test_ruff_catches_a_long_line(tmp_path):
     assert proc.returncode == 1 and "E501" in proc.stdout
 
 
-# Private names the tests still use, until the package gives them a public accessor: (test file, name).
-AWAITING_ACCESSORS = {
-    ("test_baselines.py", "_generate_and_score_completions"),  # TRL's hook that NSRTrainer overrides
-}
-
-
 def private_names(source: str) -> list[tuple[int, str]]:
     """(line, name) of each private attribute read or assigned, by dot or by getattr/setattr/hasattr/delattr with a
     literal name; not an object's own (`self._x`, or `super()._hook` in a subclass that extends the hook), not
@@ -72,9 +66,8 @@ def test_no_code_reads_or_assigns_another_objects_private_attribute():
             rel = path.relative_to(ROOT / folder).as_posix()
             if "results" in path.relative_to(ROOT).parts:
                 continue
-            offending += [f"{folder}/{rel}:{line}: {name}" for line, name in private_names(path.read_text())
-                          if folder != "tests" or (rel, name) not in AWAITING_ACCESSORS]
-    assert not offending, "use public names (or list the accessor needed):\n" + "\n".join(offending)
+            offending += [f"{folder}/{rel}:{line}: {name}" for line, name in private_names(path.read_text())]
+    assert not offending, "use public names:\n" + "\n".join(offending)
 
 
 def test_the_private_name_check_can_fail():
