@@ -237,7 +237,7 @@ def test_a_found_success_without_replay_is_pointed_at_success_replay(tmp_path, c
     with caplog.at_level(logging.WARNING, logger="trl_banel.callbacks"):
         _run(tmp_path, char_tokenizer, skewed_model, RecordingOracle(success=lambda c: c == "cat"),
              max_reward_evaluations=16, evaluations_per_round=8, success_replay=0.0)
-    assert "set success_replay=0.5" in caplog.text
+    assert "success_replay=0.5 distils the successes themselves" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------------ best generator

@@ -279,19 +279,18 @@ class SaveEveryMinutes(TrainerCallback):
 
 
 def sparse_task_advice(args, spent: int, found: int) -> str | None:
-    """What to change when a run ends the way the package's default round ends on a task the model almost never
-    solves (measured on the rare-letters task; docs/benchmarks.md, "What each part of the round does (the rare-letters
-    task)"), or None."""
+    """What to change when a run ends without a success, or with successes it does not distil (the measurements
+    behind the advice: docs/benchmarks.md), or None."""
     if spent and not found and args.evidence_pseudo_count == 0:
         return (f"No success in {spent:,} reward evaluations. Where even a uniform draw over well-formed outputs "
-                f"would rarely succeed, only a larger max_reward_evaluations helps. On character-level outputs, "
-                f"evidence_pseudo_count=1 (proposals avoid the prefixes failures went through) found successes on 10 "
-                f"of 10 seeds of the rare-letters task (prior 1.4e-5, 7,500 evaluations); not with subword "
-                f"tokenizers, where it pushed proposals off well-formed outputs.")
+                f"would rarely succeed within the budget, a larger max_reward_evaluations is what helps. On "
+                f"character-level outputs, evidence_pseudo_count=1 (proposals avoid the completion prefixes failures "
+                f"already went through) can find successes sooner; with subword tokenizers it can push proposals off "
+                f"well-formed text (docs/benchmarks.md).")
     if found and args.success_replay == 0 and args.distill_every > 0:
-        return (f"{found} success(es) found, but the generator is distilled on posterior samples only: set "
-                f"success_replay=0.5 to distil the successes themselves (without it a found success was drifted "
-                f"away from on the rare-letters task).")
+        return (f"{found} success(es) found, but success_replay=0: the generator is distilled on posterior samples "
+                f"only and can drift away from what it found; success_replay=0.5 distils the successes themselves "
+                f"(the default, but with the baselined objective).")
     return None
 
 
