@@ -5,6 +5,7 @@
     python benchmarks/addition_attack.py --methods banel nsr     # a subset (e.g. one process per method)
     python benchmarks/addition_attack.py --quick --out /tmp/q    # a smoke test (one seed, budget 200)
     python benchmarks/addition_attack.py --methods banel_no_replay banel_no_known   # the ablation (asked by name)
+    python benchmarks/addition_attack.py --summarize             # only rebuild the summary from the cached runs
 
 Methods: the pretrained attacker; BaNEL (the task's settings, trl_banel_examples.tasks.addition.BANEL_SETTINGS, the
 demo's);
@@ -16,8 +17,9 @@ through the same RewardLedger as BaNEL's (hard budget, free exact repeats, jsonl
 For each (method, seed): the final sampler's success rate on `eval_samples` fresh samples (Clopper-Pearson), the
 success curve against NRE (`curve_samples` per point, every `curve_every` NRE), and the best curve point's sampler
 re-estimated on `eval_samples` fresh samples. Oracle calls of all estimates are counted and reported, never charged
-to the training budget. Each run is written to OUT/runs/{method}_seed{seed}.json as soon as it ends and skipped when
-present (restartable, splittable); the summary (json, md, png) is rebuilt from all run files at the end.
+to the training budget. Each run is written to OUT/runs/addition.json (one file, a record per `{method}_seed{seed}`,
+written under a lock: `benchmarks.common.RunCache`) as soon as it ends and skipped when present (restartable,
+splittable between processes); the summary (json, md, png) is rebuilt from all its records at the end.
 What this benchmark shares with benchmarks/sparse.py (the runner, settings, grids, caching) is benchmarks/common.py.
 """
 
@@ -35,8 +37,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import (BANEL_VARIANTS, DEFAULT_KNOBS, GRPO_COMMON, METHODS, SWEEP_GRID, addition_task,  # noqa: E402,F401
-                               cached_run, load_runs, parse_args, run_identity, run_sweep as sweep_methods,
-                               seed_curves)
+                               RunCache, cached_run, load_runs, parse_args, run_identity,
+                               run_sweep as sweep_methods, seed_curves)
 from benchmarks.common import run_one as run_task  # noqa: E402
 from trl_banel_examples.plotting import plot_success_curves  # noqa: E402
 from trl_banel_examples.tasks.addition import MODELS_DIR  # noqa: E402
@@ -57,6 +59,7 @@ class Args:
     models_dir: str = field(default=str(MODELS_DIR), metadata={"help": "The addition task's target/ and attacker/."})
     quick: bool = field(default=False, metadata={"help": "Smoke test: one seed, budget 200, small estimates."})
     sweep: bool = field(default=False, metadata={"help": "Sweep the baselines' knobs on sweep_seed instead."})
+    summarize: bool = field(default=False, metadata={"help": "Only rebuild the summary from the cached runs."})
     sweep_seed: int = field(default=100, metadata={"help": "Seed of the sweep (kept apart from the reported seeds)."})
     sweep_budget: int | None = field(default=None, metadata={"help": "NRE per sweep run (None: budget)."})
     sweep_eval_samples: int = field(default=20_000, metadata={"help": "Samples of a sweep run's final estimate."})
@@ -181,12 +184,12 @@ def chosen_knobs(out: str) -> tuple[dict, dict | None]:
 
 def run_sweep(args: Args):
     budget = args.sweep_budget or args.budget
-    folder = os.path.join(args.out, "sweep_runs", f"budget{budget}")
+    path = os.path.join(args.out, "sweep_runs", f"addition_budget{budget}.json")
     sweep = sweep_methods(
         args.methods,
         lambda method, knobs, work: run_one(method, args.sweep_seed, args, {**DEFAULT_KNOBS[method], **knobs}, budget,
                                             args.sweep_eval_samples, os.path.join(args.out, "work", work)),
-        folder, args.sweep_seed, budget, args.sweep_eval_samples)
+        path, args.sweep_seed, budget, args.sweep_eval_samples)
     path = os.path.join(args.out, "addition_attack_sweep.json")
     old = json.loads(Path(path).read_text()) if os.path.exists(path) else {}
     Path(path).write_text(json.dumps({**old, **sweep}, indent=1))
@@ -201,21 +204,20 @@ def main(args: Args):
     if args.sweep:
         return run_sweep(args)
     knobs, sweep = chosen_knobs(args.out)
-    folder = os.path.join(args.out, "runs")
-    os.makedirs(folder, exist_ok=True)
-    task = addition_task(args.models_dir)
-    for seed in args.seeds:
+    cache = RunCache(os.path.join(args.out, "runs", "addition.json"))
+    task = None if args.summarize else addition_task(args.models_dir)
+    for seed in [] if args.summarize else args.seeds:
         for method in [m for m in ALL_METHODS if m in args.methods]:
-            path = os.path.join(folder, f"{method}_seed{seed}.json")
-            if not os.path.exists(path):
+            key = f"{method}_seed{seed}"
+            if cache.get(key) is None:
                 print(f"[run] {method} seed {seed}", flush=True)
             chosen = knobs.get("banel" if method in BANEL_VARIANTS else method, {})
-            r, made = cached_run(path, run_identity(task, method, chosen), lambda: run_one(
+            r, made = cached_run(cache, key, run_identity(task, method, chosen), lambda: run_one(
                 method, seed, args, chosen, args.budget, args.eval_samples,
                 os.path.join(args.out, "work", f"{method}_seed{seed}")))
             if made:
                 print(f"[run] {method} seed {seed}: {r['final']['rate']:.5f} in {r['minutes']:.1f} min", flush=True)
-    runs = load_runs(folder)
+    runs = load_runs(cache)
     write_outputs(summarise(runs, args, sweep), runs, args.out)
 
 

@@ -5,20 +5,24 @@
   Carlo with Clopper-Pearson, or exact), its GRPO completion length and its BaNEL settings (the task module's
   `BANEL_SETTINGS`);
 - `run_one`: one (method, seed) run at a given NRE budget, with its success curve, best-point tracking and final and
-  best-point estimates; `cached_run` keeps one JSON file per run and skips it when present; `run_sweep` sweeps the
-  knobs on a seed kept apart;
+  best-point estimates; `RunCache` keeps a task's runs in one JSON file (locked, atomic writes) and `cached_run`
+  skips a run it holds; `run_sweep` sweeps the knobs on a seed kept apart;
 - summary statistics (median, interquartile range, seeds above 10x / 100x the pretrained rate, improvement over the
   best baseline) and the success-against-NRE curves over seeds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import math
 import os
+import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -447,6 +451,71 @@ def parse_args(args_cls, quick: dict, argv=None):
 
 
 # ------------------------------------------------------------------------------------------------------ caching
+def _natural(key: str) -> tuple:
+    """`banel_seed2` before `banel_seed10`: the digit runs of a key compared as numbers."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key))
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """An exclusive `fcntl.flock` on `folder` itself (no lock file): one writer of its caches at a time, across
+    processes. Released when the block ends, or when the process dies."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+class RunCache:
+    """The cached runs of one benchmark task: ONE JSON file, a dict of run records by key (`banel_seed3`,
+    `defaults_seed0`, `pretrained`), one record per line (compact), keys in natural order.
+
+    A write re-reads the file under `folder_lock` and replaces it atomically (a temporary file, fsynced, then
+    `os.replace`), so processes running other seeds of the same task add their records without losing one another's,
+    and a reader (who takes no lock) sees the file whole, before or after a write."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def load(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def get(self, key: str) -> Optional[dict]:
+        return self.load().get(key)
+
+    def put(self, key: str, record: dict) -> None:
+        self.merge({key: record}, keep=lambda key, old, new: False)
+
+    def merge(self, records: dict, keep: Callable[[str, dict, dict], bool]) -> list[str]:
+        """Adds `records` to the file; of a key already there, the held record stays when it is the same or when
+        `keep(key, held, new)`. Returns the keys written (the file is not rewritten when there are none)."""
+        with folder_lock(self.path.parent):
+            held = self.load()
+            written = [k for k, r in records.items() if k not in held or held[k] != r and not keep(k, held[k], r)]
+            held.update({k: records[k] for k in written})
+            if written:
+                self._write(held)
+        return written
+
+    def _write(self, records: dict) -> None:
+        lines = [f"{json.dumps(k)}: {json.dumps(records[k], separators=(',', ':'))}" for k in sorted(records,
+                                                                                                      key=_natural)]
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write("{\n" + ",\n".join(lines) + "\n}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)  # the file is whole or as it was
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
 def run_identity(task: "Task", method: str, knobs: dict) -> dict:
     """What a cached run must have been made with to be reused: its knobs and, for BaNEL, the task's settings (the
     budget aside: it is checked, or set, by each script), so a run made before the task's settings changed is
@@ -455,52 +524,46 @@ def run_identity(task: "Task", method: str, knobs: dict) -> dict:
     return {**settings, **knobs, **BANEL_VARIANTS.get(method, {})}
 
 
-def cached_run(path: str, knobs: dict, make: Callable[[], dict]) -> tuple[dict, bool]:
-    """The run in `path` if it exists and was made with `knobs`, else `make()` written there. Returns (run, made).
+def cached_run(cache: RunCache, key: str, knobs: dict, make: Callable[[], dict]) -> tuple[dict, bool]:
+    """The run `key` of `cache` if it was made with `knobs`, else `make()` written there. Returns (run, made).
 
-    A run made with other knobs (e.g. before the sweep chose them) is set aside in `stale/` beside it (kept, not
-    reported) and redone."""
-    if os.path.exists(path):
-        run = json.loads(Path(path).read_text())
+    A run made with other knobs (e.g. before the sweep chose them) is replaced (git history keeps the old one)."""
+    run = cache.get(key)
+    if run is not None:
         stale = {k: v for k, v in knobs.items() if run.get("settings", {}).get(k) != v}
         if not stale:
             return run, False
-        os.makedirs(os.path.join(os.path.dirname(path), "stale"), exist_ok=True)
-        os.replace(path, os.path.join(os.path.dirname(path), "stale", os.path.basename(path)))
-        print(f"[run] {os.path.basename(path)}: made with other settings, re-running with {stale}", flush=True)
-    run = make()
-    tmp = path + ".tmp"
-    Path(tmp).write_text(json.dumps(run, indent=1))
-    os.replace(tmp, path)  # a run file is whole or absent
+        print(f"[run] {key}: made with other settings, re-running with {stale}", flush=True)
+    run = json.loads(json.dumps(make()))  # what the file holds
+    cache.put(key, run)
     return run, True
 
 
-def load_runs(folder: str, pattern: str = "*.json") -> dict:
-    """Run records in `folder`, grouped by method."""
+def load_runs(cache: RunCache) -> dict:
+    """The run records of `cache`, grouped by method (in key order)."""
     runs = {}
-    for path in sorted(Path(folder).glob(pattern)):
-        r = json.loads(path.read_text())
+    for r in cache.load().values():
         runs.setdefault(r["method"], []).append(r)
     return runs
 
 
-def run_sweep(methods: list[str], run: Callable[[str, dict, str], dict], folder: str, seed: int, budget: int,
+def run_sweep(methods: list[str], run: Callable[[str, dict, str], dict], path: str, seed: int, budget: int,
               eval_samples: int, grid: dict = SWEEP_GRID, identity: Optional[dict] = None) -> dict:
-    """Each method's grid on one seed kept apart; `run(method, knobs, workdir)` makes one run, cached in `folder`
-    and reused only if its settings hold `identity` too (e.g. the generator's weights hash: a sweep made on another
-    generator is redone, not reused).
+    """Each method's grid on one seed kept apart; `run(method, knobs, workdir)` makes one run, cached in the
+    `RunCache` file `path` (key `{method}_{knobs}`) and reused only if its settings hold `identity` too (e.g. the
+    generator's weights hash: a sweep made on another generator is redone, not reused).
 
     Chooses the knobs with the best final success rate (the best curve point breaks ties, then the first)."""
-    os.makedirs(folder, exist_ok=True)
+    cache = RunCache(path)
     sweep = {}
     for method in [m for m in methods if m in grid]:
         results = []
         for knobs in grid[method]:
             tag = "_".join(f"{k}{v:g}" for k, v in knobs.items())
-            path = os.path.join(folder, f"{method}_{tag}.json")
-            if not os.path.exists(path):
+            key = f"{method}_{tag}"
+            if cache.get(key) is None:
                 print(f"[sweep] {method} {knobs}", flush=True)
-            r, _ = cached_run(path, identity or {}, lambda: run(method, knobs, f"sweep_{method}_{tag}"))
+            r, _ = cached_run(cache, key, identity or {}, lambda: run(method, knobs, f"sweep_{key}"))
             results.append({"knobs": knobs, "rate": r["final"]["rate"], "low": r["final"]["low"],
                             "high": r["final"]["high"], "best_point_rate": r["best"]["point"]["rate"],
                             "nre": r["final"]["nre"], "minutes": r["minutes"]})

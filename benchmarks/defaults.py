@@ -6,12 +6,18 @@ and stop rules set, on the pre-registered evaluation tasks of the task family an
     python benchmarks/defaults.py --group tuning --variant kl0.3_exact      # a candidate round, tuning set only
     python benchmarks/defaults.py --group shipped --tasks letters     # a shipped task at the defaults
     python benchmarks/defaults.py --summarize                         # tables and plot from the cached runs
+    python benchmarks/defaults.py --import_runs DIR                   # merge runs made elsewhere, then summarize
     python benchmarks/defaults.py --quick --out /tmp/d                # smoke test: one task, one seed, 100 NRE
 
 The tasks and seeds are fixed in benchmarks/preregistration.json, committed before any tuning. Candidate rounds
 (`CANDIDATES`: mechanism overrides) run on the tuning set only; on an evaluation task this script runs the defaults
-(and their `no_known` variant) and nothing else. Each run is cached in OUT/runs/{task}/{variant}_seed{seed}.json with
-the fingerprint of the BaNELConfig defaults it ran under: a run made before the defaults changed is redone.
+(and their `no_known` variant) and nothing else. Each run is cached in OUT/runs/{task}.json (one file per task, a
+record per `{variant}_seed{seed}`, written under a lock so that processes running other seeds of a task add theirs:
+`benchmarks.common.RunCache`) with the fingerprint of the BaNELConfig defaults it ran under: a run made before the
+defaults changed is redone. `--import_runs DIR` merges the runs of DIR (one file per run, as
+OUT/runs/{task}/{variant}_seed{seed}.json were before, or one file per task) into OUT: a run is taken unless OUT holds
+its key already (a held run of former defaults gives way to an imported one of the current defaults), and each taken
+one is printed.
 Success probabilities are exact (family tasks, letters, hard attack) or Monte Carlo (addition, digits).
 """
 
@@ -21,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -34,8 +41,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import task_family  # noqa: E402
-from benchmarks.common import (TASKS, blind_search, parse_args, reference_rate, run_one, run_pretrained,  # noqa: E402
-                               write_markdown)
+from benchmarks.common import (TASKS, RunCache, blind_search, parse_args, reference_rate, run_one,  # noqa: E402
+                               run_pretrained, write_markdown)
 from trl_banel import BaNELConfig  # noqa: E402
 
 PREREGISTRATION = ROOT / "benchmarks" / "preregistration.json"
@@ -81,6 +88,9 @@ class Args:
     seeds: list[int] = field(default_factory=list, metadata={"help": "Seeds (default: the group's, pre-registered)."})
     out: str = field(default=str(ROOT / "benchmarks" / "results" / "defaults"), metadata={"help": "Results folder."})
     summarize: bool = field(default=False, metadata={"help": "Only rebuild the summary from the cached runs."})
+    import_runs: str = field(default="", metadata={
+        "help": "A folder of runs made elsewhere (old layout: TASK/VARIANT_seedN.json files; or TASK.json files) to "
+                "merge into the results, keeping each run whose key they do not hold; then summarize."})
     quick: bool = field(default=False, metadata={"help": "Smoke test: one tuning task, one seed, 100 NRE."})
     budget: int = field(default=0, metadata={"help": "NRE per run (0: pre-registered; shipped tasks: their own)."})
     threads: int = field(default=1, metadata={"help": "torch threads (tiny models run fastest on one)."})
@@ -151,8 +161,7 @@ def load_task(group: str, name: str, cache: Path | None = None):
         if name == "addition":  # the attacker's calibration: 90 successes in 100,000 samples
             prior = json.loads((results / "addition_calibration.json").read_text())["attacker_success_rate"]["rate"]
         else:
-            prior = reference_rate(json.loads((results / "sparse_runs" / f"{name}_pretrained.json").read_text())
-                                   ["final"])
+            prior = reference_rate(RunCache(results / "sparse_runs" / f"{name}.json").get("pretrained")["final"])
         blind = task.blind(task.load()[2]) if task.blind else None
         return task, prior, blind
     entries = {e["name"]: e for e in preregistration()[group]}
@@ -163,12 +172,11 @@ def load_task(group: str, name: str, cache: Path | None = None):
 
 
 def run(group: str, name: str, variant: str, seed: int, budget: int, runs: Path) -> dict:
-    path = runs / name / f"{variant}_seed{seed}.json"
+    cache, key = RunCache(runs / f"{name}.json"), f"{variant}_seed{seed}"
     fingerprint = defaults_fingerprint()
-    if path.exists():
-        record = json.loads(path.read_text())
-        if record.get("defaults_fingerprint") == fingerprint and record["budget"] == budget:
-            return record
+    record = cache.get(key)
+    if record is not None and record.get("defaults_fingerprint") == fingerprint and record["budget"] == budget:
+        return record
     task, prior, blind = load_task(group, name)
     overrides = variant_settings(group, variant)
     budget = budget or task.banel.get("max_reward_evaluations", 7500)
@@ -184,21 +192,56 @@ def run(group: str, name: str, variant: str, seed: int, budget: int, runs: Path)
     best_curve = max((p["rate"] for p in record["curve"]), default=0.0)
     record.update(task=name, group=group, variant=variant, budget=budget, prior=prior, blind=blind,
                   defaults_fingerprint=fingerprint, overrides=overrides, best_curve_rate=best_curve)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    os.replace(tmp, path)
+    record = json.loads(json.dumps(record, default=str))  # what the file holds
+    cache.put(key, record)
     return record
+
+
+def is_run(record) -> bool:
+    return isinstance(record, dict) and {"task", "variant", "seed", "final", "defaults_fingerprint"} <= set(record)
+
+
+def import_runs(source: Path, runs: Path) -> dict:
+    """Merges the run records found under `source` (any `*.json` below it: one run per file, the layout before
+    `RunCache`, or a task's file of runs) into the task files of `runs`. A record is taken unless `runs` holds its key
+    (`{variant}_seed{seed}` of its task) already; a held record made under former defaults gives way to one made
+    under the current defaults (what running it here would do). Prints each record taken; returns their keys by task
+    and the count of those left out."""
+    if not source.is_dir():
+        raise ValueError(f"--import_runs {source}: not a folder")
+    found: dict[str, dict] = {}
+    for path in sorted(source.rglob("*.json")):
+        content = json.loads(path.read_text())
+        records = [content] if is_run(content) else (
+            [r for r in content.values() if is_run(r)] if isinstance(content, dict) else [])
+        for r in records:
+            found.setdefault(r["task"], {})[f"{r['variant']}_seed{r['seed']}"] = (path, r)
+    current = defaults_fingerprint()
+
+    def keep(key, held, new):  # the held record stays unless only the imported one is of the current defaults
+        return not (new["defaults_fingerprint"] == current != held.get("defaults_fingerprint"))
+
+    taken, left = {}, 0
+    for task, records in sorted(found.items()):
+        held = RunCache(runs / f"{task}.json").load()
+        written = RunCache(runs / f"{task}.json").merge({k: r for k, (_, r) in records.items()}, keep)
+        taken[task], left = written, left + len(records) - len(written)
+        for key in written:
+            how = "replaced a run of former defaults" if key in held else "new"
+            print(f"imported {task} {key} from {records[key][0]} ({how})", flush=True)
+    print(f"imported {sum(map(len, taken.values()))} run(s) from {source}; {left} already held", flush=True)
+    return taken
 
 
 def grpo_learning_rate(runs: Path) -> float:
     """The GRPO rate its sweep chose: the best median final multiple over the tuning tasks' `grpo_lr*` runs (the
     smallest rate on ties)."""
     tuning = {e["name"] for e in preregistration()["tuning"]}
+    held = {name: RunCache(runs / f"{name}.json").load() for name in tuning}
     scores = {}
     for lr in GRPO_RATES:
-        finals = [r["final"]["rate"] / r["prior"] for name in tuning
-                  for r in map(lambda p: json.loads(p.read_text()), (runs / name).glob(f"grpo_lr{lr:g}_seed*.json"))]
+        finals = [r["final"]["rate"] / r["prior"] for name in tuning for key, r in held[name].items()
+                  if re.fullmatch(rf"grpo_lr{re.escape(f'{lr:g}')}_seed\d+", key)]
         if finals:
             scores[lr] = float(np.median(finals))
     if not scores:
@@ -222,10 +265,9 @@ def half_empty_streak(record: dict) -> int | None:
 def summarize(out: Path) -> dict:
     """Per (task, variant): each seed's final and best multiple of the pretrained probability and the criteria."""
     rows = []
-    for task_dir in sorted((out / "runs").glob("*")):
+    for task_file in sorted((out / "runs").glob("*.json"), key=lambda p: p.stem):
         by_variant: dict[str, list] = {}
-        for p in sorted(task_dir.glob("*_seed*.json")):
-            r = json.loads(p.read_text())
+        for r in RunCache(task_file).load().values():
             variant = r["variant"]
             if variant in EVALUATION_VARIANTS and r["defaults_fingerprint"] != defaults_fingerprint():
                 variant += f" (former defaults {r['defaults_fingerprint'][:6]})"  # kept until rerun, labelled
@@ -241,7 +283,7 @@ def summarize(out: Path) -> dict:
             # a relative 1e-6 for float rounding: an unchanged generator scored in other batches is not "below")
             below = [r["final"]["high"] < prior * (1 - 1e-6) for r in records]
             rows.append({
-                "task": task_dir.name, "group": records[0]["group"], "variant": variant, "prior": prior,
+                "task": task_file.stem, "group": records[0]["group"], "variant": variant, "prior": prior,
                 "budget": records[0]["budget"], "blind_expected_successes": expected,
                 "qualifies": expected is not None and expected >= 3,
                 "seeds": [r["seed"] for r in records], "final_x": final, "best_x": best,
@@ -301,7 +343,9 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(args: Args) -> dict:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    if not args.summarize:
+    if args.import_runs:
+        import_runs(Path(args.import_runs), out / "runs")
+    elif not args.summarize:
         prereg = preregistration()
         variant_settings(args.group, args.variant)  # refuse a candidate off the tuning set before any work
         names = args.tasks or (SHIPPED if args.group == "shipped" else [e["name"] for e in prereg[args.group]])

@@ -4,6 +4,7 @@
     python benchmarks/sparse.py                                 # every task x method x seed with the swept knobs
     python benchmarks/sparse.py --tasks hard_attack --methods banel   # a piece (e.g. one process per task/method)
     python benchmarks/sparse.py --quick --out /tmp/s            # a smoke test (one seed, budget 100, small estimates)
+    python benchmarks/sparse.py --summarize                     # only rebuild the summary from the cached runs
 
 Methods: BaNEL (the task's settings, `BANEL_SETTINGS` in its module), GRPO with the sparse reward, GRPO + RND, GRPO +
 SimHash counts, NSR; every oracle call of training goes through the same budgeted ledger. Seeds: BaNEL 0-9, the
@@ -19,10 +20,11 @@ charged to the training budget.
 
 Runs stop at the budget, when converged (BaNEL: `max_idle_rounds`; GRPO family: `idle_steps` steps without a new
 evaluation) or after `max_rounds_factor` x budget / (NRE per round or step). Each run is written to
-OUT/sparse_runs/{task}_{method}_seed{seed}.json as soon as it ends and skipped when present (the pretrained estimate to
-{task}_pretrained.json), so the benchmark can be produced in pieces and resumed; OUT/sparse.json, sparse.md and
-sparse.png are rebuilt from every run file made at this budget at the end. Shared with benchmarks/addition_attack.py:
-benchmarks/common.py.
+OUT/sparse_runs/{task}.json (one file per task, a record per `{method}_seed{seed}` and the pretrained estimate under
+`pretrained`, written under a lock: `benchmarks.common.RunCache`) as soon as it ends and skipped when present, so the
+benchmark can be produced in pieces (one process per task, method or seed) and resumed; OUT/sparse.json, sparse.md and
+sparse.png are rebuilt from every run made at this budget at the end (`--summarize`: only that). Shared with
+benchmarks/addition_attack.py: benchmarks/common.py.
 """
 
 import json
@@ -40,8 +42,8 @@ import torch  # noqa: E402
 
 from trl_banel_examples.tasks.common import weights_hash  # noqa: E402
 
-from benchmarks.common import (BASELINES, DEFAULT_KNOBS, SWEEP_GRID, TASKS, blind_search, cached_run,  # noqa: E402
-                               parse_args, reference_rate, run_identity, run_one, run_sweep, seed_curves,
+from benchmarks.common import (BASELINES, DEFAULT_KNOBS, SWEEP_GRID, TASKS, RunCache, blind_search,  # noqa: E402
+                               cached_run, parse_args, reference_rate, run_identity, run_one, run_sweep, seed_curves,
                                summarise_task, with_models)
 
 SPARSE_TASKS = ["letters", "hard_attack", "digits"]
@@ -65,6 +67,7 @@ class Args:
     out: str = field(default=str(ROOT / "benchmarks" / "results"), metadata={"help": "Results folder."})
     quick: bool = field(default=False, metadata={"help": "Smoke test: one seed, budget 100, small estimates."})
     sweep: bool = field(default=False, metadata={"help": "Sweep the baselines' knobs on sweep_seed instead."})
+    summarize: bool = field(default=False, metadata={"help": "Only rebuild the summary from the cached runs."})
     sweep_banel: bool = field(default=False, metadata={"help": "With --sweep: BaNEL's tau and learning rate too."})
     sweep_seed: int = field(default=100, metadata={"help": "Seed of the sweep (kept apart from the reported seeds)."})
     sweep_budget: int | None = field(default=None, metadata={"help": "NRE per sweep run (None: budget)."})
@@ -95,7 +98,6 @@ def seeds_for(method: str, args: Args) -> list[int]:
 # ------------------------------------------------------------------------------------------------------ runs
 def pretrained_run(task, args: Args, folder: str) -> dict:
     n = eval_size(task, args.eval_samples, task.eval_samples)
-    path = os.path.join(folder, f"{task.name}_pretrained.json")
 
     want = {"eval_samples": n, "generator_weights": weights_hash(task.load()[0])}  # a new generator: a new estimate
 
@@ -105,7 +107,7 @@ def pretrained_run(task, args: Args, folder: str) -> dict:
         r["settings"] = want
         return r
 
-    return cached_run(path, want, make)[0]
+    return cached_run(RunCache(os.path.join(folder, f"{task.name}.json")), "pretrained", want, make)[0]
 
 
 def make_run(task, method, seed, knobs, budget, n, args: Args, pretrained: dict, work: str) -> dict:
@@ -128,7 +130,7 @@ def sweep_task(task, args: Args, pretrained: dict):
     methods = [m for m in args.methods if m != "banel" or args.sweep_banel]
     sweep = run_sweep(methods, lambda m, knobs, work: make_run(task, m, args.sweep_seed, {**DEFAULT_KNOBS[m], **knobs},
                                                                budget, n, args, pretrained, f"{task.name}_{work}"),
-                      os.path.join(args.out, "sparse_sweep_runs", task.name, f"budget{budget}"), args.sweep_seed,
+                      os.path.join(args.out, "sparse_sweep_runs", f"{task.name}_budget{budget}.json"), args.sweep_seed,
                       budget, n, SWEEP_GRID, identity={"generator_weights": pretrained["weights"]})
     path = os.path.join(args.out, "sparse_sweep.json")
     old = json.loads(Path(path).read_text()) if os.path.exists(path) else {}
@@ -140,15 +142,17 @@ def run_task(task, args: Args, folder: str, pretrained: dict):
     knobs, _ = chosen_knobs(os.path.join(args.out, "sparse_sweep.json"), task.name)
     n = eval_size(task, args.eval_samples, task.eval_samples)
     seeds = sorted({s for m in args.methods for s in seeds_for(m, args)})
+    cache = RunCache(os.path.join(folder, f"{task.name}.json"))
     for seed in seeds:  # seed-major: a partial benchmark has every method on its first seeds
         for method in [m for m in SPARSE_METHODS if m in args.methods and seed in seeds_for(m, args)]:
-            path = os.path.join(folder, f"{task.name}_{method}_seed{seed}.json")
+            key = f"{method}_seed{seed}"
             want = {**run_identity(task, method, knobs.get(method, {})), "budget": args.budget, "eval_samples": n,
                     "generator_weights": pretrained["weights"]}  # runs of an earlier generator are redone
-            if not os.path.exists(path):
+            if cache.get(key) is None:
                 print(f"[run] {task.name} {method} seed {seed}", flush=True)
-            r, made = cached_run(path, want, lambda: make_run(task, method, seed, knobs.get(method, {}), args.budget,
-                                                              n, args, pretrained, f"{task.name}_{method}_seed{seed}"))
+            r, made = cached_run(cache, key, want, lambda: make_run(task, method, seed, knobs.get(method, {}),
+                                                                    args.budget, n, args, pretrained,
+                                                                    f"{task.name}_{key}"))
             if made:
                 print(f"[run] {task.name} {method} seed {seed}: {r['final']['rate']:.3g} in {r['minutes']:.1f} min "
                       f"({r['stop_reason']})", flush=True)
@@ -158,10 +162,7 @@ def run_task(task, args: Args, folder: str, pretrained: dict):
 def load_task_runs(folder: str, task: str, budget: int) -> tuple[dict, dict | None]:
     """The task's run records made at `budget`, by method, and its pretrained record."""
     runs, pretrained = {}, None
-    for path in sorted(Path(folder).glob(f"{task}_*.json")):
-        r = json.loads(path.read_text())
-        if r.get("task") != task:
-            continue
+    for r in RunCache(os.path.join(folder, f"{task}.json")).load().values():
         if r["method"] == "pretrained":
             pretrained = r
         elif r["settings"].get("budget") == budget:
@@ -345,9 +346,8 @@ def main(args: Args):
         if unknown:
             raise ValueError(f"unknown {what} {sorted(unknown)}; choose from {allowed}")
     folder = os.path.join(args.out, "sparse_runs")
-    os.makedirs(folder, exist_ok=True)
     tasks_made = {}
-    for name in args.tasks:
+    for name in [] if args.summarize else args.tasks:
         task = TASKS[name]()
         if name == "digits" and args.digits_models:
             task = with_models(task, args.digits_models)

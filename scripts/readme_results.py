@@ -29,6 +29,8 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = "benchmarks/results/demo"  # where --rerun-demo writes the demo's files (result.json, digits_grid.png, ...)
 ADDITION_DEMO_DIR = "benchmarks/results/addition_demo"  # the addition attack's recipe, the demo before the digits one
+SPARSE_DIGITS_RUNS = "benchmarks/results/sparse_runs/digits.json"  # the sparse benchmark's digits runs, by key
+ADDITION_RUNS = "benchmarks/results/runs/addition.json"  # the addition benchmark's runs, by key
 DEMOS = {"demo": ("recipes/digits_0_to_6.py", DEMO_DIR), "addition-demo": ("recipes/addition_attack.py",
                                                                            ADDITION_DEMO_DIR)}
 
@@ -70,9 +72,8 @@ def render_demo_seeds(root: Path) -> str:
     from trl_banel_examples.tasks.digits import CALIBRATED_PRIOR
 
     reference = SuccessEstimate.from_counts(*CALIBRATED_PRIOR).reference_rate  # the upper bound when it saw none
-    runs = [json.loads(f.read_text()) for f in sorted((root / "benchmarks" / "results" / "sparse_runs")
-                                                        .glob("digits_banel_seed*.json"))]
-    runs.sort(key=lambda r: r["seed"])
+    held = json.loads((root / SPARSE_DIGITS_RUNS).read_text())
+    runs = sorted((r for key, r in held.items() if re.fullmatch(r"banel_seed\d+", key)), key=lambda r: r["seed"])
     seeds = [r["seed"] for r in runs]
     found = [r for r in runs if r["final"]["successes_found_in_training"] > 0]
     missed = [r for r in runs if r not in found]
@@ -81,7 +82,7 @@ def render_demo_seeds(root: Path) -> str:
         return f"{fmt(min(values))}-{fmt(max(values))}" if len(values) > 1 else fmt(values[0])
 
     text = (f"How often the demo's settings draw sixes: of the sparse benchmark's {len(runs)} BaNEL runs on this task "
-            f"(seeds {seeds[0]}-{seeds[-1]}, budget 7,500; `benchmarks/results/sparse_runs/digits_banel_seed*.json`), "
+            f"(seeds {seeds[0]}-{seeds[-1]}, budget 7,500; `{SPARSE_DIGITS_RUNS}`, `banel_seed*`), "
             f"{len(found)} found sixes")
     if found:
         text += (f" and ended at success rates {span([r['final']['rate'] for r in found], '{:.3f}'.format)} after "
@@ -112,10 +113,9 @@ def render_addition_demo(root: Path) -> str:
 
 
 def render_addition_demo_seeds(root: Path) -> str:
-    runs = root / "benchmarks" / "results" / "runs"
-    pretrained = statistics.mean(json.loads(f.read_text())["final"]["rate"]
-                                 for f in sorted(runs.glob("pretrained_seed*.json")))
-    banel = [json.loads(f.read_text()) for f in sorted(runs.glob("banel_seed*.json"))]
+    held = json.loads((root / ADDITION_RUNS).read_text())
+    pretrained = statistics.mean(r["final"]["rate"] for key, r in held.items() if key.startswith("pretrained_seed"))
+    banel = [r for key, r in held.items() if re.fullmatch(r"banel_seed\d+", key)]
     lifts = {run["seed"]: run["final"]["rate"] / pretrained for run in banel}
     high = {s: x for s, x in lifts.items() if x >= 10}
     low = {s: x for s, x in lifts.items() if x < 10}
@@ -127,7 +127,7 @@ def render_addition_demo_seeds(root: Path) -> str:
     seeds = sorted(lifts)
     text = (f"How often the full recipe finds a blind spot: of the benchmark's {len(banel)} BaNEL runs on this task "
             f"(seeds {seeds[0]}-{seeds[-1]}, budget {', '.join(f'{b:,}' for b in budgets)}; "
-            f"`benchmarks/results/runs/banel_seed*.json`), {len(high)} ended at 10x the pretrained success rate or "
+            f"`{ADDITION_RUNS}`, `banel_seed*`), {len(high)} ended at 10x the pretrained success rate or "
             f"more")
     text += f" ({listed(high)})" if high else ""
     text += f", {len(low)} below 10x ({listed(low)})." if low else "."
@@ -245,14 +245,11 @@ def render_config_table(root: Path) -> str:
 BENCHMARKS = "docs/benchmarks.md"
 BLOCKS: dict[str, Block] = {
     "demo": Block([f"{DEMO_DIR}/result.json", f"{DEMO_DIR}/digits_grid.png"], render_demo),
-    "demo-seeds": Block(["benchmarks/results/sparse_runs/digits_banel_seed*.json",
-                         "examples/trl_banel_examples/tasks/digits.py"], render_demo_seeds),
+    "demo-seeds": Block([SPARSE_DIGITS_RUNS, "examples/trl_banel_examples/tasks/digits.py"], render_demo_seeds),
     "regimes": Block(["benchmarks/results/addition_attack.json", "benchmarks/results/sparse.json"], render_regimes),
     "addition-demo": Block([f"{ADDITION_DEMO_DIR}/result.json", f"{ADDITION_DEMO_DIR}/run_report.png"],
                            render_addition_demo, BENCHMARKS),
-    "addition-demo-seeds": Block(["benchmarks/results/runs/banel_seed*.json",
-                                  "benchmarks/results/runs/pretrained_seed*.json"], render_addition_demo_seeds,
-                                 BENCHMARKS),
+    "addition-demo-seeds": Block([ADDITION_RUNS], render_addition_demo_seeds, BENCHMARKS),
     "addition-attack-table": Block(["benchmarks/results/addition_attack.md"],
                                    table_from("benchmarks/results/addition_attack.md"), BENCHMARKS),
     "filter-lift-table": Block(["benchmarks/results/filter_lift.md"], table_from("benchmarks/results/filter_lift.md"),

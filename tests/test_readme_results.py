@@ -40,14 +40,14 @@ def test_a_changed_result_makes_the_check_fail_until_the_readme_is_rewritten(cop
     result = json.loads(result_path.read_text())
     result["improvement"] = 1234.0
     result_path.write_text(json.dumps(result))
-    seed = root / "benchmarks" / "results" / "runs" / "banel_seed1.json"
-    run = json.loads(seed.read_text())
-    run["final"]["rate"] = 0.0  # the addition recipe's seed 1 now ends below 10x (whatever it ended at)
-    seed.write_text(json.dumps(run))
-    digits_seed = root / "benchmarks" / "results" / "sparse_runs" / "digits_banel_seed1.json"
-    run = json.loads(digits_seed.read_text())
-    run["final"]["rate"] = 0.0  # and the digits demo's settings failed on one seed
-    digits_seed.write_text(json.dumps(run))
+    addition = root / readme_results.ADDITION_RUNS
+    runs = json.loads(addition.read_text())
+    runs["banel_seed1"]["final"]["rate"] = 0.0  # the addition recipe's seed 1 now ends below 10x (whatever it was)
+    addition.write_text(json.dumps(runs))
+    digits = root / readme_results.SPARSE_DIGITS_RUNS
+    runs = json.loads(digits.read_text())
+    runs["banel_seed1"]["final"]["rate"] = 0.0  # and the digits demo's settings failed on one seed
+    digits.write_text(json.dumps(runs))
     before = _block(root, "addition-demo-seeds")
 
     assert readme_results.main(["--check", "--root", str(root)]) == 1

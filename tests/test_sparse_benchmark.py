@@ -245,7 +245,10 @@ def test_sparse_benchmark_quick_end_to_end_and_resumed(tmp_path):
     assert "Blind search" in (tmp_path / "sparse.md").read_text()
     assert (tmp_path / "sparse.md").exists() and (tmp_path / "sparse.png").exists()
     files = sorted((tmp_path / "sparse_runs").glob("*.json"))
-    assert len(files) == 3 * 6  # 3 tasks x (pretrained + 5 methods)
+    assert [f.name for f in files] == ["digits.json", "hard_attack.json", "letters.json"]  # one file per task
+    for f in files:  # the pretrained estimate and one run per method
+        assert sorted(json.loads(f.read_text())) == ["banel_seed0", "grpo_counts_seed0", "grpo_rnd_seed0",
+                                                      "grpo_seed0", "nsr_seed0", "pretrained"]
     mtimes = {f: f.stat().st_mtime_ns for f in files}
 
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
@@ -284,7 +287,7 @@ def test_digits_banel_estimate_drops_known_failures():
 
 
 def test_a_banel_variant_runs_the_tasks_settings_with_one_part_off_and_is_cached_apart(tmp_path):
-    from benchmarks.common import BANEL_VARIANTS, Task, cached_run, run_identity
+    from benchmarks.common import BANEL_VARIANTS, RunCache, Task, cached_run, run_identity
 
     task = Task("t", None, None, None, 12, {"max_reward_evaluations": 10, "success_replay": 0.5, "tau": 0.97})
     assert run_identity(task, "banel", {}) == {"success_replay": 0.5, "tau": 0.97}
@@ -293,11 +296,14 @@ def test_a_banel_variant_runs_the_tasks_settings_with_one_part_off_and_is_cached
     assert run_identity(task, "grpo", {"learning_rate": 1}) == {"learning_rate": 1}
     assert set(BANEL_VARIANTS) == {"banel_no_replay", "banel_no_known"}
     # a BaNEL run cached under the variant's name is redone: it was not made with replay off
-    path = str(tmp_path / "banel_no_replay_seed0.json")
-    Path(path).write_text(json.dumps({"settings": {"success_replay": 0.5, "tau": 0.97}}))
-    run, made = cached_run(path, run_identity(task, "banel_no_replay", {}),
+    cache = RunCache(tmp_path / "t.json")
+    cache.put("banel_no_replay_seed0", {"settings": {"success_replay": 0.5, "tau": 0.97}})
+    run, made = cached_run(cache, "banel_no_replay_seed0", run_identity(task, "banel_no_replay", {}),
                            lambda: {"settings": {"success_replay": 0.0, "tau": 0.97}})
     assert made and run["settings"]["success_replay"] == 0.0
+    assert cache.load() == {"banel_no_replay_seed0": run}  # replaced in the task's file, no copy set aside
+    again, made = cached_run(cache, "banel_no_replay_seed0", run_identity(task, "banel_no_replay", {}), dict)
+    assert not made and again == run
 
 
 def test_a_sweep_run_of_another_generator_is_redone_not_reused(tmp_path, capsys):
@@ -313,11 +319,13 @@ def test_a_sweep_run_of_another_generator_is_redone_not_reused(tmp_path, capsys)
         return {"settings": {**knobs, "generator_weights": weights}, "final": {**point, "nre": 10},
                 "best": {"point": point}, "minutes": 0.0}
 
-    weights = "old"
-    first = run_sweep(["grpo"], run, str(tmp_path), 7, 10, 20, grid, identity={"generator_weights": weights})
-    again = run_sweep(["grpo"], run, str(tmp_path), 7, 10, 20, grid, identity={"generator_weights": weights})
+    weights, path = "old", str(tmp_path / "sweep" / "t_budget10.json")
+    first = run_sweep(["grpo"], run, path, 7, 10, 20, grid, identity={"generator_weights": weights})
+    again = run_sweep(["grpo"], run, path, 7, 10, 20, grid, identity={"generator_weights": weights})
     assert len(made) == 1 and first == again  # the same generator: reused
     weights = "new"
-    redone = run_sweep(["grpo"], run, str(tmp_path), 7, 10, 20, grid, identity={"generator_weights": weights})
+    redone = run_sweep(["grpo"], run, path, 7, 10, 20, grid, identity={"generator_weights": weights})
     assert len(made) == 2 and redone["grpo"]["results"][0]["rate"] == 0.25
-    assert (tmp_path / "stale" / "grpo_learning_rate0.001.json").exists()  # the old run is kept aside
+    held = json.loads(Path(path).read_text())  # one file: the new run replaced the old one (git history keeps it)
+    assert list(held) == ["grpo_learning_rate0.001"] and held["grpo_learning_rate0.001"]["final"]["rate"] == 0.25
+    assert [p.name for p in (tmp_path / "sweep").iterdir()] == ["t_budget10.json"]  # no stale folder, no temp file
