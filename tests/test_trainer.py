@@ -107,6 +107,27 @@ def test_budget_ledger_and_filter_with_an_always_failing_oracle(tmp_path, char_t
     assert logged and sum(h["time/failure_fit"] for h in logged) == pytest.approx(trainer.phase_seconds["failure_fit"])
 
 
+def test_every_completion_of_a_run_comes_from_the_generation_seam(tmp_path, char_tokenizer, skewed_model):
+    """`trainer.sampler.generation` is the one call through which the round gets completions (where an engine such as
+    vLLM would go): wrapped, it sees every proposal, and everything the oracle was asked about came out of it."""
+    oracle = RecordingOracle()
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=oracle, args=config(tmp_path),
+                           train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
+    oracle.trainer = trainer
+    generated, original = [], trainer.sampler.generation
+
+    def generation(prompts, evidence):
+        ids = original(prompts, evidence)
+        assert len(ids) == len(prompts) and all(isinstance(t, int) for c in ids for t in c)
+        generated.extend(char_tokenizer.batch_decode(ids, skip_special_tokens=True))
+        return ids
+
+    trainer.sampler.generation = generation
+    trainer.train()
+    assert trainer.ledger.spent == 24 and len(generated) > 24
+    assert set(oracle.all_completions) <= set(generated)
+
+
 def test_partial_last_batch_stops_exactly_at_the_budget(tmp_path, char_tokenizer, skewed_model):
     oracle = RecordingOracle()
     args = config(tmp_path, max_reward_evaluations=11, evaluations_per_round=8, distill_every=0)

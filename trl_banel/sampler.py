@@ -15,14 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from transformers import LogitsProcessorList
 from trl.data_utils import is_conversational, maybe_apply_chat_template
-from trl.models.utils import unwrap_model_for_generation
 
-from .adapters import no_checkpointing_deprecation
 from .distributed import sum_over_ranks
-from .evidence import EvidenceLogitsProcessor, PrefixEvidence
-from .posterior import Candidates, completion_mask_after_prompt, rejection_mask, scoring_rows, vocab_size
+from .evidence import PrefixEvidence
+from .posterior import Candidates, rejection_mask
 
 logger = logging.getLogger(__name__)
 
@@ -109,17 +106,17 @@ class Sampler:
         accelerator: the trainer's `Accelerator`.
         failures ([`~trl_banel.failure.FailureModels`]): the active failure models.
         ledger ([`RewardLedger`]): what was evaluated (known failures and successes).
-        generator (`Callable`): returns the model to generate with (the trainer's `model_wrapped`, set in `train()`).
-        zero3 (`bool`): whether the generator is sharded by DeepSpeed ZeRO-3.
+        generation ([`~trl_banel.generation.TransformersGeneration`]): samples completions for prompts (every
+            proposal of the round comes from it).
         timer ([`~trl_banel.distributed.PhaseTimer`]): where proposing and filtering are timed.
         rng (`numpy.random.Generator`): draws the prompts' rows.
         max_positions (`int`, *optional*): the model's context, to reject prompts too long for it.
     """
 
-    def __init__(self, args, tokenizer, dataset, accelerator, failures, ledger, generator, zero3, timer, rng,
+    def __init__(self, args, tokenizer, dataset, accelerator, failures, ledger, generation, timer, rng,
                  max_positions=None):
         self.args, self.tokenizer, self.dataset, self.accelerator = args, tokenizer, dataset, accelerator
-        self.failures, self.ledger, self.generator, self.zero3 = failures, ledger, generator, zero3
+        self.failures, self.ledger, self.generation = failures, ledger, generation
         self.timer, self.rng, self.max_positions = timer, rng, max_positions
         self.evidence = PrefixEvidence()  # failures per completion prefix (see add_failures)
         self._prompt_cache: dict[int, tuple] = {}
@@ -177,51 +174,10 @@ class Sampler:
         """Sample `n` completions from the generator for randomly drawn prompts (no oracle call)."""
         rows = self.rng.integers(0, len(self.dataset), size=n).tolist()
         cached = [self.encoded_prompt(r) for r in rows]
-        encoded = [(c[1], c[2]) for c in cached]
-        # Under ZeRO-3, TRL's helper gathers the full weights for generation, which needs every parameter to be
-        # DeepSpeed's; failure adapters injected after the engine was built are not, so while any is present the
-        # model generates with per-module gathering instead, the processes kept in step by `synced_gpus`.
-        gather = not (self.zero3 and len(self.failures) and self.args.failure_model == "adapter")
-        completion_ids = []
-        with no_checkpointing_deprecation(), unwrap_model_for_generation(
-                self.generator(), self.accelerator, gather_deepspeed3_params=gather) as unwrapped:
-            was_training = unwrapped.training
-            unwrapped.eval()
-            # each generation step holds a few copies of the next-token logits of every sequence generating: at a
-            # large vocabulary fewer sequences per call, so that they stay within MAX_LOGITS_VALUES
-            per_call = scoring_rows(self.args.generation_batch_size, 1, vocab_size(unwrapped))
-            for start in range(0, n, per_call):
-                chunk = encoded[start : start + per_call]
-                completion_ids += self._generate(unwrapped, chunk, synced_gpus=self.zero3 and not gather)
-            unwrapped.train(was_training)
+        completion_ids = self.generation([(c[1], c[2]) for c in cached], self.evidence)
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         return [Candidate(c[0], c[1], text, ids, row, c[2])
                 for c, row, ids, text in zip(cached, rows, completion_ids, texts)]
-
-    def _generate(self, model, chunk: list[tuple[str, list[int]]], synced_gpus: bool) -> list[list[int]]:
-        """The completions' token ids (EOS included, padding not) for a chunk of `(prompt_text, prompt_ids)`."""
-        args, tok = self.args, self.tokenizer
-        width = max(len(ids) for _, ids in chunk)
-        input_ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, (_, ids) in enumerate(chunk):
-            input_ids[i, width - len(ids):] = torch.tensor(ids)
-            attention[i, width - len(ids):] = 1
-        processors = LogitsProcessorList()
-        if args.evidence_pseudo_count > 0:
-            processors.append(EvidenceLogitsProcessor(self.evidence, [text for text, _ in chunk], width,
-                                                      args.evidence_pseudo_count))
-        eos_ids = [tok.eos_token_id]
-        out = model.generate(
-            input_ids=input_ids.to(self.accelerator.device), logits_processor=processors,
-            attention_mask=attention.to(self.accelerator.device),
-            do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=1.0,
-            max_new_tokens=args.max_completion_length, min_new_tokens=0,
-            pad_token_id=tok.pad_token_id, eos_token_id=eos_ids, synced_gpus=synced_gpus,
-        ).cpu()
-        completion = out[:, width:]
-        comp_mask = completion_mask_after_prompt(completion, eos_ids, tok.pad_token_id)
-        return [completion[i][comp_mask[i].bool()].tolist() for i in range(len(chunk))]
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps of the sampler: the state of its prompt draws and its measured acceptances."""

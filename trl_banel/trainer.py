@@ -30,6 +30,7 @@ from .distill import (Distiller, better_phase, distillation_loss, frozen_copy, p
                       stop_reason)
 from .distributed import PhaseTimer, is_zero3, mean_over_ranks, sum_over_ranks
 from .failure import FailureModels
+from .generation import TransformersGeneration
 from .exact_distillation import choose_objective, to_device
 from .history import log_round, metric_means, round_record
 from .inputs import check_dataset, identity, load_model, prepare_tokenizer, resolve_args
@@ -129,8 +130,11 @@ class BaNELTrainer(_BaseTrainer):
         self.timer = PhaseTimer()
         self.phase_seconds = self.timer.seconds
         policy = accelerator.unwrap_model(self.model)
+        # every completion of the run comes from this one call (trl_banel.generation: where a faster engine would go)
+        generation = TransformersGeneration(args, self.processing_class, accelerator, lambda: self.model_wrapped,
+                                            self.failures, zero3)
         self.sampler = Sampler(args, self.processing_class, self.train_dataset, accelerator, self.failures,
-                               self.ledger, lambda: self.model_wrapped, zero3, self.timer,
+                               self.ledger, generation, self.timer,
                                np.random.default_rng(args.seed + accelerator.process_index),
                                getattr(policy.config, "max_position_embeddings", None))
         self.region = FailureRegion(self.failures, args, accelerator, self.sampler.collate, self.timer)
