@@ -243,7 +243,7 @@ def with_models(task: Task, models: Path) -> Task:
 def letters_task() -> Task:
     """Rare letters: exact estimates of the generator's success probability (every success string enumerated). BaNEL's
     estimate is its generator's, the model it saves (its proposals avoid the tried prefixes and known failures, which
-    only raises their rate): the same figure as benchmarks/ablation.py's."""
+    only raises their rate)."""
     from trl_banel_examples.tasks import letters
 
     def estimate(model, tok, oracle, n=None, seed=None):

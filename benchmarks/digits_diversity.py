@@ -1,6 +1,6 @@
 """How varied are the sixes a trained digits generator draws? Distinct images and spread among its successes.
 
-    python benchmarks/digits_diversity.py                                   # the demo runs in benchmarks/results
+    python benchmarks/digits_diversity.py                                   # the demo's saved generator
     python benchmarks/digits_diversity.py --runs demo=benchmarks/results/demo mine=runs/digits_0_to_6
     python benchmarks/digits_diversity.py --quick --out /tmp/dd             # a smoke test (the pretrained model)
 
@@ -36,8 +36,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 @dataclass
 class Args:
-    runs: list[str] = field(default_factory=lambda: [f"demo={RESULTS / 'demo'}",
-                                                     f"demo_skip_known_successes={RESULTS / 'demo_skip'}"],
+    runs: list[str] = field(default_factory=lambda: [f"demo={RESULTS / 'demo'}"],
                             metadata={"help": "label=folder of a saved generator (a run's output_dir), one per run."})
     samples: int = field(default=5000, metadata={"help": "Images sampled from each generator."})
     seed: int = field(default=0, metadata={"help": "Sampling seed (the same for every generator)."})

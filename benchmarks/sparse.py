@@ -12,7 +12,7 @@ baselines 0-4 (`--seeds` sets both). Each baseline's learning rate (and bonus we
 (`--sweep`; BaNEL's tau and learning rate too with `--sweep_banel`).
 
 Estimates: rare letters' are exact (the generator's probability of the enumerated success strings; for BaNEL its
-generator's, as in benchmarks/ablation.py); the hard attack's are exact (the attacker's probability of the enumerated
+generator's); the hard attack's are exact (the attacker's probability of the enumerated
 success set; BaNEL's sampler is its generator conditioned on avoiding the ledger's known failures), with no sampling
 and no oracle call; digits' are Monte Carlo (Clopper-Pearson). A GRPO-family policy that never saw a success and
 whose weights still hash to the pretrained generator's reuses the pretrained estimate. None of these oracle calls is

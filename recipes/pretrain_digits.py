@@ -14,12 +14,12 @@
    above 2e-5, so the shipped one trains on until it draws clean zeros, close to its training zeros (the
    calibration file records both losses).
 3. Polish: ``polish_steps`` more steps with every training zero in each batch. The first phase's random batches
-   leave 0.7% of the generator's mass off its training zeros, and every six it can draw is there: the generator
-   digits first shipped with stopped there (a prior of 4.7e-5 in 150,000 samples, above issue #14's 2e-5; kept in
-   benchmarks/results/digits_v1/, the second command above). 1,000 full-batch steps at lr 1e-3 leave 0.01%: a
-   prior of 0 in 200,000 samples (upper bound 1.8e-5), the shipped generator. It was made from the first one with
-   ``--init_generator benchmarks/results/digits_v1/models/generator`` (the model has no dropout and the polish
-   draws no batches, so the polish is deterministic from those weights).
+   leave 0.7% of the generator's mass off its training zeros, and every six it can draw is there: the generator digits
+   first shipped with stopped there (a prior of 4.7e-5 in 150,000 samples, above issue #14's 2e-5; in
+   benchmarks/results/digits_v1/ at commit c242a55, the second command above). 1,000 full-batch steps at lr 1e-3 leave
+   0.01%: a prior of 0 in 200,000 samples (upper bound 1.8e-5), the shipped generator. It was made from the first one
+   with ``--init_generator`` that generator (``digits_v1/models/generator`` at that commit; the model has no dropout
+   and the polish draws no batches, so the polish is deterministic from those weights).
 4. ``n`` images are drawn from the generator and scored with the fixed rule P(6) >= 0.9; the rate, its
    Clopper-Pearson interval, what the classifier calls the samples, the exact mass on the zeros and the
    generator's weights hash go to benchmarks/results/digits_calibration.json.

@@ -145,31 +145,6 @@ def table_from(path: str) -> Callable[[Path], str]:
     return lambda root: first_table((root / path).read_text())
 
 
-def render_ablation_seeds(root: Path) -> str:
-    """Per configuration of the 7,500-NRE ablation, each seed's final improvement (exact), seed order."""
-    runs = root / "benchmarks" / "results" / "ablation_7500" / "runs"
-    by_config: dict[str, list[dict]] = {}
-    for f in sorted(runs.glob("*_seed*.json")):
-        run = json.loads(f.read_text())
-        by_config.setdefault(run["config"], []).append(run)
-    lines = []
-    for config, rs in by_config.items():
-        rs.sort(key=lambda r: r["seed"])
-        lifts = ", ".join(f"{r['improvement']:,.0f}x" if r["improvement"] >= 10 else f"{r['improvement']:.2g}x"
-                          for r in rs)
-        found = sum(r["successes_found"] > 0 for r in rs)
-        lines.append(f"- `{config}`, seeds {', '.join(str(r['seed']) for r in rs)}: {lifts} ({found} of {len(rs)} "
-                     f"found successes; first at {_first_success_nre(rs)} evaluations)")
-    return "\n".join(lines) + "\n"
-
-
-def _first_success_nre(runs: list[dict]) -> str:
-    """The range over runs of the NRE at which the ledger first held a success (from the rounds' history)."""
-    firsts = [next((h["nre"] for h in r["history"] if h["successes"] > 0), None) for r in runs]
-    firsts = [x for x in firsts if x is not None]
-    return f"{min(firsts):,}-{max(firsts):,}" if firsts else "none"
-
-
 def render_regimes(root: Path) -> str:
     """One row per task: the pretrained rate, a blind search's (a uniform draw over the well-formed outputs, where the
     results hold it), BaNEL's and the best baseline's median final success over seeds, and how many seeds each put at
@@ -252,18 +227,6 @@ BLOCKS: dict[str, Block] = {
     "addition-demo-seeds": Block([ADDITION_RUNS], render_addition_demo_seeds, BENCHMARKS),
     "addition-attack-table": Block(["benchmarks/results/addition_attack.md"],
                                    table_from("benchmarks/results/addition_attack.md"), BENCHMARKS),
-    "filter-lift-table": Block(["benchmarks/results/filter_lift.md"], table_from("benchmarks/results/filter_lift.md"),
-                               BENCHMARKS),
-    "ablation-table": Block(["benchmarks/results/ablation/ablation.md"],
-                            table_from("benchmarks/results/ablation/ablation.md"), BENCHMARKS),
-    "ablation-7500-table": Block(["benchmarks/results/ablation_7500/ablation.md"],
-                                 table_from("benchmarks/results/ablation_7500/ablation.md"), BENCHMARKS),
-    "ablation-7500-seeds": Block(["benchmarks/results/ablation_7500/runs/*_seed*.json"], render_ablation_seeds,
-                                 BENCHMARKS),
-    "scaling-table": Block(["benchmarks/results/ablation_7500/scaling.md"],
-                           table_from("benchmarks/results/ablation_7500/scaling.md"), BENCHMARKS),
-    "hard-attack-variants-table": Block(["benchmarks/results/hard_attack_variants/variants.md"],
-                                        table_from("benchmarks/results/hard_attack_variants/variants.md"), BENCHMARKS),
     "defaults-table": Block(["benchmarks/results/defaults/defaults.json"], render_defaults, BENCHMARKS),
     "config-table": Block(["trl_banel/config.py"], render_config_table, "docs/configuration.md"),
 }

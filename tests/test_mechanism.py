@@ -156,7 +156,7 @@ def test_without_known_failure_rejection_the_ratio_test_alone_filters_the_oracle
 
     (It does not lift the rare string on this toy: 3 strings hold 99% of the mass, so the fitted failure model
     cannot exceed the empirical distribution of its negatives, and exact rejection is what carries the toy; see
-    benchmarks/results/ablation for the failure model alone on a sparse task.)"""
+    docs/benchmarks.md on the failure model alone on a sparse task.)"""
     oracle = RecordingOracle(success=lambda c: c == "zebra")
     trainer = BaNELTrainer(model=skewed_model, reward_funcs=oracle, train_dataset=UNCONDITIONAL,
                            processing_class=char_tokenizer,

@@ -85,15 +85,15 @@ def _block(root: Path, name: str) -> str:
 
 
 def test_blocks_and_markers_must_match(copy_of_the_repo):
-    page = readme_results.BLOCKS["filter-lift-table"].page
+    page = readme_results.BLOCKS["defaults-table"].page
     text = (copy_of_the_repo / page).read_text()
-    cut = text.replace("<!-- generated: filter-lift-table -->\n", "").replace(
-        "<!-- /generated: filter-lift-table -->\n", "")
-    with pytest.raises(ValueError, match=r"missing \['filter-lift-table'\]"):
+    cut = text.replace("<!-- generated: defaults-table -->\n", "").replace(
+        "<!-- /generated: defaults-table -->\n", "")
+    with pytest.raises(ValueError, match=r"missing \['defaults-table'\]"):
         readme_results.regenerate(cut, copy_of_the_repo, page)
     # a block's markers on a page other than its own are refused, naming where it belongs
-    with pytest.raises(ValueError, match=rf"unknown \['filter-lift-table'\] \(their pages: .*{page}"):
-        readme_results.regenerate("<!-- generated: filter-lift-table -->\n<!-- /generated: filter-lift-table -->\n",
+    with pytest.raises(ValueError, match=rf"unknown \['defaults-table'\] \(their pages: .*{page}"):
+        readme_results.regenerate("<!-- generated: defaults-table -->\n<!-- /generated: defaults-table -->\n",
                                   copy_of_the_repo, "docs/another_page.md")
     demo_page = readme_results.BLOCKS["demo"].page
     (copy_of_the_repo / readme_results.DEMO_DIR / "result.json").unlink()

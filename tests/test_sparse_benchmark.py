@@ -183,21 +183,53 @@ def test_a_calibration_of_another_generator_is_refused(tmp_path):
     assert run["final"]["samples"] == calibration["prior"]["n"] and run["final"]["oracle_calls"] == 0
 
 
-def test_digits_models_runs_the_first_generator_against_its_own_calibration(tmp_path):
-    """--digits_models: the task with the generator digits first shipped with (kept in benchmarks/results/digits_v1/)
-    takes its prior from the calibration beside it."""
-    from benchmarks.common import TASKS, run_pretrained, with_models
+def test_digits_models_runs_another_generator_against_its_own_calibration(tmp_path):
+    """--digits_models: the task with another generator (here the shipped one, nudged) takes its prior from the
+    calibration beside its models folder, not from the shipped one's."""
+    import shutil
 
-    folder = ROOT / "benchmarks" / "results" / "digits_v1"
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.common import TASKS, run_pretrained, with_models
+    from trl_banel.stats import clopper_pearson
+
     shipped = TASKS["digits"]()
-    task = with_models(shipped, folder / "models")
-    calibration = json.loads((folder / "calibration.json").read_text())
-    assert weights_hash(task.load()[0]) == calibration["generator_weights"] != weights_hash(shipped.load()[0])
+    models = tmp_path / "models"
+    shutil.copytree(ROOT / "examples" / "trl_banel_examples" / "tasks" / "digits_models", models)
+    generator = AutoModelForCausalLM.from_pretrained(models / "generator")
+    with torch.no_grad():
+        next(generator.parameters()).view(-1)[0] += 1e-3
+    generator.save_pretrained(models / "generator")
+    prior = {"n": 150_000, "successes": 7, "rate": 7 / 150_000,
+             "ci95_clopper_pearson": list(clopper_pearson(7, 150_000))}
+    calibration = {"prior": prior, "generator_weights": weights_hash(generator)}
+    (tmp_path / "calibration.json").write_text(json.dumps(calibration))
+    task = with_models(shipped, models)
+    assert weights_hash(task.load()[0]) == weights_hash(generator) != weights_hash(shipped.load()[0])
     run = run_pretrained(task, 0, 10_000)  # its 150,000 samples, no new one
     assert run["final"]["samples"] == 150_000 and run["final"]["successes"] == 7 and run["final"]["oracle_calls"] == 0
-    assert run["source"] == "benchmarks/results/digits_v1/calibration.json"
     with pytest.raises(ValueError, match="expected generator/ and classifier/"):
-        with_models(shipped, tmp_path)
+        with_models(shipped, tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("name", ["letters", "hard_attack", "digits"])
+def test_each_tasks_settings_are_the_ones_its_ten_banel_seeds_ran(name):
+    """A task's BANEL_SETTINGS are what the sparse benchmark ran as `banel` on seeds 0-9 (the figures in
+    docs/benchmarks.md and the regime table): changing one without rerunning the other would describe settings nobody
+    runs. The runs predate two fields and relied on the package's defaults of the time for them (the posterior
+    objective, no target KL), which the settings now pin."""
+    import importlib
+
+    settings = importlib.import_module(f"trl_banel_examples.tasks.{name}").BANEL_SETTINGS
+    held = json.loads((ROOT / "benchmarks" / "results" / "sparse_runs" / f"{name}.json").read_text())
+    runs = {key: run for key, run in held.items() if key.startswith("banel_seed")}
+    assert sorted(run["seed"] for run in runs.values()) == list(range(10))
+    former_defaults = {"distill_objective": "posterior", "distill_target_kl": 0.0}
+    run_only = {"use_cpu", "bf16", "seed", "num_rounds", "budget", "eval_samples", "generator_weights"}
+    for key, run in runs.items():
+        ran = {**former_defaults, **run["settings"]}
+        assert {k: v for k, v in ran.items() if k not in run_only} == settings, key
 
 
 @pytest.mark.slow  # the benchmark's --quick run, every task and method: about 2 min

@@ -31,7 +31,8 @@ MAX_PRIOR = 2e-5
 # objective and no ratio test. With the addition settings as they are, every seed ended far below the pretrained rate
 # (median 4e-8x over 4 seeds): distilling posterior samples whose ratio test rejected 31-52% of the generator's fresh
 # samples (a region fitted on 50 negatives) walked the generator off the 22 successes. The exact objective moves it
-# only off the known failures (benchmarks/round_variants.py).
+# only off the known failures (benchmarks/round_variants.py at commit c242a55; at these settings: the sparse
+# benchmark).
 BANEL_SETTINGS = dict(_ADDITION_BANEL_SETTINGS, distill_objective="exact", rejection_threshold=1e-30)
 
 

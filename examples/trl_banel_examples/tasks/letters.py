@@ -30,10 +30,10 @@ LENGTH = 8
 RARE = "a"
 MAX_PRIOR = 2e-5
 MODEL_DIR = Path(__file__).resolve().parent / "letters_model"
-# The task's settings for BaNEL (measured: benchmarks/results/ablation_7500, configuration `evidence_distil`, 10 of 10
-# seeds find successes): the package's round at a distillation learning rate for a 30k-parameter model, with negative
-# evidence on prefixes (every proposal avoids the branches already tried), success replay, and a stop at 500
-# successes.
+# The task's settings for BaNEL (chosen by the ablation, benchmarks/results/ablation_7500 at commit c242a55; the sparse
+# benchmark's runs, benchmarks/results/sparse_runs/letters.json, are these settings: 10 of 10 seeds find successes):
+# the package's round at a distillation learning rate for a 30k-parameter model, with negative evidence on prefixes
+# (every proposal avoids the branches already tried), success replay, and a stop at 500 successes.
 BANEL_SETTINGS = dict(
     max_reward_evaluations=7500, evaluations_per_round=50, num_candidates=512, max_completion_length=9,
     per_device_train_batch_size=64, learning_rate=1e-3,
