@@ -1,7 +1,7 @@
 """How varied are the sixes a trained digits generator draws? Distinct images and spread among its successes.
 
-    python benchmarks/digits_diversity.py                                   # the demo's saved generator
-    python benchmarks/digits_diversity.py --runs demo=benchmarks/results/demo mine=runs/digits_0_to_6
+    python benchmarks/digits_diversity.py                                   # the demo's saved generator (runs/demo)
+    python benchmarks/digits_diversity.py --runs demo=runs/demo mine=runs/digits_0_to_6
     python benchmarks/digits_diversity.py --quick --out /tmp/dd             # a smoke test (the pretrained model)
 
 A run's success rate says how often its generator draws a six, not how many different sixes: a generator that redraws
@@ -36,7 +36,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 @dataclass
 class Args:
-    runs: list[str] = field(default_factory=lambda: [f"demo={RESULTS / 'demo'}"],
+    runs: list[str] = field(default_factory=lambda: [f"demo={ROOT / 'runs' / 'demo'}"],
                             metadata={"help": "label=folder of a saved generator (a run's output_dir), one per run."})
     samples: int = field(default=5000, metadata={"help": "Images sampled from each generator."})
     seed: int = field(default=0, metadata={"help": "Sampling seed (the same for every generator)."})

@@ -3,7 +3,7 @@ the figures they show.
 
     python scripts/readme_results.py                     # rewrite every generated block of every page
     python scripts/readme_results.py --check             # exit 1, with a diff, if a page and the results disagree
-    python scripts/readme_results.py --rerun-demo        # rerun the digits demo (about 5 min on 2 CPU cores), rewrite
+    python scripts/readme_results.py --rerun-demo        # rerun the digits demo (about 16 min on 2 CPU cores), rewrite
     python scripts/readme_results.py --rerun-demo --quick    # the same with any demo flags (here: a 1-minute run)
     python scripts/readme_results.py --rerun-addition-demo   # rerun the addition attack's recipe, then rewrite
 
@@ -11,6 +11,9 @@ A generated block sits between `<!-- generated: NAME -->` and `<!-- /generated: 
 gives for it (README.md or a page of docs/), and is rendered from the results files `BLOCKS` names. To show a new
 figure, write it to a results file from the command that measures it, add a renderer here and the two markers in its
 page; `tests/test_readme_results.py` fails whenever a block and its results file disagree.
+
+A rerun demo runs into its own output folder under runs/ (ignored by git: the trained generator, the ledger and its
+journal), and its results folder keeps what the pages render and the run's record (`RESULT_FILES`).
 """
 
 import argparse
@@ -27,8 +30,14 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_DIR = "benchmarks/results/demo"  # where --rerun-demo writes the demo's files (result.json, digits_grid.png, ...)
+DEMO_DIR = "benchmarks/results/demo"  # where --rerun-demo keeps the demo's results (result.json, digits_grid.png, ...)
 ADDITION_DEMO_DIR = "benchmarks/results/addition_demo"  # the addition attack's recipe, the demo before the digits one
+# where --rerun-demo runs a demo: its whole output folder (the trained generator, the ledger and its journal,
+# checkpoints), ignored by git; `benchmarks/digits_diversity.py` samples the demo's generator there
+DEMO_RUN_DIRS = {"demo": "runs/demo", "addition-demo": "runs/addition_demo"}
+# what a demo's results folder keeps of its output folder: the summary the pages render, the run's record, its rounds
+# and success curve, and its pictures
+RESULT_FILES = ("result.json", "banel_run.json", "rounds.jsonl", "success_curve.json", "*.png")
 SPARSE_DIGITS_RUNS = "benchmarks/results/sparse_runs/digits.json"  # the sparse benchmark's digits runs, by key
 ADDITION_RUNS = "benchmarks/results/runs/addition.json"  # the addition benchmark's runs, by key
 DEMOS = {"demo": ("recipes/digits_0_to_6.py", DEMO_DIR), "addition-demo": ("recipes/addition_attack.py",
@@ -285,15 +294,30 @@ def regenerate(text: str, root: Path, page: str = "README.md") -> tuple[str, lis
 
 
 def rerun_demo(root: Path, demo_flags: list[str], which: str = "demo"):
+    """Runs the demo into its output folder (`DEMO_RUN_DIRS`), then keeps its results in its results folder."""
     script, folder = DEMOS[which]
-    out = root / folder
+    run = root / DEMO_RUN_DIRS[which]
     # the folder holds the previous demo run, which the trainer would refuse to train on again: it is all generated
-    # (and in git), so it is replaced
-    if out.exists():
-        shutil.rmtree(out)
-    command = [sys.executable, str(ROOT / script), "--output_dir", str(out), *demo_flags]
+    # (its results are in git), so it is replaced
+    if run.exists():
+        shutil.rmtree(run)
+    command = [sys.executable, str(ROOT / script), "--output_dir", str(run), *demo_flags]
     print("running:", " ".join(command), flush=True)
     subprocess.run(command, check=True)
+    keep_results(run, root / folder)
+
+
+def keep_results(run: Path, folder: Path) -> list[str]:
+    """Replaces `folder` with the files of `run` that `RESULT_FILES` names (the results, not the model or the
+    ledger). Returns their names."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    kept = sorted({f.name for pattern in RESULT_FILES for f in run.glob(pattern) if f.is_file()})
+    for name in kept:
+        shutil.copy2(run / name, folder / name)
+    print(f"kept in {folder}: {', '.join(kept)} (the run's whole output folder: {run})", flush=True)
+    return kept
 
 
 def main(argv=None) -> int:
@@ -301,9 +325,11 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a block is out of date")
     parser.add_argument("--rerun-demo", action="store_true",
-                        help="rerun the demo into benchmarks/results/demo first (other flags go to the demo)")
+                        help="rerun the demo into runs/demo first, keeping its results in benchmarks/results/demo "
+                             "(other flags go to the demo)")
     parser.add_argument("--rerun-addition-demo", action="store_true",
-                        help="rerun the addition attack's recipe into benchmarks/results/addition_demo first")
+                        help="rerun the addition attack's recipe into runs/addition_demo first, keeping its results "
+                             "in benchmarks/results/addition_demo")
     parser.add_argument("--root", default=str(ROOT), help="repository root (tests use a copy)")
     args, demo_flags = parser.parse_known_args(argv)
     if demo_flags and not (args.rerun_demo or args.rerun_addition_demo):

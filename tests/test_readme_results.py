@@ -106,3 +106,21 @@ def test_links_in_a_block_are_relative_to_its_page():
     assert readme_results.relink(text, "README.md") == text
     assert readme_results.relink(text, "docs/benchmarks.md") == (
         "![a](../benchmarks/results/x.png) [b](https://example.org/y) [c](#z) [d](e.md)")
+
+
+def test_a_rerun_demo_keeps_its_results_and_leaves_the_model_and_the_ledger_in_its_run_folder(tmp_path, capsys):
+    run, folder = tmp_path / "runs" / "demo", tmp_path / "benchmarks" / "results" / "demo"
+    (run / "best_generator").mkdir(parents=True)
+    names = ["result.json", "banel_run.json", "rounds.jsonl", "success_curve.json", "digits_grid.png",
+             "run_report.png", "model.safetensors", "config.json", "evaluations.jsonl", "evaluations.calls.jsonl",
+             "best_generator/model.safetensors"]
+    for name in names:
+        (run / name).write_text(name)
+    folder.mkdir(parents=True)
+    (folder / "evaluations.jsonl").write_text("the previous run's")  # replaced, not merged
+    kept = readme_results.keep_results(run, folder)
+    assert kept == ["banel_run.json", "digits_grid.png", "result.json", "rounds.jsonl", "run_report.png",
+                    "success_curve.json"]
+    assert sorted(p.name for p in folder.iterdir()) == kept and (folder / "result.json").read_text() == "result.json"
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()) == sorted(names)  # run untouched
+    assert readme_results.DEMO_RUN_DIRS == {"demo": "runs/demo", "addition-demo": "runs/addition_demo"}
