@@ -77,3 +77,22 @@ def test_help_renders_for_every_field():
 
     text = TrlParser((BaNELConfig,)).format_help()
     assert "--rejection_threshold" in text and "--max_idle_rounds" in text
+
+
+def test_bf16_is_on_only_where_the_device_computes_in_it(tmp_path, monkeypatch):
+    """`BaNELConfig(output_dir)` starts on a CPU-only machine (TRL's default bf16=True would refuse without
+    use_cpu=True), and turns bf16 on where the device supports it."""
+    import torch
+
+    from trl_banel import config as config_module
+
+    if torch.cuda.is_available():
+        pytest.skip("describes a CPU-only machine")
+    assert config_module.bf16_supported() is False
+    assert BaNELConfig(str(tmp_path)).bf16 is False
+    assert BaNELConfig(str(tmp_path), use_cpu=True).bf16 is False
+    monkeypatch.setattr(config_module, "bf16_supported", lambda: True)
+    assert BaNELConfig(str(tmp_path), use_cpu=True).bf16 is False  # use_cpu: never bf16 by default
+    # with a device that supports bf16 the default turns it on: on this CPU, transformers then refuses it, by name
+    with pytest.raises(ValueError, match="bf16"):
+        BaNELConfig(str(tmp_path))

@@ -3,6 +3,8 @@
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from trl.trainer.base_config import _BaseConfig
 
 
@@ -25,7 +27,9 @@ class BaNELConfig(_BaseConfig):
 
     Only the parameters specific to BaNEL are listed here; every [`~transformers.TrainingArguments`] field also
     applies (`learning_rate`, `per_device_train_batch_size` and `gradient_accumulation_steps` configure the
-    distillation steps, `use_cpu`, `report_to`, `save_steps`, `push_to_hub`, ...).
+    distillation steps, `use_cpu`, `report_to`, `save_steps`, `push_to_hub`, ...). `bf16` defaults to `True` where
+    the device computes in bfloat16 (a CUDA GPU from Ampere on, an Intel XPU) and to `False` elsewhere, a CPU
+    included (TRL's configs default it to `True` and refuse to start on a CPU without `use_cpu=True`).
 
     Parameters:
         > Budget and rounds
@@ -235,6 +239,11 @@ class BaNELConfig(_BaseConfig):
         default=False,
         metadata={"help": "Keep every dataset column: they are passed to the reward functions. Leave it: the reward "
                           "functions need the columns."},
+    )
+    dataloader_pin_memory: bool = field(
+        default=False,
+        metadata={"help": "Off: the training dataloader carries only prompt rows (a round builds its own tensors), "
+                          "nothing worth pinning. Leave it."},
     )
 
     # Budget and rounds
@@ -483,6 +492,8 @@ class BaNELConfig(_BaseConfig):
     )
 
     def __post_init__(self):
+        if self.bf16 is None:  # bf16 where the device supports it (TRL's default would refuse to start on a CPU)
+            self.bf16 = not self.fp16 and not self.use_cpu and bf16_supported()
         super().__post_init__()
         self.validate()
 
@@ -600,3 +611,10 @@ class BaNELConfig(_BaseConfig):
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
+
+def bf16_supported() -> bool:
+    """Whether this machine has an accelerator that computes in bfloat16 (a CUDA GPU from Ampere on, or an Intel XPU);
+    on a CPU bfloat16 is slower than float32, so it is left off."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return hasattr(torch, "xpu") and torch.xpu.is_available()
