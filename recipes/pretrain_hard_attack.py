@@ -29,8 +29,9 @@ from trl_banel_examples.cli import output_field, results_field, parse_script_arg
 from trl_banel_examples.tasks.addition import (ATTACKER_DIR, TARGET_DIR, AdditionOracle, answer_text, load_attacker,  # noqa: E402
                                       load_target, load_tokenizer, sample_operands)
 from trl_banel_examples.tasks.common import lm_batch, train_lm  # noqa: E402
-from trl_banel_examples.tasks.hard_attack import (MAX_PRIOR, MODEL_DIR, SUCCESS_FILE, all_queries,  # noqa: E402
-                                         exact_success_probability, target_wrong)
+from trl_banel_examples.tasks.hard_attack import (MAX_PRIOR, MODEL_DIR, SUCCESS_FILE,  # noqa: E402
+                                                  enumerate_successes, exact_success_probability, query_space_size,
+                                                  target_wrong)
 
 
 @dataclass
@@ -84,8 +85,8 @@ def main(args: Args) -> dict:
 
     print("enumerating the query space")
     start = time.time()
-    queries = all_queries(digits)
-    successes = [q for q, w in zip(queries, target_wrong(oracle, queries)) if w]
+    successes = enumerate_successes(oracle)  # the oracle's operand digits are the target's, set above
+    space = query_space_size(digits)
     enum_seconds = time.time() - start
     attacker = load_attacker(path=Path(args.attacker))
     prior = exact_success_probability(attacker, tokenizer, successes)
@@ -98,9 +99,9 @@ def main(args: Args) -> dict:
     result = {
         "rule": f"well formed (operands of 1-{digits} digits), no leading zeros, target's greedy answer wrong",
         "exact_prior": prior, "max_prior": MAX_PRIOR, "prior_ok": prior <= MAX_PRIOR,
-        "query_space": len(queries), "successes": len(successes),
+        "query_space": space, "successes": len(successes),
         "successes_by_operand_digits": dict(sorted(shapes.items())),
-        "target_error_rate_uniform_over_queries": len(successes) / len(queries),
+        "target_error_rate_uniform_over_queries": len(successes) / space,
         "pretraining": {"steps": steps, "seconds": round(train_seconds, 1),
                         "enumeration_seconds": round(enum_seconds, 1),
                         "machine": f"1 CPU thread of {os.cpu_count()}, torch {torch.__version__}"},

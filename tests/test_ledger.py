@@ -57,7 +57,7 @@ def test_none_is_not_charged_nor_recorded(tmp_path):
     ledger = RewardLedger(str(tmp_path / "l.jsonl"), budget=10)
     comps = ["a", "b"]
     out = ledger.evaluate(["p", "p"], comps, lambda idx: [None, 0.0], 0)
-    assert out == [None, 0.0] and ledger.spent == 1 and not ledger.is_known_failure("p", "a")
+    assert out == [None, 0.0] and ledger.spent == 1 and ledger.lookup("p", "a") is None
 
 
 def test_reload_restores_everything_and_drops_a_torn_last_line(tmp_path):
@@ -67,7 +67,7 @@ def test_reload_restores_everything_and_drops_a_torn_last_line(tmp_path):
     with open(path, "a") as f:
         f.write('{"prompt": "p", "completion": "d", "rew')  # a crash mid-write
     again = RewardLedger(str(path), budget=10)
-    assert again.spent == 3 and again.is_known_failure("p", "a") and not again.is_known_failure("p", "b")
+    assert again.spent == 3 and again.lookup("p", "a").success is False and again.lookup("p", "b").success is True
     assert path.read_text().count("\n") == 3 and path.read_text().endswith("\n")
     again.evaluate(["p"], ["d"], lambda idx: [0.0], 1)
     assert RewardLedger(str(path), budget=10).spent == 4
@@ -132,7 +132,7 @@ def test_a_call_in_flight_at_a_crash_is_charged_and_never_sent_again(tmp_path):
     again = RewardLedger(path, budget=5)
     assert again.spent == 3 and again.remaining == 2 and [r.completion for r in again.records] == ["a"]
     assert {(r.completion, r.round) for r in again.newly_lost} == {("b", 1), ("c", 1)}
-    assert not again.is_known_failure("p", "b"), "a lost call must not become a failure"
+    assert again.lookup("p", "b") is None, "a lost call must not become a failure"
     calls = []
     assert again.evaluate(["p"] * 3, ["b", "c", "d"], lambda idx: calls.append(idx) or [0.0] * len(idx), 2) == \
         [None, None, 0.0]

@@ -71,7 +71,7 @@ def test_none_async_and_weights(tmp_path):
 
     ledger, out = run(RewardOracle([judge, bonus], weights=[2.0, 1.0]), ["a", "skip"], tmp_path)
     assert out == [2.5, None]
-    assert ledger.spent == 1 and not ledger.is_known_failure("p", "skip")
+    assert ledger.spent == 1 and ledger.lookup("p", "skip") is None
 
 
 def test_message_text_reads_every_format_trl_passes():

@@ -11,7 +11,8 @@ import pytest
 from test_trainer import UNCONDITIONAL, RecordingOracle, config
 
 from trl_banel import BaNELTrainer, plot_run_report
-from trl_banel.report import REPORT_FILENAME, ROUNDS_FILENAME, rates_by_round, read_jsonl
+from trl_banel.journal import read_json_lines
+from trl_banel.report import REPORT_FILENAME, ROUNDS_FILENAME, rates_by_round
 from trl_banel.stats import clopper_pearson
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,10 +30,14 @@ def test_rates_by_round_follow_the_ledger_order():
     assert (rates[1].low, rates[1].high) == clopper_pearson(1, 2) and rates[1].rate == 0.5
 
 
-def test_a_torn_last_line_is_skipped(tmp_path):
+def test_a_torn_last_line_is_skipped_and_only_its_owner_cuts_it(tmp_path):
     path = tmp_path / "x.jsonl"
-    path.write_text(json.dumps({"a": 1}) + "\n" + '{"a": ')
-    assert read_jsonl(str(path)) == [{"a": 1}]
+    torn = json.dumps({"a": 1}) + "\n" + '{"a": '
+    path.write_text(torn)
+    assert read_json_lines(str(path), repair=False) == [{"a": 1}]
+    assert path.read_text() == torn, "a reader of another run's file wrote to it"
+    assert read_json_lines(str(path)) == [{"a": 1}]
+    assert path.read_text() == json.dumps({"a": 1}) + "\n"
 
 
 def test_drawn_from_files_alone(tmp_path):
@@ -53,7 +58,7 @@ def test_a_run_writes_its_rounds_and_report(tmp_path, char_tokenizer, skewed_mod
                            train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
     trainer.train()
     out = tmp_path / "out"
-    rounds = read_jsonl(str(out / ROUNDS_FILENAME))
+    rounds = read_json_lines(str(out / ROUNDS_FILENAME))
     assert [r["round"] for r in rounds] == [h["round"] for h in trainer.history] == list(range(trainer.round))
     assert rounds[-1]["nre"] == trainer.ledger.spent and "acceptance_rate" in rounds[0]
     assert (out / REPORT_FILENAME).stat().st_size > 20_000
@@ -72,7 +77,7 @@ def test_a_run_writes_its_rounds_and_report(tmp_path, char_tokenizer, skewed_mod
                         args=config(tmp_path, output_dir=str(resumed), max_reward_evaluations=40),
                         train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
     more.train()
-    rounds = [r["round"] for r in read_jsonl(str(resumed / ROUNDS_FILENAME))]
+    rounds = [r["round"] for r in read_json_lines(str(resumed / ROUNDS_FILENAME))]
     assert rounds == list(range(more.round)) and more.round > trainer.round
 
     # the command line draws it again from the directory alone

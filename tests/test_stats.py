@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from trl_banel.stats import SuccessEstimate, clopper_pearson, cumulative_best
+from trl_banel.stats import SuccessEstimate, clopper_pearson
 
 
 def test_clopper_pearson_known_values():
@@ -14,10 +14,9 @@ def test_clopper_pearson_known_values():
     assert low < 4e-4 < high and high - low < 1e-3
 
 
-def test_estimate_and_cumulative_best():
+def test_estimate():
     e = SuccessEstimate.from_counts(3, 1000, acceptance_rate=0.5, oracle_calls=700)
     assert e.rate == 0.003 and e.low < 0.003 < e.high
     d = e.to_dict()
     assert d["rate"] == 0.003 and d["oracle_calls"] == 700 and "0.00300" in str(e)
     assert math.isnan(SuccessEstimate.from_counts(0, 0).rate)
-    assert cumulative_best([0.1, 0.3, 0.2, 0.5]) == [0.1, 0.3, 0.3, 0.5]

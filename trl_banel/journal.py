@@ -43,8 +43,10 @@ def fsync_append(path: str, payload: str):
         os.fsync(f.fileno())
 
 
-def read_json_lines(path: str) -> list[dict]:
-    """The complete lines of a JSON-lines file; a torn last line (a crash mid-write) is cut off the file.
+def read_json_lines(path: str, repair: bool = True) -> list[dict]:
+    """The complete lines of a JSON-lines file; a torn last line (a crash mid-write) is left out and, with `repair`
+    (the run that owns the file, before it appends), cut off the file. Readers of another run's files (its report)
+    pass `repair=False`: they never write.
 
     A line counts only with its newline. A bad line that is not the last one is corruption, not a torn write, and is
     refused rather than guessed at.
@@ -67,11 +69,12 @@ def read_json_lines(path: str) -> list[dict]:
         if not isinstance(obj, dict):
             if not last and any(rest.strip() for rest in lines[i + 1 :]):
                 raise ValueError(f"{path}: line {i + 1} is corrupt and is not the last line; refusing to guess.")
-            logger.warning("%s: dropping a torn last line (a crash mid-write).", path)
+            if repair:
+                logger.warning("%s: dropping a torn last line (a crash mid-write).", path)
             break
         objects.append(obj)
         good_bytes += len(line) + 1
-    if good_bytes < len(data):
+    if repair and good_bytes < len(data):
         with open(path, "r+b") as f:
             f.truncate(good_bytes)
             f.flush()

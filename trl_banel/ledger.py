@@ -141,10 +141,6 @@ class RewardLedger:
     def lookup(self, prompt: str, completion: str) -> Evaluation | None:
         return self._index.get((prompt, completion))
 
-    def is_known_failure(self, prompt: str, completion: str) -> bool:
-        record = self._index.get((prompt, completion))
-        return record is not None and not record.success
-
     # -- writing ---------------------------------------------------------------------------------------------------
     def _append(self, records: Sequence[Evaluation]):
         if self.path is not None and records:

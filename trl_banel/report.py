@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from transformers import TrainerCallback
 
-from .journal import LostEvaluation, lost_items, replay, unanswered
+from .journal import LostEvaluation, lost_items, read_json_lines, replay, unanswered
 from .stats import clopper_pearson
 
 logger = logging.getLogger(__name__)
@@ -29,20 +29,6 @@ JOURNAL_FILE = "evaluations.calls.jsonl"  # its journal (trl_banel.ledger.journa
 RUN_FILE = "banel_run.json"  # the run's record when train() returned (trl_banel.runs.RUN_FILENAME)
 ROUNDS_FILENAME = "rounds.jsonl"
 REPORT_FILENAME = "run_report.png"
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """The complete JSON lines of a file (a torn last line, from a crash mid-write, is skipped)."""
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-    return rows
 
 
 @dataclass
@@ -95,7 +81,7 @@ class RunSummary:
 def lost_evaluations(output_dir: str, evaluations: list[dict]) -> list[LostEvaluation]:
     """The evaluations charged and never recorded, from the journal: those a start found lost (its `lost` lines), and
     those of calls still open (a crash the run was not restarted from; the next start will charge them). Read-only."""
-    open_calls, lost, _ = replay(read_jsonl(os.path.join(output_dir, JOURNAL_FILE)))
+    open_calls, lost, _ = replay(read_json_lines(os.path.join(output_dir, JOURNAL_FILE), repair=False))
     recorded = {(e["prompt"], e["completion"]) for e in evaluations}
     for call, intent in open_calls.items():
         lost += lost_items(unanswered(intent, lambda p, c: (p, c) in recorded), intent["round"], call)
@@ -106,8 +92,8 @@ def run_summary(output_dir: str) -> RunSummary:
     """The rounds, evaluations spent and lost, and successes of the run in `output_dir`, from its ledger, journal and
     per-round log (not from `banel_run.json`, which a crash leaves out of date; its `interrupted` is taken only when
     the ledger has not grown since it was written)."""
-    return _summary(output_dir, read_jsonl(os.path.join(output_dir, LEDGER_FILE)),
-                    read_jsonl(os.path.join(output_dir, ROUNDS_FILENAME)))
+    return _summary(output_dir, read_json_lines(os.path.join(output_dir, LEDGER_FILE), repair=False),
+                    read_json_lines(os.path.join(output_dir, ROUNDS_FILENAME), repair=False))
 
 
 def _summary(output_dir: str, evaluations: list[dict], rounds: list[dict]) -> RunSummary:
@@ -146,8 +132,8 @@ def plot_run_report(output_dir: str, path: str | None = None) -> str:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    evaluations = read_jsonl(os.path.join(output_dir, LEDGER_FILE))
-    rounds = read_jsonl(os.path.join(output_dir, ROUNDS_FILENAME))
+    evaluations = read_json_lines(os.path.join(output_dir, LEDGER_FILE), repair=False)
+    rounds = read_json_lines(os.path.join(output_dir, ROUNDS_FILENAME), repair=False)
     if not evaluations and not rounds:
         raise FileNotFoundError(f"{output_dir} holds neither {LEDGER_FILE} nor {ROUNDS_FILENAME}: is it the "
                                 "output_dir of a BaNEL run?")
@@ -271,7 +257,7 @@ class RunReportCallback(TrainerCallback):
         self.trainer = trainer
         self.path = os.path.join(trainer.args.output_dir, ROUNDS_FILENAME)
         self.report_path: str | None = None
-        self._last_round = max((r["round"] for r in read_jsonl(self.path)), default=-1)
+        self._last_round = max((r["round"] for r in read_json_lines(self.path)), default=-1)
 
     def on_step_end(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:

@@ -83,12 +83,3 @@ class ExactSuccess:
 
     def __str__(self):
         return f"{self.rate:.3g} (exact)"
-
-
-def cumulative_best(values: list[float]) -> list[float]:
-    """Running maximum, the paper's "cumulative best" curve."""
-    best, out = float("-inf"), []
-    for v in values:
-        best = max(best, v)
-        out.append(best)
-    return out
