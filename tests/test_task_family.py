@@ -162,8 +162,10 @@ def test_defaults_benchmark_quick_run_writes_results_and_reuses_them(tmp_path, m
     assert row["task"] == "tune_tiny" and row["variant"] == "defaults" and row["seeds"] == [100]
     assert 0 < row["nre"][0] <= 60  # the budget held
     assert row["prior"] > 0 and len(row["final_x"]) == 1
-    run_file = tmp_path / "out" / "runs" / "tune_tiny" / "defaults_seed100.json"
-    assert json.loads(run_file.read_text())["defaults_fingerprint"] == defaults.defaults_fingerprint()
+    run_file = tmp_path / "out" / "runs" / "tune_tiny.json"  # the task's runs, one record per variant and seed
+    held = json.loads(run_file.read_text())
+    assert list(held) == ["defaults_seed100"] and held["defaults_seed100"]["seed"] == 100
+    assert held["defaults_seed100"]["defaults_fingerprint"] == defaults.defaults_fingerprint()
     before = run_file.stat().st_mtime_ns
     defaults.main(args)  # cached: not run again
     assert run_file.stat().st_mtime_ns == before
