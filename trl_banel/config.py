@@ -22,8 +22,8 @@ class BaNELConfig(_BaseConfig):
 
     Most runs set only the budget (`max_reward_evaluations`), `max_completion_length`, the batch sizes and the stop
     rules: the other fields say in their help when to change them. A field whose help starts with "Experimental" is
-    not needed by the default round; it is kept to reproduce the paper's round, the ablations in `docs/benchmarks.md`
-    and the example tasks' measured settings (`examples/`).
+    not needed by the default round; it is kept to reproduce the paper's round and the example tasks' measured
+    settings (`examples/`).
 
     Only the parameters specific to BaNEL are listed here; every [`~transformers.TrainingArguments`] field also
     applies (`learning_rate`, `per_device_train_batch_size` and `gradient_accumulation_steps` configure the

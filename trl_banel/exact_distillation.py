@@ -34,10 +34,11 @@ successes through this loss concentrates the generator until it proposes little 
 known failures' term `pi(f) log q(f)` saturates (its gradient vanishes as `q(f)` nears 1) and nothing sampled outside
 the region pulls the generator back; maximum likelihood on the accepted samples does.
 
-Measured (benchmarks/round_variants.py): on the hard attack, without the ratio test, it keeps every seed above the
-pretrained rate where maximum likelihood on posterior samples ended all of them far below it; with prefix evidence
-on rare letters it collapsed 5 of 8 seeds onto known failures before any success (measured with the known failures'
-term at 1/64 of its weight, since fixed), so that task does not use it.
+Measured (with `benchmarks/round_variants.py`, removed since; commit c242a55 holds it and its results): on the hard
+attack, without the ratio test, it keeps every seed above the pretrained rate where maximum likelihood on posterior
+samples ended all of them far below it; with prefix evidence on rare letters it collapsed 5 of 8 seeds onto known
+failures before any success (measured with the known failures' term at 1/64 of its weight, since fixed), so that
+task does not use it.
 """
 
 from __future__ import annotations
