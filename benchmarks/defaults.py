@@ -127,7 +127,8 @@ def variant_settings(group: str, variant: str) -> dict:
 # Fields whose defaults do not change what a run does, hashed as their earlier default (None: left out) so that a
 # change to them does not redo every run: when a checkpoint is saved, and gradient checkpointing (None and False are
 # both off). A run of benchmarks/defaults.py reproduced its cached result exactly after these changed.
-_NOT_THE_ROUND = {"save_every_minutes": None, "gradient_checkpointing": False}
+_NOT_THE_ROUND = {"save_every_minutes": None, "gradient_checkpointing": False,
+                  "dataloader_pin_memory": True}  # off since (nothing to pin), at its old value: runs unchanged
 
 
 # Raised whenever the round's code changes what a run at the defaults does (the fields alone cannot say so):
