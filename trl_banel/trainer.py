@@ -4,8 +4,10 @@ One round: propose -> filter (posterior rejection) -> evaluate (ledger) -> fit a
 Every `distill_every` rounds: draw posterior samples and distil them into the generator with ordinary Trainer
 optimisation steps, then drop the failure models. The rounds run inside `_prepare_inputs` whenever the distillation
 buffer is empty, the way TRL's online trainers generate there, so `train()`, checkpoints, logging, gradient
-accumulation and DeepSpeed all come from `transformers.Trainer`. Each step has its module: `sampler`, `oracle_gate`,
-`region` (the failure fit), `distill`, `history`; `distributed` keeps the processes in step and times the phases.
+accumulation and DeepSpeed all come from `transformers.Trainer`. Each step has its module: `generation` and
+`sampler` (propose, filter), `oracle_gate`, `region` (the failure fit), `distill`, `history`; `distributed` keeps the
+processes in step and times the phases. The trainer holds what the rounds change: the negatives, the failure models'
+lifetime, the metrics and the history.
 """
 
 import logging
@@ -29,9 +31,9 @@ from .config import BaNELConfig
 from .distill import (Distiller, better_phase, distillation_loss, frozen_copy, pretrained_generator, skipped,
                       stop_reason)
 from .distributed import PhaseTimer, is_zero3, mean_over_ranks, sum_over_ranks
+from .exact_distillation import choose_objective, to_device
 from .failure import FailureModels
 from .generation import TransformersGeneration
-from .exact_distillation import choose_objective, to_device
 from .history import log_round, metric_means, round_record
 from .inputs import check_dataset, identity, load_model, prepare_tokenizer, resolve_args
 from .ledger import LEDGER_FILENAME, RewardFunctionError, RewardLedger
