@@ -48,6 +48,7 @@ import torch  # noqa: E402
 
 from trl_banel.cli import parse_script_args, results_field, write_results  # noqa: E402
 from trl_banel.stats import clopper_pearson  # noqa: E402
+from trl_banel.tasks.common import weights_hash  # noqa: E402
 
 logger = logging.getLogger("trl_banel.gsm_synthetic")
 
@@ -348,24 +349,21 @@ def pretrain(model, tokenizer, config: BuildConfig, max_minutes: float, progress
     prefix_ids = torch.tensor([prefix])
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
-    def lr_at(step, cpu_seconds):
+    def lr_at(step):
+        # by step only, never by time: a build that finishes within its budget is the same on every run
         if step < config.warmup_steps:
             return config.lr * (step + 1) / config.warmup_steps
-        # the decay follows whichever runs out first, steps or CPU time, so that a build cut short by the budget
-        # (a slow or busy machine) still ends at a low learning rate
-        t = max((step - config.warmup_steps) / max(1, config.steps - config.warmup_steps),
-                cpu_seconds / (60 * max_minutes))
-        return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+        t = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
     model.train()
     start_wall, start_cpu, losses, step = time.time(), time.process_time(), [], 0
     bar = tqdm(total=config.steps, desc="pretraining the GSM model", unit="step", disable=not progress,
                mininterval=2.0)
     for step in range(config.steps):
-        cpu_seconds = time.process_time() - start_cpu
-        if cpu_seconds > 60 * max_minutes:
-            logger.warning("Pretraining stopped at its budget of %.1f CPU minutes after %d of %d steps.", max_minutes,
-                           step, config.steps)
+        if time.process_time() - start_cpu > 60 * max_minutes:
+            logger.warning("Pretraining stopped at its budget of %.1f CPU minutes after %d of %d steps: the model is "
+                           "less trained than the recipe's measurements assume.", max_minutes, step, config.steps)
             break
         u = rng.random()  # one kind of problem per batch: little padding
         kind = LONG if u < config.long_fraction else BIG if u < config.long_fraction + config.big_fraction else EASY
@@ -391,7 +389,7 @@ def pretrain(model, tokenizer, config: BuildConfig, max_minutes: float, progress
         logits = model.lm_head(hidden[:, :-1][keep])
         loss = torch.nn.functional.cross_entropy(logits, targets[keep])
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cpu_seconds)
+            group["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -417,7 +415,9 @@ def ensure_model(config: BuildConfig = BuildConfig(), cache_dir: str | os.PathLi
                  max_minutes: float = 15.0, progress: bool = True, threads: int = 1) -> Path:
     """The folder of the model built from `config` (save_pretrained: model, tokenizer, build.json): built on first
     use, with a message and a progress bar, then reused. A build writes to a temporary folder and renames it into
-    place when complete, so an interrupted build is never taken for a finished one."""
+    place when complete, so an interrupted build is never taken for a finished one. Builds are deterministic on a
+    given machine and torch version (one thread, seeded, step-based schedule); build.json records the weights' hash
+    (another CPU's kernels can round differently)."""
     root = Path(cache_dir) if cache_dir else default_cache_root()
     folder = root / config.key()
     if (folder / "build.json").exists():
@@ -437,7 +437,7 @@ def ensure_model(config: BuildConfig = BuildConfig(), cache_dir: str | os.PathLi
         torch.set_num_threads(previous_threads)
     info = {"config": asdict(config), "key": config.key(), "parameters": sum(p.numel() for p in model.parameters()),
             "vocab_size": len(tokenizer), "max_minutes": max_minutes, "threads": threads, **stats,
-            "torch": torch.__version__}
+            "weights_sha256": weights_hash(model), "torch": torch.__version__}
     tmp = root / f".{config.key()}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

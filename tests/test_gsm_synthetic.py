@@ -176,6 +176,16 @@ def test_cache_key_follows_the_configuration_and_the_templates(monkeypatch):
     assert gsm.BuildConfig().key() != key
 
 
+def test_builds_are_deterministic(tmp_path):
+    """The shipped hard set was screened against one build: rebuilding must give the same weights (same machine)."""
+    config = dataclasses.replace(gsm.REDUCED, seed=4, steps=12)
+    hashes = [json.loads((gsm.ensure_model(config, tmp_path / str(i), progress=False) / "build.json").read_text())
+              ["weights_sha256"] for i in range(2)]
+    assert hashes[0] == hashes[1]
+    other = gsm.ensure_model(dataclasses.replace(config, seed=5), tmp_path / "2", progress=False)
+    assert json.loads((other / "build.json").read_text())["weights_sha256"] != hashes[0]
+
+
 def test_an_interrupted_build_is_not_reused(tmp_path, monkeypatch):
     config = dataclasses.replace(gsm.REDUCED, seed=2)
 
