@@ -46,9 +46,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
 import torch  # noqa: E402
 
-from trl_banel.cli import parse_script_args, results_field, write_results  # noqa: E402
 from trl_banel.stats import clopper_pearson  # noqa: E402
-from trl_banel.tasks.common import weights_hash  # noqa: E402
+from trl_banel_examples.cli import parse_script_args, results_field, write_results  # noqa: E402
+from trl_banel_examples.tasks.common import weights_hash  # noqa: E402
 
 logger = logging.getLogger("trl_banel.gsm_synthetic")
 
