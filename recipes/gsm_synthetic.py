@@ -18,7 +18,8 @@ question hard and never both: long problems with easy numbers, short problems wi
 or --cache_dir changes the root), with a message and a progress bar, within --max_minutes of CPU time, and reuses it
 afterwards. The hard set is the first hard-distribution questions the model never solved in --screen_samples
 samples; the measurement then samples each afresh as BaNEL does (the recipe's prompt and chat template, temperature 1,
-no top-k), scores with recipes/gsm8k_hard.py's reward, and writes recipes/results/gsm_synthetic.json. Then:
+no top-k), scores with recipes/gsm8k_hard.py's reward, and writes benchmarks/results/gsm_synthetic/prior.json and
+.md. Then:
 
     python recipes/gsm8k_hard.py --model_name_or_path $(python recipes/gsm_synthetic.py --model_only) \\
         --dataset_name recipes/data/gsm_synthetic_hard.jsonl \\
@@ -517,16 +518,17 @@ class Args:
                 "; the model goes to a subfolder named by its build configuration's hash."})
     data_dir: str = dataclasses.field(default=str(DATA_DIR), metadata={
         "help": f"Folder {HARD_FILE} and {EASY_FILE} are written to (columns input, target, id, steps, solution)."})
-    results: str = results_field(ROOT / "recipes/results/gsm_synthetic.json", "Measurements")
+    results: str = results_field(ROOT / "benchmarks/results/gsm_synthetic/prior",
+                                 "Measurements: PATH.json and PATH.md (a table naming the command) are written")
     reduced: bool = False  # a tiny model built in seconds (tests): same code, nothing learned
     max_minutes: float = 15.0  # CPU-time budget of pretraining (it stops early, with a warning, when reached)
     threads: int = 1
     model_only: bool = False  # build (or find) the model, print its folder and stop: MODEL=$(python ... --model_only)
     hard_candidates: int = 20  # hard-distribution questions screened for the hard set
-    screen_samples: int = 1000  # per candidate; the hard set takes candidates with no success (0: no screening)
-    hard_questions: int = 5
+    screen_samples: int = 500  # per candidate; the hard set takes candidates with no success (0: no screening)
+    hard_questions: int = 6
     measure: bool = True  # measure the model on the easy and hard sets (fresh samples) and write the results file
-    hard_samples: int = 8000  # per hard question; 0 successes in 8000 put the 95% upper bound at 4.6e-4
+    hard_samples: int = 3700  # per hard question: 0 successes put the two-sided 95% upper bound at 9.97e-4
     easy_questions: int = 100
     easy_samples: int = 20  # per easy question
     max_completion_length: int = 96  # a six-step solution is about 70 tokens
@@ -575,7 +577,7 @@ def main(args: Args) -> dict:
         return {"model_dir": str(folder)}
     torch.set_num_threads(args.threads)
     model, tokenizer = load(folder)
-    start = time.time()
+    start, start_cpu = time.time(), time.process_time()
     candidates = problem_set(args.seed, HARD, args.hard_candidates, "hard")
     chosen, screened = select_hard(model, tokenizer, candidates, args)
     hard = [candidates[i] for i in chosen]
@@ -606,12 +608,49 @@ def main(args: Args) -> dict:
         "ci_method": "Clopper-Pearson, 95% (two-sided)",
         "easy": easy_result, "hard": hard_results,
         "hard_max_ci95_high": max(r["ci95_high"] for r in hard_results),
-        "measure_minutes": (time.time() - start) / 60,
-        "command": "python recipes/gsm_synthetic.py" + (" --reduced true" if args.reduced else ""),
+        "measure_minutes": (time.time() - start) / 60, "measure_cpu_minutes": (time.process_time() - start_cpu) / 60,
+        "command": command_line(),
         "settings": asdict(args),
     })
-    write_results(result, args.results, indent=1)
+    if args.results:
+        write_results(result, f"{args.results}.json", indent=1)
+        Path(f"{args.results}.md").write_text(markdown_table(result))
     return result
+
+
+def command_line() -> str:
+    """The command as typed, from the repository's root (a results file names what produced it)."""
+    script = Path(sys.argv[0]).resolve()
+    name = script.relative_to(ROOT) if script.is_relative_to(ROOT) else Path(sys.argv[0]).name
+    return " ".join(["python", str(name), *sys.argv[1:]])
+
+
+def markdown_table(result: dict) -> str:
+    """The measurement as a page: the easy rate, then each hard question's prior with its interval."""
+    build, easy = result["build"], result["easy"]
+    lines = [
+        "# Synthetic GSM task: the pretrained model's success rates (measured on a CPU)", "",
+        f"Regenerate: `{result['command']}`", "",
+        f"Model: Qwen2ForCausalLM, {build['parameters']:,} parameters, {build['vocab_size']:,}-token byte-level BPE, "
+        f"pretrained {build['steps_done']} steps in {build['cpu_minutes']:.1f} CPU minutes (build {build['key']}, "
+        f"torch {build['torch']}, {build['threads']} thread). Sampling: {result['sampling']}. Intervals: "
+        f"{result['ci_method']}.", "",
+        f"Easy set ({easy['questions']} questions of 1-2 steps, {easy['samples_per_question']} samples each): "
+        f"**{easy['rate']:.1%}** [{easy['ci95_low']:.1%}, {easy['ci95_high']:.1%}], "
+        f"{easy['successes']}/{easy['samples']} correct.", "",
+        f"Hard set ({len(result['hard'])} questions of 4-6 steps on two-digit numbers, chosen as the first of "
+        f"{result['hard_set']['candidates']} candidates with no success in {result['hard_set']['screen_samples']} "
+        "screening samples, then measured on fresh samples):", "",
+        "| id | steps | target | successes / samples | rate | 95% interval | canonical solution's probability |",
+        "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["hard"]:
+        lines.append(f"| {r['id']} | {r['steps']} | {r['target']} | {r['successes']} / {r['samples']} | "
+                     f"{r['rate']:.2e} | [{r['ci95_low']:.2e}, {r['ci95_high']:.2e}] | "
+                     f"10^{r['canonical_solution_log10_prob']:.1f} |")
+    lines += ["", f"Largest upper bound: {result['hard_max_ci95_high']:.2e}. Measurement time: "
+              f"{result['measure_minutes']:.1f} minutes wall, {result['measure_cpu_minutes']:.1f} CPU minutes "
+              f"({result['settings']['threads']} torch thread, a 2-core machine shared with other jobs).", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

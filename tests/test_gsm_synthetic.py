@@ -101,6 +101,33 @@ def test_checker_accepts_the_trained_format_and_rejects_wrong_or_missing_answers
     assert row["input"] == problems[0].question and float(row["target"]) == problems[0].answer
 
 
+def shipped(name):
+    return [json.loads(line) for line in (gsm.DATA_DIR / name).read_text().splitlines()]
+
+
+def test_shipped_hard_set_is_well_formed_and_is_the_measured_one():
+    """recipes/data's hard set: rows recipes/gsm8k_hard.py reads, each a correct hard problem, the screened candidates
+    in order; the same questions (and build) as the measured prior in benchmarks/results/gsm_synthetic/prior.json."""
+    rows = shipped(gsm.HARD_FILE)
+    prior = json.loads((ROOT / "benchmarks" / "results" / "gsm_synthetic" / "prior.json").read_text())
+    assert [r["id"] for r in rows] == list(range(len(rows))) and 5 <= len(rows) <= 10
+    candidates = gsm.problem_set(0, gsm.HARD, prior["hard_set"]["candidates"], "hard")
+    assert [candidates[i].row(k) for k, i in enumerate(prior["hard_set"]["chosen_candidates"])] == rows
+    for r in rows:
+        assert set(r) == {"input", "target", "id", "steps", "solution"} and isinstance(r["target"], int)
+        check_problem(gsm.Problem(r["input"], r["target"], r["solution"], r["steps"]), gsm.HARD)
+        assert gsm.score(r["input"], [r["solution"]], r["target"]) == [1.0]
+    questions = recipe.load_questions(recipe.ScriptArguments(dataset_name=str(gsm.DATA_DIR / gsm.HARD_FILE),
+                                                             question_ids=[r["id"] for r in rows]))
+    assert [float(t) for t in questions["target"]] == [float(r["target"]) for r in rows]
+    assert [(h["question"], h["target"]) for h in prior["hard"]] == [(r["input"], r["target"]) for r in rows]
+    # measured on the model the current code builds, each never-solved question's upper bound at most 1e-3
+    assert prior["build"]["key"] == gsm.BuildConfig().key()
+    assert all(h["ci95_high"] <= 1e-3 for h in prior["hard"] if h["successes"] == 0)
+    easy = shipped(gsm.EASY_FILE)
+    assert [r["input"] for r in easy] == [p.question for p in gsm.problem_set(0, gsm.EASY, len(easy), "easy")]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Tokenizer and the reduced build
 # ---------------------------------------------------------------------------------------------------------------
@@ -257,6 +284,23 @@ def test_model_only_prints_the_folder_and_writes_no_set(reduced, tmp_path, capsy
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # a subprocess: imports and the reduced build, 10-35 s on a shared 2-core machine
+def test_command_line_measures_and_writes_json_and_a_table_naming_the_command(tmp_path):
+    """The docs' command, reduced: build, screen, measure, write PATH.json and PATH.md."""
+    args = ["--reduced", "true", "--cache_dir", str(tmp_path), "--data_dir", str(tmp_path), "--results",
+            str(tmp_path / "prior"), "--hard_candidates", "3", "--screen_samples", "2", "--hard_questions", "2",
+            "--hard_samples", "5", "--easy_questions", "2", "--easy_samples", "2", "--max_completion_length", "6"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "examples")])}
+    proc = subprocess.run([sys.executable, "recipes/gsm_synthetic.py", *args], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "prior.json").read_text())
+    assert result["command"] == " ".join(["python", "recipes/gsm_synthetic.py", *args])
+    assert [h["samples"] for h in result["hard"]] == [5, 5] and result["easy"]["samples"] == 4
+    table = (tmp_path / "prior.md").read_text()
+    assert f"Regenerate: `{result['command']}`" in table and table.count("| 0 / 5 |") == 2
+
+
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow  # recipes/gsm8k_hard.py in a subprocess on the reduced model
 def test_gsm8k_recipe_runs_on_the_reduced_model_and_hard_set(reduced, tmp_path):
@@ -264,7 +308,8 @@ def test_gsm8k_recipe_runs_on_the_reduced_model_and_hard_set(reduced, tmp_path):
     gsm.main(gsm.Args(reduced=True, cache_dir=str(cache), data_dir=str(tmp_path), results="", measure=False,
                       screen_samples=0, hard_questions=2, easy_questions=2))
     out = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "examples")])}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "recipes" / "gsm8k_hard.py"), "--model_name_or_path", str(folder),
          "--dataset_name", str(tmp_path / gsm.HARD_FILE), "--question_ids", "1", "--output_dir", str(out),
