@@ -206,8 +206,8 @@ def import_runs(source: Path, runs: Path) -> dict:
     """Merges the run records found under `source` (any `*.json` below it: one run per file, the layout before
     `RunCache`, or a task's file of runs) into the task files of `runs`. A record is taken unless `runs` holds its key
     (`{variant}_seed{seed}` of its task) already; a held record made under former defaults gives way to one made
-    under the current defaults (what running it here would do). Prints each record taken; returns their keys by task
-    and the count of those left out."""
+    under the current defaults (what running it here would do). Prints each record taken and a count of those left
+    out; returns the keys taken, by task."""
     if not source.is_dir():
         raise ValueError(f"--import_runs {source}: not a folder")
     found: dict[str, dict] = {}
@@ -224,8 +224,9 @@ def import_runs(source: Path, runs: Path) -> dict:
 
     taken, left = {}, 0
     for task, records in sorted(found.items()):
-        held = RunCache(runs / f"{task}.json").load()
-        written = RunCache(runs / f"{task}.json").merge({k: r for k, (_, r) in records.items()}, keep)
+        cache = RunCache(runs / f"{task}.json")
+        held = cache.load()
+        written = cache.merge({k: r for k, (_, r) in records.items()}, keep)
         taken[task], left = written, left + len(records) - len(written)
         for key in written:
             how = "replaced a run of former defaults" if key in held else "new"
