@@ -80,11 +80,16 @@ USER_TEMPLATE = (
 )
 
 
-def make_prompt(question: str) -> list[dict]:
-    return [
+def make_prompt(question: str, tokenizer=None) -> list[dict] | str:
+    """The conversation of system and user message; plain text (the two messages, then "Answer:") for a tokenizer
+    without a chat template, such as a base model's."""
+    messages = [
         {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": USER_TEMPLATE.format(question=question.strip())},
     ]
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is not None:
+        return messages
+    return "\n\n".join(m["content"] for m in messages) + "\n\nAnswer:"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,6 +326,10 @@ def main(script_args: ScriptArguments, training_args: BaNELConfig, model_args: M
     set_seed(training_args.seed)
     dataset = load_questions(script_args)
     tokenizer = AutoTokenizer.from_pretrained(model_id, revision=model_args.model_revision)
+    if tokenizer.chat_template is None:
+        warnings.warn(f"{model_id}'s tokenizer has no chat template: the prompts are plain text (system and user "
+                      "message, then 'Answer:'). Set the tokenizer's chat_template to prompt it as a conversation.",
+                      stacklevel=1)
     peft_config = get_peft_config(model_args)
     hub_dataset = None if is_local(script_args.dataset_name) else script_args.dataset_name
     base_name = model_id.rstrip("/").split("/")[-1]
@@ -329,7 +338,7 @@ def main(script_args: ScriptArguments, training_args: BaNELConfig, model_args: M
     results = []
     for index, qid in enumerate(script_args.question_ids):
         row = dataset[qid]
-        prompt = make_prompt(row["input"])
+        prompt = make_prompt(row["input"], tokenizer)
         target = float(row["target"])
         train_dataset = Dataset.from_list([{"prompt": prompt, "target": target, "question_id": qid}])
 

@@ -309,3 +309,24 @@ def test_main_end_to_end_lora(tiny_model_dir, tmp_path, monkeypatch):
     adapter = json.loads((out / "q2" / "adapter_config.json").read_text())  # a LoRA adapter, not full weights
     assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
     assert "LoRA adapter" in card
+
+
+def test_a_tokenizer_without_a_chat_template_gets_plain_text_prompts(tiny_model_dir, tmp_path, monkeypatch):
+    """A base model's tokenizer (no chat template): the recipe warns and prompts with plain text, which the trainer
+    takes as is; with a template the prompt stays a conversation."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert recipe.make_prompt("What is 2+2?", tokenizer)[1]["content"].endswith("What is 2+2?")
+    tokenizer.chat_template = None
+    plain = recipe.make_prompt("  What is 2+2? ", tokenizer)
+    assert plain == f"{recipe.SYSTEM_PROMPT}\n\n{recipe.USER_TEMPLATE.format(question='What is 2+2?')}\n\nAnswer:"
+    base = tmp_path / "base"
+    tokenizer.save_pretrained(base)
+    for name in ("config.json", "generation_config.json", "model.safetensors"):  # the model; the tokenizer is new
+        os.symlink(os.path.join(tiny_model_dir, name), base / name)
+    monkeypatch.setattr(recipe.BaNELTrainer, "train", lambda self: None)  # construction is what is checked here
+    script_args, training_args, model_args = tiny_args(str(base), tmp_path / "run", [1])
+    with pytest.warns(UserWarning, match="no chat template"):
+        (result,) = recipe.main(script_args, training_args, model_args)
+    assert result["nre_spent"] == 0 and result["eval_samples"] == 16

@@ -281,6 +281,32 @@ def test_dataset_and_tokenizer_errors(tmp_path, char_tokenizer, skewed_model):
         trainer.train()
 
 
+def test_conversational_prompts_without_a_chat_template_fail_at_construction(tmp_path, skewed_model):
+    """The error comes before any evaluation (it used to come from inside the first round), names the missing
+    template and the two fixes; the plain template it suggests renders, and then the same prompts run."""
+    import re
+
+    from conftest import make_char_tokenizer
+
+    tok = make_char_tokenizer()
+    assert tok.chat_template is None
+    chat = Dataset.from_list([{"prompt": [{"role": "user", "content": "ab"}]}])
+    oracle = RecordingOracle()
+    args = config(tmp_path, max_reward_evaluations=4, evaluations_per_round=4, num_rounds=1)
+    with pytest.raises(ValueError, match="no chat template") as err:
+        BaNELTrainer(model=skewed_model, reward_funcs=oracle, args=args, train_dataset=chat, processing_class=tok)
+    message = str(err.value)
+    assert "tokenizer.chat_template" in message and "plain text" in message
+    assert oracle.calls == []
+    suggested = re.search(r'such as "(.*?)"\)', message).group(1).replace("\\n", "\n")
+    tok.chat_template = suggested
+    assert tok.apply_chat_template(chat[0]["prompt"], tokenize=False) == "ab\n\n"
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=oracle, args=args, train_dataset=chat,
+                           processing_class=tok)
+    trainer.train()
+    assert 0 < trainer.ledger.spent <= 4 and all(r.prompt == "ab\n\n" for r in trainer.ledger.records)
+
+
 def test_tokenizer_without_pad_falls_back_to_eos(tmp_path, skewed_model):
     from conftest import make_char_tokenizer
 

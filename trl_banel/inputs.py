@@ -5,6 +5,7 @@ import logging
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from trl.data_utils import is_conversational
 
 from .adapters import no_checkpointing_deprecation
 from .config import BaNELConfig
@@ -71,8 +72,9 @@ def load_tokenizer(model):
                          f"{reason}). Pass processing_class=tokenizer to BaNELTrainer.") from e
 
 
-def check_dataset(dataset):
-    """A `datasets.Dataset` with a `prompt` column and at least one row."""
+def check_dataset(dataset, tokenizer=None):
+    """A `datasets.Dataset` with a `prompt` column and at least one row; conversational prompts need a tokenizer
+    with a chat template (checked on the first row: TRL's datasets are either conversational or not)."""
     if dataset is None:
         raise ValueError("train_dataset is required: a datasets.Dataset with a 'prompt' column.")
     if not isinstance(dataset, Dataset):
@@ -83,3 +85,11 @@ def check_dataset(dataset):
             "for unconditional generation a single row with an empty prompt.")
     if len(dataset) == 0:
         raise ValueError("train_dataset is empty; give at least one prompt.")
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None) is None \
+            and is_conversational({"prompt": dataset[0]["prompt"]}):
+        raise ValueError(
+            f"train_dataset's prompts are conversational (lists of {{'role', 'content'}} messages) but the tokenizer "
+            f"{type(tokenizer).__name__} has no chat template to render them. Set `tokenizer.chat_template` (a base "
+            "model's tokenizer often has none: copy the template of its instruction-tuned sibling, or write a plain "
+            "one such as \"{% for m in messages %}{{ m['content'] }}\\n\\n{% endfor %}\"), or give the prompts "
+            "as plain text.")

@@ -97,7 +97,7 @@ class BaNELTrainer(_BaseTrainer):
         args = resolve_args(model, args)
         model = load_model(model, peft_config)
         processing_class = prepare_tokenizer(processing_class, model)
-        check_dataset(train_dataset)
+        check_dataset(train_dataset, processing_class)
         self.oracle = RewardOracle.from_config(reward_funcs, args)
         super().__init__(model=model, args=args, data_collator=identity, train_dataset=train_dataset,
                          processing_class=processing_class, callbacks=callbacks, optimizers=optimizers)
