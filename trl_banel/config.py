@@ -1,11 +1,14 @@
 """Configuration of [`BaNELTrainer`]."""
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 import torch
 
 from trl.trainer.base_config import _BaseConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,7 +40,8 @@ class BaNELConfig(_BaseConfig):
         max_reward_evaluations (`int`, *optional*, defaults to `7500`):
             The NRE budget: the total number of reward-oracle evaluations, a hard cap across all rounds and processes.
         evaluations_per_round (`int`, *optional*, defaults to `50`):
-            At most this many accepted candidates are sent to the oracle per round (`m` in the paper).
+            At most this many accepted candidates are sent to the oracle per round (`m` in the paper); above
+            `max_reward_evaluations` it is lowered to it, with a warning.
         num_candidates (`int`, *optional*, defaults to `512`):
             The most proposals drawn from the generator per proposal batch (summed over processes). Each batch is
             sized to what its round (or distillation) still needs at the yield measured so far, with a margin; a
@@ -538,8 +542,11 @@ class BaNELConfig(_BaseConfig):
             bad("max_reward_evaluations", "an integer >= 1")
         if not _is_int(self.evaluations_per_round) or self.evaluations_per_round < 1:
             bad("evaluations_per_round", "an integer >= 1")
-        if self.evaluations_per_round > self.max_reward_evaluations:
-            bad("evaluations_per_round", f"at most max_reward_evaluations={self.max_reward_evaluations}")
+        if self.evaluations_per_round > self.max_reward_evaluations:  # a round cannot spend more than the budget
+            logger.warning("evaluations_per_round=%d is above max_reward_evaluations=%d: using %d (the whole budget "
+                           "in one round; lower evaluations_per_round to spend it over several rounds).",
+                           self.evaluations_per_round, self.max_reward_evaluations, self.max_reward_evaluations)
+            self.evaluations_per_round = self.max_reward_evaluations
         for name in ("num_candidates", "max_proposal_batches", "max_idle_rounds", "max_completion_length",
                      "generation_batch_size", "scoring_batch_size", "failure_epochs", "failure_batch_size",
                      "failure_lora_r", "failure_lora_alpha", "distill_samples", "distill_steps",
