@@ -4,6 +4,7 @@ and (slow) recipes/gsm8k_hard.py end to end on the reduced model and hard set.""
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import random
 import re
@@ -69,8 +70,9 @@ def test_hard_problems_have_more_steps_and_larger_numbers_than_easy():
     hard = gsm.problem_set(0, gsm.HARD, 200, "hard")
     assert max(p.steps for p in easy) < min(p.steps for p in hard)
     biggest = lambda p: max(int(n) for n in re.findall(r"\d+", p.solution))  # noqa: E731
-    assert sum(biggest(p) >= 100 for p in hard) > 0.8 * len(hard) and max(map(biggest, easy)) <= 50
-    assert max(int(n) for p in easy for n in re.findall(r"\d+", p.question)) <= 20
+    stated = lambda p: max(int(n) for n in re.findall(r"\d+", p.question))  # noqa: E731
+    assert sum(biggest(p) > 50 for p in hard) > 0.7 * len(hard) and max(map(biggest, easy)) <= 50
+    assert sum(stated(p) > 20 for p in hard) > 0.8 * len(hard) and max(map(stated, easy)) <= 20
 
 
 def test_problem_sets_are_seeded_and_distinct():
@@ -255,9 +257,48 @@ def test_hard_set_takes_the_first_candidates_the_screen_never_saw_solved(monkeyp
     monkeypatch.setattr(gsm, "score", lambda question, completions, target: [float(c in solved) for c in completions])
     args = gsm.Args(hard_questions=3, screen_samples=5)
     chosen, screened = gsm.select_hard(None, None, candidates, args)
-    assert chosen == [0, 2, 4] and screened == [0, 5, 0, 5, 0]  # stops screening once the set is full
+    assert chosen == [0, 2, 4]  # stops screening once the set is full
+    assert screened == [{"samples": 5, "successes": n} for n in (0, 5, 0, 5, 0)]
     with pytest.raises(RuntimeError, match="hard_candidates"):
         gsm.select_hard(None, None, candidates, dataclasses.replace(args, hard_questions=5))
+
+
+def test_hard_set_skips_candidates_out_of_reach_without_screening_them(monkeypatch):
+    """A candidate whose canonical solution is less likely than 10^min_canonical_log10 is never sampled: the
+    hard set is rare but within reach."""
+    candidates = gsm.problem_set(0, gsm.HARD, 5, "hard")
+    log10 = {c.question: v for c, v in zip(candidates, [-12.0, -5.0, -8.5, -2.0, -7.9])}
+    monkeypatch.setattr(gsm, "solution_log_prob", lambda model, tok, p: log10[p.question] * math.log(10))
+    sampled = []
+
+    def sample(model, tok, question, n, *a, **k):
+        sampled.append(question)
+        return [question] * n
+
+    monkeypatch.setattr(gsm, "sample_completions", sample)
+    monkeypatch.setattr(gsm, "score", lambda question, completions, target: [0.0] * len(completions))
+    args = gsm.Args(hard_questions=3, screen_samples=5, min_canonical_log10=-8.0)
+    chosen, screened = gsm.select_hard(object(), None, candidates, args)
+    assert chosen == [1, 3, 4] and screened == [None, {"samples": 5, "successes": 0}, None,
+                                                {"samples": 5, "successes": 0}, {"samples": 5, "successes": 0}]
+    assert sampled == [candidates[i].question for i in (1, 3, 4)]
+
+
+def test_the_screen_draws_in_chunks_and_stops_at_the_first_success(monkeypatch):
+    """A candidate solved in its second draw costs two draws, not screen_samples; one never solved costs them all."""
+    candidates = gsm.problem_set(0, gsm.HARD, 2, "hard")
+    draws = []
+
+    def sample(model, tok, question, n, *a, seed=0, **k):
+        draws.append((question, n, seed))
+        return [question if question == candidates[0].question and len(draws) == 2 else ""] * n
+
+    monkeypatch.setattr(gsm, "sample_completions", sample)
+    monkeypatch.setattr(gsm, "score", lambda question, completions, target: [float(bool(c)) for c in completions])
+    monkeypatch.setattr(gsm, "SCREEN_CHUNK", 4)
+    chosen, screened = gsm.select_hard(None, None, candidates, gsm.Args(hard_questions=1, screen_samples=10))
+    assert chosen == [1] and screened == [{"samples": 8, "successes": 4}, {"samples": 10, "successes": 0}]
+    assert [n for _, n, _ in draws] == [4, 4, 4, 4, 2] and len({seed for *_, seed in draws}) == 5
 
 
 def test_main_writes_the_sets_the_gsm8k_recipe_reads(reduced, tmp_path):
@@ -265,11 +306,12 @@ def test_main_writes_the_sets_the_gsm8k_recipe_reads(reduced, tmp_path):
     cache, folder = reduced
     args = gsm.Args(reduced=True, cache_dir=str(cache), data_dir=str(tmp_path), results="", measure=False,
                     hard_candidates=6, screen_samples=2, max_completion_length=4, hard_questions=3,
-                    easy_questions=4)
+                    easy_questions=4, min_canonical_log10=-math.inf)  # an untrained model reaches nothing
     result = gsm.main(args)
     assert result["model_dir"] == str(folder)
     # an untrained model succeeds on no candidate: the hard set is the first three, in order
-    assert result["hard_set"]["chosen_candidates"] == [0, 1, 2] and result["hard_set"]["screen_successes"] == [0] * 3
+    assert result["hard_set"]["chosen_candidates"] == [0, 1, 2]
+    assert result["hard_set"]["screen_successes"] == [{"samples": 2, "successes": 0}] * 3
     for name, n in ((gsm.HARD_FILE, 3), (gsm.EASY_FILE, 4)):
         questions = recipe.load_questions(recipe.ScriptArguments(dataset_name=str(tmp_path / name),
                                                                  question_ids=list(range(n))))
@@ -289,6 +331,7 @@ def test_command_line_measures_and_writes_json_and_a_table_naming_the_command(tm
     """The docs' command, reduced: build, screen, measure, write PATH.json and PATH.md."""
     args = ["--reduced", "true", "--cache_dir", str(tmp_path), "--data_dir", str(tmp_path), "--results",
             str(tmp_path / "prior"), "--hard_candidates", "3", "--screen_samples", "2", "--hard_questions", "2",
+            "--min_canonical_log10=-inf",  # an untrained model reaches nothing
             "--hard_samples", "5", "--easy_questions", "2", "--easy_samples", "2", "--max_completion_length", "6"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "examples")])}
     proc = subprocess.run([sys.executable, "recipes/gsm_synthetic.py", *args], capture_output=True, text=True,
@@ -326,3 +369,35 @@ def test_gsm8k_recipe_runs_on_the_reduced_model_and_hard_set(reduced, tmp_path):
     assert entry["question_id"] == 1 and entry["target"] == hard[1]["target"]
     assert 0 < entry["nre_spent"] <= 8 and entry["eval_samples"] == 8
     assert (out / "q1" / "model.safetensors").exists() and (out / "q1" / "result.json").exists()
+
+
+@pytest.mark.slow  # two short training runs on the reduced model (about 20 s)
+def test_the_comparison_benchmark_runs_both_methods_within_budget_and_reuses_its_runs(reduced, tmp_path):
+    """benchmarks/gsm_synthetic.py on the reduced model: each run spends at most the budget through its ledger, is
+    cached and not re-run, the tables are written, and the tuning question is refused as an evaluation question."""
+    from benchmarks import gsm_synthetic as bench
+
+    _, folder = reduced
+    rows = [p.row(i) for i, p in enumerate(gsm.problem_set(0, gsm.HARD, 2, "hard"))]
+    prior = {"hard": [{"id": r["id"], "question": r["input"], "target": r["target"], "successes": 0,
+                       "samples": 3700} for r in rows]}
+    (tmp_path / "prior.json").write_text(json.dumps(prior))
+    args = bench.Args(question_ids=[0], tuning_question=1, seeds=[0], budget=6, eval_samples=4, curve_samples=2,
+                      model_dir=str(folder), prior=str(tmp_path / "prior.json"), out=str(tmp_path / "out"))
+    bench.main(args)
+    runs = json.loads((tmp_path / "out" / "runs" / "q0.json").read_text())
+    assert set(runs) == {"pretrained", "banel_seed0", "grpo_seed0"}
+    for key in ("banel_seed0", "grpo_seed0"):
+        assert 0 < runs[key]["final"]["nre"] <= 6 and runs[key]["settings"]["budget"] == 6
+    assert runs["banel_seed0"]["settings"]["max_completion_length"] == bench.MAX_COMPLETION_LENGTH
+    assert runs["grpo_seed0"]["settings"]["learning_rate"] == bench.DEFAULT_KNOBS["grpo"]["learning_rate"]
+    assert runs["pretrained"]["final"]["high"] == pytest.approx(9.96e-4, rel=1e-2)  # 0/3700: the upper bound
+    summary = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert [q["question"] for q in summary["questions"]] == [0] and summary["budget"] == 6
+    assert (tmp_path / "out" / "comparison.png").stat().st_size > 0
+    assert "| 0 | 0/3700 | banel |" in (tmp_path / "out" / "comparison.md").read_text()
+    before = (tmp_path / "out" / "runs" / "q0.json").read_text()
+    bench.main(args)  # cached: nothing re-run
+    assert (tmp_path / "out" / "runs" / "q0.json").read_text() == before
+    with pytest.raises(ValueError, match="tuning question"):
+        bench.main(dataclasses.replace(args, question_ids=[1]))
