@@ -82,6 +82,25 @@ def test_sparse_targets_leave_the_generator_unchanged_where_nothing_is_rejected(
     assert sum(float(p.grad.abs().sum()) for p in skewed_model.parameters() if p.grad is not None) == 0.0
 
 
+def test_the_trainer_loss_takes_sparse_targets_through_the_exact_objective(char_tokenizer, skewed_model):
+    """`distillation_loss` (what `compute_loss` calls) on a micro-batch with sparse targets is the exact objective's
+    loss: zero gradient where nothing is rejected. It used to fall through to maximum likelihood on the proposals at
+    every vocabulary large enough for sparse targets (the self-distillation the exact objective exists to avoid)."""
+    from trl_banel.distill import distillation_loss
+
+    batch = candidates(char_tokenizer, ["cat", "cat", "dog", "bird", "cat", "dog"])
+    item = _sparse_item(skewed_model, batch, k=4)
+    loss, logs = distillation_loss(skewed_model, item)
+    assert float(loss) == float(exact_loss(skewed_model, item)[0]) and "distill/cross_entropy" in logs
+    skewed_model.zero_grad()
+    loss.backward()
+    assert sum(float(p.grad.abs().sum()) for p in skewed_model.parameters() if p.grad is not None) == 0.0
+    item["rejected"][0] = 1.0  # a rejected proposal: now the objective moves the generator
+    skewed_model.zero_grad()
+    distillation_loss(skewed_model, item)[0].backward()
+    assert sum(float(p.grad.abs().sum()) for p in skewed_model.parameters() if p.grad is not None) > 0
+
+
 def test_the_sparse_gradient_is_the_cross_entropy_to_the_kept_tokens_and_one_bucket(char_tokenizer, skewed_model):
     from conftest import make_tiny_model
 

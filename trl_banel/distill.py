@@ -35,7 +35,7 @@ def distillation_loss(model, inputs: dict, kl_coef: float = 0.0, reference=None)
     """
     ids, att, comp = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
     log_probs, targets, mask = completion_log_softmax(model, ids, att, comp)  # one forward, for the KL too
-    if "teacher_log_probs" in inputs:  # the exact objective (trl_banel.exact_distillation)
+    if "teacher_log_probs" in inputs or "teacher_top_ids" in inputs:  # the exact objective, whole or sparse targets
         nll, logs = exact_loss(model, inputs, (log_probs, targets, mask))
     else:
         logs = {}
