@@ -220,3 +220,70 @@ def test_known_failures_of_long_completions_are_drawn_though_their_mass_underflo
     first = [char_tokenizer.convert_tokens_to_ids(s[0]) for s in SKEWED]
     share = (drawn == first[1]).float().mean()  # "dog" holds 3/4 of the mass
     assert 0.65 < share < 0.85 and not (drawn == first[2]).any() and not (drawn == first[3]).any()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training losses at a large vocabulary: the logits a chunk of positions at a time
+def _grads(model, loss) -> list[torch.Tensor]:
+    model.zero_grad()
+    loss.backward()
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def _chunk_everything(monkeypatch, values: int):
+    """Losses on any micro-batch take the chunked path, `values` logits per chunk."""
+    monkeypatch.setattr(posterior, "MAX_LOGITS_VALUES", 0)
+    monkeypatch.setattr(posterior, "CHUNK_VALUES", values)
+
+
+def test_chunked_maximum_likelihood_has_the_loss_and_gradient_of_whole_logits(char_tokenizer, skewed_model,
+                                                                              monkeypatch):
+    from trl_banel.distill import distillation_loss
+
+    batch = candidates(char_tokenizer, ["cat", "zebra", "dog", "bird"])
+    item = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+            "completion_mask": batch.completion_mask, "weight": torch.tensor([1.0, 0.5, 2.0, 0.0])}
+    whole = distillation_loss(skewed_model, item)[0]
+    whole_grads = _grads(skewed_model, whole)
+    vocab = skewed_model.config.vocab_size
+    _chunk_everything(monkeypatch, 4 * 2 * vocab)  # 2 positions of the 4 sequences per chunk
+    sizes = _record_logits(skewed_model)
+    part = distillation_loss(skewed_model, item)[0]
+    part_grads = _grads(skewed_model, part)
+    assert part.item() == pytest.approx(whole.item(), rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole_grads, part_grads))
+    # the model's own forward made the logits of one position; each chunk two positions' (again in the backward)
+    assert max(sizes) <= 4 * 2 * vocab and sizes[0] == 4 * vocab
+    assert len(sizes) == 1 + 2 * 3  # 6 positions (5 letters and EOS) in 3 chunks, each made twice
+
+
+def test_chunked_exact_objective_matches_whole_logits_and_stays_exactly_still_where_nothing_is_rejected(
+        char_tokenizer, skewed_model, monkeypatch):
+    """Whole targets with rejected proposals and drawn known failures: the same loss and gradient chunked as whole.
+    Sparse targets made chunk by chunk (as the loss makes q): a gradient of exactly 0 with nothing rejected, and the
+    same targets as whole logits give, prefix evidence included."""
+    from trl_banel.distill import distillation_loss
+
+    batch = candidates(char_tokenizer, ["cat", "cat", "dog", "bird", "zebra", "dog"])
+    known = candidates(char_tokenizer, ["cat", "dog"])
+    targets = ExactTargets(batch, torch.tensor([False, False, True, False, True, False]), 0.7, known,
+                           torch.tensor([0.6, 0.2], dtype=torch.float64))
+    item = micro_batches(targets, 1, len(batch), 0,
+                         lambda b: exact_distillation.proposal_distribution(skewed_model, b, None, 0.0))[0]
+    whole, whole_logs = distillation_loss(skewed_model, item)
+    whole_grads = _grads(skewed_model, whole)
+    evidence = PrefixEvidence()
+    evidence.add("", known.input_ids[0, known.prompt_width:known.prompt_width + 2].tolist())
+    whole_sparse = _sparse_item(skewed_model, batch, k=4, evidence=evidence, pseudo_count=1.0)
+    _chunk_everything(monkeypatch, len(batch) * 2 * skewed_model.config.vocab_size)
+    part, part_logs = distillation_loss(skewed_model, item)
+    assert part.item() == pytest.approx(whole.item(), rel=1e-5)
+    assert part_logs["distill/cross_entropy"].item() == pytest.approx(whole_logs["distill/cross_entropy"].item(),
+                                                                      rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole_grads, _grads(skewed_model, part)))
+    sparse = _sparse_item(skewed_model, batch, k=4)
+    assert sum(float(g.abs().sum()) for g in _grads(skewed_model, distillation_loss(skewed_model, sparse)[0])) == 0
+    chunked_sparse = _sparse_item(skewed_model, batch, k=4, evidence=evidence, pseudo_count=1.0)
+    assert torch.equal(chunked_sparse["teacher_top_ids"], whole_sparse["teacher_top_ids"])
+    assert torch.allclose(chunked_sparse["teacher_top_log_probs"], whole_sparse["teacher_top_log_probs"], atol=1e-6)
+    assert not torch.allclose(chunked_sparse["teacher_top_log_probs"], sparse["teacher_top_log_probs"])  # evidence

@@ -16,7 +16,7 @@ from trl.models.utils import prepare_deepspeed
 from .adapters import gathered_copy
 from .distributed import mean_over_ranks
 from .exact_distillation import ExactDistillation, ExactTargets, exact_loss
-from .posterior import completion_log_softmax, sequence_log_probs, token_kl
+from .posterior import CompletionChunks, chunked, completion_log_softmax, sequence_log_probs, token_kl
 from .stats import clopper_pearson
 
 logger = logging.getLogger(__name__)
@@ -34,8 +34,13 @@ def distillation_loss(model, inputs: dict, kl_coef: float = 0.0, reference=None)
     pretrained generator (a context manager, see [`pretrained_generator`]).
     """
     ids, att, comp = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+    exact = "teacher_log_probs" in inputs or "teacher_top_ids" in inputs  # the exact objective (whole, sparse targets)
+    if not kl_coef > 0 and chunked(model, ids, comp):  # a large vocabulary: one chunk of positions' logits at a time
+        nll, logs = exact_loss(model, inputs) if exact else (_chunked_nll(model, inputs), {})
+        logs["distill/loss"] = nll.detach()
+        return nll, logs
     log_probs, targets, mask = completion_log_softmax(model, ids, att, comp)  # one forward, for the KL too
-    if "teacher_log_probs" in inputs or "teacher_top_ids" in inputs:  # the exact objective, whole or sparse targets
+    if exact:
         nll, logs = exact_loss(model, inputs, (log_probs, targets, mask))
     else:
         logs = {}
@@ -51,6 +56,17 @@ def distillation_loss(model, inputs: dict, kl_coef: float = 0.0, reference=None)
     kl = token_kl(log_probs, reference_log_probs, mask)
     logs["distill/kl_to_pretrained"] = kl.detach()
     return nll + kl_coef * kl, logs
+
+
+def _chunked_nll(model, inputs: dict) -> torch.Tensor:
+    """[`distillation_loss`]'s weighted token negative log-likelihood, its logits made one chunk of positions at a
+    time."""
+    chunks = CompletionChunks(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+    weight = inputs.get("weight")
+    weighted_mask = chunks.mask if weight is None else chunks.mask * weight.unsqueeze(1)
+    total = chunks.total(lambda log_probs, sl: (torch.gather(log_probs, 2, chunks.targets[:, sl].unsqueeze(-1))
+                                                .squeeze(-1) * weighted_mask[:, sl]).sum())
+    return -total / chunks.mask.sum().clamp(min=1)
 
 
 def frozen_copy(policy, accelerator, zero3: bool):

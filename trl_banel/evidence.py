@@ -186,11 +186,23 @@ def discounted_top_k(log_probs: torch.Tensor, targets: torch.Tensor, mask: torch
     `(N, C, k)`, on the device of `log_probs` (float32 and int64).
     """
     values, ids = log_probs.detach().topk(k, dim=-1)
+    discount_tried_top_k(values, ids, lambda i, t: log_probs[i, t], targets, mask, prompt_texts, evidence,
+                         pseudo_count)
+    return values, ids
+
+
+def discount_tried_top_k(values: torch.Tensor, ids: torch.Tensor, row_log_probs, targets: torch.Tensor,
+                         mask: torch.Tensor, prompt_texts: list[str], evidence: PrefixEvidence, pseudo_count: float):
+    r"""[`discounted_top_k`]'s evidence, in place: at each position failures went through, `values` and `ids` become
+    the discounted distribution's tried children first, then the most probable of the rest. `row_log_probs(i, t)`
+    gives the generator's next-token log-probabilities at row `i`, position `t` (whole, or made for that position
+    alone when a micro-batch's logits are made in chunks)."""
     if not pseudo_count > 0:
-        return values, ids
+        return
+    k = values.shape[-1]
     for i, t, children, discount in tried_positions(targets, mask, prompt_texts, evidence, pseudo_count):
-        children, discount = children[:k].to(log_probs.device), discount[:k].to(log_probs.device)
-        row = log_probs[i, t].detach().double().clone()
+        children, discount = children[:k].to(values.device), discount[:k].to(values.device)
+        row = row_log_probs(i, t).detach().double().clone()
         row[children] += discount
         row -= torch.logsumexp(row, 0)
         rest = row.clone()
@@ -198,7 +210,6 @@ def discounted_top_k(log_probs: torch.Tensor, targets: torch.Tensor, mask: torch
         top_rest = rest.topk(k - len(children)).indices
         ids[i, t] = torch.cat([children, top_rest])
         values[i, t] = row[ids[i, t]].to(values.dtype)
-    return values, ids
 
 
 def proposal_log_probs(log_probs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, prompt_texts: list[str],

@@ -50,11 +50,13 @@ from typing import Callable
 import torch
 
 from .distributed import sum_over_ranks
-from .evidence import discounted_log_probs, discounted_token_log_probs, discounted_top_k
+from .evidence import discount_tried_top_k, discounted_log_probs, discounted_token_log_probs, discounted_top_k
 from .posterior import (
     MAX_LOGITS_VALUES,
     Candidates,
+    CompletionChunks,
     _completion_logits,
+    chunked,
     completion_log_softmax,
     completion_positions,
     completion_token_log_probs,
@@ -132,14 +134,26 @@ def sparse_proposal_distribution(model, batch: Candidates, evidence, pseudo_coun
     (`teacher_rest`), computed on the model's device exactly as the loss computes `q`'s (so that it is exactly
     `q`'s where `pi` is the generator)."""
     device = next(model.parameters()).device
+    tensors = (batch.input_ids.to(device), batch.attention_mask.to(device), batch.completion_mask.to(device))
     with torch.no_grad():
-        log_probs, targets, mask = completion_log_softmax(
-            model, batch.input_ids.to(device), batch.attention_mask.to(device), batch.completion_mask.to(device))
-        k = min(k, log_probs.shape[-1])
-        top, ids = discounted_top_k(log_probs, targets, mask, batch.prompt_texts, evidence, pseudo_count, k)
-        del log_probs
+        if chunked(model, tensors[0], tensors[2]):  # the loss makes q chunk by chunk: the targets are made alike
+            top, ids = chunked_top_k(CompletionChunks(model, *tensors), batch.prompt_texts, evidence, pseudo_count, k)
+        else:
+            log_probs, targets, mask = completion_log_softmax(model, *tensors)
+            k = min(k, log_probs.shape[-1])
+            top, ids = discounted_top_k(log_probs, targets, mask, batch.prompt_texts, evidence, pseudo_count, k)
+            del log_probs
         rest = 1 - top.exp().sum(-1)
     return {"teacher_top_log_probs": top.float().cpu(), "teacher_top_ids": ids.cpu(), "teacher_rest": rest.cpu()}
+
+
+def chunked_top_k(chunks: CompletionChunks, prompt_texts: list[str], evidence, pseudo_count: float, k: int):
+    """[`discounted_top_k`] on a micro-batch whose logits are made a chunk of positions at a time."""
+    parts = [chunks.log_softmax(sl).topk(min(k, chunks.head.weight.shape[0]), dim=-1) for sl in chunks.slices]
+    top, ids = torch.cat([p.values for p in parts], 1), torch.cat([p.indices for p in parts], 1)
+    discount_tried_top_k(top, ids, lambda i, t: chunks.log_softmax(slice(t, t + 1))[i, 0], chunks.targets,
+                         chunks.mask, prompt_texts, evidence, pseudo_count)
+    return top, ids
 
 
 def teacher_targets(model, batch: Candidates, evidence, pseudo_count: float) -> dict:
@@ -235,6 +249,8 @@ def exact_loss(model, inputs: dict, forward: tuple | None = None) -> tuple[torch
     `forward`: the proposals' `completion_log_softmax` under `model`, if the caller has it already (a KL term needs
     it too); computed here otherwise.
     """
+    if forward is None and chunked(model, inputs["input_ids"], inputs["completion_mask"]):
+        return _chunked_exact_loss(model, inputs)
     log_probs, targets, mask = forward or completion_log_softmax(
         model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
     n = log_probs.shape[0]
@@ -254,10 +270,43 @@ def exact_loss(model, inputs: dict, forward: tuple | None = None) -> tuple[torch
                                                              f["completion_mask"])
             f_token = torch.gather(f_lp, 2, f_targets.unsqueeze(-1)).squeeze(-1)
         failures = inputs["failure_weight"] * (f_token * f_mask).sum(1).mean()
-    loss = (surrogate + rejected + failures) / inputs["acceptance"].clamp(min=1e-3)
-    per_token = mask.sum().clamp(min=1) / n  # so that the loss is on the posterior objective's per-token scale
+    return _exact_total(surrogate + rejected, failures, cross_entropy, mask, inputs)
+
+
+def _exact_total(proposals_term, failures, cross_entropy, mask, inputs) -> tuple[torch.Tensor, dict]:
+    """The loss from its parts: the proposals' terms (the cross-entropy's surrogate and the rejected proposals') and
+    the known failures', over the acceptance rate, per completion token."""
+    loss = (proposals_term + failures) / inputs["acceptance"].clamp(min=1e-3)
+    per_token = mask.sum().clamp(min=1) / mask.shape[0]  # so that the loss is on the posterior objective's scale
     parts = {"distill/cross_entropy": cross_entropy / per_token, "distill/known_failure_term": failures.detach()}
     return loss / per_token, parts
+
+
+def _chunked_exact_loss(model, inputs: dict) -> tuple[torch.Tensor, dict]:
+    """[`exact_loss`] with the logits made a chunk of positions at a time (a large vocabulary; see
+    [`CompletionChunks`]): the same terms, summed over the chunks."""
+    chunks = CompletionChunks(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+    n = chunks.targets.shape[0]
+    sparse = "teacher_top_ids" in inputs
+    keys = ("teacher_top_ids", "teacher_top_log_probs", "teacher_rest") if sparse else ("teacher_log_probs",)
+
+    def term(log_probs, sl):
+        mask = chunks.mask[:, sl]
+        cross_entropy, surrogate = (_sparse_cross_entropy if sparse else _cross_entropy)(
+            log_probs, mask, {k: inputs[k][:, sl] for k in keys})
+        token_lp = (torch.gather(log_probs, 2, chunks.targets[:, sl].unsqueeze(-1)).squeeze(-1) * mask).sum(1)
+        return torch.stack([surrogate + (token_lp * inputs["rejected"]).sum() / n, cross_entropy.detach()])
+
+    proposals_term, cross_entropy = chunks.total(term)
+    failures = torch.zeros((), device=chunks.hidden.device)
+    if "failures" in inputs:
+        f = inputs["failures"]
+        fc = CompletionChunks(model, f["input_ids"], f["attention_mask"], f["completion_mask"])
+        drawn = fc.targets.shape[0]
+        failures = inputs["failure_weight"] * fc.total(
+            lambda lp, sl: (torch.gather(lp, 2, fc.targets[:, sl].unsqueeze(-1)).squeeze(-1) * fc.mask[:, sl]).sum()
+            / drawn)
+    return _exact_total(proposals_term, failures, cross_entropy, chunks.mask, inputs)
 
 
 def _cross_entropy(log_probs, mask, inputs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,11 +8,16 @@ position ids that skip padding exactly as generation did.
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 # The most logits one scoring forward may hold: 64M values (256 MB in float32), whatever the vocabulary. Chunks of
 # sequences are cut to fit (down to one sequence), so scoring memory does not grow with the number of candidates nor,
 # beyond one sequence's logits, with the vocabulary (at 151,936 tokens a 128-token completion's logits are 19.6M).
 MAX_LOGITS_VALUES = 64_000_000
+# A training micro-batch whose completion logits would hold more values than MAX_LOGITS_VALUES is computed in chunks
+# of positions of at most this many logits each (see `CompletionChunks`): at 151,936 tokens, 8 sequences of 128
+# tokens take 22 chunks of 6 positions (32 MB of logits each) instead of 598 MB at once.
+CHUNK_VALUES = 8_000_000
 
 
 @dataclass
@@ -95,6 +100,60 @@ def _completion_logits(model, input_ids, attention_mask, completion_mask, **forw
         logits_to_keep=keep, **forward_kwargs,
     ).logits[:, -keep:-1].float()
     return logits, input_ids[:, start:], completion_mask[:, start:].to(logits.dtype)
+
+
+def output_layer(model):
+    """The output layer of `model` (under a DDP wrapper or a PEFT model), or None where the logits are not that layer
+    applied to the last hidden state: DeepSpeed engines (their parameters are gathered only inside their forward),
+    soft-capped or scaled logits."""
+    if hasattr(model, "zero_optimization_stage"):  # a DeepSpeed engine
+        return None
+    inner = getattr(model, "module", model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    config = getattr(inner, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    getter = getattr(inner, "get_output_embeddings", None)
+    return getter() if getter is not None else None
+
+
+def chunked(model, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> bool:
+    """Whether a training micro-batch's completion logits would exceed `MAX_LOGITS_VALUES` (and the model lets its
+    output layer be applied outside its forward): then the losses take them in chunks ([`CompletionChunks`])."""
+    vocab = vocab_size(model)
+    size = input_ids.shape[0] * completion_positions(completion_mask) * (vocab or 0)
+    return size > MAX_LOGITS_VALUES and output_layer(model) is not None
+
+
+class CompletionChunks:
+    r"""
+    One forward pass of a micro-batch that keeps the final hidden states of its completion positions instead of
+    their logits. `log_softmax(sl)` makes the next-token log-probabilities of the positions `sl` from them (the output
+    layer, in float32, as the model's own logits are), and `total(term)` sums `term(log_probs, sl)` over chunks of at
+    most `CHUNK_VALUES` logits, each chunk's logits made again in the backward pass (activation checkpointing): one
+    chunk's vocabulary-sized tensors exist at a time, not the micro-batch's. `targets` and `mask` are as
+    [`completion_log_softmax`] returns them.
+    """
+
+    def __init__(self, model, input_ids, attention_mask, completion_mask, max_values: int | None = None):
+        start = int(completion_mask.any(0).long().argmax()) if completion_mask.any() else input_ids.shape[1] - 1
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), logits_to_keep=1, output_hidden_states=True)
+        self.hidden = out.hidden_states[-1][:, start - 1: -1]
+        self.head = output_layer(model)
+        self.targets = input_ids[:, start:]
+        self.mask = completion_mask[:, start:].float()
+        rows, width = self.targets.shape
+        step = max(1, (max_values or CHUNK_VALUES) // max(rows * self.head.weight.shape[0], 1))
+        self.slices = [slice(a, min(a + step, width)) for a in range(0, width, step)]
+
+    def log_softmax(self, sl: slice, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.hidden[:, sl] if hidden is None else hidden).float().log_softmax(-1)
+
+    def total(self, term) -> torch.Tensor:
+        parts = [checkpoint(lambda h, sl=sl: term(self.log_softmax(sl, h), sl), self.hidden[:, sl],
+                            use_reentrant=False) for sl in self.slices]
+        return torch.stack(parts).sum(0)
 
 
 def completion_log_softmax(model, input_ids, attention_mask, completion_mask, **forward_kwargs):
