@@ -19,6 +19,9 @@ and time do not depend on which tokens they are), the negatives the first `negat
 - exact steps / posterior steps: `distill_steps` optimiser steps of the distillation loss on micro-batches of
   `per_device_train_batch_size` sequences (one step first, not measured: Adam's state is the model's size, not the
   logits').
+- full run (the largest vocabulary only): `trainer.train()` at the package defaults with a budget of 100
+  evaluations (an oracle that always fails) and the completion length above; the process's peak resident memory
+  (absolute, the model and everything included) and wall seconds.
 
 "one micro-batch's logits" is `per_device_train_batch_size x (completion + 1) x vocabulary` float32 values: what
 issue 30 allows a part's peak to grow by from 8k to 152k tokens.
@@ -26,6 +29,7 @@ issue 30 allows a part's peak to grow by from 8k to 152k tokens.
 Writes benchmarks/results/vocab_memory/vocab_memory.{json,md,png}.
 """
 
+import dataclasses
 import json
 import os
 import platform
@@ -70,12 +74,16 @@ class Args:
     hidden_size: int = field(default=64, metadata={"help": "Hidden size of the random Qwen2."})
     layers: int = field(default=2, metadata={"help": "Layers of the random Qwen2."})
     seed: int = field(default=0, metadata={"help": "Seed of the model, the candidates and the sampler."})
+    full_run_budget: int = field(default=100, metadata={
+        "help": "Budget of the whole run measured at the largest vocabulary (0: no whole run)."})
     quick: bool = field(default=False, metadata={"help": "A smoke test: two small vocabularies, short completions."})
+    out: str = field(default=str(OUT), metadata={"help": "Results folder (with --quick: its quick/ subfolder)."})
     worker: str = field(default="", metadata={"help": "Internal: 'part:vocab' measured in this process."})
 
 
-def build(vocab: int, args: Args, tmp: str):
-    """The tokenizer, the random Qwen2 and a trainer at the package defaults except the sizes measured."""
+def build(vocab: int, args: Args, tmp: str, **config):
+    """The tokenizer, the random Qwen2 and a trainer at the package defaults except the sizes measured (and
+    `config`)."""
     words = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, vocab)}}
     tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -90,7 +98,8 @@ def build(vocab: int, args: Args, tmp: str):
         output_dir=tmp, use_cpu=True, bf16=False, report_to="none", save_strategy="no", disable_tqdm=True,
         max_completion_length=args.completion_length, num_candidates=args.num_candidates,
         per_device_train_batch_size=args.per_device_train_batch_size, seed=args.seed,
-        torch_num_threads=1)  # one thread at every vocabulary: comparable seconds on a shared machine
+        torch_num_threads=1,  # one thread at every vocabulary: comparable seconds on a shared machine
+        **config)
     trainer = BaNELTrainer(model=model, reward_funcs=lambda prompts, completions, **kw: [0.0] * len(completions),
                            args=config, train_dataset=Dataset.from_dict({"prompt": [""]}), processing_class=tok)
     rng = random.Random(args.seed)
@@ -112,6 +121,8 @@ def measure(part: str, vocab: int, args: Args) -> dict:
     """One part at one vocabulary, in this (fresh) process: peak MiB above the start, and seconds."""
     import tempfile
 
+    if part == "full_run":
+        return measure_full_run(vocab, args, tempfile.mkdtemp())
     trainer, cands = build(vocab, args, tempfile.mkdtemp())
     sampler, failures, policy = trainer.sampler, trainer.failures, trainer.failures.policy
     negatives = cands[: args.negatives]
@@ -173,6 +184,18 @@ def measure(part: str, vocab: int, args: Args) -> dict:
             "objective": trainer.distill_objective}
 
 
+def measure_full_run(vocab: int, args: Args, tmp: str) -> dict:
+    """A whole run at the package defaults (only the budget, the completion length and one thread set): the process's
+    peak resident memory and wall seconds."""
+    trainer, _ = build(vocab, dataclasses.replace(args, num_candidates=BaNELConfig.num_candidates), tmp,
+                       max_reward_evaluations=args.full_run_budget)
+    start = time.time()
+    trainer.train()
+    return {"part": "full_run", "vocab": vocab, "peak_rss_mib": rss_kib("VmHWM") / 1024,
+            "seconds": time.time() - start, "nre": trainer.ledger.spent, "rounds": trainer.round,
+            "objective": trainer.distill_objective}
+
+
 def micro_batch_logits_mib(vocab: int, args: Args) -> float:
     return args.per_device_train_batch_size * (args.completion_length + 1) * vocab * 4 / 2**20
 
@@ -185,7 +208,7 @@ def main(argv=None):
         return
     if args.quick:
         args.vocab_sizes, args.completion_length, args.num_candidates, args.negatives = [8192, 32768], 16, 16, 8
-    flags = [f"--{k}={v}" for k, v in asdict(args).items() if k not in ("vocab_sizes", "quick", "worker")]
+    flags = [f"--{k}={v}" for k, v in asdict(args).items() if k not in ("vocab_sizes", "quick", "worker", "out")]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
     results = []
     for vocab in args.vocab_sizes:
@@ -198,11 +221,18 @@ def main(argv=None):
             results.append(json.loads(line[0][len("RESULT "):]))
             print(f"{part:>16} {vocab:>7}: {results[-1]['peak_mib']:8.0f} MiB {results[-1]['seconds']:7.1f} s",
                   flush=True)
+    if args.full_run_budget:
+        out = subprocess.run([sys.executable, __file__, f"--worker=full_run:{args.vocab_sizes[-1]}", *flags], env=env,
+                             capture_output=True, text=True, check=False)
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        if not line:
+            sys.exit(f"the full run failed:\n{out.stderr[-3000:]}")
+        results.append(json.loads(line[0][len("RESULT "):]))
     write(results, args)
 
 
 def write(results: list[dict], args: Args):
-    out = OUT if not args.quick else OUT / "quick"
+    out = Path(args.out) / "quick" if args.quick else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     vocabs = args.vocab_sizes
     meta = {"args": {k: v for k, v in asdict(args).items() if k != "worker"}, "torch": torch.__version__,
@@ -230,6 +260,13 @@ def write(results: list[dict], args: Args):
     logits = [micro_batch_logits_mib(v, args) for v in vocabs]
     lines.append("| one micro-batch's logits (float32) | " + " | ".join(f"{m:.0f}" for m in logits)
                  + f" | {logits[-1] - logits[0]:+.0f} |")
+    full = [r for r in results if r["part"] == "full_run"]
+    if full:
+        r = full[0]
+        lines += ["", f"A whole run at the package defaults at {r['vocab']:,} tokens ({r['nre']} evaluations in "
+                      f"{r['rounds']} rounds, {args.completion_length}-token completions, objective {r['objective']}):"
+                      f" peak resident memory **{r['peak_rss_mib'] / 1024:.2f} GiB** (the whole process), "
+                      f"{r['seconds'] / 60:.1f} minutes."]
     (out / "vocab_memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(cell, vocabs, logits, out / "vocab_memory.png")

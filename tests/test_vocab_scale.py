@@ -287,3 +287,24 @@ def test_chunked_exact_objective_matches_whole_logits_and_stays_exactly_still_wh
     assert torch.equal(chunked_sparse["teacher_top_ids"], whole_sparse["teacher_top_ids"])
     assert torch.allclose(chunked_sparse["teacher_top_log_probs"], whole_sparse["teacher_top_log_probs"], atol=1e-6)
     assert not torch.allclose(chunked_sparse["teacher_top_log_probs"], sparse["teacher_top_log_probs"])  # evidence
+
+
+@pytest.mark.slow  # 13 subprocesses, about a minute on a shared 2-core machine
+def test_the_memory_benchmark_measures_every_part_and_a_whole_run_within_its_budget(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "benchmarks/vocab_memory.py", "--quick", "--full_run_budget", "6",
+                           "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "quick" / "vocab_memory.json").read_text())["results"]
+    parts = {(r["part"], r["vocab"]) for r in results}
+    assert parts == {(p, v) for p in ("propose", "filter", "failure_fit", "exact_targets", "exact_steps",
+                                      "posterior_steps") for v in (8192, 32768)} | {("full_run", 32768)}
+    (full,) = [r for r in results if r["part"] == "full_run"]
+    assert full["nre"] == 6 and full["peak_rss_mib"] > 0
+    table = (tmp_path / "quick" / "vocab_memory.md").read_text()
+    assert "A whole run at the package defaults at 32,768 tokens" in table
