@@ -125,7 +125,8 @@ def pretrained_record(question: dict, weights: str) -> dict:
 
 def make_run(task: Task, method: str, seed: int, knobs: dict, args: Args, pretrained: dict) -> dict:
     record = run_one(task, method, seed, knobs, args.budget, args.eval_samples, args.budget, args.curve_samples,
-                     args.max_rounds_factor, os.path.join(args.out, "work", f"{task.name}_{method}_{seed}"),
+                     args.max_rounds_factor, os.path.join(os.path.dirname(os.path.abspath(args.out)), "work",
+                                                          "gsm_synthetic", f"{task.name}_{method}_{seed}"),
                      idle_steps=args.idle_steps, pretrained=pretrained)
     record["settings"].update(budget=args.budget, eval_samples=args.eval_samples,
                               generator_weights=pretrained["weights"])
