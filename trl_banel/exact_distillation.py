@@ -151,8 +151,16 @@ def chunked_top_k(chunks: CompletionChunks, prompt_texts: list[str], evidence, p
     """[`discounted_top_k`] on a micro-batch whose logits are made a chunk of positions at a time."""
     parts = [chunks.log_softmax(sl).topk(min(k, chunks.head.weight.shape[0]), dim=-1) for sl in chunks.slices]
     top, ids = torch.cat([p.values for p in parts], 1), torch.cat([p.indices for p in parts], 1)
-    discount_tried_top_k(top, ids, lambda i, t: chunks.log_softmax(slice(t, t + 1))[i, 0], chunks.targets,
-                         chunks.mask, prompt_texts, evidence, pseudo_count)
+    step, held = chunks.slices[0].stop, {}  # the last chunk made: a row's positions come in order
+
+    def row(i, t):
+        j = t // step
+        if j not in held:
+            held.clear()
+            held[j] = chunks.log_softmax(chunks.slices[j])
+        return held[j][i, t - j * step]
+
+    discount_tried_top_k(top, ids, row, chunks.targets, chunks.mask, prompt_texts, evidence, pseudo_count)
     return top, ids
 
 
