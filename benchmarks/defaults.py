@@ -320,10 +320,7 @@ def summarize(out: Path) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from trl_banel_examples.plotting import plt  # the Agg backend: files only
 
     if not rows:
         return

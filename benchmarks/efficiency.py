@@ -422,10 +422,7 @@ def write_outputs(result: dict, out: str):
 
 
 def plot(result: dict, path: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from trl_banel_examples.plotting import plt  # the Agg backend: files only
 
     names = list(result["models"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

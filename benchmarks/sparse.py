@@ -305,10 +305,7 @@ def write_outputs(summary: dict, all_runs: dict, out: str):
 
 def plot(summary: dict, all_runs: dict, path: str):
     """Success rate against NRE, one panel per task: per method the median over seeds and the interquartile band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from trl_banel_examples.plotting import plt  # the Agg backend: files only
 
     names = list(summary["tasks"])
     if not names:
