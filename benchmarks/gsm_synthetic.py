@@ -22,6 +22,7 @@ it ends and skipped when present, so the benchmark can be run in pieces and resu
 are rebuilt from the cached runs at the end.
 """
 
+import functools
 import json
 import os
 import sys
@@ -76,7 +77,9 @@ class Args:
 QUICK = dict(question_ids=[0], seeds=[0], budget=8, eval_samples=16, curve_samples=8)
 
 
+@functools.cache
 def load_recipes():
+    """recipes/gsm_synthetic.py and recipes/gsm8k_hard.py as modules, loaded once."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gsm_synthetic_recipe", ROOT / "recipes" / "gsm_synthetic.py")
@@ -251,10 +254,7 @@ def write_outputs(summary: dict, out: str):
 
 
 def plot(summary: dict, path: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from trl_banel_examples.plotting import plt  # the Agg backend: files only
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for offset, (method, color) in zip((-0.12, 0.12), (("banel", "tab:blue"), ("grpo", "tab:gray"))):
