@@ -213,22 +213,22 @@ def main(argv=None):
     results = []
     for vocab in args.vocab_sizes:
         for part in PARTS:
-            out = subprocess.run([sys.executable, __file__, f"--worker={part}:{vocab}", *flags], env=env,
-                                 capture_output=True, text=True, check=False)
-            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if not line:
-                sys.exit(f"{part} at {vocab} failed:\n{out.stderr[-3000:]}")
-            results.append(json.loads(line[0][len("RESULT "):]))
+            results.append(run_worker(part, vocab, flags, env))
             print(f"{part:>16} {vocab:>7}: {results[-1]['peak_mib']:8.0f} MiB {results[-1]['seconds']:7.1f} s",
                   flush=True)
     if args.full_run_budget:
-        out = subprocess.run([sys.executable, __file__, f"--worker=full_run:{args.vocab_sizes[-1]}", *flags], env=env,
-                             capture_output=True, text=True, check=False)
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if not line:
-            sys.exit(f"the full run failed:\n{out.stderr[-3000:]}")
-        results.append(json.loads(line[0][len("RESULT "):]))
+        results.append(run_worker("full_run", args.vocab_sizes[-1], flags, env))
     write(results, args)
+
+
+def run_worker(part: str, vocab: int, flags: list[str], env: dict) -> dict:
+    """`part` at `vocab` measured in a fresh process (this script with `--worker`): its RESULT line."""
+    out = subprocess.run([sys.executable, __file__, f"--worker={part}:{vocab}", *flags], env=env,
+                         capture_output=True, text=True, check=False)
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if not line:
+        sys.exit(f"{part} at {vocab} failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[0][len("RESULT "):])
 
 
 def write(results: list[dict], args: Args):
