@@ -71,6 +71,9 @@ CANDIDATES = {
     # the default round with prefix evidence (the ratio test rejects nothing on the tuning tasks: is novelty on
     # prefixes what finds a first success?)
     "evidence1": {"evidence_pseudo_count": 1.0},
+    # the default round with a distillation that moved the generator by more than 3x the target KL pulled back to
+    # about the target (the eval runs' step sizes: one distillation in ten moved it > 0.5 nats, up to 11)
+    "backoff0.3": {"distill_backoff_kl": 0.3},
 }
 SHIPPED = ["addition", "letters", "digits", "hard_attack"]
 GRPO_RATES = (1e-4, 3e-4, 1e-3)  # GRPO's sweep on the tuning set (benchmarks/common.py's GRPO settings otherwise)
@@ -128,7 +131,8 @@ def variant_settings(group: str, variant: str) -> dict:
 # change to them does not redo every run: when a checkpoint is saved, and gradient checkpointing (None and False are
 # both off). A run of benchmarks/defaults.py reproduced its cached result exactly after these changed.
 _NOT_THE_ROUND = {"save_every_minutes": None, "gradient_checkpointing": False,
-                  "dataloader_pin_memory": True}  # off since (nothing to pin), at its old value: runs unchanged
+                  "dataloader_pin_memory": True,  # off since (nothing to pin), at its old value: runs unchanged
+                  "distill_backoff_kl": None}  # added off (a candidate): runs unchanged
 
 
 # Raised whenever the round's code changes what a run at the defaults does (the fields alone cannot say so):

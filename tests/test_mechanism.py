@@ -519,3 +519,39 @@ def test_without_a_target_the_learning_rate_is_fixed(tmp_path, char_tokenizer, s
     trainer.train()
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
     assert not any("distill/kl_step" in h for h in trainer.history)
+
+
+def test_a_distillation_that_moved_too_far_is_pulled_back_along_its_update(tmp_path, char_tokenizer, skewed_model):
+    """With distill_backoff_kl, a distillation measured beyond it is pulled back towards its start, and the move that
+    is left is measured smaller; the learning rate is still lowered by the move first made."""
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(),
+                           args=config(tmp_path, learning_rate=1e-1, distill_target_kl=0.05, distill_backoff_kl=0.1,
+                                       max_reward_evaluations=32),
+                           train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
+    trainer.train()
+    backed = [h for h in trainer.history if "distill/backoff" in h]
+    assert backed, "a learning rate of 0.1 moves the generator far beyond 0.1 nats: a distillation must back off"
+    for h in backed:
+        assert h["distill/kl_step"] > 0.1
+        assert h["distill/backoff"] == pytest.approx((0.05 / h["distill/kl_step"]) ** 0.5)
+        assert h["distill/kl_after_backoff"] < h["distill/kl_step"], "pulled back, the move must be smaller"
+    assert all("distill/backoff" not in h for h in trainer.history if h.get("distill/kl_step", 0) <= 0.1)
+
+
+def test_backing_off_interpolates_the_weights_towards_the_start():
+    from trl_banel.distill import StepSize
+
+    class Probe:
+        policy = torch.nn.Linear(3, 2)
+
+        @staticmethod
+        def log_probs(batch):
+            return torch.zeros(1)
+
+    step = StepSize(Probe(), sampler=None, args=None, accelerator=type("A", (), {"num_processes": 1})())
+    start = [(p, torch.zeros_like(p)) for p in Probe.policy.parameters()]
+    after = [p.detach().clone() for p in Probe.policy.parameters()]
+    logs = step.back_off(start, 0.25, batch=None, before=torch.zeros(1))
+    for p, moved in zip(Probe.policy.parameters(), after):
+        torch.testing.assert_close(p.detach(), 0.25 * moved)
+    assert logs["distill/backoff"] == 0.25

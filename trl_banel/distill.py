@@ -207,15 +207,28 @@ class StepSize:
     def __init__(self, probe: DistillationProbe, sampler, args, accelerator):
         self.probe, self.sampler, self.args, self.accelerator = probe, sampler, args, accelerator
         self._before = None
+        self._start_weights = None  # (parameter, its value before the distillation), with distill_backoff_kl
+
+    @torch.no_grad()
+    def back_off(self, start: list, factor: float, batch, before) -> dict[str, float]:
+        """Pull the generator back along the distillation's update, `theta0 + factor (theta1 - theta0)` (a KL grows
+        about as the square of a small move), and measure the move that is left. The learning rate is still rescaled
+        by the move the distillation made (`distill/kl_step`), so the next one takes smaller steps."""
+        for param, initial in start:
+            param.lerp_(initial, 1.0 - factor)
+        left = mean_over_ranks(self.accelerator, [(before - self.probe.log_probs(batch)).mean().item()])
+        return {"distill/backoff": factor, "distill/kl_after_backoff": left}
 
     def start(self):
         """Before a distillation: fresh proposals of the generator as it is, and their log q (with a target only:
-        the extra proposals would change the run's random draws)."""
+        the extra proposals would change the run's random draws); with `distill_backoff_kl`, its trainable weights."""
         if not self.args.distill_target_kl > 0:
             return
         n = max(1, self.PROBE_SIZE // self.accelerator.num_processes)
         batch = self.sampler.collate(self.sampler.propose(n))
         self._before = (batch, self.probe.log_probs(batch))
+        if self.args.distill_backoff_kl > 0 and getattr(self.accelerator.state, "deepspeed_plugin", None) is None:
+            self._start_weights = [(p, p.detach().clone()) for p in self.probe.policy.parameters() if p.requires_grad]
 
     @staticmethod
     def fresh_optimizer(optimizer):
@@ -235,6 +248,9 @@ class StepSize:
         kl = mean_over_ranks(self.accelerator, [(before - self.probe.log_probs(batch)).mean().item()])
         logs = {"distill/kl_step": kl}
         target = self.args.distill_target_kl
+        start, self._start_weights = self._start_weights, None
+        if start and kl > self.args.distill_backoff_kl:
+            logs.update(self.back_off(start, (target / kl) ** 0.5, batch, before))
         if optimizer is not None:
             factor = self.MAX_FACTOR if kl <= 0 else (target / kl) ** 0.5
             factor = min(max(factor, 1 / self.MAX_FACTOR), self.MAX_FACTOR)
