@@ -44,6 +44,7 @@ from benchmarks import task_family  # noqa: E402
 from benchmarks.common import (TASKS, RunCache, blind_search, parse_args, reference_rate, run_one,  # noqa: E402
                                run_pretrained, write_markdown)
 from trl_banel import BaNELConfig  # noqa: E402
+from trl_banel.ledger import LEDGER_FILENAME  # noqa: E402
 
 PREREGISTRATION = ROOT / "benchmarks" / "preregistration.json"
 # what a task may set: the budget, lengths, batch sizes and stop rules; everything else is the default round's
@@ -74,6 +75,11 @@ CANDIDATES = {
     # the default round with a distillation that moved the generator by more than 3x the target KL pulled back to
     # about the target (the eval runs' step sizes: one distillation in ten moved it > 0.5 nats, up to 11)
     "backoff0.3": {"distill_backoff_kl": 0.3},
+    # the default round with a KL(generator || pretrained) term: on the evaluation runs at the defaults, the seeds
+    # that ended below the prior spent 85-100% of their last evaluations on malformed outputs (the pretrained
+    # generator: 0-14%), which the reverse KL to the pretrained generator penalises most
+    "klref0.3": {"distill_kl_coef": 0.3},
+    "klref1": {"distill_kl_coef": 1.0},
 }
 SHIPPED = ["addition", "letters", "digits", "hard_attack"]
 GRPO_RATES = (1e-4, 3e-4, 1e-3)  # GRPO's sweep on the tuning set (benchmarks/common.py's GRPO settings otherwise)
@@ -169,11 +175,27 @@ def load_task(group: str, name: str, cache: Path | None = None):
             prior = reference_rate(RunCache(results / "sparse_runs" / f"{name}.json").get("pretrained")["final"])
         blind = task.blind(task.load()[2]) if task.blind else None
         return task, prior, blind
+    built = built_family_task(group, name, cache)
+    return task_family.as_benchmark_task(built), built.prior, built.blind()
+
+
+def built_family_task(group: str, name: str, cache: Path | None = None):
+    """The family task `name` of the pre-registered `group`, built (or loaded from its cache)."""
     entries = {e["name"]: e for e in preregistration()[group]}
     if name not in entries:
         raise ValueError(f"task {name!r} is not in the {group} set: {sorted(entries)}")
-    built = task_family.build(task_family.specs_from([entries[name]])[0], cache=cache)
-    return task_family.as_benchmark_task(built), built.prior, built.blind()
+    return task_family.build(task_family.specs_from([entries[name]])[0], cache=cache)
+
+
+def malformed_shares(group: str, name: str, workdir: str) -> list[float] | None:
+    """A family run's share of malformed outputs per `CURVE_EVERY` evaluations, read from its ledger (`None` for a
+    shipped task or a run without a ledger)."""
+    ledger = Path(workdir) / LEDGER_FILENAME
+    if group == "shipped" or not ledger.exists():
+        return None
+    built = built_family_task(group, name)
+    completions = [json.loads(line)["completion"] for line in ledger.read_text().splitlines() if line.strip()]
+    return task_family.malformed_shares(built.spec, built.words, completions, CURVE_EVERY)
 
 
 def run(group: str, name: str, variant: str, seed: int, budget: int, runs: Path) -> dict:
@@ -196,7 +218,8 @@ def run(group: str, name: str, variant: str, seed: int, budget: int, runs: Path)
                          2.0, workdir, pretrained={"final": {}})
     best_curve = max((p["rate"] for p in record["curve"]), default=0.0)
     record.update(task=name, group=group, variant=variant, budget=budget, prior=prior, blind=blind,
-                  defaults_fingerprint=fingerprint, overrides=overrides, best_curve_rate=best_curve)
+                  defaults_fingerprint=fingerprint, overrides=overrides, best_curve_rate=best_curve,
+                  malformed=malformed_shares(group, name, workdir))
     record = json.loads(json.dumps(record, default=str))  # what the file holds
     cache.put(key, record)
     return record
@@ -268,6 +291,11 @@ def half_empty_streak(record: dict) -> int | None:
     return longest
 
 
+def malformed_cell(shares: list) -> str:
+    known = [x for x in shares if x is not None]
+    return f"{np.median(known):.0%}" if known else ""
+
+
 def summarize(out: Path) -> dict:
     """Per (task, variant): each seed's final and best multiple of the pretrained probability and the criteria."""
     rows = []
@@ -301,6 +329,7 @@ def summarize(out: Path) -> dict:
                 "median_x": float(np.median(final)), "overrides": records[0]["overrides"],
                 "half_empty_streak": max((s for s in map(half_empty_streak, records) if s is not None),
                                          default=None),
+                "malformed_last": [r["malformed"][-1] if r.get("malformed") else None for r in records],
             })
     summary = {"defaults_fingerprint": defaults_fingerprint(), "rows": rows}
     (out / "defaults.json").write_text(json.dumps(summary, indent=1))
@@ -308,8 +337,10 @@ def summarize(out: Path) -> dict:
              "hard attack. `qualifies`: a blind search expects >= 3 successes within the budget.", "",
              "`half-empty`: the most rounds in a row, over the seeds, that filled fewer than half of their evaluation "
              "places (a run stops after 5; blank: recorded before runs logged it).", "",
+             "`malformed`: the median over the seeds of the share of a run's last 500 evaluations spent on outputs "
+             "that are not well-formed (they fail every rule; blank: not recorded).", "",
              "| task | variant | prior | blind expects | seeds >= 100x | below prior | final < best/2 | median | "
-             "each seed | successes found | half-empty | min/run |", "|" + "---|" * 12]
+             "each seed | successes found | half-empty | malformed | min/run |", "|" + "---|" * 13]
     for r in rows:
         exp = "" if r["blind_expected_successes"] is None else f"{r['blind_expected_successes']:.3g}"
         lines.append(f"| {r['task']} | {r['variant']} | {r['prior']:.2g} | {exp} | {r['seeds_100x']}/"
@@ -317,7 +348,7 @@ def summarize(out: Path) -> dict:
                      f"{r['median_x']:.3g}x | {', '.join(f'{x:.2g}' for x in r['final_x'])} | "
                      f"{', '.join(map(str, r['successes_found']))} | "
                      f"{'' if r.get('half_empty_streak') is None else r['half_empty_streak']} | "
-                     f"{np.median(r['minutes']):.1f} |")
+                     f"{malformed_cell(r['malformed_last'])} | {np.median(r['minutes']):.1f} |")
     write_markdown(out / "defaults.md", lines)
     plot(rows, out / "defaults.png")
     return summary

@@ -445,6 +445,14 @@ class FamilyOracle:
         return [1.0 if self.is_success(p, c) else 0.0 for p, c in zip(prompts, completions)]
 
 
+def malformed_shares(spec: FamilySpec, words: Sequence[str], completions: Sequence[str], every: int) -> list[float]:
+    """The share of `completions` (in the order they were evaluated) that are not well-formed outputs, per `every` of
+    them: where a search that only sees failures spends its evaluations (a malformed output fails every rule)."""
+    index = {w: i for i, w in enumerate(words)}
+    return [sum(parse(spec, c, index) is None for c in completions[i:i + every]) / len(completions[i:i + every])
+            for i in range(0, len(completions), every)]
+
+
 @dataclass
 class FamilyTask:
     """A built task: its generator (pretrained, fresh from the cache at each `load`), tokenizer, oracle, rule and

@@ -42,6 +42,14 @@ def test_anything_off_format_fails():
     assert oracle(["<p9>"], [good]) == [0.0]  # a prompt the task does not have
 
 
+def test_the_malformed_share_counts_what_no_rule_could_pay_per_window():
+    spec = FamilySpec("t", tokenizer="bpe", structure="count", **TINY)
+    words = task_family.alphabet(spec)
+    good = task_family.to_text(spec, task_family.success_rows(spec, 0, 1)[0], words)
+    completions = [good, good + " ", good, good, good[:-1], None, good]
+    assert task_family.malformed_shares(spec, words, completions, every=3) == pytest.approx([1 / 3, 2 / 3, 0.0])
+
+
 def test_bpe_words_are_several_tokens_and_the_longest_output_fits():
     spec = FamilySpec("t", tokenizer="bpe", symbols=10, length=6, structure="count")
     words = task_family.alphabet(spec)
@@ -162,6 +170,7 @@ def test_defaults_benchmark_quick_run_writes_results_and_reuses_them(tmp_path, m
     assert row["task"] == "tune_tiny" and row["variant"] == "defaults" and row["seeds"] == [100]
     assert 0 < row["nre"][0] <= 60  # the budget held
     assert row["prior"] > 0 and len(row["final_x"]) == 1
+    assert row["malformed_last"][0] is not None and 0 <= row["malformed_last"][0] <= 1  # read from the run's ledger
     run_file = tmp_path / "out" / "runs" / "tune_tiny.json"  # the task's runs, one record per variant and seed
     held = json.loads(run_file.read_text())
     assert list(held) == ["defaults_seed100"] and held["defaults_seed100"]["seed"] == 100
