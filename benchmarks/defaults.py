@@ -73,11 +73,13 @@ CANDIDATES = {
     # prefixes what finds a first success?)
     "evidence1": {"evidence_pseudo_count": 1.0},
     # the default round with a distillation that moved the generator by more than 3x the target KL pulled back to
-    # about the target (the eval runs' step sizes: one distillation in ten moved it > 0.5 nats, up to 11)
-    "backoff0.3": {"distill_backoff_kl": 0.3},
+    # about the target (the eval runs' step sizes: one distillation in ten moved it > 0.5 nats, up to 11); 0.3 nats at
+    # the target of 0.1 (its first runs set it as distill_backoff_kl=0.3, since renamed)
+    "backoff0.3": {"distill_backoff_factor": 3.0},
     # the default round with a KL(generator || pretrained) term: on the evaluation runs at the defaults, the seeds
     # that ended below the prior spent 85-100% of their last evaluations on malformed outputs (the pretrained
     # generator: 0-14%), which the reverse KL to the pretrained generator penalises most
+    "klref0.1": {"distill_kl_coef": 0.1},
     "klref0.3": {"distill_kl_coef": 0.3},
     "klref1": {"distill_kl_coef": 1.0},
 }
@@ -138,7 +140,7 @@ def variant_settings(group: str, variant: str) -> dict:
 # both off). A run of benchmarks/defaults.py reproduced its cached result exactly after these changed.
 _NOT_THE_ROUND = {"save_every_minutes": None, "gradient_checkpointing": False,
                   "dataloader_pin_memory": True,  # off since (nothing to pin), at its old value: runs unchanged
-                  "distill_backoff_kl": None}  # added off (a candidate): runs unchanged
+                  "distill_backoff_factor": None}  # added off (a candidate): runs unchanged
 
 
 # Raised whenever the round's code changes what a run at the defaults does (the fields alone cannot say so):

@@ -522,10 +522,10 @@ def test_without_a_target_the_learning_rate_is_fixed(tmp_path, char_tokenizer, s
 
 
 def test_a_distillation_that_moved_too_far_is_pulled_back_along_its_update(tmp_path, char_tokenizer, skewed_model):
-    """With distill_backoff_kl, a distillation measured beyond it is pulled back towards its start, and the move that
-    is left is measured smaller; the learning rate is still lowered by the move first made."""
+    """With distill_backoff_factor, a distillation measured beyond that multiple of the target is pulled back towards
+    its start, and the move that is left is measured smaller."""
     trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(),
-                           args=config(tmp_path, learning_rate=1e-1, distill_target_kl=0.05, distill_backoff_kl=0.1,
+                           args=config(tmp_path, learning_rate=1e-1, distill_target_kl=0.05, distill_backoff_factor=2,
                                        max_reward_evaluations=32),
                            train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
     trainer.train()

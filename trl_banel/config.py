@@ -165,13 +165,13 @@ class BaNELConfig(_BaseConfig):
             proposals) is measured, and the learning rate scaled by `clip(sqrt(target / measured), 1/4, 4)` for the
             next one (`trl_banel.distill.StepSize`). `learning_rate` is then only the first distillation's: the same
             setting serves a 30k-parameter model and a large one. `0`: the learning rate stays `learning_rate`.
-        distill_backoff_kl (`float`, *optional*, defaults to `0.0`):
-            Experimental. When above 0 (with `distill_target_kl`), a distillation measured to have moved the generator
-            by more than this KL (nats) is pulled back along its own update, `theta0 + a (theta1 - theta0)` with
-            `a = sqrt(distill_target_kl / measured)`, so that no single distillation moves the generator much further
-            than the target however the step size misjudged it; the pulled-back move is measured again and logged
-            (`distill/backoff`, the factor `a`). Keeps a copy of the trainable weights during a distillation; not
-            under DeepSpeed.
+        distill_backoff_factor (`float`, *optional*, defaults to `0.0`):
+            When above 0 (with `distill_target_kl`), a distillation measured to have moved the generator by more than
+            `distill_backoff_factor * distill_target_kl` is pulled back along its own update,
+            `theta0 + a (theta1 - theta0)` with `a = sqrt(distill_target_kl / measured)`, so that no single
+            distillation moves the generator far beyond the target however the step size misjudged it (the move that
+            is left is measured again; `distill/backoff` logs `a`). Keeps a copy of the trainable weights on the CPU
+            during a distillation; not under DeepSpeed, whose engine keeps its own copy of the weights.
         distill_kl_coef (`float`, *optional*, defaults to `0.0`):
             Weight of a per-token `KL(generator || pretrained)` term in the distillation loss, on the posterior
             samples' positions (TRL's `beta`): it keeps the generator on the pretrained model's support and rewards its
@@ -427,10 +427,11 @@ class BaNELConfig(_BaseConfig):
                           "about this KL (nats, sequence level, measured on fresh proposals); 0: fixed "
                           "learning_rate. Leave it; 0 with a hand-set learning_rate gives a fixed step size."},
     )
-    distill_backoff_kl: float = field(
+    distill_backoff_factor: float = field(
         default=0.0,
-        metadata={"help": "Experimental: a distillation that moved the generator by more than this KL (nats, "
-                          "measured) is pulled back along its update to about distill_target_kl; 0 disables it."},
+        metadata={"help": "Experimental: a distillation measured to have moved the generator by more than this "
+                          "multiple of distill_target_kl is pulled back along its update to about the target; 0 "
+                          "disables it."},
     )
     distill_kl_coef: float = field(
         default=0.0,
@@ -606,8 +607,10 @@ class BaNELConfig(_BaseConfig):
         if str(getattr(self.save_strategy, "value", self.save_strategy)) == "steps" and not self.save_steps > 0:
             bad("save_steps", "> 0 with save_strategy='steps' (or set save_strategy='no')")
         for name in ("failure_margin", "failure_max_grad_norm", "distill_kl_coef", "evidence_pseudo_count",
-                     "distill_target_kl", "distill_backoff_kl"):
+                     "distill_target_kl"):
             self._check_non_negative(name)
+        if not (self.distill_backoff_factor == 0 or self.distill_backoff_factor > 1):
+            bad("distill_backoff_factor", "0 (off) or a multiple > 1 of distill_target_kl")
         if not isinstance(self.failure_warmup_steps, int) or self.failure_warmup_steps < 0:
             bad("failure_warmup_steps", "an integer >= 0")
         if not 0 <= self.failure_heldout_fraction < 1:

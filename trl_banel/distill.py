@@ -207,7 +207,7 @@ class StepSize:
     def __init__(self, probe: DistillationProbe, sampler, args, accelerator):
         self.probe, self.sampler, self.args, self.accelerator = probe, sampler, args, accelerator
         self._before = None
-        self._start_weights = None  # (parameter, its value before the distillation), with distill_backoff_kl
+        self._start_weights = None  # (parameter, its value before the distillation), with a backoff factor
 
     @torch.no_grad()
     def back_off(self, start: list, factor: float, batch, before) -> dict[str, float]:
@@ -215,20 +215,22 @@ class StepSize:
         about as the square of a small move), and measure the move that is left. The learning rate is still rescaled
         by the move the distillation made (`distill/kl_step`), so the next one takes smaller steps."""
         for param, initial in start:
-            param.lerp_(initial, 1.0 - factor)
+            param.lerp_(initial.to(param.device), 1.0 - factor)
         left = mean_over_ranks(self.accelerator, [(before - self.probe.log_probs(batch)).mean().item()])
         return {"distill/backoff": factor, "distill/kl_after_backoff": left}
 
     def start(self):
         """Before a distillation: fresh proposals of the generator as it is, and their log q (with a target only:
-        the extra proposals would change the run's random draws); with `distill_backoff_kl`, its trainable weights."""
+        the extra proposals would change the run's random draws); with `distill_backoff_factor`, its trainable
+        weights (on the CPU: a copy of the generator's trainable part for the length of one distillation)."""
         if not self.args.distill_target_kl > 0:
             return
         n = max(1, self.PROBE_SIZE // self.accelerator.num_processes)
         batch = self.sampler.collate(self.sampler.propose(n))
         self._before = (batch, self.probe.log_probs(batch))
-        if self.args.distill_backoff_kl > 0 and getattr(self.accelerator.state, "deepspeed_plugin", None) is None:
-            self._start_weights = [(p, p.detach().clone()) for p in self.probe.policy.parameters() if p.requires_grad]
+        if self.args.distill_backoff_factor > 0 and getattr(self.accelerator.state, "deepspeed_plugin", None) is None:
+            self._start_weights = [(p, p.detach().to("cpu", copy=True)) for p in self.probe.policy.parameters()
+                                   if p.requires_grad]
 
     @staticmethod
     def fresh_optimizer(optimizer):
@@ -249,7 +251,7 @@ class StepSize:
         logs = {"distill/kl_step": kl}
         target = self.args.distill_target_kl
         start, self._start_weights = self._start_weights, None
-        if start and kl > self.args.distill_backoff_kl:
+        if start and kl > self.args.distill_backoff_factor * target:
             logs.update(self.back_off(start, (target / kl) ** 0.5, batch, before))
         if optimizer is not None:
             factor = self.MAX_FACTOR if kl <= 0 else (target / kl) ** 0.5
