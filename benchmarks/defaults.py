@@ -74,7 +74,7 @@ CANDIDATES = {
     "evidence1": {"evidence_pseudo_count": 1.0},
     # the default round with a distillation that moved the generator by more than 3x the target KL pulled back to
     # about the target (the eval runs' step sizes: one distillation in ten moved it > 0.5 nats, up to 11); 0.3 nats at
-    # the target of 0.1 (its first runs set it as distill_backoff_kl=0.3, since renamed)
+    # the target of 0.1 (its first runs set it as distill_backoff_kl=0.3, since renamed); the defaults since revision 3
     "backoff0.3": {"distill_backoff_factor": 3.0},
     # the default round with a KL(generator || pretrained) term: on the evaluation runs at the defaults, the seeds
     # that ended below the prior spent 85-100% of their last evaluations on malformed outputs (the pretrained
@@ -139,14 +139,14 @@ def variant_settings(group: str, variant: str) -> dict:
 # change to them does not redo every run: when a checkpoint is saved, and gradient checkpointing (None and False are
 # both off). A run of benchmarks/defaults.py reproduced its cached result exactly after these changed.
 _NOT_THE_ROUND = {"save_every_minutes": None, "gradient_checkpointing": False,
-                  "dataloader_pin_memory": True,  # off since (nothing to pin), at its old value: runs unchanged
-                  "distill_backoff_factor": None}  # added off (a candidate): runs unchanged
+                  "dataloader_pin_memory": True}  # off since (nothing to pin), at its old value: runs unchanged
 
 
 # Raised whenever the round's code changes what a run at the defaults does (the fields alone cannot say so):
 # 2 = proposals sized to the need, distillation draws of what the steps consume, idle = fewer than half the places
-# filled (issue #31).
-ROUND_REVISION = 2
+# filled (issue #31); 3 = a distillation that moved the generator beyond 3x the target KL pulled back to about the
+# target (`distill_backoff_factor`).
+ROUND_REVISION = 3
 
 
 def defaults_fingerprint() -> str:

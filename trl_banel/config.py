@@ -165,7 +165,7 @@ class BaNELConfig(_BaseConfig):
             proposals) is measured, and the learning rate scaled by `clip(sqrt(target / measured), 1/4, 4)` for the
             next one (`trl_banel.distill.StepSize`). `learning_rate` is then only the first distillation's: the same
             setting serves a 30k-parameter model and a large one. `0`: the learning rate stays `learning_rate`.
-        distill_backoff_factor (`float`, *optional*, defaults to `0.0`):
+        distill_backoff_factor (`float`, *optional*, defaults to `3.0`):
             When above 0 (with `distill_target_kl`), a distillation measured to have moved the generator by more than
             `distill_backoff_factor * distill_target_kl` is pulled back along its own update,
             `theta0 + a (theta1 - theta0)` with `a = sqrt(distill_target_kl / measured)`, so that no single
@@ -428,10 +428,11 @@ class BaNELConfig(_BaseConfig):
                           "learning_rate. Leave it; 0 with a hand-set learning_rate gives a fixed step size."},
     )
     distill_backoff_factor: float = field(
-        default=0.0,
-        metadata={"help": "Experimental: a distillation measured to have moved the generator by more than this "
-                          "multiple of distill_target_kl is pulled back along its update to about the target; 0 "
-                          "disables it."},
+        default=3.0,
+        metadata={"help": "A distillation measured to have moved the generator by more than this multiple of "
+                          "distill_target_kl is pulled back along its update to about the target (without it, one "
+                          "distillation in ten moved the generator more than 5x the target). Leave it; 0 turns it "
+                          "off."},
     )
     distill_kl_coef: float = field(
         default=0.0,

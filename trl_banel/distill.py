@@ -208,6 +208,12 @@ class StepSize:
         self.probe, self.sampler, self.args, self.accelerator = probe, sampler, args, accelerator
         self._before = None
         self._start_weights = None  # (parameter, its value before the distillation), with a backoff factor
+        self.backs_off = args is not None and args.distill_backoff_factor > 0 and args.distill_target_kl > 0
+        if self.backs_off and getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+            self.backs_off = False
+            logger.info("distill_backoff_factor=%g is not applied under DeepSpeed (its engine keeps its own copy of "
+                        "the weights): a distillation that moves the generator far beyond the target is kept.",
+                        args.distill_backoff_factor)
 
     @torch.no_grad()
     def back_off(self, start: list, factor: float, batch, before) -> dict[str, float]:
@@ -228,7 +234,7 @@ class StepSize:
         n = max(1, self.PROBE_SIZE // self.accelerator.num_processes)
         batch = self.sampler.collate(self.sampler.propose(n))
         self._before = (batch, self.probe.log_probs(batch))
-        if self.args.distill_backoff_factor > 0 and getattr(self.accelerator.state, "deepspeed_plugin", None) is None:
+        if self.backs_off:
             self._start_weights = [(p, p.detach().to("cpu", copy=True)) for p in self.probe.policy.parameters()
                                    if p.requires_grad]
 
