@@ -6,15 +6,16 @@ flight, the others land in generation, filtering, the failure fit, distillation 
 reward function was handed is counted in a file outside the processes; the checks compare it with the ledger.
 """
 
+import contextlib
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,17 +83,43 @@ class Forks(Launches):
 
 
 def kill_group(runs):
-    os.killpg(runs.pid, signal.SIGKILL)
+    """SIGKILL the start's whole process tree at once, as a crash of the machine would. Not only its process group:
+    torchrun starts each rank in a session of its own, so the ranks outlive a killed launcher (and would run on beside
+    the next start). Everything is stopped first, so that nothing forks or reparents while the tree is collected."""
+    root = psutil.Process(runs.pid)
+    tree = [root]
+    while True:
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.suspend()
+        found = {c for p in tree for c in children(p)} - set(tree)
+        if not found:
+            break
+        tree += found
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
     deadline = time.time() + 60
     while time.time() < deadline:  # every process of the start is gone before the next one (ranks, ports)
-        exited = runs.exit_code() is not None  # reaps the launcher: a zombie still counts as in the group
-        try:
-            os.killpg(runs.pid, 0)
-        except ProcessLookupError:
-            if exited:
-                return
+        runs.exit_code()  # reaps the launcher: a zombie still counts as alive
+        if not [p for p in tree if alive(p)]:
+            return
         time.sleep(0.02)
-    raise AssertionError("processes of the killed run survived the SIGKILL")
+    raise AssertionError(f"processes of the killed run survived the SIGKILL: {[p for p in tree if alive(p)]}")
+
+
+def children(p):
+    try:
+        return p.children()
+    except psutil.NoSuchProcess:
+        return []
+
+
+def alive(p):
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def wait_for(runs, condition, timeout):

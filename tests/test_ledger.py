@@ -225,3 +225,33 @@ def test_property_budget_holds_over_any_sequence_of_crashes(tmp_path_factory, st
     recorded, lost = {r.completion for r in final.records}, {r.completion for r in final.lost}
     assert set(passed) <= recorded | lost and not recorded & lost
     assert final.spent == len(recorded) + len(lost) <= budget
+
+
+# -- one live process per ledger ------------------------------------------------------------------------------------
+def test_a_ledger_held_by_another_live_process_is_refused_until_that_process_dies(tmp_path):
+    """Two runs on one ledger would each pay for the same evaluations (the ranks of a multi-process run outlive a
+    killed launcher): a second process is refused by name, and a SIGKILL leaves no stale lock."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from trl_banel.ledger import LedgerInUseError
+
+    path = tmp_path / "l.jsonl"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from trl_banel.ledger import RewardLedger; "
+         f"RewardLedger({str(path)!r}, budget=3); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LedgerInUseError, match=f"pid {holder.pid}"):
+            RewardLedger(str(path), budget=3)
+        assert not path.exists() or path.read_text() == "", "the refused ledger wrote something"
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    time.sleep(0.1)
+    ledger = RewardLedger(str(path), budget=3)
+    assert ledger.evaluate(["p"], ["a"], lambda idx: [1.0], 0) == [1.0]
+    assert RewardLedger(str(path), budget=3).spent == 1, "the same process may open its own ledger again"

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +26,51 @@ def journal_path(ledger_path: str) -> str:
     """The write-ahead journal of a ledger's reward calls: `evaluations.jsonl` -> `evaluations.calls.jsonl`."""
     root, ext = os.path.splitext(ledger_path)
     return f"{root}.calls{ext or '.jsonl'}"
+
+
+def lock_path(ledger_path: str) -> str:
+    """The lock a live run holds on its ledger: `evaluations.jsonl` -> `evaluations.lock`."""
+    return f"{os.path.splitext(ledger_path)[0]}.lock"
+
+
+class LedgerInUseError(RuntimeError):
+    """Another live process holds the ledger: two runs on one ledger would both pay for the same evaluations."""
+
+
+_HELD: dict[tuple[int, str], object] = {}  # (pid, lock file) -> its open file, kept open for the process's life
+
+
+def hold_ledger(ledger_path: str):
+    """Take the ledger's lock for this process, or raise [`LedgerInUseError`] naming the live process that holds it.
+
+    The system releases the lock when the process ends, however it ends (a crash leaves no stale lock). POSIX record
+    locks belong to a process, so a second ledger on the same file in the same process (a trainer built again in a
+    notebook) is not refused, while a rank that outlived its killed launcher is. The lock file stays open for the
+    process's life: closing any descriptor of it would drop the process's lock.
+    """
+    path = os.path.realpath(lock_path(ledger_path))
+    if sys.platform == "win32" or (os.getpid(), path) in _HELD:  # no fcntl on Windows: not guarded there
+        return
+    import fcntl
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    f = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise LedgerInUseError(
+            f"{ledger_path} is in use by another live process (pid {holder}): two runs on one ledger would both pay "
+            "for the same reward evaluations. Wait for that run to end or stop it (the ranks of a multi-process run "
+            "can outlive a killed launcher: look for them with `ps`), or give this run another output_dir."
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _HELD[(os.getpid(), path)] = f  # a forked child holds no lock of its parent's: keyed by pid
 
 
 class RewardFunctionError(RuntimeError):
@@ -49,6 +95,8 @@ class RewardLedger:
             JSON-lines file the evaluations are appended to (one object per evaluation with `prompt`, `completion`,
             `reward`, `success`, `round`). `None` keeps the ledger in memory only. An existing file is loaded, so a
             restarted run re-spends nothing; a torn last line (a crash mid-write) is dropped with a warning.
+            The process holds a lock on it ([`lock_path`]) while it lives: a ledger another live process holds
+            raises [`LedgerInUseError`].
             Beside it, [`journal_path`] holds the write-ahead journal of the calls (see `trl_banel.journal`): a call
             that was in flight at a crash is found there at the next start, charged, and never re-sent silently.
         budget (`int`):
@@ -68,6 +116,7 @@ class RewardLedger:
         self.lost: list[LostEvaluation] = []  # sent to the oracle, reward never recorded: charged, not known
         self.newly_lost: list[LostEvaluation] = []  # of which found open by this start
         if path is not None:
+            hold_ledger(path)
             self._load()
             self.journal = CallJournal(journal_path(path))
             self.newly_lost = self.journal.settle(lambda p, c: (p, c) in self._index)
