@@ -82,6 +82,11 @@ CANDIDATES = {
     "klref0.1": {"distill_kl_coef": 0.1},
     "klref0.3": {"distill_kl_coef": 0.3},
     "klref1": {"distill_kl_coef": 1.0},
+    # the default round with proposals off the pretrained generator's support rejected (a token below support_min_p
+    # times the pretrained top token's probability): the seeds below the prior left the format, a KL term to the
+    # pretrained generator kept the format by pinning the generator; this keeps the search on it without a pull
+    "support1e-3": {"support_min_p": 1e-3},
+    "support1e-2": {"support_min_p": 1e-2},
 }
 SHIPPED = ["addition", "letters", "digits", "hard_attack"]
 GRPO_RATES = (1e-4, 3e-4, 1e-3)  # GRPO's sweep on the tuning set (benchmarks/common.py's GRPO settings otherwise)
@@ -139,7 +144,8 @@ def variant_settings(group: str, variant: str) -> dict:
 # change to them does not redo every run: when a checkpoint is saved, and gradient checkpointing (None and False are
 # both off). A run of benchmarks/defaults.py reproduced its cached result exactly after these changed.
 _NOT_THE_ROUND = {"save_every_minutes": None, "gradient_checkpointing": False,
-                  "dataloader_pin_memory": True}  # off since (nothing to pin), at its old value: runs unchanged
+                  "dataloader_pin_memory": True,  # off since (nothing to pin), at its old value: runs unchanged
+                  "support_min_p": None}  # added off (0): left out while it is off
 
 
 # Raised whenever the round's code changes what a run at the defaults does (the fields alone cannot say so):

@@ -13,7 +13,8 @@ from trl_banel import BaNELConfig
     ("failure_margin", -1.0), ("failure_margin", float("nan")), ("failure_max_grad_norm", -1.0),
     ("failure_warmup_steps", -1), ("failure_heldout_fraction", 1.0), ("failure_heldout_fraction", -0.1),
     ("max_failure_models", 0), ("distill_kl_coef", -0.1), ("distill_backoff_factor", 0.5),
-    ("distill_backoff_factor", float("nan")),
+    ("distill_backoff_factor", float("nan")), ("support_min_p", 1.0), ("support_min_p", -1e-3),
+    ("support_min_p", float("nan")),
     # TrainingArguments that transformers accepts but that cannot train
     ("learning_rate", 0.0), ("learning_rate", -1e-3), ("learning_rate", float("nan")), ("failure_learning_rate", 0.0),
     ("failure_learning_rate", float("inf")), ("per_device_train_batch_size", 0), ("gradient_accumulation_steps", 0),

@@ -213,6 +213,47 @@ def test_distillation_kl_of_a_lora_generator_uses_its_disabled_adapter(tmp_path,
     assert kls and max(kls) > 0 and all(math.isfinite(k) for k in kls)
 
 
+def _support_run(tmp_path, tokenizer, model, **overrides):
+    """A run whose generator moves fast (lr 1e-2), every candidate sent to the oracle kept: `(trainer, sent)`."""
+    trainer = BaNELTrainer(model=model, reward_funcs=RecordingOracle(), train_dataset=UNCONDITIONAL,
+                           processing_class=tokenizer,
+                           args=config(tmp_path, max_reward_evaluations=40, evaluations_per_round=8,
+                                       learning_rate=1e-2, distill_target_kl=0, **overrides))
+    sent, evaluate = [], trainer.gate.evaluate
+
+    def spy(cands, round, retry_lost=False):
+        sent.extend(cands)
+        return evaluate(cands, round, retry_lost)
+
+    trainer.gate.evaluate = spy
+    trainer.train()
+    return trainer, sent
+
+
+def test_proposals_off_the_pretrained_support_never_reach_the_oracle(tmp_path, char_tokenizer, skewed_model):
+    """support_min_p: no completion sent to the oracle holds a token the pretrained generator gives less than
+    support_min_p times its top token's probability (judged by a copy taken before training); without it some do."""
+    import copy
+
+    from trl_banel.posterior import support_gaps
+
+    pretrained = copy.deepcopy(skewed_model).eval()
+    bound = -math.log(0.05)
+
+    def gaps(trainer, cands):
+        batch = trainer.sampler.collate(cands)
+        with torch.no_grad():
+            return support_gaps(pretrained, batch.input_ids, batch.attention_mask, batch.completion_mask, 64)
+
+    free, free_sent = _support_run(tmp_path / "free", char_tokenizer, copy.deepcopy(skewed_model))
+    assert (gaps(free, free_sent) > bound).any(), "the check cannot fail: nothing off the support was ever proposed"
+    assert all(h["filter/off_support_rate"] == 0 for h in free.history)
+    guarded, sent = _support_run(tmp_path / "guarded", char_tokenizer, skewed_model, support_min_p=0.05)
+    assert sent and (gaps(guarded, sent) <= bound).all()
+    assert any(h["filter/off_support_rate"] > 0 for h in guarded.history)
+    assert any("filter/off_support_rate" in log for log in guarded.state.log_history)
+
+
 def test_a_learning_rate_too_small_to_move_the_generator_is_reported(tmp_path, char_tokenizer, skewed_model, caplog):
     with caplog.at_level(logging.WARNING, logger="trl_banel.trainer"):
         _run(tmp_path, char_tokenizer, skewed_model, RecordingOracle(), max_reward_evaluations=32,

@@ -178,6 +178,13 @@ class BaNELConfig(_BaseConfig):
             entropy, so that repeated distillation on finite samples neither drifts onto outputs the pretrained model
             never makes nor collapses. Needs a frozen copy of the pretrained generator (none for a LoRA generator: its
             adapter is disabled instead).
+        support_min_p (`float`, *optional*, defaults to `0.0`):
+            Reject a proposal (before the oracle, and from the distillation's samples) if any of its tokens has, under
+            the pretrained generator, a probability below `support_min_p` times that of the pretrained generator's
+            most likely token at its position: min-p on the pretrained model's support, so that the search stays on
+            outputs the pretrained model could write however far the generator moved. Costs one forward of the
+            pretrained generator per batch of proposals and, for a generator without LoRA, a frozen copy of its
+            weights. 0 turns it off. Logged as `filter/off_support_rate`.
         success_replay (`float` or `None`, *optional*, defaults to `None`):
             Share of each distillation's samples replaced by the successes found so far (all of them in turn, or a
             seeded draw among them when there are more than the share holds; with the `"posterior"` objective). BaNEL's
@@ -439,6 +446,12 @@ class BaNELConfig(_BaseConfig):
         metadata={"help": "Experimental (the default round does not need it): Weight of KL(generator || pretrained) "
                           "per token in the distillation loss; 0 disables it."},
     )
+    support_min_p: float = field(
+        default=0.0,
+        metadata={"help": "Experimental (the default round does not use it): Reject proposals with a token whose "
+                          "probability under the pretrained generator is below this multiple of its most likely "
+                          "token's (min-p on the pretrained support); 0 disables it."},
+    )
     success_replay: float | None = field(
         default=None,
         metadata={"help": "Share of each distillation's samples replaced by the successes found so far (0: "
@@ -610,6 +623,8 @@ class BaNELConfig(_BaseConfig):
         for name in ("failure_margin", "failure_max_grad_norm", "distill_kl_coef", "evidence_pseudo_count",
                      "distill_target_kl"):
             self._check_non_negative(name)
+        if not 0 <= self.support_min_p < 1:
+            bad("support_min_p", "0 (off) or a probability ratio with 0 < ratio < 1, such as 1e-3")
         if not (self.distill_backoff_factor == 0 or self.distill_backoff_factor > 1):
             bad("distill_backoff_factor", "0 (off) or a multiple > 1 of distill_target_kl")
         if not isinstance(self.failure_warmup_steps, int) or self.failure_warmup_steps < 0:

@@ -27,6 +27,7 @@ def round_record(round: int, ledger, stats, rewards: list, threshold: float, fit
         "round/places_filled": spent / max(places, 1),
         # the mechanism, step by step: what the filter rejected and why, what the generator proposes
         "filter/ratio_rejected_rate": stats.ratio_rejected_fresh / fresh,
+        "filter/off_support_rate": stats.off_support / fresh,
         "generator/entropy": stats.nll / max(stats.tokens, 1),
         "generator/distinct": stats.distinct / proposed,
         **fit,

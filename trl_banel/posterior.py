@@ -193,6 +193,22 @@ def sequence_log_probs(model, input_ids, attention_mask, completion_mask, batch_
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def support_gaps(model, input_ids, attention_mask, completion_mask, batch_size: int) -> torch.Tensor:
+    r"""
+    Per sequence, how far its least likely completion token lies below `model`'s most likely token at that position:
+    the largest `log p(top token) - log p(token)` over the completion (0 for a greedy completion), shape `(N,)`.
+    Computed from the logits alone (the normaliser cancels), in chunks as [`sequence_log_probs`] scores.
+    """
+    out = []
+    batch_size = scoring_rows(batch_size, completion_positions(completion_mask), vocab_size(model))
+    for start in range(0, input_ids.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        logits, targets, mask = _completion_logits(model, input_ids[sl], attention_mask[sl], completion_mask[sl])
+        gap = logits.max(-1).values - torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1)
+        out.append((gap * mask).max(1).values)  # gaps are >= 0: masked positions (0) never win
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 def completion_nll(model, input_ids, attention_mask, completion_mask, reduction: str = "mean") -> torch.Tensor:
     """Negative log-likelihood of the completion tokens, per token (`"mean"`) or summed (`"sum"`): the MLE loss of
     failure fits and distillation."""

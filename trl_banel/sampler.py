@@ -19,7 +19,7 @@ from trl.data_utils import is_conversational, maybe_apply_chat_template
 
 from .distributed import sum_over_ranks
 from .evidence import PrefixEvidence
-from .posterior import Candidates, rejection_mask
+from .posterior import Candidates, rejection_mask, support_gaps
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class FilterStats:
     distinct: float = 0.0
     tried_prefix: float = 0.0  # summed share of each proposal's tokens on prefixes of evaluated failures
     known_successes: float = 0.0  # known successes skipped (rounds with `skip_known_successes` only)
+    off_support: float = 0.0  # rejected as off the pretrained generator's support (`support_min_p`), not known
 
     def __add__(self, other: "FilterStats") -> "FilterStats":
         return FilterStats(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
@@ -111,11 +112,13 @@ class Sampler:
         timer ([`~trl_banel.distributed.PhaseTimer`]): where proposing and filtering are timed.
         rng (`numpy.random.Generator`): draws the prompts' rows.
         max_positions (`int`, *optional*): the model's context, to reject prompts too long for it.
+        pretrained (`Callable`, *optional*): opens a context holding the pretrained generator (`support_min_p`).
     """
 
     def __init__(self, args, tokenizer, dataset, accelerator, failures, ledger, generation, timer, rng,
-                 max_positions=None):
+                 max_positions=None, pretrained=None):
         self.args, self.tokenizer, self.dataset, self.accelerator = args, tokenizer, dataset, accelerator
+        self.pretrained = pretrained
         self.failures, self.ledger, self.generation = failures, ledger, generation
         self.timer, self.rng, self.max_positions = timer, rng, max_positions
         self.evidence = PrefixEvidence()  # failures per completion prefix (see add_failures)
@@ -213,8 +216,9 @@ class Sampler:
         known, succeeded = self._known(cands)
         # a known success is certainly outside the failure region, whatever the failure models generalise to
         rejected &= ~succeeded
+        off_support = self._off_support(cands) & ~succeeded & ~known
         skipped = succeeded & ~known if skip_successes else torch.zeros(n, dtype=torch.bool)
-        reject = rejected | known | skipped
+        reject = rejected | known | skipped | off_support
         keep = [c for c, r in zip(cands, reject.tolist()) if not r]
         finite = torch.isfinite(min_ratio)
         stats = FilterStats(
@@ -222,7 +226,7 @@ class Sampler:
             ratio_rejected_fresh=int((rejected & ~known).sum()), nll=nll, tokens=tokens,
             distinct=len({(c.prompt_text, c.completion) for c in cands}),
             tried_prefix=self.tried_prefix_share(cands) * n if args.evidence_pseudo_count > 0 else 0.0,
-            known_successes=int(skipped.sum()))
+            known_successes=int(skipped.sum()), off_support=int(off_support.sum()))
         # skipped known successes are outside the region: they count in neither log-ratio list
         return FilterResult(keep, stats, min_ratio[~reject & finite].tolist(),
                             min_ratio[(rejected | known) & finite].tolist())
@@ -241,6 +245,23 @@ class Sampler:
             policy_lp, failure_lp = policy_lp / lengths, failure_lp / lengths
         rejected, min_ratio = rejection_mask(policy_lp.cpu(), failure_lp.cpu(), self.args.rejection_threshold)
         return rejected, min_ratio, nll, tokens
+
+    def _off_support(self, cands: list[Candidate]) -> torch.Tensor:
+        """Which candidates hold a token the pretrained generator gives less than `support_min_p` times its most
+        likely token's probability (all `False` with `support_min_p=0`)."""
+        if not (self.args.support_min_p > 0 and cands):
+            return torch.zeros(len(cands), dtype=torch.bool)
+        batch = self.collate(cands)
+        with torch.no_grad(), self.pretrained() as model:
+            was_training = model.training
+            model.eval()  # no dropout in a judgement
+            device = next(model.parameters()).device
+            try:
+                gaps = support_gaps(model, batch.input_ids.to(device), batch.attention_mask.to(device),
+                                    batch.completion_mask.to(device), self.args.scoring_batch_size)
+            finally:
+                model.train(was_training)
+        return gaps.cpu() > -math.log(self.args.support_min_p)
 
     def _known(self, cands: list[Candidate]) -> tuple[torch.Tensor, torch.Tensor]:
         """Which candidates are known failures (rejected with `reject_known_failures`), and which known successes."""

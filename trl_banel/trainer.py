@@ -138,7 +138,8 @@ class BaNELTrainer(_BaseTrainer):
         self.sampler = Sampler(args, self.processing_class, self.train_dataset, accelerator, self.failures,
                                self.ledger, generation, self.timer,
                                np.random.default_rng(args.seed + accelerator.process_index),
-                               getattr(policy.config, "max_position_embeddings", None))
+                               getattr(policy.config, "max_position_embeddings", None),
+                               partial(pretrained_generator, policy, policy, self._reference))
         self.region = FailureRegion(self.failures, args, accelerator, self.sampler.collate, self.timer)
         self.distiller = Distiller(self.sampler, self.failures, self.ledger, args, accelerator)
         self.negatives: list[Candidate] = []  # every negative evaluated (the fit's with cumulative_negatives)
@@ -163,11 +164,12 @@ class BaNELTrainer(_BaseTrainer):
         return self.distiller.objective
 
     def _build_failure_models(self, zero3: bool):
-        """The failure models, and the frozen pretrained generator that `distill_kl_coef` needs."""
+        """The failure models, and the frozen pretrained generator that `distill_kl_coef` and `support_min_p` need."""
         args, policy = self.args, self.accelerator.unwrap_model(self.model)
         self.failures = FailureModels.from_config(policy, args, self.accelerator, zero3)
-        self._reference = None  # the pretrained generator, for distill_kl_coef (a LoRA generator needs no copy)
-        if args.distill_kl_coef > 0 and not isinstance(policy, PeftModel):
+        # the pretrained generator, for distill_kl_coef and support_min_p (a LoRA generator needs no copy)
+        self._reference = None
+        if (args.distill_kl_coef > 0 or args.support_min_p > 0) and not isinstance(policy, PeftModel):
             self._reference = frozen_copy(policy, self.accelerator, zero3)
 
     # -- Trainer hooks -------------------------------------------------------------------------------------------
@@ -178,8 +180,8 @@ class BaNELTrainer(_BaseTrainer):
 
     @property
     def reference_model(self):
-        """The frozen pretrained generator of `distill_kl_coef`; `None` without the KL term or for a LoRA generator
-        (its adapter is disabled instead)."""
+        """The frozen pretrained generator of `distill_kl_coef` and `support_min_p`; `None` without them or for a LoRA
+        generator (its adapter is disabled instead)."""
         return self._reference
 
     @property
