@@ -15,17 +15,21 @@ SCRIPT = ROOT / "tests" / "scripts" / "tiny_banel_run.py"
 CONFIGS = ROOT / "recipes" / "accelerate_configs"
 BUDGET = 16
 PORTS = {("ddp", "adapter"): 29531, ("zero2", "adapter"): 29532, ("zero3", "adapter"): 29533, ("zero3", "copy"): 29534,
-         ("zero3", "copy-kept"): 29535, ("ddp", "adapter-exact"): 29536, ("zero3", "adapter-exact"): 29537}
+         ("zero3", "copy-kept"): 29535, ("ddp", "adapter-exact"): 29536, ("zero3", "adapter-exact"): 29537,
+         ("ddp", "adapter-chunked"): 29538, ("ddp", "adapter-exact-chunked"): 29539}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setup, failure_model", [
     ("ddp", "adapter"), ("zero2", "adapter"), ("zero3", "adapter"), ("zero3", "copy"), ("zero3", "copy-kept"),
-    ("ddp", "adapter-exact"), ("zero3", "adapter-exact")])
+    ("ddp", "adapter-exact"), ("zero3", "adapter-exact"), ("ddp", "adapter-chunked"),
+    ("ddp", "adapter-exact-chunked")])
 def test_two_processes(tmp_path, setup, failure_model):
     """("copy-kept": failure models stay active across distillations and are fitted to a margin; "-exact": the exact
-    distillation objective, whose teacher and known-failure passes must line up across ranks.)"""
-    exact = failure_model.endswith("exact")  # no success then: the exact objective distils every phase
+    distillation objective, whose teacher and known-failure passes must line up across ranks; "-chunked": every loss
+    through the chunked logits of a large vocabulary, whose output layer runs outside the DDP forward.)"""
+    exact = "exact" in failure_model  # no success then: the exact objective distils every phase
+    chunked = failure_model.endswith("chunked")
     if setup != "ddp" and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
     out, count = tmp_path / "run", tmp_path / "oracle_calls.tsv"
@@ -34,7 +38,7 @@ def test_two_processes(tmp_path, setup, failure_model):
            "FAILURE_MODEL": failure_model.split("-")[0],
            "KEEP_FAILURE_MODELS": "1" if failure_model.endswith("kept") else "0",
            "FAILURE_MARGIN": "0.5" if failure_model.endswith("kept") else "0",
-           "DISTILL_OBJECTIVE": "exact" if exact else "posterior",
+           "DISTILL_OBJECTIVE": "exact" if exact else "posterior", "CHUNK_LOGITS": "1" if chunked else "0",
            # a success on the first round: the best generator is saved mid-run, failure models alive (ZeRO-3 gathers)
            "ORACLE_SUCCESS": "cat" if setup == "zero3" and not exact else ""}
     env.pop("ACCELERATE_USE_CPU", None)  # it would silently drop DeepSpeed
@@ -58,6 +62,10 @@ def test_two_processes(tmp_path, setup, failure_model):
     if exact:  # its teacher and known-failure passes ran on both ranks and were logged
         terms = [h["distill/known_failure_term"] for h in log_history if "distill/known_failure_term" in h]
         assert terms and min(terms) < 0 and all(math.isfinite(t) for t in terms)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    if setup != "zero3":  # whole weights on every rank: the same after every step, or the gradients were not shared
+        assert ranks[0]["weights"] == ranks[1]["weights"], "the ranks' generators drifted apart"
+    assert all((r["chunked_passes"] > 0) == chunked for r in ranks), ranks
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out / "final")

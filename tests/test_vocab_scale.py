@@ -310,3 +310,14 @@ def test_the_memory_benchmark_measures_every_part_and_a_whole_run_within_its_bud
     assert full["nre"] == 6 and full["peak_rss_mib"] > 0
     table = (tmp_path / "quick" / "vocab_memory.md").read_text()
     assert "A whole run at the package defaults at 32,768 tokens" in table
+
+
+def test_the_vocabulary_is_read_through_a_ddp_wrapper_or_a_deepspeed_engine(char_tokenizer, skewed_model):
+    """Wrapped, the model has no `config`: read through it, or a 152k-token micro-batch is scored whole (the chunked
+    and row-capped paths never engage under DDP)."""
+    import types
+
+    from trl_banel.posterior import vocab_size
+
+    wrapped = types.SimpleNamespace(module=skewed_model)  # what DDP and DeepSpeed engines expose
+    assert vocab_size(wrapped) == vocab_size(skewed_model) == skewed_model.config.vocab_size

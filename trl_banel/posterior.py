@@ -67,8 +67,10 @@ def completion_mask_after_prompt(completion_ids: torch.Tensor, eos_token_ids: li
 
 
 def vocab_size(model) -> int | None:
-    """The model's vocabulary size from its config (`None` if it has no config saying so)."""
-    return getattr(getattr(model, "config", None), "vocab_size", None)
+    """The model's vocabulary size from its config (`None` if it has no config saying so), under a DDP wrapper or a
+    DeepSpeed engine too (their `module` holds the config)."""
+    inner = getattr(model, "module", model)
+    return getattr(getattr(inner, "config", None), "vocab_size", None)
 
 
 def scoring_rows(batch_size: int, positions: int, vocab: int | None, max_values: int | None = None) -> int:

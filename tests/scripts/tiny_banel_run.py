@@ -3,7 +3,9 @@
 The oracle counts every evaluation it returns in `COUNT_FILE` (one line per completion, with the process id), so a
 test can compare what was paid for across processes with what the ledger holds. `KILL_AT_CALL=N` makes the oracle
 SIGKILL its own process at the start of its N-th call: a crash in the middle of a round, after earlier evaluations
-reached the disk.
+reached the disk. `CHUNK_LOGITS=1` lowers the logits limits so that every loss takes the chunked path of a large
+vocabulary (`trl_banel.posterior.CompletionChunks`). Each rank writes `rank{N}.json`: a digest of its generator's
+weights after training (DDP keeps the ranks' weights equal) and how many chunked passes it made.
 """
 
 import os
@@ -16,7 +18,7 @@ from conftest import quick_skewed_generator  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
-from trl_banel import BaNELConfig, BaNELTrainer  # noqa: E402
+from trl_banel import BaNELConfig, BaNELTrainer, posterior  # noqa: E402
 
 OUT = sys.argv[1]
 COUNT_FILE = os.environ["COUNT_FILE"]
@@ -38,7 +40,36 @@ def oracle(prompts, completions, **kwargs):
     return [1.0 if c == success else 0.0 for c in completions]
 
 
+chunked_passes = 0
+
+
+def count_chunked_passes():
+    """Lower the logits limits (a 45-token vocabulary then chunks as 152k tokens do) and count the chunked passes."""
+    posterior.MAX_LOGITS_VALUES, posterior.CHUNK_VALUES = 1, 1_000
+    init = posterior.CompletionChunks.__init__
+
+    def counted(self, *args, **kwargs):
+        global chunked_passes
+        chunked_passes += 1
+        init(self, *args, **kwargs)
+
+    posterior.CompletionChunks.__init__ = counted
+
+
+def write_rank_digest(trainer):
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for name, p in sorted(trainer.accelerator.unwrap_model(trainer.model).state_dict().items()):
+        digest.update(name.encode() + p.detach().cpu().float().numpy().tobytes())
+    with open(os.path.join(OUT, f"rank{trainer.accelerator.process_index}.json"), "w") as f:
+        json.dump({"weights": digest.hexdigest(), "chunked_passes": chunked_passes}, f)
+
+
 def main():
+    if os.environ.get("CHUNK_LOGITS") == "1":
+        count_chunked_passes()
     tok, model = quick_skewed_generator()
     args = BaNELConfig(
         output_dir=OUT, use_cpu=True, bf16=False, report_to="none", disable_tqdm=True, seed=0,
@@ -59,6 +90,7 @@ def main():
                            processing_class=tok)
     resume = get_last_checkpoint(OUT) if os.path.isdir(OUT) else None
     trainer.train(resume_from_checkpoint=resume)
+    write_rank_digest(trainer)
     # every rank takes part in the estimate (the generate/forward calls must line up under ZeRO-3); its oracle is
     # a separate function: the estimate never touches the training oracle nor the ledger
     estimate = trainer.estimate_success_rate(12, reward_funcs=lambda prompts, completions, **kw: [
