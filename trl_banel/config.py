@@ -184,7 +184,9 @@ class BaNELConfig(_BaseConfig):
             most likely token at its position: min-p on the pretrained model's support, so that the search stays on
             outputs the pretrained model could write however far the generator moved. Costs one forward of the
             pretrained generator per batch of proposals and, for a generator without LoRA, a frozen copy of its
-            weights. 0 turns it off. Logged as `filter/off_support_rate`.
+            weights. 0 turns it off. Logged as `filter/off_support_rate`. Not for tasks whose successes lie off the
+            pretrained support: the digits demo's first six holds a token 17.6 nats below the pretrained generator's
+            most likely one, which any useful `support_min_p` rejects.
         success_replay (`float` or `None`, *optional*, defaults to `None`):
             Share of each distillation's samples replaced by the successes found so far (all of them in turn, or a
             seeded draw among them when there are more than the share holds; with the `"posterior"` objective). BaNEL's
@@ -448,9 +450,11 @@ class BaNELConfig(_BaseConfig):
     )
     support_min_p: float = field(
         default=0.0,
-        metadata={"help": "Experimental (the default round does not use it): Reject proposals with a token whose "
-                          "probability under the pretrained generator is below this multiple of its most likely "
-                          "token's (min-p on the pretrained support); 0 disables it."},
+        metadata={"help": "Experimental (off in the default round): Reject proposals with a token whose probability "
+                          "under the pretrained generator is below this multiple of its most likely token's (min-p "
+                          "on the pretrained support); 0 disables it. Try 1e-2 when a success is an output the "
+                          "pretrained model could write (well-formed text) and runs drift off the format; keep 0 when "
+                          "success needs tokens it all but never picks (the digits demo's six: 17.6 nats below)."},
     )
     success_replay: float | None = field(
         default=None,
