@@ -11,13 +11,13 @@ and stop rules set, on the pre-registered evaluation tasks of the task family an
 
 The tasks and seeds are fixed in benchmarks/preregistration.json, committed before any tuning. Candidate rounds
 (`CANDIDATES`: mechanism overrides) run on the tuning set only; on an evaluation task this script runs the defaults
-(and their `no_known` variant) and nothing else. Each run is cached in OUT/runs/{task}.json (one file per task, a
-record per `{variant}_seed{seed}`, written under a lock so that processes running other seeds of a task add theirs:
-`benchmarks.common.RunCache`) with the fingerprint of the BaNELConfig defaults it ran under: a run made before the
-defaults changed is redone. `--import_runs DIR` merges the runs of DIR (one file per run, as
-OUT/runs/{task}/{variant}_seed{seed}.json were before, or one file per task) into OUT: a run is taken unless OUT holds
-its key already (a held run of former defaults gives way to an imported one of the current defaults), and each taken
-one is printed.
+(and their `no_known` and `support1e-2` variants) and nothing else. Each run is cached in OUT/runs/{task}.json (one
+file per task, a record per `{variant}_seed{seed}`, written under a lock so that processes running other seeds of a
+task add theirs: `benchmarks.common.RunCache`) with the fingerprint of the BaNELConfig defaults it ran under: a run
+made before the defaults changed is redone. `--import_runs DIR` merges the runs of DIR (one file per run, as
+OUT/runs/{task}/{variant}_seed{seed}.json were before, or one file per task) into OUT: a run is taken unless OUT
+holds its key already (a held run of former defaults gives way to an imported one of the current defaults), and each
+taken one is printed.
 Success probabilities are exact (family tasks, letters, hard attack) or Monte Carlo (addition, digits).
 """
 
@@ -52,7 +52,9 @@ TASK_FIELDS = {"max_reward_evaluations", "evaluations_per_round", "num_candidate
                "per_device_train_batch_size", "gradient_accumulation_steps", "generation_batch_size",
                "scoring_batch_size", "num_rounds", "max_idle_rounds", "stop_after_successes"}
 # variants that may run on the evaluation tasks
-EVALUATION_VARIANTS = {"defaults": {}, "no_known": {"reject_known_failures": False}}
+EVALUATION_VARIANTS = {"defaults": {}, "no_known": {"reject_known_failures": False},
+                       # the opt-in guard of the pretrained support, chosen on the tuning set (candidate support1e-2)
+                       "support1e-2": {"support_min_p": 1e-2}}
 # candidate rounds: mechanism overrides, tried on the tuning set only
 CANDIDATES = {
     "replay": {"learning_rate": 1e-3, "success_replay": 0.5},
@@ -98,7 +100,8 @@ class Args:
     group: str = field(default="evaluation", metadata={"help": "Task group.",
                                                        "choices": ["evaluation", "tuning", "shipped"]})
     variant: str = field(default="defaults", metadata={
-        "help": f"'defaults', 'no_known' (reject_known_failures=False), or on the tuning set a candidate: "
+        "help": f"'defaults', 'no_known' (reject_known_failures=False), 'support1e-2' (support_min_p=1e-2), or on "
+                f"the tuning set a candidate: "
                 f"{', '.join(CANDIDATES)}"})
     tasks: list[str] = field(default_factory=list, metadata={"help": "Tasks of the group to run (default: all)."})
     seeds: list[int] = field(default_factory=list, metadata={"help": "Seeds (default: the group's, pre-registered)."})

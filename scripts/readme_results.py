@@ -201,7 +201,8 @@ def render_defaults(root: Path) -> str:
     rows = ["| task | pretrained | blind search expects | round | seeds >= 100x | below pretrained | median final |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in summary["rows"]:
-        if r["group"] == "tuning" or r["variant"].split(" (")[0] not in ("defaults", "no_known", "grpo"):
+        shown = ("defaults", "no_known", "support1e-2", "grpo")
+        if r["group"] == "tuning" or r["variant"].split(" (")[0] not in shown:
             continue
         blind = r["blind_expected_successes"]
         blind = "n/a" if blind is None else f"{blind:.2g}" + ("" if r["qualifies"] else " (does not qualify)")
