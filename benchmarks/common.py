@@ -470,6 +470,44 @@ def folder_lock(folder: Path):
         os.close(fd)
 
 
+TRACES, TRACE_DIGITS = ("rounds", "step_sizes"), 4  # a record's per-round traces, kept to 4 significant digits
+
+
+def packed_traces(record):
+    """`record` as its file holds it: each per-round trace (`TRACES`: a list of dicts, one per round) as one list per
+    key (`{"columns": {key: [value or None per round]}}`) with its floats cut to `TRACE_DIGITS` significant digits.
+    Read by eye and plotted, the traces were most of a run file's bytes, most of them their keys repeated every round;
+    the results and estimates stay whole. [`unpacked_traces`] undoes it (less the digits)."""
+    if not isinstance(record, dict):
+        return record
+
+    def trim(value):
+        return float(f"{value:.{TRACE_DIGITS}g}") if isinstance(value, float) else value
+
+    def pack(trace):
+        if not isinstance(trace, list) or not all(isinstance(r, dict) for r in trace):
+            return trace
+        keys = list(dict.fromkeys(k for r in trace for k in r))
+        return {"columns": {k: [trim(r[k]) if k in r else None for r in trace] for k in keys}}
+
+    return {k: pack(v) if k in TRACES else v for k, v in record.items()}
+
+
+def unpacked_traces(record):
+    """A record read from its file: each packed trace back as one dict per round (a key absent from a round stays
+    absent)."""
+    if not isinstance(record, dict):
+        return record
+    out = dict(record)
+    for key in TRACES:
+        trace = record.get(key)
+        if isinstance(trace, dict) and set(trace) == {"columns"}:
+            columns = trace["columns"]
+            n = max((len(v) for v in columns.values()), default=0)
+            out[key] = [{k: v[i] for k, v in columns.items() if v[i] is not None} for i in range(n)]
+    return out
+
+
 class RunCache:
     """The cached runs of one benchmark task: ONE JSON file, a dict of run records by key (`banel_seed3`,
     `defaults_seed0`, `pretrained`), one record per line (compact), keys in natural order.
@@ -482,7 +520,8 @@ class RunCache:
         self.path = Path(path)
 
     def load(self) -> dict:
-        return json.loads(self.path.read_text()) if self.path.exists() else {}
+        held = json.loads(self.path.read_text()) if self.path.exists() else {}
+        return {k: unpacked_traces(r) for k, r in held.items()}
 
     def get(self, key: str) -> Optional[dict]:
         return self.load().get(key)
@@ -502,8 +541,8 @@ class RunCache:
         return written
 
     def _write(self, records: dict) -> None:
-        lines = [f"{json.dumps(k)}: {json.dumps(records[k], separators=(',', ':'))}" for k in sorted(records,
-                                                                                                      key=_natural)]
+        lines = [f"{json.dumps(k)}: {json.dumps(packed_traces(records[k]), separators=(',', ':'))}"
+                 for k in sorted(records, key=_natural)]
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as f:

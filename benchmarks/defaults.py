@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from benchmarks import task_family  # noqa: E402
 from benchmarks.common import (TASKS, RunCache, blind_search, parse_args, reference_rate, run_one,  # noqa: E402
-                               run_pretrained, write_markdown)
+                               run_pretrained, unpacked_traces, write_markdown)
 from trl_banel import BaNELConfig  # noqa: E402
 from trl_banel.ledger import LEDGER_FILENAME  # noqa: E402
 
@@ -253,7 +253,7 @@ def import_runs(source: Path, runs: Path) -> dict:
         content = json.loads(path.read_text())
         records = [content] if is_run(content) else (
             [r for r in content.values() if is_run(r)] if isinstance(content, dict) else [])
-        for r in records:
+        for r in map(unpacked_traces, records):  # a task's file packs its records' traces
             found.setdefault(r["task"], {})[f"{r['variant']}_seed{r['seed']}"] = (path, r)
     current = defaults_fingerprint()
 

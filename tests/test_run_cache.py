@@ -126,3 +126,20 @@ def test_a_run_held_under_the_current_defaults_is_reused_without_loading_its_tas
     assert defaults.run("evaluation", "no_such_task", "defaults", 3, 2000, tmp_path) == record
     with pytest.raises(ValueError, match="not in the evaluation set"):  # another budget: it would be run again
         defaults.run("evaluation", "no_such_task", "defaults", 3, 1000, tmp_path)
+
+
+def test_a_runs_traces_are_packed_by_column_and_read_back_by_round(tmp_path):
+    """Per-round traces are most of a run file's bytes: the file holds one list per key, 4 significant digits; a
+    reader gets one dict per round back, a key a round lacked still absent, the results untouched."""
+    rounds = [{"round": 0, "nre": 50, "generator/entropy": 0.123456789},
+              {"round": 1, "nre": 100, "generator/entropy": 0.2, "distill/backoff": 0.3333333333}]
+    record = {"final": {"rate": 1.23456789e-05}, "rounds": rounds, "step_sizes": [], "curve": [{"rate": 0.123456789}]}
+    cache = RunCache(tmp_path / "t.json")
+    cache.put("defaults_seed0", record)
+    held = json.loads((tmp_path / "t.json").read_text())["defaults_seed0"]
+    assert held["rounds"] == {"columns": {"round": [0, 1], "nre": [50, 100], "generator/entropy": [0.1235, 0.2],
+                                          "distill/backoff": [None, 0.3333]}}
+    back = cache.get("defaults_seed0")
+    assert back["rounds"] == [{"round": 0, "nre": 50, "generator/entropy": 0.1235},
+                              {"round": 1, "nre": 100, "generator/entropy": 0.2, "distill/backoff": 0.3333}]
+    assert back["final"] == record["final"] and back["curve"] == record["curve"] and back["step_sizes"] == []
