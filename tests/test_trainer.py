@@ -209,8 +209,8 @@ def test_copy_failure_models(tmp_path, char_tokenizer, skewed_model):
                            train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
     trainer.train()
     assert 0 < trainer.ledger.spent <= 24
-    # the copies' region rejects proposals of the distillation draws
-    assert any(h.get("distill/acceptance_rate", 1.0) < 1.0 for h in trainer.history)
+    # the copies' region rejects proposals of the distillation draws that are no known failure
+    assert any(h.get("distill/rejected_fresh_rate", 0.0) > 0 for h in trainer.history)
 
 
 def test_the_method_finds_the_rare_string(tmp_path, char_tokenizer, skewed_model):
@@ -247,8 +247,9 @@ def test_the_default_round_finds_and_keeps_the_rare_string(tmp_path, char_tokeni
     assert any(r.completion == "zebra" and r.success for r in trainer.ledger.records)
     assert end > 5 * start, f"p(zebra) {start:.4f} -> {end:.4f}"
     assert any("distill/kl_step" in h for h in trainer.history), "the step size must have measured its KL"
-    drawn = [h["distill/acceptance_rate"] for h in trainer.history if "distill/acceptance_rate" in h]
-    assert drawn and min(drawn) < 1.0, "the failure models must reject part of the distillation's draw"
+    # known failures alone lower the draw's acceptance: the region must reject fresh proposals too
+    drawn = [h["distill/rejected_fresh_rate"] for h in trainer.history if "distill/rejected_fresh_rate" in h]
+    assert drawn and max(drawn) > 0, "the failure models must reject part of the distillation's fresh proposals"
 
 
 def test_model_card_names_the_method_and_paper(tmp_path, char_tokenizer, skewed_model):

@@ -327,16 +327,18 @@ class Distiller:
             # the exact objective serves the search; from the first success on, the posterior objective (with
             # success replay) distils what was found (trl_banel.exact_distillation says why)
             targets, probe = self.exact.targets(consumed)
-            metrics = {"distill/acceptance_rate": targets.acceptance}
+            metrics = {"distill/acceptance_rate": targets.acceptance,
+                       "distill/rejected_fresh_rate": targets.rejected_fresh_rate}
             if targets.failures is not None:
                 metrics["distill/known_failure_mass"] = float(targets.failure_mass.sum())
             return Draw(metrics, targets=targets, probe=probe)
         if self.objective == "baselined":
             samples, acceptance = sampler.weighted_proposals(args.distill_samples)
             return Draw({"distill/acceptance_rate": acceptance}, samples=samples)
-        samples, acceptance = sampler.sample_posterior(consumed)
+        samples, stats = sampler.sample_posterior(consumed)
         samples, replayed = sampler.replay_successes(samples, args.seed + round)
-        metrics = {"distill/acceptance_rate": acceptance}
+        metrics = {"distill/acceptance_rate": stats.acceptance,
+                   "distill/rejected_fresh_rate": stats.rejected_fresh_rate}
         if replayed:
             metrics["distill/replayed_successes"] = replayed
         return Draw(metrics, samples=samples)

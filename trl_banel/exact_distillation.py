@@ -98,6 +98,8 @@ class ExactTargets:
         acceptance (`float`): `Z`, the share of the proposals that passed the filter.
         failures (`Candidates` or `None`): the ledger's known failures.
         failure_mass (`torch.Tensor` of shape `(F,)`): `p(c) pi(f|c)` of each known failure `f` of prompt `c`.
+        rejected_fresh_rate (`float`): the share of the proposals that are no known failure which the filter rejected
+            (over all processes): what the phase's failure region did.
     """
 
     proposals: Candidates
@@ -105,6 +107,7 @@ class ExactTargets:
     acceptance: float
     failures: Candidates | None
     failure_mass: torch.Tensor
+    rejected_fresh_rate: float = 0.0
 
 
 def proposal_distribution(model, batch: Candidates, evidence, pseudo_count: float) -> torch.Tensor:
@@ -384,6 +387,8 @@ class ExactDistillation:
         rejected = torch.tensor([id(c) not in kept and not k for c, k in zip(cands, known)], dtype=torch.bool)
         acceptance = sum_over_ranks(self.accelerator, len(accepted)) / max(
             sum_over_ranks(self.accelerator, len(cands)), 1)
+        n_rejected = sum_over_ranks(self.accelerator, int(rejected.sum()))
+        rejected_fresh_rate = n_rejected / max(n_rejected + sum_over_ranks(self.accelerator, len(accepted)), 1)
         if args.reject_known_failures:
             fresh = ledger.records[self._synced:]
             self._known += [sampler.record_to_candidate(r) for r in fresh if not r.success]
@@ -396,7 +401,8 @@ class ExactDistillation:
                                     args.scoring_batch_size)
             share = sampler.prompt_share()
             mass = mass * torch.tensor([share.get(c.prompt_text, 0.0) for c in self._known], dtype=mass.dtype)
-        return ExactTargets(sampler.collate(cands), rejected, acceptance, failures, mass), accepted[:64] or cands[:1]
+        return (ExactTargets(sampler.collate(cands), rejected, acceptance, failures, mass, rejected_fresh_rate),
+                accepted[:64] or cands[:1])
 
     @contextlib.contextmanager
     def _teacher(self):

@@ -65,6 +65,16 @@ class FilterStats:
     def __add__(self, other: "FilterStats") -> "FilterStats":
         return FilterStats(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
 
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / max(self.proposed, 1)
+
+    @property
+    def rejected_fresh_rate(self) -> float:
+        """The share of the proposals that are no known failure which the filter rejected anyway: the failure models'
+        ratio test (and the support guard): what the fitted region did."""
+        return (self.ratio_rejected_fresh + self.off_support) / max(self.proposed - self.known, 1)
+
     def summed_over_ranks(self, accelerator) -> "FilterStats":
         return FilterStats(*(sum_over_ranks(accelerator, getattr(self, f.name)) for f in dataclasses.fields(self)))
 
@@ -303,10 +313,10 @@ class Sampler:
         return result
 
     # -- posterior samples ---------------------------------------------------------------------------------------
-    def sample_posterior(self, n_total: int) -> tuple[list[Candidate], float]:
+    def sample_posterior(self, n_total: int) -> tuple[list[Candidate], FilterStats]:
         """Posterior samples on this rank (no oracle call): proposals that survive the filter, drawn in batches sized
         to what is still missing at the acceptance the previous draws measured (at most `num_candidates`). Returns
-        them and the draw's acceptance rate (over all its batches and processes)."""
+        them and the draw's filter counts (over all its batches and processes)."""
         world = self.accelerator.num_processes
         want_local = max(1, math.ceil(n_total / world))
         cap = max(1, math.ceil(self.args.num_candidates / world))
@@ -321,7 +331,7 @@ class Sampler:
             stats = result.stats.summed_over_ranks(self.accelerator)
             self.draw_acceptance = stats.accepted / max(stats.proposed, 1)
             total = total + stats
-        return samples[:want_local], total.accepted / max(total.proposed, 1)
+        return samples[:want_local], total
 
     def weighted_proposals(self, n_total: int) -> tuple[list[Candidate], float]:
         r"""

@@ -386,9 +386,12 @@ class BaNELTrainer(_BaseTrainer):
         for key, value in draw.metrics.items():
             self._metrics[key].append(value)
         if self.history:
-            # the share of the distillation's draw the filter accepted: where the phase's failure models act (with
-            # distill_every=1 a distillation clears them before the next round's filter sees a proposal)
-            self.history[-1]["distill/acceptance_rate"] = draw.metrics["distill/acceptance_rate"]
+            # the share of the distillation's draw the filter accepted, and of its fresh proposals the failure region
+            # rejected: where the phase's failure models act (with distill_every=1 a distillation clears them before
+            # the next round's filter sees a proposal, whose filter/ratio_rejected_rate is then 0 by construction)
+            for key in ("distill/acceptance_rate", "distill/rejected_fresh_rate"):
+                if key in draw.metrics:  # (the baselined objective's draw has no fresh-rejection count)
+                    self.history[-1][key] = draw.metrics[key]
         self._end_phase(keep_best=True)
         batches = self.distiller.micro_batches(draw, self.round, n_micro)
         if self.args.distill_target_kl > 0:
