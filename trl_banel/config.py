@@ -452,9 +452,9 @@ class BaNELConfig(_BaseConfig):
         default=0.0,
         metadata={"help": "Experimental (off in the default round): Reject proposals with a token whose probability "
                           "under the pretrained generator is below this multiple of its most likely token's (min-p "
-                          "on the pretrained support); 0 disables it. Try 1e-2 when a success is an output the "
-                          "pretrained model could write (well-formed text) and runs drift off the format; keep 0 when "
-                          "success needs tokens it all but never picks (the digits demo's six: 17.6 nats below)."},
+                          "on the pretrained support); 0 disables it. At 1e-2 it kept subword runs on the format but "
+                          "found no more successes on the evaluation tasks; never set it where success needs tokens "
+                          "the pretrained model all but never picks (the digits demo's six: 17.6 nats below)."},
     )
     success_replay: float | None = field(
         default=None,
