@@ -254,6 +254,34 @@ def test_proposals_off_the_pretrained_support_never_reach_the_oracle(tmp_path, c
     assert any("filter/off_support_rate" in log for log in guarded.state.log_history)
 
 
+def test_the_support_guard_of_a_lora_generator_judges_with_its_adapter_disabled(tmp_path, char_tokenizer,
+                                                                                  skewed_model):
+    """A LoRA generator needs no frozen copy: its adapter is disabled to judge; the judge is the pretrained model
+    however far the adapter moved (a proposal the pretrained model rejects is rejected after training too)."""
+    import copy
+
+    from peft import LoraConfig
+
+    from trl_banel.posterior import support_gaps
+
+    pretrained = copy.deepcopy(skewed_model).eval()
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(), train_dataset=UNCONDITIONAL,
+                           processing_class=char_tokenizer,
+                           args=config(tmp_path, max_reward_evaluations=24, learning_rate=1e-2, distill_target_kl=0,
+                                       support_min_p=0.05),
+                           peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    sent, evaluate = [], trainer.gate.evaluate
+    trainer.gate.evaluate = lambda cands, round, retry_lost=False: sent.extend(cands) or evaluate(cands, round,
+                                                                                                  retry_lost)
+    trainer.train()
+    assert trainer.reference_model is None
+    batch = trainer.sampler.collate(sent)
+    with torch.no_grad():
+        gaps = support_gaps(pretrained, batch.input_ids, batch.attention_mask, batch.completion_mask, 64)
+    assert sent and (gaps <= -math.log(0.05)).all()
+    assert any(h["filter/off_support_rate"] > 0 for h in trainer.history)
+
+
 def test_a_learning_rate_too_small_to_move_the_generator_is_reported(tmp_path, char_tokenizer, skewed_model, caplog):
     with caplog.at_level(logging.WARNING, logger="trl_banel.trainer"):
         _run(tmp_path, char_tokenizer, skewed_model, RecordingOracle(), max_reward_evaluations=32,
