@@ -255,3 +255,17 @@ def test_a_ledger_held_by_another_live_process_is_refused_until_that_process_die
     ledger = RewardLedger(str(path), budget=3)
     assert ledger.evaluate(["p"], ["a"], lambda idx: [1.0], 0) == [1.0]
     assert RewardLedger(str(path), budget=3).spent == 1, "the same process may open its own ledger again"
+
+
+def test_a_file_system_without_locks_runs_unguarded_and_says_so(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    with caplog.at_level("WARNING"):
+        ledger = RewardLedger(str(tmp_path / "l.jsonl"), budget=2)
+    assert ledger.evaluate(["p"], ["a"], lambda idx: [0.0], 0) == [0.0]
+    assert "would not be refused" in caplog.text

@@ -7,6 +7,7 @@ write-ahead journal before it is made (`trl_banel.journal`), so a call cut short
 again: the budget holds over any sequence of crashes and resumes.
 """
 
+import errno
 import json
 import logging
 import math
@@ -57,7 +58,11 @@ def hold_ledger(ledger_path: str):
     f = open(path, "a+", encoding="utf-8")
     try:
         fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):  # a file system without locks: run, unguarded, and say so
+            f.close()
+            logger.warning("Could not lock %s (%s): a second live run on this ledger would not be refused.", path, e)
+            return
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()
