@@ -385,10 +385,10 @@ class ExactDistillation:
         # a call lost in a crash is filtered out but is no ledger failure: it counts with the region's rejections,
         # its mass estimated from the proposals, not in the known failures' exact term
         rejected = torch.tensor([id(c) not in kept and not k for c, k in zip(cands, known)], dtype=torch.bool)
-        acceptance = sum_over_ranks(self.accelerator, len(accepted)) / max(
-            sum_over_ranks(self.accelerator, len(cands)), 1)
+        n_accepted = sum_over_ranks(self.accelerator, len(accepted))
+        acceptance = n_accepted / max(sum_over_ranks(self.accelerator, len(cands)), 1)
         n_rejected = sum_over_ranks(self.accelerator, int(rejected.sum()))
-        rejected_fresh_rate = n_rejected / max(n_rejected + sum_over_ranks(self.accelerator, len(accepted)), 1)
+        rejected_fresh_rate = n_rejected / max(n_rejected + n_accepted, 1)
         if args.reject_known_failures:
             fresh = ledger.records[self._synced:]
             self._known += [sampler.record_to_candidate(r) for r in fresh if not r.success]

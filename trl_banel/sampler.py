@@ -222,11 +222,12 @@ class Sampler:
         """Posterior rejection: drop candidates any failure model explains, and known failures; with
         `skip_successes` (a round's proposals under `skip_known_successes`), known successes too."""
         args, n = self.args, len(cands)
-        rejected, min_ratio, nll, tokens = self._ratio_test(cands)
+        batch = self.collate(cands) if cands else None  # one batch for the ratio test and the support guard
+        rejected, min_ratio, nll, tokens = self._ratio_test(batch, n)
         known, succeeded = self._known(cands)
         # a known success is certainly outside the failure region, whatever the failure models generalise to
         rejected &= ~succeeded
-        off_support = self._off_support(cands) & ~succeeded & ~known
+        off_support = self._off_support(batch, n) & ~succeeded & ~known
         skipped = succeeded & ~known if skip_successes else torch.zeros(n, dtype=torch.bool)
         reject = rejected | known | skipped | off_support
         keep = [c for c, r in zip(cands, reject.tolist()) if not r]
@@ -241,13 +242,12 @@ class Sampler:
         return FilterResult(keep, stats, min_ratio[~reject & finite].tolist(),
                             min_ratio[(rejected | known) & finite].tolist())
 
-    def _ratio_test(self, cands: list[Candidate]):
-        """The likelihood-ratio rejection under the active failure models: `(rejected, min_ratio, nll, tokens)`, the
-        last two the generator's summed negative log-likelihood of the completions and their token count."""
-        n = len(cands)
+    def _ratio_test(self, batch: Candidates | None, n: int):
+        """The likelihood-ratio rejection under the active failure models of the `n` collated candidates `batch`:
+        `(rejected, min_ratio, nll, tokens)`, the last two the generator's summed negative log-likelihood of the
+        completions and their token count."""
         if not n:
             return torch.zeros(n, dtype=torch.bool), torch.full((n,), float("inf")), 0.0, 0
-        batch = self.collate(cands)
         policy_lp, failure_lp = self.failures.score(batch, self.args.scoring_batch_size)
         nll, tokens = -policy_lp.sum().item(), int(batch.completion_mask.sum())  # the generator's entropy
         if self.args.length_normalize:
@@ -256,12 +256,11 @@ class Sampler:
         rejected, min_ratio = rejection_mask(policy_lp.cpu(), failure_lp.cpu(), self.args.rejection_threshold)
         return rejected, min_ratio, nll, tokens
 
-    def _off_support(self, cands: list[Candidate]) -> torch.Tensor:
-        """Which candidates hold a token the pretrained generator gives less than `support_min_p` times its most
-        likely token's probability (all `False` with `support_min_p=0`)."""
-        if not (self.args.support_min_p > 0 and cands):
-            return torch.zeros(len(cands), dtype=torch.bool)
-        batch = self.collate(cands)
+    def _off_support(self, batch: Candidates | None, n: int) -> torch.Tensor:
+        """Which of the `n` collated candidates hold a token the pretrained generator gives less than `support_min_p`
+        times its most likely token's probability (all `False` with `support_min_p=0`)."""
+        if not (self.args.support_min_p > 0 and n):
+            return torch.zeros(n, dtype=torch.bool)
         with torch.no_grad(), self.pretrained() as model:
             was_training = model.training
             model.eval()  # no dropout in a judgement
@@ -329,7 +328,7 @@ class Sampler:
             result = self.propose_filtered(proposal_batch_size(missing, self.draw_acceptance, world, cap))
             samples.extend(result.accepted)
             stats = result.stats.summed_over_ranks(self.accelerator)
-            self.draw_acceptance = stats.accepted / max(stats.proposed, 1)
+            self.draw_acceptance = stats.acceptance
             total = total + stats
         return samples[:want_local], total
 
