@@ -77,7 +77,8 @@ SWEEP_GRID = {
 # what a sparse run records of each round (trainer.history): the filter's rejections and the generator
 ROUND_TRACE = ("round", "nre", "successes", "acceptance_rate", "known_rejected", "proposed",
                "filter/ratio_rejected_rate", "generator/entropy", "generator/distinct", "distill/acceptance_rate",
-               "distill/rejected_fresh_rate", "filter/off_support_rate", "round/places_filled")
+               "distill/rejected_fresh_rate", "filter/off_support_rate", "round/places_filled",
+               "distill/known_other_tokens_rate")
 _NOT_SETTINGS = ("output_dir", "report_to", "logging_steps", "disable_tqdm", "save_strategy")
 
 

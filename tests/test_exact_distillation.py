@@ -1,6 +1,7 @@
 """The exact distillation objective (trl_banel.exact_distillation): no pull towards the generator's own samples,
 the known failures' exact mass, and a trainer that moves only where the region says."""
 
+import dataclasses
 import math
 
 import pytest
@@ -12,7 +13,7 @@ from test_trainer import RecordingOracle, config
 from trl_banel import BaNELTrainer
 from trl_banel.exact_distillation import ExactTargets, exact_loss, failure_mass, micro_batches, proposal_distribution
 from trl_banel.evidence import PrefixEvidence, proposal_log_probs
-from trl_banel.posterior import Candidates, completion_log_softmax
+from trl_banel.posterior import Candidates, completion_log_softmax, sequence_log_probs
 
 UNCONDITIONAL = Dataset.from_dict({"prompt": [""]})
 
@@ -193,3 +194,48 @@ def test_auto_objective_is_exact_with_whole_targets_at_a_small_vocabulary_and_sp
                            [0.0] * len(completions), args=args, train_dataset=Dataset.from_dict({"prompt": [""]}),
                            processing_class=char_tokenizer)
     assert trainer.distill_objective == "exact" and args.distill_objective == "auto"  # args stay as given
+
+
+def test_a_known_failures_text_by_other_tokens_is_estimated_from_the_proposals_and_pushed_off(
+        tmp_path, char_tokenizer, skewed_model, monkeypatch):
+    # measured on the rare-letters task: a generator moved its mass onto known failures' texts spelt with <pad> and
+    # <bos> inside (which decoding drops); the exact term held only each text's own tokens, so nothing pushed it off
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(), train_dataset=UNCONDITIONAL,
+                           processing_class=char_tokenizer,
+                           args=config(tmp_path, max_reward_evaluations=16, evaluations_per_round=8,
+                                       distill_objective="exact", rejection_threshold=1e-30, distill_every=0))
+    trainer.train()
+    sampler, record = trainer.sampler, trainer.ledger.records[0]
+    own = sampler.record_to_candidate(record)
+    ids = own.completion_ids
+    other = dataclasses.replace(own, completion_ids=[char_tokenizer.pad_token_id] + ids)  # no prefix shared with own
+    fresh = dataclasses.replace(own, completion="zzzz", completion_ids=char_tokenizer("zzzz")["input_ids"] + ids[-1:])
+    assert char_tokenizer.decode(other.completion_ids, skip_special_tokens=True) == record.completion
+    monkeypatch.setattr(sampler, "propose", lambda n: [own, other, fresh, fresh])
+    targets, _ = trainer.distiller.exact.targets(4)
+    # both spellings are filtered out; only the one the exact term does not hold is estimated from the proposals
+    assert targets.acceptance == 0.5 and targets.rejected.tolist() == [False, True, False, False]
+    assert targets.other_tokens_rate == 0.25 and targets.rejected_fresh_rate == 0.0
+    policy = trainer.failures.policy
+
+    def log_q(cand):
+        batch = sampler.collate([cand])
+        with torch.no_grad():
+            return float(sequence_log_probs(policy, batch.input_ids, batch.attention_mask, batch.completion_mask, 1))
+
+    start = {k: v.clone() for k, v in policy.state_dict().items()}
+
+    def change(rejected) -> float:  # what five steps on the exact loss do to log q(other), from the same start
+        policy.load_state_dict(start)
+        before = log_q(other)
+        optimizer = torch.optim.SGD(policy.parameters(), lr=0.05)
+        item = micro_batches(dataclasses.replace(targets, rejected=rejected), 1, 4, 0,
+                             lambda b: proposal_distribution(policy, b, None, 0.0))[0]
+        for _ in range(5):
+            optimizer.zero_grad()
+            exact_loss(policy, item)[0].backward()
+            optimizer.step()
+        return log_q(other) - before
+
+    # held only through the exact term (what the objective did before), the other spelling is pushed off less
+    assert change(targets.rejected) < change(torch.zeros(4, dtype=torch.bool)) - 0.5

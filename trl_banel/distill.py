@@ -328,7 +328,8 @@ class Distiller:
             # success replay) distils what was found (trl_banel.exact_distillation says why)
             targets, probe = self.exact.targets(consumed)
             metrics = {"distill/acceptance_rate": targets.acceptance,
-                       "distill/rejected_fresh_rate": targets.rejected_fresh_rate}
+                       "distill/rejected_fresh_rate": targets.rejected_fresh_rate,
+                       "distill/known_other_tokens_rate": targets.other_tokens_rate}
             if targets.failures is not None:
                 metrics["distill/known_failure_mass"] = float(targets.failure_mass.sum())
             return Draw(metrics, targets=targets, probe=probe)

@@ -17,7 +17,12 @@ it maximises `E_post[log q(y|c)]`, which splits into three parts:
   self-distillation onto a shrinking set (DESIGN.md section 6: the drift and collapse).
 - The known failures' term is exact: their `pi(f)` is computed, and a fixed number of them, drawn in proportion to it,
   enter each step (an unbiased estimate of the sum that does not grow with the ledger).
-- Only the ratio test's region, which has no closed form, is estimated from the proposals it rejected.
+- Only the ratio test's region, which has no closed form, is estimated from the proposals it rejected; so is the
+  mass of token sequences that decode to a known failure's text but are not its tokenisation (special tokens the
+  decoding drops, another subword split): the ledger and the filter know completions by text, the exact term by
+  tokens. Measured why: on rare letters at the defaults, 6 of 10 seeds moved their mass onto known failures spelt
+  with `<pad>` and `<bos>` inside, which the exact term never saw, until nearly every proposal was one (round revision
+  3 of `benchmarks/defaults.py`; fixed in revision 4; docs/default_round.md).
 
 The per-token expectations need `pi`'s next-token distributions as targets. Where a micro-batch's fit in
 `MAX_TEACHER_ELEMENTS` values they are kept whole; at a large vocabulary (151,936 tokens: about 420 positions) each
@@ -94,12 +99,16 @@ class ExactTargets:
 
     Attributes:
         proposals (`Candidates`): completions drawn from the proposal distribution `pi`, accepted or not.
-        rejected (`torch.Tensor` of shape `(N,)`): rejected by the ratio test and not a known failure.
+        rejected (`torch.Tensor` of shape `(N,)`): filtered out and not held by the known failures' exact term (the
+            ratio test's rejections, and known failures' texts by other token ids).
         acceptance (`float`): `Z`, the share of the proposals that passed the filter.
         failures (`Candidates` or `None`): the ledger's known failures.
         failure_mass (`torch.Tensor` of shape `(F,)`): `p(c) pi(f|c)` of each known failure `f` of prompt `c`.
         rejected_fresh_rate (`float`): the share of the proposals that are no known failure which the filter rejected
             (over all processes): what the phase's failure region did.
+        other_tokens_rate (`float`): the share of the proposals that are a known failure's text by token ids other
+            than the text's own tokenisation (over all processes): mass the exact term does not hold, estimated
+            from these proposals instead.
     """
 
     proposals: Candidates
@@ -108,6 +117,7 @@ class ExactTargets:
     failures: Candidates | None
     failure_mass: torch.Tensor
     rejected_fresh_rate: float = 0.0
+    other_tokens_rate: float = 0.0
 
 
 def proposal_distribution(model, batch: Candidates, evidence, pseudo_count: float) -> torch.Tensor:
@@ -372,6 +382,7 @@ class ExactDistillation:
         self.args, self.accelerator = args, accelerator
         self._known = []  # the ledger's failures as candidates, tokenised once each (the ledger only grows)
         self._synced = 0  # how many of ledger.records they cover
+        self._canonical = {}  # (prompt, completion text) -> the token ids the exact term holds it as
 
     def targets(self, n_total: int) -> tuple[ExactTargets, list]:
         """This phase's targets on `n_total` fresh proposals (summed over processes: what the steps consume), and
@@ -380,19 +391,21 @@ class ExactDistillation:
         cands = sampler.propose(max(1, -(-n_total // self.accelerator.num_processes)))
         accepted = sampler.filter(cands).accepted
         kept = {id(c) for c in accepted}
+        self._sync_known()
         records = [ledger.lookup(c.prompt_text, c.completion) for c in cands]
         known = [args.reject_known_failures and r is not None and not r.success for r in records]
-        # a call lost in a crash is filtered out but is no ledger failure: it counts with the region's rejections,
-        # its mass estimated from the proposals, not in the known failures' exact term
-        rejected = torch.tensor([id(c) not in kept and not k for c, k in zip(cands, known)], dtype=torch.bool)
+        # the exact term holds each known failure as its text tokenised; another token sequence of the same text
+        # (special tokens the decoding drops, a non-canonical split) is filtered out as that failure but is in no
+        # exact term: its mass is estimated from the proposals, as the region's is (else a generator moving its
+        # mass there is never pushed off it: measured, the rare-letters collapse of docs/default_round.md).
+        # So is a call lost in a crash: filtered out, yet no ledger failure
+        exact = [k and self._canonical.get((c.prompt_text, c.completion)) == tuple(c.completion_ids)
+                 for c, k in zip(cands, known)]
+        rejected = torch.tensor([id(c) not in kept and not e for c, e in zip(cands, exact)], dtype=torch.bool)
         n_accepted = sum_over_ranks(self.accelerator, len(accepted))
-        acceptance = n_accepted / max(sum_over_ranks(self.accelerator, len(cands)), 1)
-        n_rejected = sum_over_ranks(self.accelerator, int(rejected.sum()))
-        rejected_fresh_rate = n_rejected / max(n_rejected + n_accepted, 1)
-        if args.reject_known_failures:
-            fresh = ledger.records[self._synced:]
-            self._known += [sampler.record_to_candidate(r) for r in fresh if not r.success]
-            self._synced += len(fresh)
+        n_proposed = max(sum_over_ranks(self.accelerator, len(cands)), 1)
+        n_region = sum_over_ranks(self.accelerator, sum(id(c) not in kept and not k for c, k in zip(cands, known)))
+        n_other = sum_over_ranks(self.accelerator, sum(k and not e for k, e in zip(known, exact)))
         failures, mass = None, torch.zeros(0)
         if self._known:
             failures = sampler.collate(self._known)
@@ -401,8 +414,20 @@ class ExactDistillation:
                                     args.scoring_batch_size)
             share = sampler.prompt_share()
             mass = mass * torch.tensor([share.get(c.prompt_text, 0.0) for c in self._known], dtype=mass.dtype)
-        return (ExactTargets(sampler.collate(cands), rejected, acceptance, failures, mass, rejected_fresh_rate),
-                accepted[:64] or cands[:1])
+        targets = ExactTargets(sampler.collate(cands), rejected, n_accepted / n_proposed, failures, mass,
+                               n_region / max(n_region + n_accepted, 1), n_other / n_proposed)
+        return targets, accepted[:64] or cands[:1]
+
+    def _sync_known(self):
+        """Tokenise the ledger's failures not yet held (the ledger only grows), with their tokens by text."""
+        if not self.args.reject_known_failures:
+            return
+        fresh = [r for r in self.ledger.records[self._synced:] if not r.success]
+        self._synced = len(self.ledger.records)
+        for record in fresh:
+            cand = self.sampler.record_to_candidate(record)
+            self._known.append(cand)
+            self._canonical[(cand.prompt_text, cand.completion)] = tuple(cand.completion_ids)
 
     @contextlib.contextmanager
     def _teacher(self):

@@ -389,7 +389,8 @@ class BaNELTrainer(_BaseTrainer):
             # the share of the distillation's draw the filter accepted, and of its fresh proposals the failure region
             # rejected: where the phase's failure models act (with distill_every=1 a distillation clears them before
             # the next round's filter sees a proposal, whose filter/ratio_rejected_rate is then 0 by construction)
-            for key in ("distill/acceptance_rate", "distill/rejected_fresh_rate"):
+            # (and of its proposals, the known failures' texts by other tokens than the exact term holds)
+            for key in ("distill/acceptance_rate", "distill/rejected_fresh_rate", "distill/known_other_tokens_rate"):
                 if key in draw.metrics:  # (the baselined objective's draw has no fresh-rejection count)
                     self.history[-1][key] = draw.metrics[key]
         self._end_phase(keep_best=True)
