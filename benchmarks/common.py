@@ -358,7 +358,7 @@ def run_one(task: Task, method: str, seed: int, knobs: dict, budget: int, eval_s
         steps = trainer.state.global_step
         stop_reason = trainer.stop_reason
         # the step size's record (distill_target_kl): what each distillation moved, and the rate it chose next
-        step_sizes = [{k: h[k] for k in ("round", "distill/kl_step", "distill/learning_rate",
+        step_sizes = [{k: h[k] for k in ("round", "distill/kl_step", "distill/kl_target", "distill/learning_rate",
                                                  "distill/backoff", "distill/kl_after_backoff") if k in h}
                       for h in trainer.history if "distill/kl_step" in h]
         # the mechanism round by round: what the filter rejected (known failures, the ratio test) and the generator

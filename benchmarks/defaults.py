@@ -89,6 +89,14 @@ CANDIDATES = {
     # pretrained generator kept the format by pinning the generator; this keeps the search on it without a pull
     "support1e-3": {"support_min_p": 1e-3},
     "support1e-2": {"support_min_p": 1e-2},
+    # the drift of long runs without a success (docs/default_round.md, revision 4): each exact distillation's step
+    # at most the posterior's own distance from the generator, -log Z; without the ratio test (known failures only);
+    # and Adam with a larger epsilon (a fresh Adam's first step moves every parameter by about the learning rate
+    # whatever its gradient's size: never-sampled tokens' rows move at full rate on gradients near 0)
+    "bound": {"distill_posterior_bound": True},
+    "bound_noratio": {"distill_posterior_bound": True, "rejection_threshold": 1e-30},
+    "bound_noratio_eps1e-4": {"distill_posterior_bound": True, "rejection_threshold": 1e-30, "adam_epsilon": 1e-4},
+    "bound_eps1e-4": {"distill_posterior_bound": True, "adam_epsilon": 1e-4},
 }
 SHIPPED = ["addition", "letters", "digits", "hard_attack"]
 GRPO_RATES = (1e-4, 3e-4, 1e-3)  # GRPO's sweep on the tuning set (benchmarks/common.py's GRPO settings otherwise)
@@ -137,9 +145,9 @@ def variant_settings(group: str, variant: str) -> dict:
     if variant not in CANDIDATES:
         raise ValueError(f"--variant {variant!r}: valid are {sorted(EVALUATION_VARIANTS) + sorted(CANDIDATES)}, "
                          f"grpo and grpo_lr<rate> ({', '.join(f'grpo_lr{lr:g}' for lr in GRPO_RATES)})")
-    if group != "tuning":
-        raise ValueError(f"--variant {variant!r} is a candidate round: it runs on the tuning set only "
-                         "(pre-registered evaluation tasks are judged at the defaults)")
+    if group == "evaluation":
+        raise ValueError(f"--variant {variant!r} is a candidate round: it runs on the tuning set and the shipped "
+                         "tasks only (pre-registered evaluation tasks are judged at the defaults)")
     return dict(CANDIDATES[variant])
 
 
@@ -148,7 +156,8 @@ def variant_settings(group: str, variant: str) -> dict:
 # both off). A run of benchmarks/defaults.py reproduced its cached result exactly after these changed.
 _NOT_THE_ROUND = {"save_every_minutes": None, "gradient_checkpointing": False,
                   "dataloader_pin_memory": True,  # off since (nothing to pin), at its old value: runs unchanged
-                  "support_min_p": None}  # added off (0): left out while it is off
+                  "support_min_p": None,  # added off (0): left out while it is off
+                  "distill_posterior_bound": None}  # added off: left out while it is off
 
 
 # Raised whenever the round's code changes what a run at the defaults does (the fields alone cannot say so):

@@ -624,3 +624,30 @@ def test_backing_off_interpolates_the_weights_towards_the_start():
     for p, moved in zip(Probe.policy.parameters(), after):
         torch.testing.assert_close(p.detach(), 0.25 * moved)
     assert logs["distill/backoff"] == 0.25
+
+
+@pytest.mark.parametrize("bound", [True, False])
+def test_with_the_bound_the_exact_objectives_step_is_at_most_the_posteriors_distance(tmp_path, char_tokenizer,
+                                                                                     skewed_model, bound):
+    """With distill_posterior_bound: the posterior keeps a share Z of the generator's mass and lies -log Z nats from
+    it, and a distillation moving the generator further is pulled back (a larger move is noise, which lowers every
+    string's expected log-probability; rare letters without the ratio test drifted to 4e-6x the prior)."""
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(),
+                           args=config(tmp_path, learning_rate=1e-1, distill_objective="exact",
+                                       rejection_threshold=1e-30, distill_target_kl=5.0, distill_backoff_factor=2,
+                                       distill_posterior_bound=bound, max_reward_evaluations=48),
+                           train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
+    trainer.train()
+    steps = [h for h in trainer.history if "distill/kl_target" in h]
+    assert len(steps) >= 3
+    if not bound:  # off (the default): every distillation aims at distill_target_kl
+        assert all(h["distill/kl_target"] == 5.0 for h in steps)
+        return
+    for h in steps:
+        assert h["distill/kl_target"] == pytest.approx(min(5.0, -math.log(h["distill/acceptance_rate"])))
+    assert any(h["distill/kl_target"] < 1.0 for h in steps), "known failures only: the posterior is near"
+    backed = [h for h in steps if h["distill/kl_step"] > 2 * h["distill/kl_target"]]
+    assert backed, "a learning rate of 0.1 moves the generator beyond the posterior's distance"
+    for h in backed:
+        assert h["distill/backoff"] == pytest.approx((h["distill/kl_target"] / h["distill/kl_step"]) ** 0.5)
+        assert h["distill/kl_after_backoff"] < h["distill/kl_step"]

@@ -165,10 +165,16 @@ class BaNELConfig(_BaseConfig):
             proposals) is measured, and the learning rate scaled by `clip(sqrt(target / measured), 1/4, 4)` for the
             next one (`trl_banel.distill.StepSize`). `learning_rate` is then only the first distillation's: the same
             setting serves a 30k-parameter model and a large one. `0`: the learning rate stays `learning_rate`.
+            Each distillation's target is logged as `distill/kl_target` (see `distill_posterior_bound`).
+        distill_posterior_bound (`bool`, *optional*, defaults to `False`):
+            Experimental. With the exact objective, each distillation's target KL is at most `-log Z`, `Z` the share
+            of the proposals the posterior keeps: the posterior's own distance from the generator. A move beyond it
+            is noise, and noise lowers the expected log-probability of every string, the successes' too
+            (docs/default_round.md: measured on two shipped tasks, not yet on the evaluation set).
         distill_backoff_factor (`float`, *optional*, defaults to `3.0`):
             When above 0 (with `distill_target_kl`), a distillation measured to have moved the generator by more than
-            `distill_backoff_factor * distill_target_kl` is pulled back along its own update,
-            `theta0 + a (theta1 - theta0)` with `a = sqrt(distill_target_kl / measured)`, so that no single
+            `distill_backoff_factor` times its target (`distill_target_kl`, or less: see there) is pulled back along
+            its own update, `theta0 + a (theta1 - theta0)` with `a = sqrt(target / measured)`, so that no single
             distillation moves the generator far beyond the target however the step size misjudged it (the move that
             is left is measured again; `distill/backoff` logs `a`). Keeps a copy of the trainable weights on the CPU
             during a distillation; not under DeepSpeed, whose engine keeps its own copy of the weights.
@@ -435,6 +441,12 @@ class BaNELConfig(_BaseConfig):
         metadata={"help": "Adapt the distillation learning rate so that each distillation moves the generator by "
                           "about this KL (nats, sequence level, measured on fresh proposals); 0: fixed "
                           "learning_rate. Leave it; 0 with a hand-set learning_rate gives a fixed step size."},
+    )
+    distill_posterior_bound: bool = field(
+        default=False,
+        metadata={"help": "Experimental: with the exact objective, bound each distillation's target KL by the "
+                          "posterior's own distance from the generator, -log of the share of proposals it keeps "
+                          "(a larger move is noise)."},
     )
     distill_backoff_factor: float = field(
         default=3.0,

@@ -7,6 +7,7 @@ and the measurement around them.
 import contextlib
 import copy
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -208,6 +209,7 @@ class StepSize:
         self.probe, self.sampler, self.args, self.accelerator = probe, sampler, args, accelerator
         self._before = None
         self._start_weights = None  # (parameter, its value before the distillation), with a backoff factor
+        self.target = args.distill_target_kl if args is not None else 0.0  # this distillation's
         self.backs_off = args is not None and args.distill_backoff_factor > 0 and args.distill_target_kl > 0
         if self.backs_off and getattr(accelerator.state, "deepspeed_plugin", None) is not None:
             self.backs_off = False
@@ -225,12 +227,21 @@ class StepSize:
         left = mean_over_ranks(self.accelerator, [(before - self.probe.log_probs(batch)).mean().item()])
         return {"distill/backoff": factor, "distill/kl_after_backoff": left}
 
-    def start(self):
+    def start(self, acceptance: float | None = None):
         """Before a distillation: fresh proposals of the generator as it is, and their log q (with a target only:
         the extra proposals would change the run's random draws); with `distill_backoff_factor`, its trainable
-        weights (on the CPU: a copy of the generator's trainable part for the length of one distillation)."""
+        weights (on the CPU: a copy of the generator's trainable part for the length of one distillation).
+
+        `acceptance`: the share `Z` of the proposal distribution the posterior keeps (the exact objective's). With
+        `distill_posterior_bound` the posterior is `KL = -log Z` nats from the generator, so the target is at most
+        that: a move beyond what the posterior asks is noise, which lowers the expected log-probability of every
+        string (the success set's too; measured: without the ratio test, rare letters drifted to 4e-6x the prior at
+        the largest rate)."""
         if not self.args.distill_target_kl > 0:
             return
+        self.target = self.args.distill_target_kl
+        if acceptance is not None and self.args.distill_posterior_bound:
+            self.target = min(self.target, -math.log(min(max(acceptance, 1e-12), 1.0)))
         n = max(1, self.PROBE_SIZE // self.accelerator.num_processes)
         batch = self.sampler.collate(self.sampler.propose(n))
         self._before = (batch, self.probe.log_probs(batch))
@@ -254,13 +265,13 @@ class StepSize:
         batch, before = self._before
         self._before = None
         kl = mean_over_ranks(self.accelerator, [(before - self.probe.log_probs(batch)).mean().item()])
-        logs = {"distill/kl_step": kl}
-        target = self.args.distill_target_kl
+        target = self.target
+        logs = {"distill/kl_step": kl, "distill/kl_target": target}
         start, self._start_weights = self._start_weights, None
         if start and kl > self.args.distill_backoff_factor * target:
             logs.update(self.back_off(start, (target / kl) ** 0.5, batch, before))
         if optimizer is not None:
-            factor = self.MAX_FACTOR if kl <= 0 else (target / kl) ** 0.5
+            factor = self.MAX_FACTOR if kl <= 0 else (target / kl) ** 0.5 if target > 0 else 1 / self.MAX_FACTOR
             factor = min(max(factor, 1 / self.MAX_FACTOR), self.MAX_FACTOR)
             logs["distill/learning_rate"] = scale_learning_rate(optimizer, scheduler, factor, self.MIN_LR,
                                                                 self.MAX_LR)
@@ -350,7 +361,7 @@ class Distiller:
         sampler = self.sampler
         if draw.targets is not None:
             targets = draw.targets
-            self.step_size.start()
+            self.step_size.start(acceptance=targets.acceptance)
             if targets.failures is not None:  # the most probable known failures: what the objective pushes down
                 top = targets.failure_mass.argsort(descending=True)[:64]
                 self.probe.start(targets.failures.select(top.tolist()), known_failures=True)
