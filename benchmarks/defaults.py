@@ -109,7 +109,7 @@ class Args:
                                                        "choices": ["evaluation", "tuning", "shipped"]})
     variant: str = field(default="defaults", metadata={
         "help": f"'defaults', 'no_known' (reject_known_failures=False), 'support1e-2' (support_min_p=1e-2), or on "
-                f"the tuning set a candidate: "
+                f"the tuning set or the shipped tasks a candidate: "
                 f"{', '.join(CANDIDATES)}"})
     tasks: list[str] = field(default_factory=list, metadata={"help": "Tasks of the group to run (default: all)."})
     seeds: list[int] = field(default_factory=list, metadata={"help": "Seeds (default: the group's, pre-registered)."})
@@ -241,6 +241,8 @@ def run(group: str, name: str, variant: str, seed: int, budget: int, runs: Path)
     record.update(task=name, group=group, variant=variant, budget=budget, prior=prior, blind=blind,
                   defaults_fingerprint=fingerprint, overrides=overrides, best_curve_rate=best_curve,
                   malformed=malformed_shares(group, name, workdir))
+    if group != "shipped":  # which build of the task: a rebuild on another machine can differ (docs/default_round.md)
+        record["pretrained_weights"] = built_family_task(group, name).calibration["weights"]
     record = json.loads(json.dumps(record, default=str))  # what the file holds
     cache.put(key, record)
     return record

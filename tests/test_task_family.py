@@ -128,9 +128,11 @@ def test_preregistration_meets_the_issue_requirements():
 
 
 def test_candidate_rounds_never_run_on_evaluation_tasks():
-    for group in ("evaluation", "shipped"):
-        with pytest.raises(ValueError, match="tuning set only"):
-            defaults.variant_settings(group, "kl0.3_exact")
+    # a candidate round is tuned on the tuning set and the shipped tasks (issue #29), never on the evaluation set
+    with pytest.raises(ValueError, match="tuning set and the shipped tasks only"):
+        defaults.variant_settings("evaluation", "kl0.3_exact")
+    assert defaults.variant_settings("shipped", "kl0.3_exact")["distill_target_kl"] == 0.3
+    for group in ("evaluation", "shipped"):  # GRPO's sweep: the tuning set only
         with pytest.raises(ValueError, match="tuning set only"):
             defaults.variant_settings(group, "grpo_lr0.001")
     assert defaults.variant_settings("tuning", "grpo_lr0.001") == {"learning_rate": 1e-3}
