@@ -271,7 +271,7 @@ class StepSize:
         if start and kl > self.args.distill_backoff_factor * target:
             logs.update(self.back_off(start, (target / kl) ** 0.5, batch, before))
         if optimizer is not None:
-            factor = self.MAX_FACTOR if kl <= 0 else (target / kl) ** 0.5 if target > 0 else 1 / self.MAX_FACTOR
+            factor = self.MAX_FACTOR if kl <= 0 else (target / kl) ** 0.5  # a target of 0: the least factor
             factor = min(max(factor, 1 / self.MAX_FACTOR), self.MAX_FACTOR)
             logs["distill/learning_rate"] = scale_learning_rate(optimizer, scheduler, factor, self.MIN_LR,
                                                                 self.MAX_LR)
