@@ -97,6 +97,11 @@ CANDIDATES = {
     "bound_noratio": {"distill_posterior_bound": True, "rejection_threshold": 1e-30},
     "bound_noratio_eps1e-4": {"distill_posterior_bound": True, "rejection_threshold": 1e-30, "adam_epsilon": 1e-4},
     "bound_eps1e-4": {"distill_posterior_bound": True, "adam_epsilon": 1e-4},
+    # the same without the ratio test, proposing at a higher temperature: the search broadened by the proposal
+    # distribution rather than by moving the generator (before a first success, the default round finds the count
+    # tasks' successes by the drift that flattens the generator, and the same drift sinks the letters and the attack)
+    "bound_noratio_eps1e-4_t1.5": {"distill_posterior_bound": True, "rejection_threshold": 1e-30,
+                                   "adam_epsilon": 1e-4, "temperature": 1.5},
 }
 SHIPPED = ["addition", "letters", "digits", "hard_attack"]
 GRPO_RATES = (1e-4, 3e-4, 1e-3)  # GRPO's sweep on the tuning set (benchmarks/common.py's GRPO settings otherwise)
