@@ -6,7 +6,7 @@ from conftest import make_tiny_model
 from peft import LoraConfig, get_peft_model
 
 from trl_banel.failure import FailureModels
-from trl_banel.posterior import Candidates
+from trl_banel.posterior import Candidates, eval_mode, sequence_log_probs
 
 
 def candidates(tokenizer, n=24, prompt_width=2, width=7, seed=0):
@@ -95,3 +95,26 @@ def test_half_precision_weights_use_peft_forward(char_tokenizer):
 def test_unknown_scoring_choice_is_refused(char_tokenizer):
     with pytest.raises(ValueError, match="scoring="):
         FailureModels(make_tiny_model(char_tokenizer), scoring="fast")
+
+
+def test_eval_mode_scores_without_dropout_and_restores_the_mode_even_on_error(char_tokenizer):
+    model = make_tiny_model(char_tokenizer)
+    for layer in model.model.layers:  # dropout that makes two training-mode scores of one batch differ
+        layer.self_attn.attention_dropout = 0.5
+    batch = candidates(char_tokenizer)
+
+    def score():
+        return sequence_log_probs(model, batch.input_ids, batch.attention_mask, batch.completion_mask, 64)
+
+    model.train()
+    with torch.no_grad(), eval_mode(model):
+        assert not model.training
+        assert torch.equal(score(), score())
+    assert model.training
+    with pytest.raises(RuntimeError, match="scoring failed"), eval_mode(model):
+        raise RuntimeError("scoring failed")
+    assert model.training
+    model.eval()
+    with eval_mode(model):
+        pass
+    assert not model.training

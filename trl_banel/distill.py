@@ -17,7 +17,8 @@ from trl.models.utils import prepare_deepspeed
 from .adapters import gathered_copy
 from .distributed import mean_over_ranks
 from .exact_distillation import ExactDistillation, ExactTargets, exact_loss
-from .posterior import CompletionChunks, chunked, completion_log_softmax, sequence_log_probs, token_kl
+from .posterior import (CompletionChunks, chunked, completion_log_softmax, eval_mode, sequence_log_probs,
+                        token_kl)
 from .stats import clopper_pearson
 
 logger = logging.getLogger(__name__)
@@ -161,14 +162,10 @@ class DistillationProbe:
 
     @torch.no_grad()
     def log_probs(self, cands) -> torch.Tensor:
-        policy, device = self.policy, self.accelerator.device
-        was_training = policy.training
-        policy.eval()
-        try:
+        device = self.accelerator.device
+        with eval_mode(self.policy) as policy:
             return sequence_log_probs(policy, cands.input_ids.to(device), cands.attention_mask.to(device),
                                       cands.completion_mask.to(device), self.args.scoring_batch_size).cpu()
-        finally:
-            policy.train(was_training)
 
     def measure(self, history: list[dict]) -> tuple[str, float] | None:
         """After the distillation's last step: `(metric name, value)` over all processes (the earlier distillations'

@@ -65,6 +65,7 @@ from .posterior import (
     completion_log_softmax,
     completion_positions,
     completion_token_log_probs,
+    eval_mode,
     scoring_rows,
     sequence_log_probs,
 )
@@ -432,13 +433,8 @@ class ExactDistillation:
     @contextlib.contextmanager
     def _teacher(self):
         """The generator as it is now, in eval mode (failure adapters are disabled outside their fit)."""
-        policy = self.failures.policy
-        was_training = policy.training
-        policy.eval()
-        try:
+        with eval_mode(self.failures.policy) as policy:
             yield policy
-        finally:
-            policy.train(was_training)
 
     def batches(self, targets: ExactTargets, round: int, n_micro: int) -> list[dict]:
         """The micro-batches of `targets`, on the device (their teachers computed before the first step)."""

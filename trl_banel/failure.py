@@ -25,7 +25,8 @@ from peft import PeftModel
 from trl.models.utils import prepare_deepspeed
 
 from . import adapters
-from .posterior import Candidates, completion_nll, completion_positions, scoring_rows, sequence_log_probs, vocab_size
+from .posterior import (Candidates, completion_nll, completion_positions, eval_mode, scoring_rows, sequence_log_probs,
+                        vocab_size)
 
 logger = logging.getLogger(__name__)
 
@@ -246,13 +247,9 @@ class FailureModels:
     @torch.no_grad()
     def _log_q(model, negatives: Candidates, device) -> torch.Tensor:
         """`log q` of each negative, under the model about to be fitted (it starts as q)."""
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             return sequence_log_probs(model, negatives.input_ids.to(device), negatives.attention_mask.to(device),
                                       negatives.completion_mask.to(device), batch_size=512).cpu()
-        finally:
-            model.train(was_training)
 
     @staticmethod
     def _achievable_log_ratio(negatives: Candidates, log_q: torch.Tensor) -> float:

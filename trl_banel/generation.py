@@ -13,7 +13,7 @@ from trl.models.utils import unwrap_model_for_generation
 
 from .adapters import no_checkpointing_deprecation
 from .evidence import EvidenceLogitsProcessor
-from .posterior import completion_mask_after_prompt, scoring_rows, vocab_size
+from .posterior import completion_mask_after_prompt, eval_mode, scoring_rows, vocab_size
 
 
 class TransformersGeneration:
@@ -45,17 +45,14 @@ class TransformersGeneration:
         # model generates with per-module gathering instead, the processes kept in step by `synced_gpus`.
         gather = not (self.zero3 and len(self.failures) and self.args.failure_model == "adapter")
         completion_ids = []
-        with no_checkpointing_deprecation(), unwrap_model_for_generation(
-                self.model(), self.accelerator, gather_deepspeed3_params=gather) as unwrapped:
-            was_training = unwrapped.training
-            unwrapped.eval()
+        unwrap = unwrap_model_for_generation(self.model(), self.accelerator, gather_deepspeed3_params=gather)
+        with no_checkpointing_deprecation(), unwrap as model, eval_mode(model) as unwrapped:
             # each generation step holds a few copies of the next-token logits of every sequence generating: at a
             # large vocabulary fewer sequences per call, so that they stay within MAX_LOGITS_VALUES
             per_call = scoring_rows(self.args.generation_batch_size, 1, vocab_size(unwrapped))
             for start in range(0, len(prompts), per_call):
                 chunk = prompts[start : start + per_call]
                 completion_ids += self._sample(unwrapped, chunk, evidence, synced_gpus=self.zero3 and not gather)
-            unwrapped.train(was_training)
         return completion_ids
 
     def _sample(self, model, chunk: list[tuple[str, list[int]]], evidence, synced_gpus: bool) -> list[list[int]]:

@@ -5,6 +5,7 @@ Candidates are kept as one padded batch: left-padded prompt tokens followed by r
 position ids that skip padding exactly as generation did.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,18 @@ class Candidates:
             [self.completions[i] for i in index],
             [self.rows[i] for i in index],
         )
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """`model` in eval mode (no dropout: a score or a sample judges the generator as it is), its mode restored
+    after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from trl.data_utils import is_conversational, maybe_apply_chat_template
 
 from .distributed import sum_over_ranks
 from .evidence import PrefixEvidence
-from .posterior import Candidates, rejection_mask, support_gaps
+from .posterior import Candidates, eval_mode, rejection_mask, support_gaps
 
 logger = logging.getLogger(__name__)
 
@@ -261,15 +261,10 @@ class Sampler:
         times its most likely token's probability (all `False` with `support_min_p=0`)."""
         if not (self.args.support_min_p > 0 and n):
             return torch.zeros(n, dtype=torch.bool)
-        with torch.no_grad(), self.pretrained() as model:
-            was_training = model.training
-            model.eval()  # no dropout in a judgement
+        with torch.no_grad(), self.pretrained() as pretrained, eval_mode(pretrained) as model:
             device = next(model.parameters()).device
-            try:
-                gaps = support_gaps(model, batch.input_ids.to(device), batch.attention_mask.to(device),
-                                    batch.completion_mask.to(device), self.args.scoring_batch_size)
-            finally:
-                model.train(was_training)
+            gaps = support_gaps(model, batch.input_ids.to(device), batch.attention_mask.to(device),
+                                batch.completion_mask.to(device), self.args.scoring_batch_size)
         return gaps.cpu() > -math.log(self.args.support_min_p)
 
     def _known(self, cands: list[Candidate]) -> tuple[torch.Tensor, torch.Tensor]:
