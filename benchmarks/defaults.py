@@ -102,6 +102,10 @@ CANDIDATES = {
     # tasks' successes by the drift that flattens the generator, and the same drift sinks the letters and the attack)
     "bound_noratio_eps1e-4_t1.5": {"distill_posterior_bound": True, "rejection_threshold": 1e-30,
                                    "adam_epsilon": 1e-4, "temperature": 1.5},
+    # half the step (a quarter of the target KL) twice as often: the same displacement where each distillation moves
+    # the generator the same way (the count tasks' steady rise), half the spread where their directions are noise
+    # (the long runs' random walk in log success probability, whose downward drift goes with the spread)
+    "kl0.025_per25": {"distill_target_kl": 0.025, "evaluations_per_round": 25},
 }
 SHIPPED = ["addition", "letters", "digits", "hard_attack"]
 GRPO_RATES = (1e-4, 3e-4, 1e-3)  # GRPO's sweep on the tuning set (benchmarks/common.py's GRPO settings otherwise)
