@@ -47,8 +47,9 @@ from trl_banel import BaNELConfig  # noqa: E402
 from trl_banel.ledger import LEDGER_FILENAME  # noqa: E402
 
 PREREGISTRATION = ROOT / "benchmarks" / "preregistration.json"
-# what a task may set: the budget, lengths, batch sizes and stop rules; everything else is the default round's
-TASK_FIELDS = {"max_reward_evaluations", "evaluations_per_round", "num_candidates", "max_completion_length",
+# what a task may set: the budget, lengths, batch sizes and stop rules; everything else (the round's size too) is the
+# default round's
+TASK_FIELDS = {"max_reward_evaluations", "num_candidates", "max_completion_length",
                "per_device_train_batch_size", "gradient_accumulation_steps", "generation_batch_size",
                "scoring_batch_size", "num_rounds", "max_idle_rounds", "stop_after_successes"}
 # variants that may run on the evaluation tasks

@@ -32,14 +32,14 @@ def test_the_message_says_what_would_be_valid(tmp_path):
 
 
 def test_evaluations_per_round_above_budget_is_lowered_to_it_with_a_warning(tmp_path, caplog):
-    """A budget below the default 50 per round (the README's snippet, a quick try) needs no second flag."""
+    """A budget below the default 25 per round (the README's snippet, a quick try) needs no second flag."""
     with caplog.at_level("WARNING", logger="trl_banel.config"):
         args = BaNELConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, max_reward_evaluations=10)
     assert args.evaluations_per_round == 10
-    assert "evaluations_per_round=50 is above max_reward_evaluations=10: using 10" in caplog.text
+    assert "evaluations_per_round=25 is above max_reward_evaluations=10: using 10" in caplog.text
     caplog.clear()
     args = BaNELConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, max_reward_evaluations=100)
-    assert args.evaluations_per_round == 50 and not caplog.text
+    assert args.evaluations_per_round == 25 and not caplog.text
     with pytest.raises(ValueError, match="evaluations_per_round=0 is invalid"):
         BaNELConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, evaluations_per_round=0)
 
