@@ -105,7 +105,8 @@ CANDIDATES = {
                                    "adam_epsilon": 1e-4, "temperature": 1.5},
     # half the step (a quarter of the target KL) twice as often: the same displacement where each distillation moves
     # the generator the same way (the count tasks' steady rise), half the spread where their directions are noise
-    # (the long runs' random walk in log success probability, whose downward drift goes with the spread)
+    # (the long runs' random walk in log success probability, whose downward drift goes with the spread); the
+    # defaults since commit b6bfaef (docs/default_round.md)
     "kl0.025_per25": {"distill_target_kl": 0.025, "evaluations_per_round": 25},
 }
 SHIPPED = ["addition", "letters", "digits", "hard_attack"]
