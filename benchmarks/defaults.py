@@ -108,6 +108,9 @@ CANDIDATES = {
     # (the long runs' random walk in log success probability, whose downward drift goes with the spread); the
     # defaults since commit b6bfaef (docs/default_round.md)
     "kl0.025_per25": {"distill_target_kl": 0.025, "evaluations_per_round": 25},
+    # each half of it alone, against the defaults above: which one does the work
+    "kl0.1_per25": {"distill_target_kl": 0.1},
+    "kl0.025_per50": {"evaluations_per_round": 50},
 }
 SHIPPED = ["addition", "letters", "digits", "hard_attack"]
 GRPO_RATES = (1e-4, 3e-4, 1e-3)  # GRPO's sweep on the tuning set (benchmarks/common.py's GRPO settings otherwise)
