@@ -117,7 +117,8 @@ def test_the_use_snippet_runs_as_written(tmp_path):
     assert len((out / "evaluations.jsonl").read_text().splitlines()) == 50
     assert (out / "run_report.png").exists() and (out / "model.safetensors").exists()
     assert "arxiv" in (out / "README.md").read_text().lower()  # the model card cites the paper
-    assert "round 0 | NRE 50/50" in proc.stdout and proc.stdout.rstrip().endswith("]")  # the printed successes
+    # two rounds of 25 at the defaults, then the printed successes
+    assert "round 1 | NRE 50/50" in proc.stdout and proc.stdout.rstrip().endswith("]")
     # the console says only what matters: no warning of a dependency (FutureWarnings, transformers' logger), and
     # the package's own advice on a line of its own, not glued to the progress bar
     said = [line.strip() for line in re.split(r"[\r\n]+", proc.stderr) if line.strip()]
