@@ -594,6 +594,7 @@ def build(spec: FamilySpec, cache: Path | None = None, verbose: bool = False) ->
 def as_benchmark_task(task: FamilyTask):
     """The task as `benchmarks.common.Task`: exact estimates of the generator (BaNEL's: the generator it trains)."""
     from benchmarks.common import Task
+    from trl_banel.posterior import eval_mode
     from trl_banel.stats import ExactSuccess
 
     texts = task.success_texts()
@@ -602,12 +603,8 @@ def as_benchmark_task(task: FamilyTask):
         return ExactSuccess(task.exact_success_probability(model, tok, texts))
 
     def estimate_banel(trainer, n=None):
-        generator = trainer.accelerator.unwrap_model(trainer.model)
-        was_training = generator.training
-        try:
+        with eval_mode(trainer.accelerator.unwrap_model(trainer.model)) as generator:
             return ExactSuccess(task.exact_success_probability(generator, trainer.processing_class, texts))
-        finally:
-            generator.train(was_training)
 
     return Task(task.spec.name, task.load, estimate, estimate_banel, task.max_completion_length,
                 {"max_completion_length": task.max_completion_length}, exact=True, eval_samples=0, curve_samples=0,
