@@ -18,8 +18,9 @@ samples): the multiples are taken against it, or against its 95% upper bound whe
   the evaluation questions.
 
 Each run is cached in `OUT/runs/q{ID}.json` (`benchmarks.common.RunCache`, a record per `{method}_seed{N}`) as soon as
-it ends and skipped when present, so the benchmark can be run in pieces and resumed; `OUT/comparison.{json,md,png}`
-are rebuilt from the cached runs at the end.
+it ends and skipped when present (a BaNEL run made under other package defaults, by `benchmarks/defaults.py`'s
+fingerprint, is redone), so the benchmark can be run in pieces and resumed; `OUT/comparison.{json,md,png}` are rebuilt
+from the cached runs at the end.
 """
 
 import functools
@@ -42,6 +43,7 @@ from trl_banel_examples.tasks.common import weights_hash  # noqa: E402
 
 from benchmarks.common import (DEFAULT_KNOBS, RunCache, Task, cached_run, parse_args, reference_rate,  # noqa: E402
                                run_one, run_sweep)
+from benchmarks.defaults import defaults_fingerprint  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "gsm_synthetic"
 MAX_COMPLETION_LENGTH = 96  # a four-step solution is about 50 tokens (the prior was measured at 96)
@@ -132,8 +134,14 @@ def make_run(task: Task, method: str, seed: int, knobs: dict, args: Args, pretra
                                                           "gsm_synthetic", f"{task.name}_{method}_{seed}"),
                      idle_steps=args.idle_steps, pretrained=pretrained)
     record["settings"].update(budget=args.budget, eval_samples=args.eval_samples,
-                              generator_weights=pretrained["weights"])
+                              generator_weights=pretrained["weights"], **defaults_identity(method))
     return record
+
+
+def defaults_identity(method: str) -> dict:
+    """BaNEL runs at the package defaults carry their fingerprint (benchmarks/defaults.py): a run made under former
+    defaults is redone."""
+    return {"banel_defaults": defaults_fingerprint()} if method == "banel" else {}
 
 
 def grpo_knobs(args: Args, questions: list[dict], model_dir: str) -> dict:
@@ -172,7 +180,7 @@ def run_all(args: Args, questions: list[dict], model_dir: str):
         for method in args.methods:
             for seed in args.seeds:
                 identity = {**knobs[method], "budget": args.budget, "eval_samples": args.eval_samples,
-                            "generator_weights": pretrained["weights"]}
+                            "generator_weights": pretrained["weights"], **defaults_identity(method)}
                 print(f"[run] {task.name} {method} seed {seed}", flush=True)
                 run, made = cached_run(cache, f"{method}_seed{seed}", identity,
                                        lambda: make_run(task, method, seed, knobs[method], args, pretrained))

@@ -371,7 +371,7 @@ def test_gsm8k_recipe_runs_on_the_reduced_model_and_hard_set(reduced, tmp_path):
     assert (out / "q1" / "model.safetensors").exists() and (out / "q1" / "result.json").exists()
 
 
-@pytest.mark.slow  # two short training runs on the reduced model (about 20 s)
+@pytest.mark.slow  # two short training runs on the reduced model (about 30 s)
 def test_the_comparison_benchmark_runs_both_methods_within_budget_and_reuses_its_runs(reduced, tmp_path):
     """benchmarks/gsm_synthetic.py on the reduced model: each run spends at most the budget through its ledger, is
     cached and not re-run, the tables are written, and the tuning question is refused as an evaluation question."""
@@ -399,5 +399,14 @@ def test_the_comparison_benchmark_runs_both_methods_within_budget_and_reuses_its
     before = (tmp_path / "out" / "runs" / "q0.json").read_text()
     bench.main(args)  # cached: nothing re-run
     assert (tmp_path / "out" / "runs" / "q0.json").read_text() == before
+    # a BaNEL run made under former package defaults is redone; GRPO's is kept
+    stale = json.loads(before)
+    stale["banel_seed0"]["settings"]["banel_defaults"] = "former"
+    stale["banel_seed0"]["minutes"] = -1.0
+    (tmp_path / "out" / "runs" / "q0.json").write_text(json.dumps(stale))
+    bench.main(args)
+    redone = json.loads((tmp_path / "out" / "runs" / "q0.json").read_text())
+    assert redone["banel_seed0"]["settings"]["banel_defaults"] == bench.defaults_identity("banel")["banel_defaults"]
+    assert redone["banel_seed0"]["minutes"] >= 0 and redone["grpo_seed0"] == stale["grpo_seed0"]
     with pytest.raises(ValueError, match="tuning question"):
         bench.main(dataclasses.replace(args, question_ids=[1]))
