@@ -108,6 +108,10 @@ CANDIDATES = {
     # (the long runs' random walk in log success probability, whose downward drift goes with the spread); the
     # defaults since commit b6bfaef (docs/default_round.md)
     "kl0.025_per25": {"distill_target_kl": 0.025, "evaluations_per_round": 25},
+    # the drift of long runs without a success under plain SGD: a fresh Adam's first steps move every parameter by
+    # about the learning rate whatever its gradient (sign descent), SGD in proportion to it (the step size still set
+    # by the target KL)
+    "sgd": {"optim": "sgd"},
     # each half of it alone, against the defaults above: which one does the work
     "kl0.1_per25": {"distill_target_kl": 0.1},
     "kl0.025_per50": {"evaluations_per_round": 50},
