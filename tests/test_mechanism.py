@@ -581,6 +581,19 @@ def test_the_step_size_moves_the_learning_rate_towards_the_target_kl(tmp_path, c
     assert any("distill/kl_step" in log for log in recorder.logs), "the measured KL must reach the logs"
 
 
+def test_the_step_size_never_sets_a_learning_rate_above_its_cap(tmp_path, char_tokenizer, skewed_model):
+    """distill_max_learning_rate bounds what the step size may raise a rate that moves nothing to (SGD included)."""
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(),
+                           args=config(tmp_path, learning_rate=1e-7, distill_target_kl=0.05, optim="sgd",
+                                       distill_max_learning_rate=1e-5, max_reward_evaluations=48),
+                           train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
+    trainer.train()
+    rates = [h["distill/learning_rate"] for h in trainer.history if "distill/learning_rate" in h]
+    assert len(rates) >= 4 and rates[0] == pytest.approx(4e-7), "a rate that moves nothing is raised 4x"
+    assert max(rates) == pytest.approx(1e-5) and rates[-1] == pytest.approx(1e-5), "raised up to the cap, not beyond"
+    assert isinstance(getattr(trainer.optimizer, "optimizer", trainer.optimizer), torch.optim.SGD)
+
+
 def test_without_a_target_the_learning_rate_is_fixed(tmp_path, char_tokenizer, skewed_model):
     trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(),
                            args=config(tmp_path, learning_rate=1e-4, max_reward_evaluations=32),

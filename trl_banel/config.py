@@ -172,6 +172,10 @@ class BaNELConfig(_BaseConfig):
             of the proposals the posterior keeps: the posterior's own distance from the generator. A move beyond it
             is noise, and noise lowers the expected log-probability of every string, the successes' too
             (docs/default_round.md: measured on two shipped tasks, not yet on the evaluation set).
+        distill_max_learning_rate (`float`, *optional*, defaults to `1e-2`):
+            Experimental. The largest learning rate the step size (`distill_target_kl`) may set. With Adam a step moves
+            each parameter by about the learning rate, so 1e-2 is already large; with `optim="sgd"` a step's size
+            follows the gradient's, and the rate that reaches the target can be far above it.
         distill_backoff_factor (`float`, *optional*, defaults to `3.0`):
             When above 0 (with `distill_target_kl`), a distillation measured to have moved the generator by more than
             `distill_backoff_factor` times its target (`distill_target_kl`, or less: see there) is pulled back along
@@ -447,6 +451,11 @@ class BaNELConfig(_BaseConfig):
         metadata={"help": "Experimental: with the exact objective, bound each distillation's target KL by the "
                           "posterior's own distance from the generator, -log of the share of proposals it keeps "
                           "(a larger move is noise)."},
+    )
+    distill_max_learning_rate: float = field(
+        default=1e-2,
+        metadata={"help": "Experimental: the largest learning rate the step size (distill_target_kl) may set; with "
+                          "optim='sgd' the rate that reaches the target can be far above Adam's 1e-2."},
     )
     distill_backoff_factor: float = field(
         default=3.0,

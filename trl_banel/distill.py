@@ -193,14 +193,14 @@ class StepSize:
     The distillation's learning rate, set by what each distillation moved the generator instead of guessed by model
     size: before a distillation it draws `PROBE_SIZE` fresh proposals and remembers their log q; after it, the mean
     drop of their log q estimates `KL(q_before || q_after)` (sequence level, nats), and the learning rate is scaled by
-    `clip(sqrt(distill_target_kl / measured), 1/4, 4)` (within [`MIN_LR`, `MAX_LR`]). With Adam a step's size is
-    about the learning rate whatever the gradient's scale, so a measured KL near 0 means a learning rate too small for
-    this model, and the next distillation takes larger steps. Logged: `distill/kl_step` (measured) and
-    `distill/learning_rate` (the next distillation's). Each distillation starts with fresh Adam moments
+    `clip(sqrt(distill_target_kl / measured), 1/4, 4)` (within [`MIN_LR`, `distill_max_learning_rate`]). With Adam
+    a step's size is about the learning rate whatever the gradient's scale, so a measured KL near 0 means a learning
+    rate too small for this model, and the next distillation takes larger steps. Logged: `distill/kl_step`
+    (measured) and `distill/learning_rate` (the next distillation's). Each distillation starts with fresh Adam moments
     (`fresh_optimizer`). `distill_target_kl=0`: the learning rate stays fixed.
     """
 
-    PROBE_SIZE, MIN_LR, MAX_LR, MAX_FACTOR = 64, 1e-8, 1e-2, 4.0
+    PROBE_SIZE, MIN_LR, MAX_FACTOR = 64, 1e-8, 4.0
 
     def __init__(self, probe: DistillationProbe, sampler, args, accelerator):
         self.probe, self.sampler, self.args, self.accelerator = probe, sampler, args, accelerator
@@ -271,7 +271,7 @@ class StepSize:
             factor = self.MAX_FACTOR if kl <= 0 else (target / kl) ** 0.5  # a target of 0: the least factor
             factor = min(max(factor, 1 / self.MAX_FACTOR), self.MAX_FACTOR)
             logs["distill/learning_rate"] = scale_learning_rate(optimizer, scheduler, factor, self.MIN_LR,
-                                                                self.MAX_LR)
+                                                                self.args.distill_max_learning_rate)
         return logs
 
 
