@@ -201,31 +201,47 @@ def summarise(args: Args, questions: list[dict]) -> dict:
         reference = reference_rate(pretrained)
         row = {"question": question["id"], "target": question["target"], "pretrained": pretrained,
                "reference_rate": reference, "methods": {}}
-        for method in METHODS:
-            rs = sorted((r for k, r in runs.items() if r.get("method") == method), key=lambda r: r["seed"])
-            if not rs:
-                continue
-            finals = [r["final"]["rate"] for r in rs]
-            # a policy that never saw a success and kept the pretrained weights is the pretrained generator: 1x
-            multiples = [1.0 if r.get("reused_pretrained_estimate") else r["final"]["rate"] / reference for r in rs]
-            row["methods"][method] = {
-                "seeds": [r["seed"] for r in rs], "final": finals,
-                "final_counts": [f"{r['final']['successes']}/{r['final']['samples']}" for r in rs],
-                "final_high": [r["final"]["high"] for r in rs],
-                "unchanged": [bool(r.get("reused_pretrained_estimate")) for r in rs],
-                "multiple": multiples, "median_multiple": float(np.median(multiples)),
-                "successes_found": [r["final"]["successes_found_in_training"] for r in rs],
-                "nre": [r["final"]["nre"] for r in rs], "minutes": [r["minutes"] for r in rs],
-                "cpu_minutes": [r.get("cpu_minutes") for r in rs], "settings": rs[0]["settings"],
-                "stop_reason": [r.get("stop_reason") for r in rs]}
+        for label, rs in method_groups(runs):
+            row["methods"][label] = method_row(rs, reference)
         rows.append(row)
     summary = {"budget": args.budget, "eval_samples": args.eval_samples, "questions": rows}
     sweep = os.path.join(args.out, "sweep.json")
     summary["sweep"] = json.loads(Path(sweep).read_text()) if os.path.exists(sweep) else None
-    for method in METHODS:
+    for method in (*METHODS, "banel (former defaults)"):
         done = [r["methods"][method]["median_multiple"] for r in rows if method in r["methods"]]
-        summary[f"{method}_questions_10x"] = f"{sum(m >= 10 for m in done)}/{len(done)}"
+        if done or method in METHODS:
+            summary[f"{method}_questions_10x"] = f"{sum(m >= 10 for m in done)}/{len(done)}"
     return summary
+
+
+def method_groups(runs: dict) -> list[tuple[str, list[dict]]]:
+    """Each method's runs by seed; BaNEL's made under former package defaults apart, as `banel (former defaults)`
+    (kept until rerun, and not counted in the methods' summary)."""
+    groups = []
+    current = defaults_identity("banel")["banel_defaults"]
+    for method in METHODS:
+        rs = sorted((r for r in runs.values() if r.get("method") == method), key=lambda r: r["seed"])
+        if method == "banel":
+            former = [r for r in rs if r["settings"].get("banel_defaults") != current]
+            rs = [r for r in rs if r not in former]
+            groups.append(("banel (former defaults)", former))
+        groups.append((method, rs))
+    return [(label, rs) for label, rs in groups if rs]
+
+
+def method_row(rs: list[dict], reference: float) -> dict:
+    """One method's seeds on a question: finals, multiples of the pretrained rate, what each run spent."""
+    # a policy that never saw a success and kept the pretrained weights is the pretrained generator: 1x
+    multiples = [1.0 if r.get("reused_pretrained_estimate") else r["final"]["rate"] / reference for r in rs]
+    return {"seeds": [r["seed"] for r in rs], "final": [r["final"]["rate"] for r in rs],
+            "final_counts": [f"{r['final']['successes']}/{r['final']['samples']}" for r in rs],
+            "final_high": [r["final"]["high"] for r in rs],
+            "unchanged": [bool(r.get("reused_pretrained_estimate")) for r in rs],
+            "multiple": multiples, "median_multiple": float(np.median(multiples)),
+            "successes_found": [r["final"]["successes_found_in_training"] for r in rs],
+            "nre": [r["final"]["nre"] for r in rs], "minutes": [r["minutes"] for r in rs],
+            "cpu_minutes": [r.get("cpu_minutes") for r in rs], "settings": rs[0]["settings"],
+            "stop_reason": [r.get("stop_reason") for r in rs]}
 
 
 def write_outputs(summary: dict, out: str):
@@ -250,7 +266,8 @@ def write_outputs(summary: dict, out: str):
                          f"{multiples} | {m['median_multiple']:.3g} | {', '.join(map(str, m['successes_found']))} | "
                          f"{', '.join(map(str, m['nre']))} | {np.median(m['minutes']):.1f} |")
     lines += ["", "Questions with the median seed >= 10x the pretrained rate: "
-              + "; ".join(f"{m} {summary[f'{m}_questions_10x']}" for m in METHODS), ""]
+              + "; ".join(f"{m} {summary[f'{m}_questions_10x']}" for m in (*METHODS, "banel (former defaults)")
+                          if f"{m}_questions_10x" in summary), ""]
     if summary["sweep"]:
         for method, sw in summary["sweep"].items():
             tried = "; ".join(f"{json.dumps(r['knobs'])}: {r['rate']:.3g}" for r in sw["results"])
@@ -265,12 +282,16 @@ def plot(summary: dict, path: str):
     from trl_banel_examples.plotting import plt  # the Agg backend: files only
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for offset, (method, color) in zip((-0.12, 0.12), (("banel", "tab:blue"), ("grpo", "tab:gray"))):
+    shown = (("banel (former defaults)", "lightsteelblue", -0.2), ("banel", "tab:blue", 0.0),
+             ("grpo", "tab:gray", 0.2))
+    for method, color, offset in shown:
+        labelled = False
         for i, row in enumerate(summary["questions"]):
             m = row["methods"].get(method)
             if m:
                 ax.scatter([i + offset] * len(m["multiple"]), np.maximum(m["multiple"], 1e-3), color=color,
-                           label=method if i == 0 else None)
+                           label=None if labelled else method)
+                labelled = True
     ax.axhline(1, color="black", lw=0.8)
     ax.axhline(10, color="black", lw=0.8, ls="--")
     ax.set_yscale("log")

@@ -404,6 +404,10 @@ def test_the_comparison_benchmark_runs_both_methods_within_budget_and_reuses_its
     stale["banel_seed0"]["settings"]["banel_defaults"] = "former"
     stale["banel_seed0"]["minutes"] = -1.0
     (tmp_path / "out" / "runs" / "q0.json").write_text(json.dumps(stale))
+    bench.main(dataclasses.replace(args, summarize=True))  # until rerun, it is shown apart and not counted
+    methods = json.loads((tmp_path / "out" / "comparison.json").read_text())["questions"][0]["methods"]
+    assert set(methods) == {"banel (former defaults)", "grpo"}
+    assert "| 0 | 0/3700 | banel (former defaults) |" in (tmp_path / "out" / "comparison.md").read_text()
     bench.main(args)
     redone = json.loads((tmp_path / "out" / "runs" / "q0.json").read_text())
     assert redone["banel_seed0"]["settings"]["banel_defaults"] == bench.defaults_identity("banel")["banel_defaults"]
