@@ -14,7 +14,7 @@ from trl_banel import BaNELConfig
     ("failure_warmup_steps", -1), ("failure_heldout_fraction", 1.0), ("failure_heldout_fraction", -0.1),
     ("max_failure_models", 0), ("distill_kl_coef", -0.1), ("distill_backoff_factor", 0.5),
     ("distill_backoff_factor", float("nan")), ("support_min_p", 1.0), ("support_min_p", -1e-3),
-    ("support_min_p", float("nan")),
+    ("support_min_p", float("nan")), ("distill_max_learning_rate", 0.0), ("distill_max_learning_rate", float("inf")),
     # TrainingArguments that transformers accepts but that cannot train
     ("learning_rate", 0.0), ("learning_rate", -1e-3), ("learning_rate", float("nan")), ("failure_learning_rate", 0.0),
     ("failure_learning_rate", float("inf")), ("per_device_train_batch_size", 0), ("gradient_accumulation_steps", 0),

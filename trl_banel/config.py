@@ -631,7 +631,7 @@ class BaNELConfig(_BaseConfig):
         """The optimisation: TrainingArguments fields that transformers accepts but that cannot train are refused
         here, by name, rather than as a NaN loss or an empty batch much later; and the failure fit's."""
         bad = self._bad
-        for name in ("learning_rate", "failure_learning_rate", "adam_epsilon"):
+        for name in ("learning_rate", "failure_learning_rate", "adam_epsilon", "distill_max_learning_rate"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
                 bad(name, "a finite number > 0")
