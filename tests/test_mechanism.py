@@ -664,3 +664,20 @@ def test_with_the_bound_the_exact_objectives_step_is_at_most_the_posteriors_dist
     for h in backed:
         assert h["distill/backoff"] == pytest.approx((h["distill/kl_target"] / h["distill/kl_step"]) ** 0.5)
         assert h["distill/kl_after_backoff"] < h["distill/kl_step"]
+
+
+def test_an_idle_stop_says_why_and_names_the_step_target_that_held_the_generator(caplog):
+    """Rounds that fill fewer than half their places stop the run, with the reason and, in the warning, the case the
+    shipped digits task meets at the defaults (every proposal a known failure, the step too small to leave them)."""
+    from types import SimpleNamespace
+
+    from trl_banel.distill import stop_reason
+
+    args = SimpleNamespace(max_reward_evaluations=100, stop_after_successes=None, num_rounds=None, max_idle_rounds=3,
+                           distill_target_kl=0.025)
+    ledger = SimpleNamespace(exhausted=False, successes=[])
+    assert stop_reason(args, ledger, round=7, idle_rounds=2) is None
+    with caplog.at_level("WARNING", logger="trl_banel.distill"):
+        reason = stop_reason(args, ledger, round=8, idle_rounds=3)
+    assert reason == "3 idle rounds, each filling fewer than half of its places (max_idle_rounds=3)"
+    assert "distill_target_kl=0.025 nats" in caplog.text and "known_rejected" in caplog.text

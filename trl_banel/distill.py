@@ -106,7 +106,12 @@ def stop_reason(args, ledger, round: int, idle_rounds: int) -> str | None:
         logger.warning(
             "%d consecutive rounds filled fewer than half of their evaluation places with new evaluations (nearly "
             "every proposal rejected, or already evaluated): stopping. The sampler has converged or can no longer be "
-            "sampled; see trainer.ledger.successes.", idle_rounds)
+            "sampled; see trainer.ledger.successes. If nearly every proposal was a known failure (`known_rejected` "
+            "in trainer.history) long before a success, the generator's mass sits on completions already evaluated "
+            "and its distillations, each held to distill_target_kl=%g nats, could not move it off them in time: "
+            "the shipped digits task stops so at the defaults within about 150 evaluations, and its own round "
+            "(distill_target_kl=0 with learning_rate=1e-3) does not (docs/default_round.md).",
+            idle_rounds, args.distill_target_kl)
         return (f"{idle_rounds} idle rounds, each filling fewer than half of its places "
                 f"(max_idle_rounds={args.max_idle_rounds})")
     return None
