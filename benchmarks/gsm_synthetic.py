@@ -48,6 +48,7 @@ from benchmarks.defaults import defaults_fingerprint  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "gsm_synthetic"
 MAX_COMPLETION_LENGTH = 96  # a four-step solution is about 50 tokens (the prior was measured at 96)
 METHODS = ["banel", "grpo"]
+FORMER = "banel (former defaults)"  # BaNEL runs made under former package defaults, shown apart until rerun
 GRPO_GRID = {"grpo": [{"learning_rate": lr} for lr in (1e-4, 3e-4, 1e-3)]}
 
 
@@ -207,7 +208,7 @@ def summarise(args: Args, questions: list[dict]) -> dict:
     summary = {"budget": args.budget, "eval_samples": args.eval_samples, "questions": rows}
     sweep = os.path.join(args.out, "sweep.json")
     summary["sweep"] = json.loads(Path(sweep).read_text()) if os.path.exists(sweep) else None
-    for method in (*METHODS, "banel (former defaults)"):
+    for method in (*METHODS, FORMER):
         done = [r["methods"][method]["median_multiple"] for r in rows if method in r["methods"]]
         if done or method in METHODS:
             summary[f"{method}_questions_10x"] = f"{sum(m >= 10 for m in done)}/{len(done)}"
@@ -215,16 +216,15 @@ def summarise(args: Args, questions: list[dict]) -> dict:
 
 
 def method_groups(runs: dict) -> list[tuple[str, list[dict]]]:
-    """Each method's runs by seed; BaNEL's made under former package defaults apart, as `banel (former defaults)`
-    (kept until rerun, and not counted in the methods' summary)."""
+    """Each method's runs by seed; BaNEL's made under former package defaults apart, as `FORMER` (kept until rerun,
+    and not counted in the methods' summary)."""
     groups = []
     current = defaults_identity("banel")["banel_defaults"]
     for method in METHODS:
         rs = sorted((r for r in runs.values() if r.get("method") == method), key=lambda r: r["seed"])
         if method == "banel":
-            former = [r for r in rs if r["settings"].get("banel_defaults") != current]
-            rs = [r for r in rs if r not in former]
-            groups.append(("banel (former defaults)", former))
+            groups.append((FORMER, [r for r in rs if r["settings"].get("banel_defaults") != current]))
+            rs = [r for r in rs if r["settings"].get("banel_defaults") == current]
         groups.append((method, rs))
     return [(label, rs) for label, rs in groups if rs]
 
@@ -266,7 +266,7 @@ def write_outputs(summary: dict, out: str):
                          f"{multiples} | {m['median_multiple']:.3g} | {', '.join(map(str, m['successes_found']))} | "
                          f"{', '.join(map(str, m['nre']))} | {np.median(m['minutes']):.1f} |")
     lines += ["", "Questions with the median seed >= 10x the pretrained rate: "
-              + "; ".join(f"{m} {summary[f'{m}_questions_10x']}" for m in (*METHODS, "banel (former defaults)")
+              + "; ".join(f"{m} {summary[f'{m}_questions_10x']}" for m in (*METHODS, FORMER)
                           if f"{m}_questions_10x" in summary), ""]
     if summary["sweep"]:
         for method, sw in summary["sweep"].items():
@@ -282,8 +282,7 @@ def plot(summary: dict, path: str):
     from trl_banel_examples.plotting import plt  # the Agg backend: files only
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    shown = (("banel (former defaults)", "lightsteelblue", -0.2), ("banel", "tab:blue", 0.0),
-             ("grpo", "tab:gray", 0.2))
+    shown = ((FORMER, "lightsteelblue", -0.2), ("banel", "tab:blue", 0.0), ("grpo", "tab:gray", 0.2))
     for method, color, offset in shown:
         labelled = False
         for i, row in enumerate(summary["questions"]):
