@@ -674,10 +674,11 @@ def test_an_idle_stop_says_why_and_names_the_step_target_that_held_the_generator
     from trl_banel.distill import stop_reason
 
     args = SimpleNamespace(max_reward_evaluations=100, stop_after_successes=None, num_rounds=None, max_idle_rounds=3,
-                           distill_target_kl=0.025)
+                           distill_target_kl=0.025, distill_idle_kl_growth=1.0)
     ledger = SimpleNamespace(exhausted=False, successes=[])
     assert stop_reason(args, ledger, round=7, idle_rounds=2) is None
     with caplog.at_level("WARNING", logger="trl_banel.distill"):
         reason = stop_reason(args, ledger, round=8, idle_rounds=3)
     assert reason == "3 idle rounds, each filling fewer than half of its places (max_idle_rounds=3)"
     assert "distill_target_kl=0.025 nats" in caplog.text and "known_rejected" in caplog.text
+    assert "distill_idle_kl_growth=1 (1: off)" in caplog.text

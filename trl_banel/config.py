@@ -172,6 +172,13 @@ class BaNELConfig(_BaseConfig):
             of the proposals the posterior keeps: the posterior's own distance from the generator. A move beyond it
             is noise, and noise lowers the expected log-probability of every string, the successes' too
             (docs/default_round.md: measured on two shipped tasks, not yet on the evaluation set).
+        distill_idle_kl_growth (`float`, *optional*, defaults to `1.0`):
+            Experimental. Each consecutive idle round (see `max_idle_rounds`) multiplies the next distillation's target
+            KL by this factor (the learning rate follows at once, by its square root), never past the posterior's own
+            distance `-log Z` where the exact objective measures it; a round that fills its places resets it. When
+            evaluations cover the generator's mass faster than distillations held to `distill_target_kl` move it,
+            every proposal becomes a known failure and the run stops idle with nothing found (the shipped digits
+            task at the defaults); growing steps move it off them first. `1`: off (docs/default_round.md).
         distill_max_learning_rate (`float`, *optional*, defaults to `1e-2`):
             Experimental. The largest learning rate the step size (`distill_target_kl`) may set. With Adam a step moves
             each parameter by about the learning rate, so 1e-2 is already large; with `optim="sgd"` a step's size
@@ -452,6 +459,12 @@ class BaNELConfig(_BaseConfig):
                           "posterior's own distance from the generator, -log of the share of proposals it keeps "
                           "(a larger move is noise)."},
     )
+    distill_idle_kl_growth: float = field(
+        default=1.0,
+        metadata={"help": "Experimental: each consecutive idle round multiplies the next distillation's target KL by "
+                          "this factor (at most the posterior's distance -log Z), so that a generator whose every "
+                          "proposal is a known failure is moved off them before the idle stop; 1: off."},
+    )
     distill_max_learning_rate: float = field(
         default=1e-2,
         metadata={"help": "Experimental: the largest learning rate the step size (distill_target_kl) may set; with "
@@ -648,6 +661,9 @@ class BaNELConfig(_BaseConfig):
         for name in ("failure_margin", "failure_max_grad_norm", "distill_kl_coef", "evidence_pseudo_count",
                      "distill_target_kl"):
             self._check_non_negative(name)
+        growth = self.distill_idle_kl_growth
+        if not isinstance(growth, (int, float)) or not math.isfinite(growth) or not growth >= 1:
+            bad("distill_idle_kl_growth", "a finite number >= 1 (1: off)")
         if not 0 <= self.support_min_p < 1:
             bad("support_min_p", "0 (off) or a probability ratio with 0 < ratio < 1, such as 1e-3")
         if not (self.distill_backoff_factor == 0 or self.distill_backoff_factor > 1):

@@ -110,8 +110,9 @@ def stop_reason(args, ledger, round: int, idle_rounds: int) -> str | None:
             "in trainer.history) long before a success, the generator's mass sits on completions already evaluated "
             "and its distillations, each held to distill_target_kl=%g nats, could not move it off them in time: "
             "the shipped digits task stopped so at the defaults after about 150 evaluations on 2 of 3 seeds, and its "
-            "own round (distill_target_kl=0 with learning_rate=1e-3) does not (docs/default_round.md).",
-            idle_rounds, args.distill_target_kl)
+            "own round (distill_target_kl=0 with learning_rate=1e-3) does not; distill_idle_kl_growth=%g (1: off) "
+            "grows each idle round's step (docs/default_round.md).",
+            idle_rounds, args.distill_target_kl, args.distill_idle_kl_growth)
         return (f"{idle_rounds} idle rounds, each filling fewer than half of its places "
                 f"(max_idle_rounds={args.max_idle_rounds})")
     return None
@@ -210,6 +211,7 @@ class StepSize:
     def __init__(self, probe: DistillationProbe, sampler, args, accelerator):
         self.probe, self.sampler, self.args, self.accelerator = probe, sampler, args, accelerator
         self._before = None
+        self._pending_factor = None  # the learning rate's rescale to this distillation's target, before its steps
         self._start_weights = None  # (parameter, its value before the distillation), with a backoff factor
         self.target = args.distill_target_kl if args is not None else 0.0  # this distillation's
         self.backs_off = args is not None and args.distill_backoff_factor > 0 and args.distill_target_kl > 0
@@ -229,7 +231,7 @@ class StepSize:
         left = mean_over_ranks(self.accelerator, [(before - self.probe.log_probs(batch)).mean().item()])
         return {"distill/backoff": factor, "distill/kl_after_backoff": left}
 
-    def start(self, acceptance: float | None = None):
+    def start(self, acceptance: float | None = None, idle_rounds: int = 0, exact: bool = True):
         """Before a distillation: fresh proposals of the generator as it is, and their log q (with a target only:
         the extra proposals would change the run's random draws); with `distill_backoff_factor`, its trainable
         weights (on the CPU: a copy of the generator's trainable part for the length of one distillation).
@@ -238,18 +240,42 @@ class StepSize:
         `distill_posterior_bound` the posterior is `KL = -log Z` nats from the generator, so the target is at most
         that: a move beyond what the posterior asks is noise, which lowers the expected log-probability of every
         string (the success set's too; measured: without the ratio test, rare letters drifted to 4e-6x the prior at
-        the largest rate)."""
+        the largest rate). `idle_rounds`: the consecutive idle rounds before this distillation, each of which
+        multiplies the target by `distill_idle_kl_growth` (see `target_for`); `exact`: whether `acceptance` is the
+        exact objective's (the posterior objective's bounds only a grown target)."""
         if not self.args.distill_target_kl > 0:
             return
-        self.target = self.args.distill_target_kl
-        if acceptance is not None and self.args.distill_posterior_bound:
-            self.target = min(self.target, -math.log(min(max(acceptance, 1e-12), 1.0)))
+        previous, self.target = self.target, self.target_for(acceptance, idle_rounds, exact)
+        if self.args.distill_idle_kl_growth > 1 and previous > 0:
+            # the learning rate was set for the previous target: a KL grows about as the square of the step
+            self._pending_factor = (self.target / previous) ** 0.5
         n = max(1, self.PROBE_SIZE // self.accelerator.num_processes)
         batch = self.sampler.collate(self.sampler.propose(n))
         self._before = (batch, self.probe.log_probs(batch))
         if self.backs_off:
             self._start_weights = [(p, p.detach().to("cpu", copy=True)) for p in self.probe.policy.parameters()
                                    if p.requires_grad]
+
+    def target_for(self, acceptance: float | None, idle_rounds: int, exact: bool = True) -> float:
+        """A distillation's target KL: `distill_target_kl`, times `distill_idle_kl_growth` per consecutive idle round
+        but never past the posterior's distance `-log Z` (`acceptance`, a move beyond it is noise), and with
+        `distill_posterior_bound` and the `exact` objective at most that distance."""
+        base = self.args.distill_target_kl
+        grown = base * self.args.distill_idle_kl_growth ** idle_rounds
+        if acceptance is None:
+            return grown
+        distance = -math.log(min(max(acceptance, 1e-12), 1.0))
+        if self.args.distill_posterior_bound and exact:
+            return min(grown, distance)
+        return min(grown, max(base, distance))
+
+    def prepare(self, optimizer, scheduler) -> None:
+        """Just before a distillation's first step: fresh optimizer moments, and the learning rate rescaled to a
+        target that changed since the previous distillation (with `distill_idle_kl_growth`)."""
+        self.fresh_optimizer(optimizer)
+        factor, self._pending_factor = self._pending_factor, None
+        if factor is not None and factor != 1.0 and optimizer is not None:
+            scale_learning_rate(optimizer, scheduler, factor, self.MIN_LR, self.args.distill_max_learning_rate)
 
     @staticmethod
     def fresh_optimizer(optimizer):
@@ -357,13 +383,14 @@ class Distiller:
             metrics["distill/replayed_successes"] = replayed
         return Draw(metrics, samples=samples)
 
-    def micro_batches(self, draw: Draw, round: int, n_micro: int) -> list[dict]:
+    def micro_batches(self, draw: Draw, round: int, n_micro: int, idle_rounds: int = 0) -> list[dict]:
         """`draw` as `n_micro` micro-batches for the generator as it is now (its phase's failure models dropped), the
-        probe and the step size started; skipped steps when there is nothing to distil."""
+        probe and the step size started (`idle_rounds`: the consecutive idle rounds before it); skipped steps when
+        there is nothing to distil."""
         sampler = self.sampler
         if draw.targets is not None:
             targets = draw.targets
-            self.step_size.start(acceptance=targets.acceptance)
+            self.step_size.start(acceptance=targets.acceptance, idle_rounds=idle_rounds)
             if targets.failures is not None:  # the most probable known failures: what the objective pushes down
                 top = targets.failure_mass.argsort(descending=True)[:64]
                 self.probe.start(targets.failures.select(top.tolist()), known_failures=True)
@@ -376,7 +403,7 @@ class Distiller:
                            "objective, the filter rejected nothing): skipping this distillation.")
             return skipped(n_micro)
         random.Random(self.args.seed + round).shuffle(samples)
-        self.step_size.start()
+        self.step_size.start(draw.metrics.get("distill/acceptance_rate"), idle_rounds, exact=False)
         self.probe.start(sampler.collate([c for c in samples if c.weight > 0][:64] or samples[:1]))
         return sampler.micro_batches(samples, n_micro, weighted=self.objective == "baselined")
 

@@ -260,7 +260,8 @@ class BaNELTrainer(_BaseTrainer):
         """What a resumed run needs beyond the model, the optimizer and the ledger."""
         return {
             "round": self.round, "history": self.history, "rounds_in_phase": self._rounds_in_phase,
-            "idle_rounds": self._idle_rounds, **self.sampler.state_dict(), "failure_models": self.failures.state_dict(),
+            "idle_rounds": self._idle_rounds, "distill_kl_target": self.distiller.step_size.target,
+            **self.sampler.state_dict(), "failure_models": self.failures.state_dict(),
             "negatives": [c.to_dict() for c in self.negatives],
             "buffer": self._buffer, "finished": self._finished,
             "held_out": [c.to_dict() for c in self.region.held_out], "best_generator": self.best_generator,
@@ -315,6 +316,8 @@ class BaNELTrainer(_BaseTrainer):
             self.history = state["history"]
             self._rounds_in_phase = state["rounds_in_phase"]
             self._idle_rounds = state["idle_rounds"]
+            # the target the learning rate was last set for (a grown one, after idle rounds)
+            self.distiller.step_size.target = state.get("distill_kl_target", self.distiller.step_size.target)
             # a checkpoint's tensors load on the CPU (the exact objective's micro-batches nest their known failures)
             self._buffer = [to_device(batch, self.accelerator.device) for batch in state["buffer"]]
             self._finished = state["finished"]
@@ -394,9 +397,9 @@ class BaNELTrainer(_BaseTrainer):
                 if key in draw.metrics:  # (the baselined objective's draw has no fresh-rejection count)
                     self.history[-1][key] = draw.metrics[key]
         self._end_phase(keep_best=True)
-        batches = self.distiller.micro_batches(draw, self.round, n_micro)
+        batches = self.distiller.micro_batches(draw, self.round, n_micro, idle_rounds=self._idle_rounds)
         if self.args.distill_target_kl > 0:
-            self.distiller.step_size.fresh_optimizer(self.optimizer)
+            self.distiller.step_size.prepare(self.optimizer, self.lr_scheduler)
         return batches
 
     def _end_phase(self, keep_best: bool):
