@@ -682,3 +682,73 @@ def test_an_idle_stop_says_why_and_names_the_step_target_that_held_the_generator
     assert reason == "3 idle rounds, each filling fewer than half of its places (max_idle_rounds=3)"
     assert "distill_target_kl=0.025 nats" in caplog.text and "known_rejected" in caplog.text
     assert "distill_idle_kl_growth=1 (1: off)" in caplog.text
+
+
+class LearningRates(TrainerCallback):
+    """The learning rate each distillation step ran at, by the round it followed."""
+
+    def __init__(self):
+        self.trainer, self.by_round = None, {}
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self.by_round.setdefault(self.trainer.round - 1, optimizer.param_groups[0]["lr"])
+
+
+def consecutive_idle_rounds(history) -> list[int]:
+    """Before each round's distillation: how many rounds in a row, up to it, filled fewer than half their places."""
+    counts, idle = [], 0
+    for h in history:
+        idle = idle + 1 if h["round/places_filled"] < 0.5 else 0
+        counts.append(idle)
+    return counts
+
+
+@pytest.mark.parametrize("growth", [1.0, 4.0])
+def test_idle_rounds_grow_the_next_distillations_target_and_its_learning_rate_at_once(tmp_path, char_tokenizer,
+                                                                                      skewed_model, growth):
+    """With distill_idle_kl_growth: once nearly every proposal is a known failure (four animals, all failing), each
+    consecutive idle round multiplies the next distillation's target KL, at most to the posterior's distance -log Z
+    (and never below distill_target_kl), and its learning rate follows before its first step; off (1), every target
+    is distill_target_kl (the shipped digits task stopped idle so, every step held to it)."""
+    lrs = LearningRates()
+    trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(), callbacks=[lrs],
+                           args=config(tmp_path, learning_rate=1e-4, distill_objective="exact",
+                                       rejection_threshold=1e-30, distill_target_kl=0.025, max_idle_rounds=4,
+                                       distill_idle_kl_growth=growth, max_reward_evaluations=48),
+                           train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
+    lrs.trainer = trainer
+    trainer.train()
+    idle = consecutive_idle_rounds(trainer.history)
+    steps = [(h, k) for h, k in zip(trainer.history, idle) if "distill/kl_target" in h]
+    assert max(idle) >= 2 and len(steps) >= 4, "the animals are all known failures within a few rounds"
+    for h, k in steps:
+        distance = -math.log(max(h["distill/acceptance_rate"], 1e-12))
+        assert h["distill/kl_target"] == pytest.approx(min(0.025 * growth ** k, max(0.025, distance)))
+    if growth == 1.0:
+        return
+    assert any(h["distill/kl_target"] >= 0.025 * 16 for h, _ in steps), "two idle rounds: 16x the target"
+    for (before, _), (h, _) in zip(steps, steps[1:]):
+        # the rate the step size chose after the previous distillation, rescaled by sqrt of the targets' ratio
+        expected = before["distill/learning_rate"] * (h["distill/kl_target"] / before["distill/kl_target"]) ** 0.5
+        assert lrs.by_round[h["round"]] == pytest.approx(min(max(expected, 1e-8), 1e-2))
+
+
+def test_a_grown_target_stays_within_the_posteriors_distance_and_the_bound_still_applies():
+    """target_for: distill_target_kl times the growth per idle round, never past -log Z (nor below the base target
+    for lack of it); with distill_posterior_bound, at most -log Z for the exact objective only, as before."""
+    from types import SimpleNamespace
+
+    from trl_banel.distill import StepSize
+
+    def target(acceptance, idle, bound=False, exact=True):
+        args = SimpleNamespace(distill_target_kl=0.025, distill_idle_kl_growth=4.0, distill_posterior_bound=bound)
+        step = StepSize(probe=None, sampler=None, args=SimpleNamespace(**vars(args), distill_backoff_factor=0),
+                        accelerator=None)
+        return step.target_for(acceptance, idle, exact)
+
+    assert target(None, 0) == 0.025 and target(None, 2) == pytest.approx(0.4)
+    assert target(0.5, 3) == pytest.approx(math.log(2)), "1.6 nats asked, the posterior is log 2 away"
+    assert target(0.99, 3) == 0.025, "a near posterior never lowers the target below distill_target_kl"
+    assert target(0.99, 0, bound=True) == pytest.approx(-math.log(0.99))
+    assert target(0.99, 0, bound=True, exact=False) == 0.025, "the bound is the exact objective's"
+    assert target(1e-30, 5) == pytest.approx(0.025 * 4 ** 5)
