@@ -120,7 +120,7 @@ CANDIDATES = {
     "kl0.025_per50": {"evaluations_per_round": 50},
     # the digits idle stop (every proposal a known failure within ~150 evaluations, each step held to 0.025 nats):
     # the step's target grows 4x with each consecutive idle round, up to the posterior's distance -log Z; runs that
-    # never idle are unchanged by it
+    # never idle are unchanged by it. The defaults since 2026-12-07 (docs/default_round.md, "Steps that grow ...")
     "idle_growth4": {"distill_idle_kl_growth": 4.0},
 }
 SHIPPED = ["addition", "letters", "digits", "hard_attack"]
@@ -183,8 +183,7 @@ _NOT_THE_ROUND = {"save_every_minutes": None, "gradient_checkpointing": False,
                   "dataloader_pin_memory": True,  # off since (nothing to pin), at its old value: runs unchanged
                   "support_min_p": None,  # added off (0): left out while it is off
                   "distill_posterior_bound": None,  # added off: left out while it is off
-                  "distill_max_learning_rate": None,  # added at the former constant (1e-2): left out while it is
-                  "distill_idle_kl_growth": None}  # added off (1): left out while it is off
+                  "distill_max_learning_rate": None}  # added at the former constant (1e-2): left out while it is
 
 
 # Raised whenever the round's code changes what a run at the defaults does (the fields alone cannot say so):

@@ -585,7 +585,8 @@ def test_the_step_size_never_sets_a_learning_rate_above_its_cap(tmp_path, char_t
     """distill_max_learning_rate bounds what the step size may raise a rate that moves nothing to (SGD included)."""
     trainer = BaNELTrainer(model=skewed_model, reward_funcs=RecordingOracle(),
                            args=config(tmp_path, learning_rate=1e-7, distill_target_kl=0.05, optim="sgd",
-                                       distill_max_learning_rate=1e-5, max_reward_evaluations=48),
+                                       distill_max_learning_rate=1e-5, max_reward_evaluations=48,
+                                       distill_idle_kl_growth=1.0),  # every target the same: the cap alone
                            train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
     trainer.train()
     rates = [h["distill/learning_rate"] for h in trainer.history if "distill/learning_rate" in h]
@@ -611,13 +612,15 @@ def test_a_distillation_that_moved_too_far_is_pulled_back_along_its_update(tmp_p
                                        max_reward_evaluations=32),
                            train_dataset=UNCONDITIONAL, processing_class=char_tokenizer)
     trainer.train()
+    # (each target is distill_target_kl, or grown by idle rounds: distill_idle_kl_growth)
     backed = [h for h in trainer.history if "distill/backoff" in h]
     assert backed, "a learning rate of 0.1 moves the generator far beyond 0.1 nats: a distillation must back off"
     for h in backed:
-        assert h["distill/kl_step"] > 0.1
-        assert h["distill/backoff"] == pytest.approx((0.05 / h["distill/kl_step"]) ** 0.5)
+        assert h["distill/kl_step"] > 2 * h["distill/kl_target"] >= 0.1
+        assert h["distill/backoff"] == pytest.approx((h["distill/kl_target"] / h["distill/kl_step"]) ** 0.5)
         assert h["distill/kl_after_backoff"] < h["distill/kl_step"], "pulled back, the move must be smaller"
-    assert all("distill/backoff" not in h for h in trainer.history if h.get("distill/kl_step", 0) <= 0.1)
+    assert all("distill/backoff" not in h for h in trainer.history
+               if h.get("distill/kl_step", 0) <= 2 * h.get("distill/kl_target", 0))
 
 
 def test_backing_off_interpolates_the_weights_towards_the_start():
@@ -674,14 +677,14 @@ def test_an_idle_stop_says_why_and_names_the_step_target_that_held_the_generator
     from trl_banel.distill import stop_reason
 
     args = SimpleNamespace(max_reward_evaluations=100, stop_after_successes=None, num_rounds=None, max_idle_rounds=3,
-                           distill_target_kl=0.025, distill_idle_kl_growth=1.0)
+                           distill_target_kl=0.025, distill_idle_kl_growth=4.0)
     ledger = SimpleNamespace(exhausted=False, successes=[])
     assert stop_reason(args, ledger, round=7, idle_rounds=2) is None
     with caplog.at_level("WARNING", logger="trl_banel.distill"):
         reason = stop_reason(args, ledger, round=8, idle_rounds=3)
     assert reason == "3 idle rounds, each filling fewer than half of its places (max_idle_rounds=3)"
     assert "distill_target_kl=0.025 nats" in caplog.text and "known_rejected" in caplog.text
-    assert "distill_idle_kl_growth=1 (1: off)" in caplog.text
+    assert "distill_idle_kl_growth=4 per idle round" in caplog.text and "max_idle_rounds" in caplog.text
 
 
 class LearningRates(TrainerCallback):

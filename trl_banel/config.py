@@ -172,13 +172,14 @@ class BaNELConfig(_BaseConfig):
             of the proposals the posterior keeps: the posterior's own distance from the generator. A move beyond it
             is noise, and noise lowers the expected log-probability of every string, the successes' too
             (docs/default_round.md: measured on two shipped tasks, not yet on the evaluation set).
-        distill_idle_kl_growth (`float`, *optional*, defaults to `1.0`):
-            Experimental. Each consecutive idle round (see `max_idle_rounds`) multiplies the next distillation's target
-            KL by this factor (the learning rate follows at once, by its square root), never past the posterior's own
-            distance `-log Z` where the exact objective measures it; a round that fills its places resets it. When
-            evaluations cover the generator's mass faster than distillations held to `distill_target_kl` move it,
-            every proposal becomes a known failure and the run stops idle with nothing found (the shipped digits
-            task at the defaults); growing steps move it off them first. `1`: off (docs/default_round.md).
+        distill_idle_kl_growth (`float`, *optional*, defaults to `4.0`):
+            Each consecutive idle round (see `max_idle_rounds`) multiplies the next distillation's target KL by this
+            factor (the learning rate follows at once, by its square root), never past the posterior's own distance
+            `-log Z` (`Z` the share of the proposals it keeps) and never below `distill_target_kl`; a round that
+            fills its places resets it. When evaluations cover the generator's mass faster than distillations held
+            to `distill_target_kl` move it, every proposal becomes a known failure and the run stops idle with
+            nothing found (the shipped digits task, 2 of 3 seeds, before it was on); growing steps move it off them
+            first. A run with no idle round is unchanged by it. `1`: off (docs/default_round.md).
         distill_max_learning_rate (`float`, *optional*, defaults to `1e-2`):
             Experimental. The largest learning rate the step size (`distill_target_kl`) may set. With Adam a step moves
             each parameter by about the learning rate, so 1e-2 is already large; with `optim="sgd"` a step's size
@@ -460,10 +461,10 @@ class BaNELConfig(_BaseConfig):
                           "(a larger move is noise)."},
     )
     distill_idle_kl_growth: float = field(
-        default=1.0,
-        metadata={"help": "Experimental: each consecutive idle round multiplies the next distillation's target KL by "
-                          "this factor (at most the posterior's distance -log Z), so that a generator whose every "
-                          "proposal is a known failure is moved off them before the idle stop; 1: off."},
+        default=4.0,
+        metadata={"help": "Each consecutive idle round multiplies the next distillation's target KL by this factor "
+                          "(at most the posterior's distance -log Z), so that a generator whose every proposal is a "
+                          "known failure is moved off them before the idle stop. Leave it; 1 turns it off."},
     )
     distill_max_learning_rate: float = field(
         default=1e-2,

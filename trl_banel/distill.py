@@ -108,10 +108,10 @@ def stop_reason(args, ledger, round: int, idle_rounds: int) -> str | None:
             "every proposal rejected, or already evaluated): stopping. The sampler has converged or can no longer be "
             "sampled; see trainer.ledger.successes. If nearly every proposal was a known failure (`known_rejected` "
             "in trainer.history) long before a success, the generator's mass sits on completions already evaluated "
-            "and its distillations, each held to distill_target_kl=%g nats, could not move it off them in time: "
-            "the shipped digits task stopped so at the defaults after about 150 evaluations on 2 of 3 seeds, and its "
-            "own round (distill_target_kl=0 with learning_rate=1e-3) does not; distill_idle_kl_growth=%g (1: off) "
-            "grows each idle round's step (docs/default_round.md).",
+            "and its distillations (distill_target_kl=%g nats, times distill_idle_kl_growth=%g per idle round) could "
+            "not move it off them in time: a larger max_idle_rounds gives the growing steps more rounds (the shipped "
+            "digits task stopped so within about 150 evaluations on 2 of 3 seeds before the growth was on; "
+            "docs/default_round.md).",
             idle_rounds, args.distill_target_kl, args.distill_idle_kl_growth)
         return (f"{idle_rounds} idle rounds, each filling fewer than half of its places "
                 f"(max_idle_rounds={args.max_idle_rounds})")
