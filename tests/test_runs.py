@@ -142,3 +142,33 @@ def test_a_checkpoint_resumes_from_the_state_it_saved_and_from_an_allowed_legacy
     last = runs.last_complete_checkpoint(str(tmp_path / "out"))
     assert os.path.isfile(os.path.join(last, BANEL_STATE_NAME))
     assert not os.path.isfile(os.path.join(last, LEGACY_STATE_NAME))
+
+
+def test_a_resumed_run_keeps_the_step_target_that_idle_rounds_grew(tmp_path, char_tokenizer, skewed_model_state,
+                                                                   monkeypatch):
+    """The target idle rounds grew (distill_idle_kl_growth) is in the checkpoint, and a resumed run takes it back: the
+    learning rate it saved was set for that target, and the next distillation rescales it from there."""
+    from conftest import make_tiny_model
+
+    saved = []
+    original = runs.save_state_last
+    monkeypatch.setattr("trl_banel.trainer.save_state_last", lambda state, folder: (saved.append(state),
+                                                                                    original(state, folder)))
+
+    def trainer_for():
+        model = make_tiny_model(char_tokenizer)
+        model.load_state_dict(skewed_model_state)
+        args = config(tmp_path, save_strategy="steps", save_steps=2, max_reward_evaluations=48, learning_rate=1e-4,
+                      distill_objective="exact", rejection_threshold=1e-30, distill_target_kl=0.025,
+                      max_idle_rounds=2, distill_idle_kl_growth=4.0)
+        return BaNELTrainer(model=model, reward_funcs=RecordingOracle(), args=args, train_dataset=UNCONDITIONAL,
+                            processing_class=char_tokenizer)
+
+    first = trainer_for()
+    first.train()
+    assert "idle rounds" in first.stop_reason, "the four animals, all failing: the run stops idle"
+    grown = saved[-1]["distill_kl_target"]
+    assert grown > 0.025 and grown == first.distiller.step_size.target, "the last distillation followed idle rounds"
+    again = trainer_for()
+    again.train(resume_from_checkpoint=True)  # its final checkpoint: nothing left to do
+    assert again.distiller.step_size.target == grown
