@@ -744,10 +744,9 @@ def test_a_grown_target_stays_within_the_posteriors_distance_and_the_bound_still
     from trl_banel.distill import StepSize
 
     def target(acceptance, idle, bound=False, exact=True):
-        args = SimpleNamespace(distill_target_kl=0.025, distill_idle_kl_growth=4.0, distill_posterior_bound=bound)
-        step = StepSize(probe=None, sampler=None, args=SimpleNamespace(**vars(args), distill_backoff_factor=0),
-                        accelerator=None)
-        return step.target_for(acceptance, idle, exact)
+        args = SimpleNamespace(distill_target_kl=0.025, distill_idle_kl_growth=4.0, distill_posterior_bound=bound,
+                               distill_backoff_factor=0)
+        return StepSize(probe=None, sampler=None, args=args, accelerator=None).target_for(acceptance, idle, exact)
 
     assert target(None, 0) == 0.025 and target(None, 2) == pytest.approx(0.4)
     assert target(0.5, 3) == pytest.approx(math.log(2)), "1.6 nats asked, the posterior is log 2 away"
