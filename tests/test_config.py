@@ -15,6 +15,8 @@ from trl_banel import BaNELConfig
     ("max_failure_models", 0), ("distill_kl_coef", -0.1), ("distill_backoff_factor", 0.5),
     ("distill_backoff_factor", float("nan")), ("support_min_p", 1.0), ("support_min_p", -1e-3),
     ("support_min_p", float("nan")), ("distill_max_learning_rate", 0.0), ("distill_max_learning_rate", float("inf")),
+    ("distill_idle_kl_growth", 0.5), ("distill_idle_kl_growth", float("nan")),
+    ("distill_idle_kl_growth", float("inf")),
     # TrainingArguments that transformers accepts but that cannot train
     ("learning_rate", 0.0), ("learning_rate", -1e-3), ("learning_rate", float("nan")), ("failure_learning_rate", 0.0),
     ("failure_learning_rate", float("inf")), ("per_device_train_batch_size", 0), ("gradient_accumulation_steps", 0),
@@ -29,6 +31,10 @@ def test_invalid_values_name_the_field(tmp_path, field, value):
 def test_the_message_says_what_would_be_valid(tmp_path):
     with pytest.raises(ValueError, match=r"BaNELConfig.learning_rate=0 is invalid: it must be a finite number > 0"):
         BaNELConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, learning_rate=0)
+    with pytest.raises(ValueError, match=r"growth=0.5 is invalid: it must be a finite number >= 1 \(1: off\)"):
+        BaNELConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, distill_idle_kl_growth=0.5)
+    with pytest.raises(ValueError, match=r"weight_decay=-0.1 is invalid: it must be a finite number >= 0\."):
+        BaNELConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, weight_decay=-0.1)
 
 
 def test_evaluations_per_round_above_budget_is_lowered_to_it_with_a_warning(tmp_path, caplog):

@@ -593,10 +593,11 @@ class BaNELConfig(_BaseConfig):
     def _bad(self, name: str, valid: str):
         raise ValueError(f"BaNELConfig.{name}={getattr(self, name)!r} is invalid: it must be {valid}.")
 
-    def _check_non_negative(self, name: str):
+    def _check_at_least(self, name: str, low: float, strict: bool = False, note: str = ""):
+        """A finite number `>= low` (`> low` with `strict`)."""
         value = getattr(self, name)
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            self._bad(name, "a finite number >= 0")
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low or (strict and value == low):
+            self._bad(name, f"a finite number {'>' if strict else '>='} {low:g}{note}")
 
     def _check_search_fields(self):
         """The budget, the rounds, the proposals and the failure models."""
@@ -646,14 +647,12 @@ class BaNELConfig(_BaseConfig):
         here, by name, rather than as a NaN loss or an empty batch much later; and the failure fit's."""
         bad = self._bad
         for name in ("learning_rate", "failure_learning_rate", "adam_epsilon", "distill_max_learning_rate"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
-                bad(name, "a finite number > 0")
+            self._check_at_least(name, 0, strict=True)
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
         for name in ("weight_decay", "max_grad_norm"):
-            self._check_non_negative(name)
+            self._check_at_least(name, 0)
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 bad(name, "a number with 0 <= beta < 1")
@@ -661,10 +660,8 @@ class BaNELConfig(_BaseConfig):
             bad("save_steps", "> 0 with save_strategy='steps' (or set save_strategy='no')")
         for name in ("failure_margin", "failure_max_grad_norm", "distill_kl_coef", "evidence_pseudo_count",
                      "distill_target_kl"):
-            self._check_non_negative(name)
-        growth = self.distill_idle_kl_growth
-        if not isinstance(growth, (int, float)) or not math.isfinite(growth) or not growth >= 1:
-            bad("distill_idle_kl_growth", "a finite number >= 1 (1: off)")
+            self._check_at_least(name, 0)
+        self._check_at_least("distill_idle_kl_growth", 1, note=" (1: off)")
         if not 0 <= self.support_min_p < 1:
             bad("support_min_p", "0 (off) or a probability ratio with 0 < ratio < 1, such as 1e-3")
         if not (self.distill_backoff_factor == 0 or self.distill_backoff_factor > 1):
