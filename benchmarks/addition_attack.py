@@ -7,8 +7,8 @@
     python benchmarks/addition_attack.py --methods banel_no_replay banel_no_known   # the ablation (asked by name)
     python benchmarks/addition_attack.py --summarize             # only rebuild the summary from the cached runs
 
-Methods: the pretrained attacker; BaNEL (the task's settings, trl_banel_examples.tasks.addition.BANEL_SETTINGS, the
-demo's);
+Methods: the pretrained attacker; BaNEL (the round hand-picked for this task, trl_banel_examples.tasks.addition.
+BENCHMARK_ROUND; the demo now runs the package's defaults);
 GRPO with the sparse reward alone; GRPO + RND bonus; GRPO + SimHash count bonus; NSR (every failure gets advantage
 -1). The ablation rows, run only when named: BaNEL at the task's settings without success replay
 (`banel_no_replay`) and without exact known-failure rejection (`banel_no_known`). Every baseline's oracle calls go

@@ -2,8 +2,8 @@
 
 - the methods and the GRPO family's settings, default knobs and sweep grids;
 - `Task`: how to load a task (generator, tokenizer, oracle), how to estimate a sampler's success rate on it (Monte
-  Carlo with Clopper-Pearson, or exact), its GRPO completion length and its BaNEL settings (the task module's
-  `BANEL_SETTINGS`);
+  Carlo with Clopper-Pearson, or exact), its GRPO completion length and the BaNEL round these benchmarks ran on it
+  (the task module's `BENCHMARK_ROUND`; `defaults.py` keeps only its budget, lengths, batch sizes and stop rules);
 - `run_one`: one (method, seed) run at a given NRE budget, with its success curve, best-point tracking and final and
   best-point estimates; `RunCache` keeps a task's runs in one JSON file (locked, atomic writes) and `cached_run`
   skips a run it holds; `run_sweep` sweeps the knobs on a seed kept apart;
@@ -118,13 +118,14 @@ class Task:
 
 
 def addition_task(models_dir: Optional[Path] = None) -> Task:
-    from trl_banel_examples.tasks.addition import BANEL_SETTINGS, MODELS_DIR, estimate_success_rate, load_addition_task
+    from trl_banel_examples.tasks.addition import (BENCHMARK_ROUND, MODELS_DIR, estimate_success_rate,
+                                                   load_addition_task)
 
     def estimate(model, tok, oracle, n, seed):
         return estimate_success_rate(model, tok, oracle, n, seed=seed)[0]
 
     return Task("addition", lambda: load_addition_task(models_dir=Path(models_dir or MODELS_DIR)), estimate,
-                lambda trainer, n: trainer.estimate_success_rate(n), 12, dict(BANEL_SETTINGS))
+                lambda trainer, n: trainer.estimate_success_rate(n), 12, dict(BENCHMARK_ROUND))
 
 
 def hard_attack_task() -> Task:
@@ -151,7 +152,7 @@ def hard_attack_task() -> Task:
                            "uniform over the well-formed queries, no leading zeros")
 
     return Task("hard_attack", hard_attack.load_hard_attack_task, estimate, estimate_banel, 12,
-                dict(hard_attack.BANEL_SETTINGS), exact=True, eval_samples=0, curve_samples=0, blind=blind)
+                dict(hard_attack.BENCHMARK_ROUND), exact=True, eval_samples=0, curve_samples=0, blind=blind)
 
 
 def digits_task() -> Task:
@@ -203,7 +204,7 @@ def digits_task() -> Task:
                 "space": None, "successes": None, "what": "images with every pixel's intensity uniform over 0-16"}
 
     return Task("digits", digits.load_digits_task, estimate, estimate_banel, digits.PIXELS + 1,
-                dict(digits.BANEL_SETTINGS), eval_samples=10_000, curve_samples=1000,
+                dict(digits.BENCHMARK_ROUND), eval_samples=10_000, curve_samples=1000,
                 calibration=ROOT / "benchmarks" / "results" / "digits_calibration.json", blind=blind)
 
 
@@ -262,7 +263,7 @@ def letters_task() -> Task:
                            f"uniform over the {letters.LENGTH}-letter strings of {letters.LETTERS}")
 
     return Task("letters", letters.load_letters_task, estimate, estimate_banel, letters.LENGTH + 1,
-                dict(letters.BANEL_SETTINGS), exact=True, eval_samples=0, curve_samples=0, blind=blind)
+                dict(letters.BENCHMARK_ROUND), exact=True, eval_samples=0, curve_samples=0, blind=blind)
 
 
 TASKS = {"hard_attack": hard_attack_task, "digits": digits_task, "letters": letters_task, "addition": addition_task}

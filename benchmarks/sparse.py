@@ -6,8 +6,8 @@
     python benchmarks/sparse.py --quick --out /tmp/s            # a smoke test (one seed, budget 100, small estimates)
     python benchmarks/sparse.py --summarize                     # only rebuild the summary from the cached runs
 
-Methods: BaNEL (the task's settings, `BANEL_SETTINGS` in its module), GRPO with the sparse reward, GRPO + RND, GRPO +
-SimHash counts, NSR; every oracle call of training goes through the same budgeted ledger. Seeds: BaNEL 0-9, the
+Methods: BaNEL (the task module's `BENCHMARK_ROUND`, hand-picked per task), GRPO with the sparse reward, GRPO + RND,
+GRPO + SimHash counts, NSR; every oracle call of training goes through the same budgeted ledger. Seeds: BaNEL 0-9, the
 baselines 0-4 (`--seeds` sets both). Each baseline's learning rate (and bonus weight) is swept on seed 100, kept apart
 (`--sweep`; BaNEL's tau and learning rate too with `--sweep_banel`).
 

@@ -40,8 +40,9 @@ class DemoArguments:
     threads: int = field(default=1, metadata={"help": "torch threads (tiny models run fastest on one)."})
 
 
-# Defaults for this task: the task's BaNEL settings (trl_banel_examples.tasks.addition.BANEL_SETTINGS, measured:
-# docs/benchmarks.md, "The addition attack") plus where and how to run; every one can be overridden by a flag.
+# Defaults for this task: the task's budget, lengths, batch sizes and stop rule (trl_banel_examples.tasks.addition.
+# BANEL_SETTINGS; the package's default round decides the rest, measured at them: benchmarks/results/defaults, task
+# `addition`) plus where and how to run; every one can be overridden by a flag.
 TASK_DEFAULTS = dict(
     output_dir="runs/addition_attack", use_cpu=True, bf16=False, report_to="none", save_strategy="no",
     **BANEL_SETTINGS, logging_steps=10, seed=0,

@@ -1,15 +1,15 @@
 """The embedded demo: a generator of zeros learns to draw sixes it was never shown, with BaNEL, on a CPU, in minutes.
 
-    python recipes/digits_0_to_6.py            # 7,500 evaluations at most (about 5 CPU minutes)
+    python recipes/digits_0_to_6.py            # 7,500 evaluations at most (about 11 CPU minutes, 4-32 over seeds)
     python recipes/digits_0_to_6.py --quick    # a smoke test of the whole pipeline (under a minute)
 
 The task ships with the examples package (trl_banel_examples.tasks.digits, installed by `pip install -e ./examples`):
 a small causal LM draws 8x8 images as 64 pixel tokens and was pretrained on zeros only; the oracle pays 1 when a
 classifier trained on all ten digits gives the image a probability of at least 0.9 of being a 6. The pretrained
 generator drew no six in 200,000 samples (a success probability below 1.8e-5, the 95% upper bound;
-benchmarks/results/digits_calibration.json). BaNEL at the task's settings
-(trl_banel_examples.tasks.digits.BANEL_SETTINGS) learns from the failures, and from the first successes on, from
-those.
+benchmarks/results/digits_calibration.json). BaNEL at the package's defaults, with the task's budget, lengths,
+batch sizes and stop rule (trl_banel_examples.tasks.digits.BANEL_SETTINGS), learns from the failures, and from the
+first successes on, from those.
 
 Writes OUTPUT_DIR/digits_grid.png (samples of the generator before and after training, each with the classifier's
 P(6), successes framed in green), success_rate.png, result.json, the ledger and the trained generator. Any
@@ -50,15 +50,15 @@ class DigitsArguments:
     threads: int = field(default=1, metadata={"help": "torch threads (tiny models run fastest on one)."})
 
 
-# The task's settings (measured: docs/benchmarks.md, "Sparse tasks") plus where and how to run; every one can be
-# overridden.
+# The task's settings (budget, lengths, batch sizes, stop rule; the default round decides the rest, measured at them:
+# benchmarks/results/defaults, task `digits`) plus where and how to run; every one can be overridden.
 TASK_DEFAULTS = dict(output_dir="runs/digits_0_to_6", use_cpu=True, bf16=False, report_to="none", save_strategy="no",
                      **BANEL_SETTINGS, logging_steps=10, seed=0)
 QUICK = dict(max_reward_evaluations=50, evaluations_per_round=25, eval_samples=500, curve_every=1,
              curve_samples=100, grid=8)
 QUICK_NOTE = ("quick mode checks that the demo runs end to end (shipped models, training, ledger, estimates, "
               "picture) with {budget} reward evaluations: far too few for BaNEL to find a six, so the improvement "
-              "figure it prints is not meaningful. The demo itself: python recipes/digits_0_to_6.py (about 5 CPU "
+              "figure it prints is not meaningful. The demo itself: python recipes/digits_0_to_6.py (about 11 CPU "
               "minutes).")
 
 

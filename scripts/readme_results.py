@@ -38,8 +38,8 @@ DEMO_RUN_DIRS = {"demo": "runs/demo", "addition-demo": "runs/addition_demo"}
 # what a demo's results folder keeps of its output folder: the summary the pages render, the run's record, its rounds
 # and success curve, and its pictures
 RESULT_FILES = ("result.json", "banel_run.json", "rounds.jsonl", "success_curve.json", "*.png")
-SPARSE_DIGITS_RUNS = "benchmarks/results/sparse_runs/digits.json"  # the sparse benchmark's digits runs, by key
-ADDITION_RUNS = "benchmarks/results/runs/addition.json"  # the addition benchmark's runs, by key
+DEFAULTS_RUNS = "benchmarks/results/defaults/runs"  # benchmarks/defaults.py's runs, one file per task, by key
+DEFAULTS_SUMMARY = "benchmarks/results/defaults/defaults.json"
 DEMOS = {"demo": ("recipes/digits_0_to_6.py", DEMO_DIR), "addition-demo": ("recipes/addition_attack.py",
                                                                            ADDITION_DEMO_DIR)}
 
@@ -74,43 +74,48 @@ def render_demo(root: Path) -> str:
                           "P(6):", "before and after")
 
 
-def render_demo_seeds(root: Path) -> str:
-    """How often the digits demo's settings succeed: the sparse benchmark's BaNEL runs on digits."""
-    sys.path.insert(0, str(root))
-    from trl_banel.stats import SuccessEstimate
-    from trl_banel_examples.tasks.digits import CALIBRATED_PRIOR
+def defaults_runs(root: Path, task: str) -> list[dict]:
+    """`benchmarks/defaults.py`'s runs of a shipped task at the current defaults (the fingerprint its summary was
+    made with), by seed."""
+    fingerprint = json.loads((root / DEFAULTS_SUMMARY).read_text())["defaults_fingerprint"]
+    held = json.loads((root / DEFAULTS_RUNS / f"{task}.json").read_text())
+    runs = [r for key, r in held.items()
+            if re.fullmatch(r"defaults_seed\d+", key) and r["defaults_fingerprint"] == fingerprint]
+    return sorted(runs, key=lambda r: r["seed"])
 
-    reference = SuccessEstimate.from_counts(*CALIBRATED_PRIOR).reference_rate  # the upper bound when it saw none
-    held = json.loads((root / SPARSE_DIGITS_RUNS).read_text())
-    runs = sorted((r for key, r in held.items() if re.fullmatch(r"banel_seed\d+", key)), key=lambda r: r["seed"])
+
+def _span(values, fmt) -> str:
+    return f"{fmt(min(values))}-{fmt(max(values))}" if len(values) > 1 else fmt(values[0])
+
+
+def render_demo_seeds(root: Path) -> str:
+    """How often the digits demo's settings succeed: `benchmarks/defaults.py`'s runs on digits (the package's defaults
+    with the task's budget, lengths, batch sizes and stop rule: the demo's settings)."""
+    runs = defaults_runs(root, "digits")
     seeds = [r["seed"] for r in runs]
     found = [r for r in runs if r["final"]["successes_found_in_training"] > 0]
     missed = [r for r in runs if r not in found]
-
-    def span(values, fmt):
-        return f"{fmt(min(values))}-{fmt(max(values))}" if len(values) > 1 else fmt(values[0])
-
-    text = (f"How often the demo's settings draw sixes: of the sparse benchmark's {len(runs)} BaNEL runs on this task "
-            f"(seeds {seeds[0]}-{seeds[-1]}, budget 7,500; `{SPARSE_DIGITS_RUNS}`, `banel_seed*`), "
+    text = (f"How often the demo's settings draw sixes: of the default-round benchmark's {len(runs)} runs on this "
+            f"task (seeds {seeds[0]}-{seeds[-1]}, budget 7,500; `{DEFAULTS_RUNS}/digits.json`, `defaults_seed*`), "
             f"{len(found)} found sixes")
     if found:
-        text += (f" and ended at success rates {span([r['final']['rate'] for r in found], '{:.3f}'.format)} after "
-                 f"{span([r['final']['nre'] for r in found], '{:,}'.format)} reward evaluations and "
-                 f"{span([r['cpu_minutes'] for r in found], '{:.1f}'.format)} CPU minutes each")
+        text += (f" ({_span([r['final']['successes_found_in_training'] for r in found], str)} each) and ended at "
+                 f"success rates {_span([r['final']['rate'] for r in found], '{:.3f}'.format)} after "
+                 f"{_span([r['final']['nre'] for r in found], '{:,}'.format)} reward evaluations and "
+                 f"{_span([r['cpu_minutes'] for r in found], '{:.1f}'.format)} CPU minutes each")
     if missed:
         names = ", ".join(f"seed {r['seed']}" for r in missed)
-        text += (f"; {names} found none in "
-                 f"{span([r['final']['nre'] for r in missed], '{:,}'.format)} evaluations "
-                 f"({span([r['cpu_minutes'] for r in missed], '{:.1f}'.format)} CPU minutes)")
-    finals = [r["final"]["rate"] for r in runs]
-    return (text + f". {sum(f >= 100 * reference for f in finals)} of {len(runs)} ended at 100x the calibrated "
-            "pretrained rate or more (its 95% upper bound when the calibration saw no success). One torch thread, "
-            "estimates included; wall time on a shared machine is longer. The demo above is one run on one machine, "
-            "and the benchmark's seeds are other runs (another script, which estimates its curve between rounds): "
-            "their seed 0 is not the demo's. For a given script and seed a run is deterministic on one machine and "
-            "software stack (a benchmark run rerun here reproduced its final and every round exactly), not across "
-            "machines, where float reductions differ and a run can take another path: these 10 seeds, not the demo's "
-            "one, are what to expect.\n")
+        text += (f"; {names} found none in {_span([r['final']['nre'] for r in missed], '{:,}'.format)} evaluations "
+                 f"({_span([r['cpu_minutes'] for r in missed], '{:.1f}'.format)} CPU minutes)")
+    lifts = [r["final"]["rate"] / r["prior"] for r in runs]
+    return (text + f". {sum(x >= 100 for x in lifts)} of {len(runs)} ended at 100x the calibrated pretrained rate or "
+            "more (its 95% upper bound when the calibration saw no success). One torch thread, estimates included; "
+            "wall time on a shared machine is longer. The demo above is one run on one machine, and the benchmark's "
+            "seeds are other runs (another script, which estimates its curve between rounds): their seed 0 is not the "
+            "demo's. For a given script and seed a run is deterministic on one machine and software stack (a "
+            "benchmark run rerun here reproduced its final and every round exactly), not across machines, where "
+            f"float reductions differ and a run can take another path: these {len(runs)} seeds, not the demo's one, "
+            "are what to expect.\n")
 
 
 def render_addition_demo(root: Path) -> str:
@@ -122,24 +127,21 @@ def render_addition_demo(root: Path) -> str:
 
 
 def render_addition_demo_seeds(root: Path) -> str:
-    held = json.loads((root / ADDITION_RUNS).read_text())
-    pretrained = statistics.mean(r["final"]["rate"] for key, r in held.items() if key.startswith("pretrained_seed"))
-    banel = [r for key, r in held.items() if re.fullmatch(r"banel_seed\d+", key)]
-    lifts = {run["seed"]: run["final"]["rate"] / pretrained for run in banel}
-    high = {s: x for s, x in lifts.items() if x >= 10}
-    low = {s: x for s, x in lifts.items() if x < 10}
+    """How often the addition demo's settings succeed: `benchmarks/defaults.py`'s runs on the addition task."""
+    runs = defaults_runs(root, "addition")
+    lifts = {run["seed"]: run["final"]["rate"] / run["prior"] for run in runs}
+    high = {s: x for s, x in lifts.items() if x >= 100}
+    low = {s: x for s, x in lifts.items() if x < 100}
 
     def listed(d):
         return ", ".join(f"{x:.2g}x" if x < 10 else f"{x:,.0f}x" for _, x in sorted(d.items()))
 
-    budgets = sorted({run["settings"]["max_reward_evaluations"] for run in banel})
     seeds = sorted(lifts)
-    text = (f"How often the full recipe finds a blind spot: of the benchmark's {len(banel)} BaNEL runs on this task "
-            f"(seeds {seeds[0]}-{seeds[-1]}, budget {', '.join(f'{b:,}' for b in budgets)}; "
-            f"`{ADDITION_RUNS}`, `banel_seed*`), {len(high)} ended at 10x the pretrained success rate or "
-            f"more")
+    text = (f"How often the recipe's settings find blind spots: of the default-round benchmark's {len(runs)} runs on "
+            f"this task (seeds {seeds[0]}-{seeds[-1]}, budget 7,500; `{DEFAULTS_RUNS}/addition.json`, "
+            f"`defaults_seed*`), {len(high)} ended at 100x the pretrained success rate or more")
     text += f" ({listed(high)})" if high else ""
-    text += f", {len(low)} below 10x ({listed(low)})." if low else "."
+    text += f", {len(low)} below 100x ({listed(low)})." if low else "."
     return text + "\n"
 
 
@@ -230,11 +232,12 @@ def render_config_table(root: Path) -> str:
 BENCHMARKS = "docs/benchmarks.md"
 BLOCKS: dict[str, Block] = {
     "demo": Block([f"{DEMO_DIR}/result.json", f"{DEMO_DIR}/digits_grid.png"], render_demo),
-    "demo-seeds": Block([SPARSE_DIGITS_RUNS, "examples/trl_banel_examples/tasks/digits.py"], render_demo_seeds),
+    "demo-seeds": Block([f"{DEFAULTS_RUNS}/digits.json", DEFAULTS_SUMMARY], render_demo_seeds),
     "regimes": Block(["benchmarks/results/addition_attack.json", "benchmarks/results/sparse.json"], render_regimes),
     "addition-demo": Block([f"{ADDITION_DEMO_DIR}/result.json", f"{ADDITION_DEMO_DIR}/run_report.png"],
                            render_addition_demo, BENCHMARKS),
-    "addition-demo-seeds": Block([ADDITION_RUNS], render_addition_demo_seeds, BENCHMARKS),
+    "addition-demo-seeds": Block([f"{DEFAULTS_RUNS}/addition.json", DEFAULTS_SUMMARY], render_addition_demo_seeds,
+                                 BENCHMARKS),
     "addition-attack-table": Block(["benchmarks/results/addition_attack.md"],
                                    table_from("benchmarks/results/addition_attack.md"), BENCHMARKS),
     "defaults-table": Block(["benchmarks/results/defaults/defaults.json"], render_defaults, BENCHMARKS),

@@ -40,13 +40,13 @@ def test_a_changed_result_makes_the_check_fail_until_the_readme_is_rewritten(cop
     result = json.loads(result_path.read_text())
     result["improvement"] = 1234.0
     result_path.write_text(json.dumps(result))
-    addition = root / readme_results.ADDITION_RUNS
+    addition = root / readme_results.DEFAULTS_RUNS / "addition.json"
     runs = json.loads(addition.read_text())
-    runs["banel_seed1"]["final"]["rate"] = 0.0  # the addition recipe's seed 1 now ends below 10x (whatever it was)
+    runs["defaults_seed1"]["final"]["rate"] = 0.0  # the addition recipe's seed 1 now ends below 100x (whatever it was)
     addition.write_text(json.dumps(runs))
-    digits = root / readme_results.SPARSE_DIGITS_RUNS
+    digits = root / readme_results.DEFAULTS_RUNS / "digits.json"
     runs = json.loads(digits.read_text())
-    runs["banel_seed1"]["final"]["rate"] = 0.0  # and the digits demo's settings failed on one seed
+    runs["defaults_seed1"]["final"]["rate"] = 0.0  # and the digits demo's settings failed on one seed
     digits.write_text(json.dumps(runs))
     before = _block(root, "addition-demo-seeds")
 
@@ -58,7 +58,7 @@ def test_a_changed_result_makes_the_check_fail_until_the_readme_is_rewritten(cop
     assert readme_results.main(["--check", "--root", str(root)]) == 0
     assert "1,234x" in _block(root, "demo")
     after = _block(root, "addition-demo-seeds")
-    assert after != before and "below 10x" in after and "0x" in after
+    assert after != before and "below 100x" in after and "0x" in after
     assert "ended at success rates 0.000-" in _block(root, "demo-seeds")
 
 

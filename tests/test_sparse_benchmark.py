@@ -214,14 +214,14 @@ def test_digits_models_runs_another_generator_against_its_own_calibration(tmp_pa
 
 
 @pytest.mark.parametrize("name", ["letters", "hard_attack", "digits"])
-def test_each_tasks_settings_are_the_ones_its_ten_banel_seeds_ran(name):
-    """A task's BANEL_SETTINGS are what the sparse benchmark ran as `banel` on seeds 0-9 (the figures in
+def test_each_tasks_benchmark_round_is_the_one_its_ten_banel_seeds_ran(name):
+    """A task's BENCHMARK_ROUND is what the sparse benchmark ran as `banel` on seeds 0-9 (the figures in
     docs/benchmarks.md and the regime table): changing one without rerunning the other would describe settings nobody
     runs. The runs predate two fields and relied on the package's defaults of the time for them (the posterior
     objective, no target KL), which the settings now pin."""
     import importlib
 
-    settings = importlib.import_module(f"trl_banel_examples.tasks.{name}").BANEL_SETTINGS
+    settings = importlib.import_module(f"trl_banel_examples.tasks.{name}").BENCHMARK_ROUND
     held = json.loads((ROOT / "benchmarks" / "results" / "sparse_runs" / f"{name}.json").read_text())
     runs = {key: run for key, run in held.items() if key.startswith("banel_seed")}
     assert sorted(run["seed"] for run in runs.values()) == list(range(10))

@@ -145,9 +145,22 @@ def test_candidate_rounds_never_run_on_evaluation_tasks():
 def test_task_settings_drop_every_mechanism_field():
     from trl_banel_examples.tasks import letters
 
-    kept = defaults.task_settings(letters.BANEL_SETTINGS)
+    kept = defaults.task_settings(letters.BENCHMARK_ROUND)
     assert "evidence_pseudo_count" not in kept and "learning_rate" not in kept
-    assert kept["max_reward_evaluations"] == letters.BANEL_SETTINGS["max_reward_evaluations"]
+    assert kept["max_reward_evaluations"] == letters.BENCHMARK_ROUND["max_reward_evaluations"]
+
+
+@pytest.mark.parametrize("name", ["addition", "digits", "letters", "hard_attack"])
+def test_a_shipped_tasks_settings_set_no_mechanism_field(name):
+    """What the demos and recipes run (a task's BANEL_SETTINGS) is the package's default round with the task's budget,
+    lengths, batch sizes and stop rules: exactly what `benchmarks/defaults.py --group shipped` measured, so a task that
+    set a mechanism field would run a round nobody measured at the defaults."""
+    import importlib
+
+    module = importlib.import_module(f"trl_banel_examples.tasks.{name}")
+    assert set(module.BANEL_SETTINGS) <= defaults.TASK_FIELDS, set(module.BANEL_SETTINGS) - defaults.TASK_FIELDS
+    assert module.BANEL_SETTINGS == defaults.task_settings(module.BENCHMARK_ROUND)
+    assert defaults.task_settings(defaults.TASKS[name]().banel) == module.BANEL_SETTINGS  # what --group shipped runs
 
 
 TINY_TASK = {"structure": "count", "symbols": 4, "length": 5, "prior": 0.01, "pretrain_steps": 60}

@@ -40,7 +40,7 @@ MAX_PRIOR = 2e-5
 # a test keeps the two equal): successes among samples, P(6) >= 0.9. The demo reports gains against it, since the
 # few thousand samples a demo can afford see no success.
 CALIBRATED_PRIOR = (0, 200_000)  # none: its 95% upper bound, 1.8e-5, is what gains are taken against
-# The round the task first shipped with: the addition attack's (trl_banel_examples.tasks.addition.BANEL_SETTINGS) with
+# The round the task first shipped with: the addition attack's (trl_banel_examples.tasks.addition.BENCHMARK_ROUND) with
 # completions of 64 pixels and <eos>, and smaller proposal/distillation batches (an image costs about 5x a query
 # to sample); the posterior objective, the ratio test at tau = 0.97.
 POSTERIOR_SETTINGS = dict(
@@ -52,7 +52,7 @@ POSTERIOR_SETTINGS = dict(
     # the round these settings were measured with, before the package's default round changed (issue #29)
     distill_objective="posterior", distill_target_kl=0.0,
 )
-# The task's settings for BaNEL: that round with the exact distillation objective (the ratio test stays on). The
+# The round the sparse benchmark ran: that round with the exact distillation objective (the ratio test stays on). The
 # generator puts 99.99% of its mass on the 142 zeros it was trained on: once they are known failures, the exact
 # objective moves it off them, and the failure model's region (on the distillation's draw) off images like the ones
 # that failed, onto the rest of its mass, where the sixes are. Chosen on seed 100, kept apart from the reported seeds,
@@ -60,7 +60,13 @@ POSTERIOR_SETTINGS = dict(
 # commit c242a55): 0.978 after 948 NRE, against 0.961 after 920 for the first round (the posterior objective) and 0.958
 # after 1,181 for the exact objective without the ratio test (the settings of the generator this task first shipped
 # with, in benchmarks/results/digits_v1/ at commit c242a55; on this one it found no six on seed 0 in 7,500 NRE).
-BANEL_SETTINGS = dict(POSTERIOR_SETTINGS, distill_objective="exact")
+# What the sparse benchmark ran as BaNEL on this task (kept so that its records stay reproducible).
+BENCHMARK_ROUND = dict(POSTERIOR_SETTINGS, distill_objective="exact")
+# The task's settings for BaNEL: its budget, completion length, batch sizes and stop rule only; the package's default
+# round decides the rest (issue #29; at these settings: benchmarks/results/defaults, task `digits`, 10 of 10 seeds
+# >= 100x). The demo (recipes/digits_0_to_6.py) starts from them; every field can be overridden.
+BANEL_SETTINGS = dict(max_reward_evaluations=7500, num_candidates=256, max_completion_length=PIXELS + 1,
+                      per_device_train_batch_size=64, stop_after_successes=500)
 
 
 # ----------------------------------------------------------------------------------------- images

@@ -20,20 +20,23 @@ from typing import Optional, Sequence
 
 import torch
 
-from .addition import (ATTACKER_DIR, BANEL_SETTINGS as _ADDITION_BANEL_SETTINGS, AdditionOracle, answer_text,
-                       load_attacker, load_target, load_tokenizer)
+from .addition import (ATTACKER_DIR, BANEL_SETTINGS as _ADDITION_BANEL_SETTINGS, BENCHMARK_ROUND as _ADDITION_ROUND,
+                       AdditionOracle, answer_text, load_attacker, load_target, load_tokenizer)
 from .common import sequence_log_probs
 
 MODEL_DIR = Path(__file__).resolve().parent / "hard_attack_target"
 SUCCESS_FILE = "successes.txt"
 MAX_PRIOR = 2e-5
-# The task's settings for BaNEL: the addition attack's (same attacker, same query format) with the exact distillation
-# objective and no ratio test. With the addition settings as they are, every seed ended far below the pretrained rate
-# (median 4e-8x over 4 seeds): distilling posterior samples whose ratio test rejected 31-52% of the generator's fresh
-# samples (a region fitted on 50 negatives) walked the generator off the 22 successes. The exact objective moves it
-# only off the known failures (benchmarks/round_variants.py at commit c242a55; at these settings: the sparse
-# benchmark).
-BANEL_SETTINGS = dict(_ADDITION_BANEL_SETTINGS, distill_objective="exact", rejection_threshold=1e-30)
+# The round the sparse benchmark ran as BaNEL on this task (kept so that its records stay reproducible): the addition
+# attack's first round (same attacker, same query format) with the exact distillation objective and no ratio test.
+# With the addition round as it was, every seed ended far below the pretrained rate (median 4e-8x over 4 seeds):
+# distilling posterior samples whose ratio test rejected 31-52% of the generator's fresh samples (a region fitted on
+# 50 negatives) walked the generator off the 22 successes. The exact objective moves it only off the known failures
+# (benchmarks/round_variants.py at commit c242a55; at these settings: the sparse benchmark).
+BENCHMARK_ROUND = dict(_ADDITION_ROUND, distill_objective="exact", rejection_threshold=1e-30)
+# The task's settings for BaNEL: the addition attack's budget, lengths, batch sizes and stop rule; the package's
+# default round decides the rest (at these settings: benchmarks/results/defaults, task `hard_attack`).
+BANEL_SETTINGS = dict(_ADDITION_BANEL_SETTINGS)
 
 
 def all_queries(max_operand_digits: int = 3) -> list[str]:
