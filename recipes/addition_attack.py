@@ -1,6 +1,6 @@
 """The embedded demo: BaNEL attacks a tiny addition model from the examples package, on a CPU, in minutes.
 
-    python recipes/addition_attack.py            # the paper's budget of 7,500 evaluations (about 10 min, 2 CPU cores)
+    python recipes/addition_attack.py            # the paper's budget of 7,500 evaluations (about 3 min, 2 CPU cores)
     python recipes/addition_attack.py --quick    # a smoke test of the whole pipeline in about 1 minute
 
 A target transformer learned digit addition (answers written reversed); an attacker LM writes queries `a+b=`; the
@@ -54,7 +54,7 @@ QUICK = dict(max_reward_evaluations=100, evaluations_per_round=25, eval_samples=
 QUICK_NOTE = ("quick mode checks that the demo runs end to end (shipped models, training, ledger, estimates, "
               "plots) with {budget} reward evaluations: far too few for BaNEL to move the attacker, so the "
               "improvement figure it prints is not meaningful. The demo itself: python recipes/addition_attack.py "
-              "(about 10 minutes on 2 CPU cores).")
+              "(about 3 minutes on 2 CPU cores).")
 
 
 def main(demo: DemoArguments, config: BaNELConfig, command: str = "python recipes/addition_attack.py") -> dict:
