@@ -45,6 +45,7 @@ from benchmarks.common import (TASKS, RunCache, blind_search, parse_args, refere
                                run_pretrained, unpacked_traces, write_markdown)
 from trl_banel import BaNELConfig  # noqa: E402
 from trl_banel.ledger import LEDGER_FILENAME  # noqa: E402
+from trl_banel.journal import read_json_lines  # noqa: E402
 
 PREREGISTRATION = ROOT / "benchmarks" / "preregistration.json"
 # what a task may set: the budget, lengths, batch sizes and stop rules; everything else (the round's size too) is the
@@ -246,8 +247,14 @@ def malformed_shares(group: str, name: str, workdir: str) -> list[float] | None:
     if group == "shipped" or not ledger.exists():
         return None
     built = built_family_task(group, name)
-    completions = [json.loads(line)["completion"] for line in ledger.read_text().splitlines() if line.strip()]
-    return task_family.malformed_shares(built.spec, built.words, completions, CURVE_EVERY)
+    return task_family.malformed_shares(built.spec, built.words, ledger_completions(ledger), CURVE_EVERY)
+
+
+def ledger_completions(ledger: Path) -> list[str]:
+    """A ledger file's completions, in order, read as the package reads it: lines end at a newline only, since a
+    byte-level tokenizer decodes to any character and `str.splitlines` also splits at `\x85` or `\u2028` (a subword
+    run's ledger held one, and the benchmark crashed after the run)."""
+    return [record["completion"] for record in read_json_lines(str(ledger), repair=False)]
 
 
 def run(group: str, name: str, variant: str, seed: int, budget: int, runs: Path) -> dict:

@@ -142,6 +142,18 @@ def test_candidate_rounds_never_run_on_evaluation_tasks():
         defaults.variant_settings("tuning", "nonsense")
 
 
+def test_a_ledger_whose_completions_hold_unicode_line_separators_is_read_line_for_line(tmp_path):
+    """A byte-level tokenizer decodes to any character: `\x85` (NEL) and `\u2028` inside a completion are one ledger
+    line each, as the package writes and reads them (a subword run's malformed-share count crashed on one)."""
+    from trl_banel.ledger import RewardLedger
+
+    odd = ["a\x85b", "c\u2028d", "plain", "e\u2029f\x1cg"]
+    path = str(tmp_path / "evaluations.jsonl")
+    RewardLedger(path, budget=10).evaluate([""] * 4, odd, lambda positions: [0.0] * len(positions), round=0)
+    assert defaults.ledger_completions(tmp_path / "evaluations.jsonl") == odd
+    assert RewardLedger(path, budget=10).spent == 4  # and a restarted run re-spends none of them
+
+
 def test_task_settings_drop_every_mechanism_field():
     from trl_banel_examples.tasks import letters
 
