@@ -76,10 +76,6 @@ CANDIDATES = {
     # the default round with prefix evidence (the ratio test rejects nothing on the tuning tasks: is novelty on
     # prefixes what finds a first success?)
     "evidence1": {"evidence_pseudo_count": 1.0},
-    # prefix evidence whose discounted mass stays on the tried next tokens: the subword runs of `evidence1` left the
-    # output format (the untried tokens of a shallow prefix are mostly off it); does flattening among what was tried
-    # keep the character tasks' first successes without that?
-    "evidence1_tried": {"evidence_pseudo_count": 1.0, "evidence_keeps_tried_mass": True},
     # the default round with a distillation that moved the generator by more than 3x the target KL pulled back to
     # about the target (the eval runs' step sizes: one distillation in ten moved it > 0.5 nats, up to 11); 0.3 nats at
     # the target of 0.1 (its first runs set it as distill_backoff_kl=0.3, since renamed); the defaults since revision 3
@@ -188,8 +184,7 @@ _NOT_THE_ROUND = {"save_every_minutes": None, "gradient_checkpointing": False,
                   "dataloader_pin_memory": True,  # off since (nothing to pin), at its old value: runs unchanged
                   "support_min_p": None,  # added off (0): left out while it is off
                   "distill_posterior_bound": None,  # added off: left out while it is off
-                  "distill_max_learning_rate": None,  # added at the former constant (1e-2): left out while it is
-                  "evidence_keeps_tried_mass": None}  # added off: left out while it is off
+                  "distill_max_learning_rate": None}  # added at the former constant (1e-2): left out while it is
 
 
 # Raised whenever the round's code changes what a run at the defaults does (the fields alone cannot say so):

@@ -500,8 +500,7 @@ def test_distillation_starts_once_a_success_is_found(tmp_path, char_tokenizer, s
     assert any(not torch.equal(before[k], v) for k, v in skewed_model.state_dict().items())
 
 
-@pytest.mark.parametrize("keep_tried_mass", [False, True])
-def test_proposal_log_probs_are_the_processors_sampling_distribution(char_tokenizer, keep_tried_mass):
+def test_proposal_log_probs_are_the_processors_sampling_distribution(char_tokenizer):
     """The exact log pi(y) (used by the letters task's exact estimate) is the distribution generation samples."""
     from transformers import LogitsProcessorList
 
@@ -517,7 +516,7 @@ def test_proposal_log_probs_are_the_processors_sampling_distribution(char_tokeni
         return model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_k=0,
                               max_new_tokens=6, pad_token_id=tok.pad_token_id, eos_token_id=eos, **kwargs)
 
-    evidence = PrefixEvidence(keep_tried_mass=keep_tried_mass)
+    evidence = PrefixEvidence()
     failures = sample(200)[:, 1:]
     for row, keep in zip(failures, completion_mask_after_prompt(failures, eos, tok.pad_token_id)):
         evidence.add("", row[keep.bool()].tolist())
@@ -537,41 +536,6 @@ def test_proposal_log_probs_are_the_processors_sampling_distribution(char_tokeni
     plain = proposal_log_probs(log_probs, targets, cmask, [""] * 16, PrefixEvidence(), 0.5)
     q = (log_probs.gather(2, targets[..., None]).squeeze(-1) * cmask).sum(1)
     assert torch.allclose(plain.float(), q, atol=1e-5)
-
-
-def test_evidence_that_keeps_the_tried_mass_flattens_the_tried_tokens_and_lifts_no_untried_one():
-    """`keep_tried_mass`: at a prefix failures went through, the tried next tokens keep their total mass under q,
-    shared in proportion to q * k / (k + n), and every untried token keeps q's own probability (plain evidence lifts
-    them all); every path that computes pi agrees (dense, per-token, top-k, the sampling processor)."""
-    from trl_banel.evidence import (EvidenceLogitsProcessor, PrefixEvidence, discounted_log_probs,
-                                    discounted_token_log_probs, discounted_top_k)
-
-    logits = torch.tensor([[[2.0, 1.0, 0.5, 0.0, -1.0, 0.3]]])  # one row, one position, 6 tokens
-    q = logits.log_softmax(-1).double()
-    targets, mask = torch.tensor([[1]]), torch.ones(1, 1)
-    pis = {}
-    for keep in (False, True):
-        evidence = PrefixEvidence(keep_tried_mass=keep)
-        for ids, times in (([0], 30), ([1], 5), ([2], 1)):  # tokens 0, 1, 2 tried 30, 5 and 1 times
-            for _ in range(times):
-                evidence.add("", ids)
-        pi = discounted_log_probs(q.float(), targets, mask, [""], evidence, 1.0)[0, 0]
-        pis[keep] = pi.exp()
-        token = discounted_token_log_probs(logits, targets, mask, [""], evidence, 1.0)[0, 0]
-        assert torch.allclose(token, pi[1], atol=1e-6)
-        top, ids = discounted_top_k(q.float(), targets, mask, [""], evidence, 1.0, k=6)
-        assert torch.allclose(top[0, 0].double(), pi[ids[0, 0]], atol=1e-5)
-        proc = EvidenceLogitsProcessor(evidence, [""], prompt_width=1, pseudo_count=1.0)
-        sampled = proc(torch.tensor([[9]]), logits[0].clone()).log_softmax(-1)[0]
-        assert torch.allclose(sampled.double(), pi, atol=1e-5)
-    p, kept, plain = q[0, 0].exp(), pis[True], pis[False]
-    tried, untried = [0, 1, 2], [3, 4, 5]
-    assert torch.allclose(kept[untried], p[untried], atol=1e-7)  # no untried token gains
-    assert torch.all(plain[untried] > 1.5 * p[untried])  # plain evidence lifts every one
-    assert torch.isclose(kept[tried].sum(), p[tried].sum(), atol=1e-7)
-    weights = p[tried] * torch.tensor([1 / 31, 1 / 6, 1 / 2], dtype=torch.float64)
-    assert torch.allclose(kept[tried], p[tried].sum() * weights / weights.sum(), atol=1e-7)
-    assert kept[0] < p[0] and kept[2] > p[2]  # flatter among the tried: the most tried loses, the least gains
 
 
 # ------------------------------------------------------------------------------------------------ step size

@@ -505,15 +505,6 @@ class BaNELConfig(_BaseConfig):
                           "prior's pseudo-counts per prefix), then renormalised. Moves what the oracle sees into "
                           "the generator's untried branches; 0 disables it."},
     )
-    evidence_keeps_tried_mass: bool = field(
-        default=False,
-        metadata={"help": "Experimental (the default round does not need it): With evidence_pseudo_count > 0, give "
-                          "the mass the evidence takes off a prefix's tried next tokens back to those tried tokens "
-                          "(in proportion to their discounted probabilities) instead of to the whole vocabulary: "
-                          "proposals flatten among continuations some evaluated completion used and no untried token "
-                          "gains. Meant for subword vocabularies, where plain prefix evidence moved the search onto "
-                          "off-format tokens."},
-    )
     distill_before_success: bool = field(
         default=True,
         metadata={"help": "Experimental (the default round does not need it): Distil before the first success is "

@@ -9,12 +9,6 @@ and into the generator's untried branches. A prefix with no failure keeps the ge
 leaves the generator's support; a heavily tried branch is only discounted, never forbidden. Repeated over rounds with
 a fixed generator, the visits of a node's children settle near the square root of the generator's probabilities (a
 tempering of the tree, bounded): the evidence spreads the search without the drift of repeated self-distillation.
-
-With `keep_tried_mass` the mass the discount takes off a prefix's tried children goes back to those tried children
-(in proportion to their discounted probabilities) instead of to every token by renormalisation: the search flattens
-among continuations some evaluated completion used and never lifts a token none did. Why: on a subword vocabulary the
-untried next tokens of a shallow prefix are mostly off the output format, and plain prefix evidence moved the search
-there (docs/default_round.md, "Prefix evidence").
 """
 
 from __future__ import annotations
@@ -32,19 +26,9 @@ class PrefixEvidence:
     next token id to its node.
     """
 
-    def __init__(self, keep_tried_mass: bool = False):
+    def __init__(self):
         self._roots: dict[str, list] = {}
         self.failures = 0
-        self.keep_tried_mass = keep_tried_mass
-
-    def discount(self, discount: torch.Tensor, child_log_q: torch.Tensor) -> torch.Tensor:
-        """The log-discounts of a prefix's tried children, given `log q` of each: `log(k / (k + n))`, or with
-        `keep_tried_mass` those shifted by one constant so that the children keep their total mass under `q`."""
-        if not self.keep_tried_mass:
-            return discount
-        discount = discount.to(child_log_q.dtype)
-        shift = torch.logsumexp(child_log_q, 0) - torch.logsumexp(child_log_q + discount, 0)
-        return discount + shift if torch.isfinite(shift) else discount  # no mass on the tried children: none to keep
 
     def add(self, prompt_text: str, completion_ids: list[int]) -> None:
         """Record one evaluated failure: every prefix of its completion (EOS included) gains one count."""
@@ -96,7 +80,6 @@ class EvidenceLogitsProcessor(LogitsProcessor):
         self.log_k = math.log(pseudo_count)
         self.k = pseudo_count
         self.nodes = [evidence.root(p) for p in prompt_texts]
-        self.evidence = evidence
         self.discounted = 0  # next-token choices that were discounted (a sign the evidence acts)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -109,8 +92,7 @@ class EvidenceLogitsProcessor(LogitsProcessor):
             tokens = list(node[1])
             counts = torch.tensor([node[1][t][0] for t in tokens], dtype=scores.dtype, device=scores.device)
             index = torch.tensor(tokens, device=scores.device)
-            child_log_q = scores[i].log_softmax(-1)[index]
-            scores[i, index] += self.evidence.discount(self.log_k - torch.log(self.k + counts), child_log_q)
+            scores[i, index] += self.log_k - torch.log(self.k + counts)
             self.discounted += 1
         return scores
 
@@ -162,7 +144,7 @@ def discounted_log_probs(log_probs: torch.Tensor, targets: torch.Tensor, mask: t
     """
     adjusted = log_probs.detach().double().cpu().clone()
     for i, t, children, discount in tried_positions(targets, mask, prompt_texts, evidence, pseudo_count):
-        adjusted[i, t, children] += evidence.discount(discount, adjusted[i, t, children])
+        adjusted[i, t, children] += discount
         adjusted[i, t] -= torch.logsumexp(adjusted[i, t], 0)
     return adjusted
 
@@ -187,7 +169,6 @@ def discounted_token_log_probs(logits: torch.Tensor, targets: torch.Tensor, mask
     token = (torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1).float() - lse).double().cpu()
     for i, t, children, discount in tried_positions(targets, mask, prompt_texts, evidence, pseudo_count):
         child_log_q = (logits[i, t, children.to(logits.device)].float() - lse[i, t]).double().cpu()
-        discount = evidence.discount(discount, child_log_q)
         log_z = torch.log1p(-(child_log_q.exp() * -torch.expm1(discount)).sum())
         token[i, t] += discount[children == int(targets[i, t])].sum() - log_z
     return token * mask.cpu().double()
@@ -222,7 +203,7 @@ def discount_tried_top_k(values: torch.Tensor, ids: torch.Tensor, row_log_probs,
     for i, t, children, discount in tried_positions(targets, mask, prompt_texts, evidence, pseudo_count):
         children, discount = children[:k].to(values.device), discount[:k].to(values.device)
         row = row_log_probs(i, t).detach().double().clone()
-        row[children] += evidence.discount(discount.double(), row[children])
+        row[children] += discount
         row -= torch.logsumexp(row, 0)
         rest = row.clone()
         rest[children] = -math.inf

@@ -131,8 +131,7 @@ class Sampler:
         self.pretrained = pretrained
         self.failures, self.ledger, self.generation = failures, ledger, generation
         self.timer, self.rng, self.max_positions = timer, rng, max_positions
-        # failures per completion prefix (see add_failures)
-        self.evidence = PrefixEvidence(keep_tried_mass=args.evidence_keeps_tried_mass)
+        self.evidence = PrefixEvidence()  # failures per completion prefix (see add_failures)
         self._prompt_cache: dict[int, tuple] = {}
         self._prompt_share: dict[str, float] | None = None
         # accepted candidates per proposal, as the last round measured it (sizes the next round's proposals)
