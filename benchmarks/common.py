@@ -544,6 +544,15 @@ class RunCache:
                 self._write(held)
         return written
 
+    def remove(self, drop: Callable[[str, dict], bool]) -> list[str]:
+        """Removes the records for which `drop(key, record)`; returns their keys (the file is rewritten only then)."""
+        with folder_lock(self.path.parent):
+            held = self.load()
+            gone = [k for k, r in held.items() if drop(k, r)]
+            if gone:
+                self._write({k: r for k, r in held.items() if k not in gone})
+        return gone
+
     def _write(self, records: dict) -> None:
         lines = [f"{json.dumps(k)}: {json.dumps(packed_traces(records[k]), separators=(',', ':'))}"
                  for k in sorted(records, key=_natural)]

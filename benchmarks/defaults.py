@@ -7,6 +7,7 @@ and stop rules set, on the pre-registered evaluation tasks of the task family an
     python benchmarks/defaults.py --group shipped --tasks letters     # a shipped task at the defaults
     python benchmarks/defaults.py --summarize                         # tables and plot from the cached runs
     python benchmarks/defaults.py --import_runs DIR                   # merge runs made elsewhere, then summarize
+    python benchmarks/defaults.py --prune sgd --tasks letters         # a candidate's runs leave the results folder
     python benchmarks/defaults.py --quick --out /tmp/d                # smoke test: one task, one seed, 100 NRE
 
 The tasks and seeds are fixed in benchmarks/preregistration.json, committed before any tuning. Candidate rounds
@@ -16,8 +17,9 @@ file per task, a record per `{variant}_seed{seed}`, written under a lock so that
 task add theirs: `benchmarks.common.RunCache`) with the fingerprint of the BaNELConfig defaults it ran under: a run
 made before the defaults changed is redone. `--import_runs DIR` merges the runs of DIR (one file per run, as
 OUT/runs/{task}/{variant}_seed{seed}.json were before, or one file per task) into OUT: a run is taken unless OUT
-holds its key already (a held run of former defaults gives way to an imported one of the current defaults), and each
-taken one is printed.
+holds its key already (a held run of former defaults gives way to an imported one of the current defaults) or pruned
+it, and each taken one is printed. `--prune VARIANT` removes a variant's runs for the results folder's size limit and
+notes each in OUT/pruned.json with the commit that holds it (a worktree made before the prune still has them).
 Success probabilities are exact (family tasks, letters, hard attack) or Monte Carlo (addition, digits).
 """
 
@@ -28,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -143,7 +146,12 @@ class Args:
     summarize: bool = field(default=False, metadata={"help": "Only rebuild the summary from the cached runs."})
     import_runs: str = field(default="", metadata={
         "help": "A folder of runs made elsewhere (old layout: TASK/VARIANT_seedN.json files; or TASK.json files) to "
-                "merge into the results, keeping each run whose key they do not hold; then summarize."})
+                "merge into the results, keeping each run whose key they do not hold and none that was pruned; then "
+                "summarize."})
+    prune: list[str] = field(default_factory=list, metadata={
+        "help": "Variants whose runs leave the results folder (of --tasks, or of every task), each noted in "
+                "pruned.json with the commit that holds it so that no later import brings it back; then "
+                "summarize."})
     quick: bool = field(default=False, metadata={"help": "Smoke test: one tuning task, one seed, 100 NRE."})
     budget: int = field(default=0, metadata={"help": "NRE per run (0: pre-registered; shipped tasks: their own)."})
     threads: int = field(default=1, metadata={"help": "torch threads (tiny models run fastest on one)."})
@@ -285,12 +293,40 @@ def is_run(record) -> bool:
     return isinstance(record, dict) and {"task", "variant", "seed", "final", "defaults_fingerprint"} <= set(record)
 
 
+PRUNED_FILE = "pruned.json"  # beside runs/: {task: {key: the commit that holds the record}}
+
+
+def pruned(runs: Path) -> dict[str, dict[str, str]]:
+    path = runs.parent / PRUNED_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def prune_runs(runs: Path, variants: list[str], tasks: list[str]) -> dict[str, list[str]]:
+    """Removes the records of `variants` from the task files of `runs` (of `tasks`, or all), for the results folder's
+    size limit, and notes each key with the commit that still holds it (HEAD: prune committed records) in
+    `PRUNED_FILE`, which [`import_runs`] honours. Returns the keys removed, by task."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    notes, removed = pruned(runs), {}
+    for path in sorted(runs.glob("*.json")):
+        if tasks and path.stem not in tasks:
+            continue
+        cache = RunCache(path)
+        gone = cache.remove(lambda key, record: record.get("variant") in variants)
+        if gone:
+            removed[path.stem] = gone
+            notes.setdefault(path.stem, {}).update({key: commit for key in gone})
+            print(f"pruned {path.stem}: {', '.join(gone)} (in git at {commit})", flush=True)
+    (runs.parent / PRUNED_FILE).write_text(json.dumps(notes, indent=1, sort_keys=True) + "\n")
+    return removed
+
+
 def import_runs(source: Path, runs: Path) -> dict:
     """Merges the run records found under `source` (any `*.json` below it: one run per file, the layout before
     `RunCache`, or a task's file of runs) into the task files of `runs`. A record is taken unless `runs` holds its key
     (`{variant}_seed{seed}` of its task) already; a held record made under former defaults gives way to one made
-    under the current defaults (what running it here would do). Prints each record taken and a count of those left
-    out; returns the keys taken, by task."""
+    under the current defaults (what running it here would do); a record pruned from `runs` ([`prune_runs`]) is not
+    taken back. Prints each record taken and a count of those left out; returns the keys taken, by task."""
     if not source.is_dir():
         raise ValueError(f"--import_runs {source}: not a folder")
     found: dict[str, dict] = {}
@@ -300,7 +336,11 @@ def import_runs(source: Path, runs: Path) -> dict:
             [r for r in content.values() if is_run(r)] if isinstance(content, dict) else [])
         for r in map(unpacked_traces, records):  # a task's file packs its records' traces
             found.setdefault(r["task"], {})[f"{r['variant']}_seed{r['seed']}"] = (path, r)
-    current = defaults_fingerprint()
+    current, gone = defaults_fingerprint(), pruned(runs)
+    for task, records in found.items():
+        for key in set(records) & set(gone.get(task, {})):
+            del records[key]
+            print(f"left out {task} {key}: pruned (in git at {gone[task][key]})", flush=True)
 
     def keep(key, held, new):  # the held record stays unless only the imported one is of the current defaults
         return not (new["defaults_fingerprint"] == current != held.get("defaults_fingerprint"))
@@ -435,6 +475,8 @@ def main(args: Args) -> dict:
     out = Path(args.out)
     if args.import_runs:
         import_runs(Path(args.import_runs), out / "runs")
+    elif args.prune:
+        prune_runs(out / "runs", args.prune, args.tasks)
     elif not args.summarize:
         prereg = preregistration()
         variant_settings(args.group, args.variant)  # refuse a candidate off the tuning set before any work

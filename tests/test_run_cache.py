@@ -3,6 +3,7 @@ processes running other seeds of a task keep each other's runs, and `benchmarks/
 merges runs made elsewhere (one file per run, the layout before) into it."""
 
 import json
+import shutil
 import multiprocessing
 import sys
 from pathlib import Path
@@ -118,6 +119,36 @@ def test_import_runs_merges_old_layout_and_task_files_keeping_what_the_results_h
     assert {p.name: p.read_text() for p in (out / "runs").iterdir()} == before
     with pytest.raises(ValueError, match="not a folder"):
         defaults.import_runs(tmp_path / "missing", out / "runs")
+
+
+def test_pruned_runs_leave_the_results_and_no_later_import_brings_them_back(tmp_path, capsys):
+    """`--prune VARIANT`: a candidate's records leave the results folder (its size limit), noted with the commit that
+    holds them; importing a worktree made before the prune, which still holds them, leaves them out."""
+    current = defaults.defaults_fingerprint()
+    out = tmp_path / "results"
+    records = {"defaults_seed0": _record("t1", "defaults", 0, current, 1e-3),
+               "sgd_seed0": _record("t1", "sgd", 0, current, 2e-3),
+               "sgd_seed1": _record("t1", "sgd", 1, current, 3e-3)}
+    for key, record in records.items():
+        RunCache(out / "runs" / "t1.json").put(key, record)
+        RunCache(out / "runs" / "t2.json").put(key, {**record, "task": "t2"})
+    source = tmp_path / "worktree" / "runs"
+    source.mkdir(parents=True)
+    shutil.copy(out / "runs" / "t1.json", source / "t1.json")
+
+    summary = defaults.main(parse_args(defaults.Args, defaults.QUICK, ["--prune", "sgd", "--tasks", "t1",
+                                                                       "--out", str(out)]))
+    assert sorted(RunCache(out / "runs" / "t1.json").load()) == ["defaults_seed0"]
+    assert sorted(RunCache(out / "runs" / "t2.json").load()) == sorted(records)  # another task: untouched
+    notes = json.loads((out / defaults.PRUNED_FILE).read_text())
+    assert sorted(notes) == ["t1"] and sorted(notes["t1"]) == ["sgd_seed0", "sgd_seed1"]
+    assert ("t1", "sgd") not in {(r["task"], r["variant"]) for r in summary["rows"]}
+    assert "pruned t1: sgd_seed0, sgd_seed1" in capsys.readouterr().out
+
+    defaults.import_runs(source, out / "runs")
+    assert sorted(RunCache(out / "runs" / "t1.json").load()) == ["defaults_seed0"]
+    printed = capsys.readouterr().out
+    assert "left out t1 sgd_seed0: pruned" in printed and "imported 0 run(s)" in printed
 
 
 def test_a_run_held_under_the_current_defaults_is_reused_without_loading_its_task(tmp_path):
