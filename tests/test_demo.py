@@ -35,7 +35,11 @@ def test_quick_demo_end_to_end(tmp_path):
     banel = result["banel"]
     assert banel["samples"] == 500 and banel["rate"] == banel["successes"] / 500
     assert (banel["low"], banel["high"]) == pytest.approx(clopper_pearson(banel["successes"], 500))
-    assert result["settings"]["distill_objective"] == "exact"  # the task's settings, not the package defaults
+    # the package's default round: the demo sets the task's budget, lengths, batch sizes and stop rule, and where it
+    # runs, but no mechanism field
+    run_fields = {"use_cpu", "bf16", "save_strategy", "logging_steps", "seed"}
+    assert set(result["settings"]) == set(digits.BANEL_SETTINGS) | run_fields, result["settings"]
+    assert result["settings"]["max_completion_length"] == digits.BANEL_SETTINGS["max_completion_length"]
     assert digits.demo_summary_text(result) in proc.stdout  # what it printed is what the README renders
     assert (out / "digits_grid.png").stat().st_size > 10_000 and (out / "success_rate.png").stat().st_size > 1000
     assert len(result["curve"]) >= 2 and result["curve"][0]["nre"] == 0
