@@ -651,15 +651,13 @@ class BaNELConfig(_BaseConfig):
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
-        for name in ("weight_decay", "max_grad_norm"):
-            self._check_at_least(name, 0)
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 bad(name, "a number with 0 <= beta < 1")
         if str(getattr(self.save_strategy, "value", self.save_strategy)) == "steps" and not self.save_steps > 0:
             bad("save_steps", "> 0 with save_strategy='steps' (or set save_strategy='no')")
-        for name in ("failure_margin", "failure_max_grad_norm", "distill_kl_coef", "evidence_pseudo_count",
-                     "distill_target_kl"):
+        for name in ("weight_decay", "max_grad_norm", "failure_margin", "failure_max_grad_norm", "distill_kl_coef",
+                     "evidence_pseudo_count", "distill_target_kl"):
             self._check_at_least(name, 0)
         self._check_at_least("distill_idle_kl_growth", 1, note=" (1: off)")
         if not 0 <= self.support_min_p < 1:
